@@ -1,0 +1,434 @@
+//! Saga definitions: a name, a version and steps in order.
+//!
+//! A definition is built once, validated, and registered with the engine before it
+//! starts. Sagas already on disk find their definition again by name and version; the
+//! step names are recorded in each saga's first log record, so a definition that changed
+//! under the same version is caught at recovery instead of being run against a log it
+//! does not match.
+
+mod retry;
+mod step;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+
+pub use retry::RetryPolicy;
+pub(crate) use step::{Erased, ErasedStep};
+pub use step::{Step, StepContext, StepError};
+
+/// The longest step or definition name accepted, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Errors from building a definition.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The definition has no steps.
+    #[error("saga `{0}` has no steps")]
+    Empty(String),
+    /// Two steps share a name; names key the log and the idempotency keys.
+    #[error("saga `{saga}` has two steps named `{step}`")]
+    DuplicateStep {
+        /// The definition.
+        saga: String,
+        /// The repeated name.
+        step: String,
+    },
+    /// A name is empty, too long, or has characters outside `[A-Za-z0-9_.-]`.
+    #[error("invalid name `{0}`: use 1 to 64 characters from A-Z, a-z, 0-9, `_`, `.`, `-`")]
+    InvalidName(String),
+    /// More than one pivot step.
+    #[error("saga `{saga}` has a second pivot `{step}`; a saga has at most one")]
+    SecondPivot {
+        /// The definition.
+        saga: String,
+        /// The second pivot.
+        step: String,
+    },
+    /// A step's kind does not fit its place: compensatable steps come before the
+    /// pivot, retriable steps after it.
+    #[error("step `{step}` of saga `{saga}` is {kind} but {why}")]
+    MisplacedStep {
+        /// The definition.
+        saga: String,
+        /// The step.
+        step: String,
+        /// Its declared kind.
+        kind: StepKind,
+        /// Why it does not fit.
+        why: &'static str,
+    },
+}
+
+/// Where a step stands relative to the point of no return.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StepKind {
+    /// Has an action and a compensation; before the pivot.
+    Compensatable,
+    /// The point of no return: once it succeeds the saga must complete forward. If it
+    /// fails, the steps before it are compensated; it is never compensated itself.
+    Pivot,
+    /// After the pivot: retried until it succeeds (or an operator acts), never
+    /// compensated.
+    Retriable,
+}
+
+impl fmt::Display for StepKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StepKind::Compensatable => "compensatable",
+            StepKind::Pivot => "a pivot",
+            StepKind::Retriable => "retriable",
+        })
+    }
+}
+
+/// Whether a step's action is safe to run again after a crash left its outcome unknown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Idempotence {
+    /// Running it again with the same idempotency key is safe (the default): an
+    /// interrupted attempt is re-run (G4).
+    #[default]
+    Idempotent,
+    /// It may have taken effect and must not run again: an interrupted attempt is
+    /// treated as "may have happened" and compensated (or parks the saga if the step
+    /// cannot be compensated).
+    NotIdempotent,
+}
+
+/// Options of one step.
+///
+/// ```
+/// use std::time::Duration;
+/// use sagaflow::{Idempotence, RetryPolicy, StepOptions};
+///
+/// let opts = StepOptions::default()
+///     .with_idempotence(Idempotence::NotIdempotent)
+///     .with_retry(RetryPolicy::default().with_max_attempts(2))
+///     .with_compensation_retry(RetryPolicy::compensation_default().with_attempt_timeout(Duration::from_secs(5)));
+/// assert_eq!(opts.retry.max_attempts, Some(2));
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct StepOptions {
+    /// Whether an interrupted attempt may be re-run.
+    pub idempotence: Idempotence,
+    /// Retry policy of the action. Unless set with [`StepOptions::with_retry`], a
+    /// retriable step uses [`RetryPolicy::forever`] and other steps
+    /// [`RetryPolicy::default`].
+    pub retry: RetryPolicy,
+    /// Retry policy of the compensation.
+    pub compensation_retry: RetryPolicy,
+    explicit_retry: bool,
+}
+
+impl Default for StepOptions {
+    fn default() -> Self {
+        StepOptions {
+            idempotence: Idempotence::default(),
+            retry: RetryPolicy::default(),
+            compensation_retry: RetryPolicy::compensation_default(),
+            explicit_retry: false,
+        }
+    }
+}
+
+impl StepOptions {
+    /// Sets [`StepOptions::idempotence`].
+    pub fn with_idempotence(mut self, idempotence: Idempotence) -> Self {
+        self.idempotence = idempotence;
+        self
+    }
+
+    /// Sets the action's retry policy.
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self.explicit_retry = true;
+        self
+    }
+
+    /// Sets the compensation's retry policy.
+    pub fn with_compensation_retry(mut self, policy: RetryPolicy) -> Self {
+        self.compensation_retry = policy;
+        self
+    }
+}
+
+/// One step of a definition: its name, kind, options and code.
+pub(crate) struct StepDef {
+    pub(crate) name: Arc<str>,
+    pub(crate) kind: StepKind,
+    pub(crate) options: StepOptions,
+    pub(crate) code: Arc<dyn ErasedStep>,
+}
+
+impl fmt::Debug for StepDef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StepDef")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A validated saga definition.
+///
+/// ```
+/// use async_trait::async_trait;
+/// use sagaflow::{SagaDefinition, Step, StepContext, StepError};
+///
+/// struct Noop;
+/// #[async_trait]
+/// impl Step for Noop {
+///     type Input = serde_json::Value;
+///     type Output = ();
+///     async fn execute(&self, _: &StepContext, _: serde_json::Value) -> Result<(), StepError> { Ok(()) }
+///     async fn compensate(&self, _: &StepContext, _: serde_json::Value, _: Option<()>) -> Result<(), StepError> { Ok(()) }
+/// }
+///
+/// let def = SagaDefinition::builder("checkout", 1)
+///     .step("charge", Noop)
+///     .step("reserve", Noop)
+///     .pivot("create_order", Noop)
+///     .retriable("send_email", Noop)
+///     .build()?;
+/// assert_eq!(def.step_names().collect::<Vec<_>>(), ["charge", "reserve", "create_order", "send_email"]);
+///
+/// // Duplicate names are refused.
+/// assert!(SagaDefinition::builder("checkout", 1).step("a", Noop).step("a", Noop).build().is_err());
+/// # Ok::<(), sagaflow::definition::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct SagaDefinition {
+    name: String,
+    version: u32,
+    steps: Vec<StepDef>,
+}
+
+impl SagaDefinition {
+    /// Starts a definition named `name` at `version`.
+    pub fn builder(name: impl Into<String>, version: u32) -> SagaDefinitionBuilder {
+        SagaDefinitionBuilder {
+            name: name.into(),
+            version,
+            steps: Vec::new(),
+        }
+    }
+
+    /// The definition's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The definition's version.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// The step names, in order.
+    pub fn step_names(&self) -> impl Iterator<Item = &str> {
+        self.steps.iter().map(|s| &*s.name)
+    }
+
+    /// Number of steps.
+    pub fn len(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// Always false: a built definition has at least one step.
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// The kind of step `index`, if there is one.
+    pub fn step_kind(&self, index: usize) -> Option<StepKind> {
+        self.steps.get(index).map(|s| s.kind)
+    }
+
+    pub(crate) fn step(&self, index: usize) -> Option<&StepDef> {
+        self.steps.get(index)
+    }
+
+    pub(crate) fn steps(&self) -> &[StepDef] {
+        &self.steps
+    }
+}
+
+/// Builds a [`SagaDefinition`]; see there for an example.
+#[derive(Debug)]
+pub struct SagaDefinitionBuilder {
+    name: String,
+    version: u32,
+    steps: Vec<StepDef>,
+}
+
+impl SagaDefinitionBuilder {
+    /// Adds a compensatable step with default options.
+    pub fn step(self, name: impl Into<String>, step: impl Step) -> Self {
+        self.step_with(name, StepKind::Compensatable, step, StepOptions::default())
+    }
+
+    /// Adds the pivot step with default options.
+    pub fn pivot(self, name: impl Into<String>, step: impl Step) -> Self {
+        self.step_with(name, StepKind::Pivot, step, StepOptions::default())
+    }
+
+    /// Adds a retriable step (after the pivot) with default options: it retries
+    /// without limit.
+    pub fn retriable(self, name: impl Into<String>, step: impl Step) -> Self {
+        self.step_with(name, StepKind::Retriable, step, StepOptions::default())
+    }
+
+    /// Adds a step of `kind` with `options`.
+    pub fn step_with(
+        mut self,
+        name: impl Into<String>,
+        kind: StepKind,
+        step: impl Step,
+        mut options: StepOptions,
+    ) -> Self {
+        if kind == StepKind::Retriable && !options.explicit_retry {
+            options.retry = RetryPolicy::forever();
+        }
+        self.steps.push(StepDef {
+            name: Arc::from(name.into()),
+            kind,
+            options,
+            code: Arc::new(Erased(step)),
+        });
+        self
+    }
+
+    /// Validates and returns the definition.
+    ///
+    /// # Errors
+    ///
+    /// [`Error`] if the saga is empty, a name is invalid or repeated, there are two
+    /// pivots, a compensatable step follows the pivot or a retriable step precedes it.
+    pub fn build(self) -> Result<SagaDefinition, Error> {
+        check_name(&self.name)?;
+        if self.steps.is_empty() {
+            return Err(Error::Empty(self.name));
+        }
+        let mut seen = HashSet::new();
+        let mut pivot_seen = false;
+        for s in &self.steps {
+            check_name(&s.name)?;
+            if !seen.insert(s.name.clone()) {
+                return Err(Error::DuplicateStep {
+                    saga: self.name.clone(),
+                    step: s.name.to_string(),
+                });
+            }
+            let misplaced = |why| Error::MisplacedStep {
+                saga: self.name.clone(),
+                step: s.name.to_string(),
+                kind: s.kind,
+                why,
+            };
+            match s.kind {
+                StepKind::Pivot if pivot_seen => {
+                    return Err(Error::SecondPivot {
+                        saga: self.name.clone(),
+                        step: s.name.to_string(),
+                    })
+                }
+                StepKind::Pivot => pivot_seen = true,
+                StepKind::Compensatable if pivot_seen => {
+                    return Err(misplaced("follows the pivot"))
+                }
+                StepKind::Retriable if !pivot_seen => {
+                    return Err(misplaced("no pivot precedes it"))
+                }
+                _ => {}
+            }
+        }
+        Ok(SagaDefinition {
+            name: self.name,
+            version: self.version,
+            steps: self.steps,
+        })
+    }
+}
+
+fn check_name(name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidName(name.to_string()))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use async_trait::async_trait;
+
+    pub(crate) struct Noop;
+
+    #[async_trait]
+    impl Step for Noop {
+        type Input = serde_json::Value;
+        type Output = ();
+        async fn execute(&self, _: &StepContext, _: Self::Input) -> Result<(), StepError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn rejects_empty_duplicate_and_misplaced() {
+        assert_eq!(
+            SagaDefinition::builder("s", 1).build().unwrap_err(),
+            Error::Empty("s".into())
+        );
+        assert!(matches!(
+            SagaDefinition::builder("s", 1).step("a", Noop).step("a", Noop).build(),
+            Err(Error::DuplicateStep { .. })
+        ));
+        assert!(matches!(
+            SagaDefinition::builder("s", 1).pivot("p", Noop).pivot("q", Noop).build(),
+            Err(Error::SecondPivot { .. })
+        ));
+        assert!(matches!(
+            SagaDefinition::builder("s", 1).pivot("p", Noop).step("a", Noop).build(),
+            Err(Error::MisplacedStep { kind: StepKind::Compensatable, .. })
+        ));
+        assert!(matches!(
+            SagaDefinition::builder("s", 1).retriable("r", Noop).build(),
+            Err(Error::MisplacedStep { kind: StepKind::Retriable, .. })
+        ));
+        assert!(matches!(
+            SagaDefinition::builder("s", 1).step("has space", Noop).build(),
+            Err(Error::InvalidName(_))
+        ));
+        assert!(matches!(
+            SagaDefinition::builder("", 1).step("a", Noop).build(),
+            Err(Error::InvalidName(_))
+        ));
+    }
+
+    #[test]
+    fn retriable_steps_retry_forever_unless_told() {
+        let def = SagaDefinition::builder("s", 1)
+            .pivot("p", Noop)
+            .retriable("r", Noop)
+            .step_with(
+                "r2",
+                StepKind::Retriable,
+                Noop,
+                StepOptions::default().with_retry(RetryPolicy::default().with_max_attempts(3)),
+            )
+            .build()
+            .unwrap();
+        assert_eq!(def.step(1).unwrap().options.retry.max_attempts, None);
+        assert_eq!(def.step(2).unwrap().options.retry.max_attempts, Some(3));
+    }
+}

@@ -1,0 +1,118 @@
+//! The engine's error type.
+//!
+//! A failing *step* is not an engine error: it is an outcome the engine records and acts
+//! on (retry, compensate, park). These errors are about the engine itself: a store that
+//! fails, a call with bad arguments, data that does not decode.
+
+use std::sync::Arc;
+
+use crate::ids::SagaId;
+use crate::store;
+
+/// Errors from the engine.
+///
+/// Every variant has a stable code (see [`Error::code`]) with a page in `docs/errors/`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The store failed. Shared, because one failed group commit fails every write in it.
+    #[error("store failed: {0}")]
+    Store(Arc<store::Error>),
+    /// A definition failed validation.
+    #[error("invalid definition: {0}")]
+    Definition(#[from] crate::definition::Error),
+    /// Two definitions with the same name and version were registered.
+    #[error("definition `{name}` version {version} is registered twice")]
+    DuplicateDefinition {
+        /// Name.
+        name: String,
+        /// Version.
+        version: u32,
+    },
+    /// `start` named a definition that is not registered.
+    #[error("no definition named `{0}` is registered")]
+    UnknownDefinition(String),
+    /// The saga input does not decode as what a step expects.
+    #[error("input does not fit step `{step}`: {reason}")]
+    InvalidInput {
+        /// The step whose input type rejected it.
+        step: String,
+        /// The decoding error.
+        reason: String,
+    },
+    /// The saga input serializes to more bytes than the engine accepts.
+    #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A start key that is empty or too long.
+    #[error("start key of {len} bytes; it must have 1 to {max}")]
+    InvalidStartKey {
+        /// Its length.
+        len: usize,
+        /// The maximum.
+        max: usize,
+    },
+    /// No saga with this id.
+    #[error("no saga with id {0}")]
+    UnknownSaga(SagaId),
+    /// A log record or summary of this saga does not decode or does not fit its log.
+    #[error("saga {saga} has a corrupt log: {reason}")]
+    CorruptLog {
+        /// The saga.
+        saga: SagaId,
+        /// What does not decode or fit, and why.
+        reason: String,
+    },
+    /// The saga is neither finished nor driven by this engine (the engine stopped driving
+    /// it after a store failure, or is shutting down); it resumes when an engine opens
+    /// the store again.
+    #[error("saga {0} is not running in this engine")]
+    NotRunning(SagaId),
+    /// The engine is shutting down and takes no new work.
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+}
+
+impl Error {
+    /// The stable code of this error, for logs, alerts and `docs/errors/<code>.md`.
+    ///
+    /// ```
+    /// use sagaflow::Error;
+    ///
+    /// assert_eq!(Error::UnknownDefinition("x".into()).code(), "SAGA-0004");
+    /// ```
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Store(_) => "SAGA-0001",
+            Error::Definition(_) => "SAGA-0002",
+            Error::DuplicateDefinition { .. } => "SAGA-0003",
+            Error::UnknownDefinition(_) => "SAGA-0004",
+            Error::InvalidInput { .. } => "SAGA-0005",
+            Error::PayloadTooLarge { .. } => "SAGA-0006",
+            Error::InvalidStartKey { .. } => "SAGA-0007",
+            Error::UnknownSaga(_) => "SAGA-0008",
+            Error::CorruptLog { .. } => "SAGA-0009",
+            Error::NotRunning(_) => "SAGA-0010",
+            Error::ShuttingDown => "SAGA-0011",
+        }
+    }
+}
+
+impl From<store::Error> for Error {
+    fn from(e: store::Error) -> Self {
+        match e {
+            store::Error::Corrupt { saga, what, reason } => Error::CorruptLog {
+                saga,
+                reason: format!("{what}: {reason}"),
+            },
+            other => Error::Store(Arc::new(other)),
+        }
+    }
+}
+
+/// The engine's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

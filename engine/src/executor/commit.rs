@@ -1,0 +1,146 @@
+//! Group commit: one durable write for every transition that arrived while the previous
+//! one was being made durable.
+//!
+//! A flush plus fdatasync costs the same whether it carries one saga's transition or a
+//! thousand, so a dedicated thread takes whatever has queued up, appends it in one batch
+//! and syncs once. Under load the batches grow by themselves; with one saga in flight
+//! each transition still gets its own sync without waiting for company.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+use crate::store::{self, SagaLog, Write};
+
+/// Upper bound on writes per batch, so one huge batch cannot delay its first writers
+/// without limit.
+const MAX_BATCH: usize = 4096;
+
+type Reply = std::result::Result<(), Arc<store::Error>>;
+
+struct Job {
+    writes: Vec<Write>,
+    done: oneshot::Sender<Reply>,
+}
+
+/// Counters of the group-commit writer.
+#[derive(Debug, Default)]
+pub(crate) struct CommitCounters {
+    pub(crate) batches: AtomicU64,
+    pub(crate) writes: AtomicU64,
+}
+
+/// How many durable writes the engine made and how many transitions they carried.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CommitStats {
+    /// Durable writes (append + sync).
+    pub batches: u64,
+    /// Saga transitions they carried.
+    pub writes: u64,
+}
+
+pub(crate) struct Committer {
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    counters: Arc<CommitCounters>,
+}
+
+impl std::fmt::Debug for Committer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Committer").finish_non_exhaustive()
+    }
+}
+
+impl Committer {
+    pub(crate) fn spawn(store: Arc<dyn SagaLog>) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let counters = Arc::new(CommitCounters::default());
+        let c = counters.clone();
+        let thread = std::thread::Builder::new()
+            .name("sagaflow-commit".into())
+            .spawn(move || run(store, rx, c))?;
+        Ok(Committer {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            counters,
+        })
+    }
+
+    /// Appends `write` and returns once it is durable.
+    pub(crate) async fn commit(&self, write: Write) -> Result<()> {
+        let (done, wait) = oneshot::channel();
+        {
+            let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = tx.as_ref().ok_or(Error::ShuttingDown)?;
+            tx.send(Job {
+                writes: vec![write],
+                done,
+            })
+            .map_err(|_| Error::ShuttingDown)?;
+        }
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::Store(e)),
+            Err(_) => Err(Error::ShuttingDown),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> CommitStats {
+        CommitStats {
+            batches: self.counters.batches.load(Ordering::Relaxed),
+            writes: self.counters.writes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops taking writes and waits for the writer to finish what it has.
+    pub(crate) fn close(&self) {
+        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = thread {
+            // The writer never panics on its own (store errors are replies), so a join
+            // error means a panic inside the store; there is nothing left to clean up.
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(store: Arc<dyn SagaLog>, rx: mpsc::Receiver<Job>, counters: Arc<CommitCounters>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        let mut n = jobs[0].writes.len();
+        while n < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => {
+                    n += job.writes.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let mut writes = Vec::with_capacity(n);
+        let mut replies = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            writes.extend(job.writes);
+            replies.push(job.done);
+        }
+        let result: Reply = store
+            .append(&writes)
+            .and_then(|()| store.sync())
+            .map_err(Arc::new);
+        if result.is_ok() {
+            counters.batches.fetch_add(1, Ordering::Relaxed);
+            counters.writes.fetch_add(n as u64, Ordering::Relaxed);
+        } else {
+            tracing::error!(error = ?result, writes = n, "group commit failed");
+        }
+        for r in replies {
+            // A caller that stopped waiting (its task was aborted) needs no reply.
+            let _ = r.send(result.clone());
+        }
+    }
+}

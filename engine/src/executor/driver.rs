@@ -1,0 +1,358 @@
+//! Drives one saga: decide, record, sync, run the effect, record its result, repeat.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tracing::Instrument;
+
+use crate::clock::Timestamp;
+use crate::definition::{Idempotence, RetryPolicy, SagaDefinition, StepContext, StepError};
+use crate::error::{Error, Result};
+use crate::executor::{Inner, SagaOutcome};
+use crate::ids::{Attempt, IdempotencyKey, Lsn, Phase};
+use crate::machine::{
+    decide, Decision, Event, FailureKind, LogRecord, SagaState, SagaStatus,
+};
+use crate::store::{codec, SagaMeta, Write};
+
+/// Why an attempt failed, before it is written down.
+struct Failure {
+    kind: FailureKind,
+    message: String,
+    hint: Option<Duration>,
+}
+
+impl From<StepError> for Failure {
+    fn from(e: StepError) -> Self {
+        let kind = match &e {
+            StepError::Retryable { .. } => FailureKind::Retryable,
+            StepError::RetryAfter { .. } => FailureKind::RetryAfter,
+            StepError::Permanent { .. } => FailureKind::Permanent,
+        };
+        Failure {
+            kind,
+            hint: e.retry_after_hint(),
+            message: e.message().to_string(),
+        }
+    }
+}
+
+pub(crate) struct Driver {
+    inner: Arc<Inner>,
+    def: Arc<SagaDefinition>,
+    state: SagaState,
+    /// The summary as last made durable; `None` before the saga's first write.
+    committed: Option<SagaMeta>,
+    /// Records applied to `state` but not yet written.
+    pending: Vec<LogRecord>,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        def: Arc<SagaDefinition>,
+        state: SagaState,
+        committed: Option<SagaMeta>,
+    ) -> Self {
+        Driver {
+            inner,
+            def,
+            state,
+            committed,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Takes a record already applied to the state (the `started` record) as pending.
+    pub(crate) fn adopt_pending(&mut self, record: LogRecord) {
+        self.pending.push(record);
+    }
+
+    pub(crate) fn state(&self) -> &SagaState {
+        &self.state
+    }
+
+    /// Appends `event` to the in-memory state and the records waiting to be written.
+    pub(crate) fn record(&mut self, event: Event) -> Result<()> {
+        let record = LogRecord {
+            lsn: self.state.next_lsn,
+            at: self.inner.clock.now(),
+            event,
+        };
+        // The driver only records transitions that `decide` asked for, so a fold error
+        // here is an engine bug; report it as a corrupt log rather than panic.
+        self.state.apply(&record).map_err(|e| Error::CorruptLog {
+            saga: self.state.id,
+            reason: format!("engine produced a transition that does not fit: {e}"),
+        })?;
+        self.pending.push(record);
+        Ok(())
+    }
+
+    /// Writes the pending records, with the summary and index changes they imply, and
+    /// returns once they are durable.
+    pub(crate) async fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut records = Vec::with_capacity(self.pending.len());
+        for r in &self.pending {
+            records.push((r.lsn, codec::encode_record(r)?));
+        }
+        let meta = self.meta();
+        let write = Write {
+            saga: self.state.id,
+            records,
+            meta: meta.clone(),
+            previous: self.committed.clone(),
+        };
+        self.inner.committer.commit(write).await?;
+        self.pending.clear();
+        self.committed = Some(meta);
+        Ok(())
+    }
+
+    fn meta(&self) -> SagaMeta {
+        let s = &self.state;
+        let due = match decide(&self.def, s, Timestamp::EPOCH) {
+            Decision::Wait { until } => Some(until),
+            _ => None,
+        };
+        let reason = match s.status {
+            SagaStatus::Parked => s.parked.as_ref().map(|p| p.message.clone()),
+            SagaStatus::Compensating | SagaStatus::Compensated => s.compensation_reason.clone(),
+            _ => None,
+        };
+        SagaMeta {
+            id: s.id,
+            definition: s.definition.clone(),
+            version: s.version,
+            status: s.status,
+            start_key: s.start_key.clone(),
+            created_at: s.created_at,
+            updated_at: s.updated_at,
+            last_lsn: Lsn(s.next_lsn.0.saturating_sub(1)),
+            due,
+            reason,
+        }
+    }
+
+    /// Runs the saga until it ends, parks, or the engine stops.
+    pub(crate) async fn run(mut self) -> Result<SagaOutcome> {
+        let mut stopping = self.inner.stopping.subscribe();
+        loop {
+            if *stopping.borrow() {
+                self.flush().await?;
+                return Err(Error::ShuttingDown);
+            }
+            let now = self.inner.clock.now();
+            match decide(&self.def, &self.state, now) {
+                Decision::RunStep { step, attempt } => {
+                    self.attempt(step, Phase::Action, attempt).await?;
+                }
+                Decision::Compensate { step, attempt } => {
+                    self.attempt(step, Phase::Compensation, attempt).await?;
+                }
+                Decision::CloseInterrupted { step, attempt } => {
+                    self.record(Event::StepFailed {
+                        step,
+                        attempt,
+                        kind: FailureKind::Interrupted,
+                        error: format!(
+                            "attempt {attempt} was interrupted by a restart and the step is \
+                             not idempotent, so it may have taken effect"
+                        ),
+                        retry_at: None,
+                    })?;
+                }
+                Decision::BeginCompensation { reason } => {
+                    tracing::info!(%reason, "compensation began");
+                    self.record(Event::CompensationBegan { reason })?;
+                }
+                Decision::Wait { until } => {
+                    self.flush().await?;
+                    tokio::select! {
+                        () = self.inner.clock.sleep_until(until) => {}
+                        _ = stopping.changed() => {}
+                    }
+                }
+                Decision::Complete => {
+                    self.record(Event::Completed)?;
+                    self.flush().await?;
+                    tracing::info!("saga completed");
+                }
+                Decision::FinishCompensation => {
+                    self.record(Event::Compensated)?;
+                    self.flush().await?;
+                    tracing::info!("saga compensated");
+                }
+                Decision::Park { reason } => {
+                    tracing::warn!(kind = ?reason.kind, reason = %reason.message, "saga parked");
+                    self.record(Event::Parked { reason })?;
+                    self.flush().await?;
+                }
+                Decision::Idle => {
+                    self.flush().await?;
+                    return SagaOutcome::of(&self.state).ok_or(Error::NotRunning(self.state.id));
+                }
+            }
+        }
+    }
+
+    fn policy(&self, step: usize, phase: Phase) -> Option<&RetryPolicy> {
+        let sd = self.def.step(step)?;
+        Some(match phase {
+            Phase::Action => &sd.options.retry,
+            Phase::Compensation => &sd.options.compensation_retry,
+        })
+    }
+
+    /// One attempt: record its start, make that durable (G1), run it, record the result.
+    /// The result is written together with whatever comes next.
+    async fn attempt(&mut self, step: u32, phase: Phase, attempt: Attempt) -> Result<()> {
+        let i = step as usize;
+        let (Some(sd), Some(policy)) = (self.def.step(i), self.policy(i, phase)) else {
+            return Err(Error::CorruptLog {
+                saga: self.state.id,
+                reason: format!("decided on step {step}, which the definition lacks"),
+            });
+        };
+        let timeout = policy.attempt_timeout;
+        let name = sd.name.clone();
+        let code = sd.code.clone();
+        let idempotence = sd.options.idempotence;
+        let deadline = self.inner.clock.now().saturating_add(timeout);
+        self.record(match phase {
+            Phase::Action => Event::StepAttemptStarted {
+                step,
+                attempt,
+                deadline,
+            },
+            Phase::Compensation => Event::CompensationAttemptStarted {
+                step,
+                attempt,
+                deadline,
+            },
+        })?;
+        self.flush().await?;
+
+        let ctx = StepContext {
+            saga_id: self.state.id,
+            step: name.clone(),
+            phase,
+            attempt,
+            key: IdempotencyKey::derive(self.state.id, &name, phase),
+            deadline,
+            input: Arc::new(self.state.input.clone()),
+            outputs: Arc::new(self.state.outputs()),
+        };
+        let output = self.state.steps.get(i).and_then(|s| s.output.clone());
+        let span = tracing::info_span!("attempt", step = %name, %phase, attempt = attempt.0);
+        let task = tokio::spawn(
+            async move {
+                match phase {
+                    Phase::Action => code.execute(ctx).await,
+                    Phase::Compensation => code.compensate(ctx, output).await.map(|()| Value::Null),
+                }
+            }
+            .instrument(span),
+        );
+        let result = self.await_attempt(task, deadline, timeout).await;
+        let result = result.and_then(|v| self.check_size(v));
+        let now = self.inner.clock.now();
+        match (phase, result) {
+            (Phase::Action, Ok(output)) => self.record(Event::StepSucceeded {
+                step,
+                attempt,
+                output,
+            }),
+            (Phase::Compensation, Ok(_)) => {
+                self.record(Event::CompensationSucceeded { step, attempt })
+            }
+            (phase, Err(f)) => {
+                tracing::warn!(step = %name, %phase, attempt = attempt.0, kind = ?f.kind, error = %f.message, "attempt failed");
+                // An engine-observed failure of a step that must not run twice leaves its
+                // effect unknown: no retry.
+                let unknown_forbids_retry = phase == Phase::Action
+                    && idempotence == Idempotence::NotIdempotent
+                    && f.kind.outcome_unknown();
+                let retry_at = match (f.kind, unknown_forbids_retry) {
+                    (FailureKind::Permanent | FailureKind::OutputTooLarge, _) | (_, true) => None,
+                    _ => {
+                        let jitter = self.jitter(step, phase, attempt);
+                        self.policy(i, phase)
+                            .and_then(|p| p.next_attempt_at(attempt.0, now, jitter, f.hint))
+                    }
+                };
+                self.record(match phase {
+                    Phase::Action => Event::StepFailed {
+                        step,
+                        attempt,
+                        kind: f.kind,
+                        error: f.message,
+                        retry_at,
+                    },
+                    Phase::Compensation => Event::CompensationFailed {
+                        step,
+                        attempt,
+                        kind: f.kind,
+                        error: f.message,
+                        retry_at,
+                    },
+                })
+            }
+        }
+    }
+
+    async fn await_attempt(
+        &self,
+        mut task: tokio::task::JoinHandle<std::result::Result<Value, StepError>>,
+        deadline: Timestamp,
+        timeout: Duration,
+    ) -> std::result::Result<Value, Failure> {
+        tokio::select! {
+            joined = &mut task => match joined {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(e.into()),
+                Err(e) if e.is_panic() => {
+                    let payload = e.into_panic();
+                    let msg = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a non-string payload".into());
+                    Err(Failure { kind: FailureKind::Panic, message: format!("step panicked: {msg}"), hint: None })
+                }
+                Err(_) => Err(Failure { kind: FailureKind::Interrupted, message: "attempt was cancelled".into(), hint: None }),
+            },
+            () = self.inner.clock.sleep_until(deadline) => {
+                task.abort();
+                Err(Failure { kind: FailureKind::Timeout, message: format!("attempt timed out after {timeout:?}"), hint: None })
+            }
+        }
+    }
+
+    fn check_size(&self, v: Value) -> std::result::Result<Value, Failure> {
+        let limit = self.inner.options.max_payload_bytes;
+        let size = serde_json::to_vec(&v).map(|b| b.len()).unwrap_or(usize::MAX);
+        if size > limit {
+            Err(Failure {
+                kind: FailureKind::OutputTooLarge,
+                message: format!("output of {size} bytes exceeds the limit of {limit} bytes"),
+                hint: None,
+            })
+        } else {
+            Ok(v)
+        }
+    }
+
+    fn jitter(&self, step: u32, phase: Phase, attempt: Attempt) -> u64 {
+        let mut key = Vec::with_capacity(26);
+        key.extend_from_slice(self.state.id.as_bytes());
+        key.extend_from_slice(&step.to_be_bytes());
+        key.push(phase as u8);
+        key.extend_from_slice(&attempt.0.to_be_bytes());
+        self.inner.entropy.sample(&key)
+    }
+}

@@ -1,0 +1,534 @@
+//! The engine: the only part of Sagaflow that does I/O.
+//!
+//! It owns the store, the group-commit writer, the clock and the entropy; it runs one
+//! task per active saga, each a loop of decide → record → sync → effect → record.
+
+mod commit;
+mod driver;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+pub use commit::CommitStats;
+use commit::Committer;
+pub(crate) use driver::Driver;
+
+use crate::clock::{Clock, Entropy, SeededEntropy, SystemClock, Timestamp};
+use crate::definition::SagaDefinition;
+use crate::error::{Error, Result};
+use crate::ids::{Lsn, SagaId, StartKey};
+use crate::machine::{Event, LogRecord, ParkReason, SagaState, SagaStatus};
+use crate::recovery::{self, RecoveryReport};
+use crate::store::{codec, SagaLog, SagaMeta, SledLog};
+
+/// How a saga ended, as [`Engine::wait`] reports it.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum SagaOutcome {
+    /// Every step succeeded.
+    Completed {
+        /// Each step's output, by step name.
+        outputs: BTreeMap<String, Value>,
+    },
+    /// Every step that may have taken effect was compensated.
+    Compensated {
+        /// Why compensation began.
+        reason: String,
+    },
+    /// The saga needs an operator.
+    Parked {
+        /// Why.
+        reason: ParkReason,
+    },
+}
+
+impl SagaOutcome {
+    /// The outcome a state has reached, or `None` while it is still active.
+    pub fn of(state: &SagaState) -> Option<Self> {
+        match state.status {
+            SagaStatus::Completed => Some(SagaOutcome::Completed {
+                outputs: state.outputs(),
+            }),
+            SagaStatus::Compensated => Some(SagaOutcome::Compensated {
+                reason: state.compensation_reason.clone().unwrap_or_default(),
+            }),
+            SagaStatus::Parked => state
+                .parked
+                .clone()
+                .map(|reason| SagaOutcome::Parked { reason }),
+            SagaStatus::Running | SagaStatus::Compensating => None,
+        }
+    }
+}
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct EngineOptions {
+    /// The largest saga input or step output accepted, serialized, in bytes. A larger
+    /// input is refused at start; a larger output fails its attempt permanently.
+    pub max_payload_bytes: usize,
+    /// How long [`EngineBuilder::open`] waits for another engine to release the data
+    /// directory.
+    pub lock_wait: Duration,
+}
+
+impl Default for EngineOptions {
+    /// 1 MiB payloads; wait 10 s for the directory lock.
+    fn default() -> Self {
+        EngineOptions {
+            max_payload_bytes: 1 << 20,
+            lock_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+impl EngineOptions {
+    /// Sets [`EngineOptions::max_payload_bytes`].
+    pub fn with_max_payload_bytes(mut self, n: usize) -> Self {
+        self.max_payload_bytes = n;
+        self
+    }
+
+    /// Sets [`EngineOptions::lock_wait`].
+    pub fn with_lock_wait(mut self, d: Duration) -> Self {
+        self.lock_wait = d;
+        self
+    }
+}
+
+type OutcomeCell = watch::Sender<Option<Result<SagaOutcome>>>;
+
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn SagaLog>,
+    pub(crate) committer: Committer,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) entropy: Arc<dyn Entropy>,
+    pub(crate) options: EngineOptions,
+    defs: HashMap<String, BTreeMap<u32, Arc<SagaDefinition>>>,
+    pub(crate) stopping: watch::Sender<bool>,
+    running: Mutex<HashMap<SagaId, OutcomeCell>>,
+    tasks: Mutex<JoinSet<()>>,
+    start_locks: Mutex<HashMap<StartKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section here is a single map operation: a panic cannot leave the
+    // data half-updated, so a poisoned lock is still consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    pub(crate) fn definition(&self, name: &str, version: u32) -> Option<Arc<SagaDefinition>> {
+        self.defs.get(name)?.get(&version).cloned()
+    }
+
+    /// Spawns the task that drives a saga, and the cell its outcome is published in.
+    pub(crate) fn spawn(self: &Arc<Self>, driver: Driver) {
+        let id = driver.state().id;
+        let span = tracing::info_span!(
+            "saga",
+            saga_id = %id,
+            definition = %driver.state().definition,
+            version = driver.state().version
+        );
+        let (tx, _) = watch::channel(None);
+        lock(&self.running).insert(id, tx);
+        let inner = self.clone();
+        lock(&self.tasks).spawn(
+            async move {
+                let outcome = driver.run().await;
+                if let Err(e) = &outcome {
+                    if !matches!(e, Error::ShuttingDown) {
+                        tracing::error!(error = %e, code = e.code(), "saga stopped");
+                    }
+                }
+                if let Some(cell) = lock(&inner.running).remove(&id) {
+                    cell.send_replace(Some(outcome));
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Builds an [`Engine`]: register definitions, inject clock and entropy, open a store.
+///
+/// ```
+/// # async fn demo(def: sagaflow::SagaDefinition) -> sagaflow::Result<()> {
+/// use sagaflow::Engine;
+///
+/// let dir = std::env::temp_dir().join("sagaflow-doc-builder");
+/// let engine = Engine::builder().register(def).seed(42).open(&dir).await?;
+/// engine.shutdown().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Default)]
+pub struct EngineBuilder {
+    defs: Vec<SagaDefinition>,
+    clock: Option<Arc<dyn Clock>>,
+    entropy: Option<Arc<dyn Entropy>>,
+    options: EngineOptions,
+}
+
+impl EngineBuilder {
+    /// Registers a definition. Sagas on disk find theirs by name and version.
+    pub fn register(mut self, def: SagaDefinition) -> Self {
+        self.defs.push(def);
+        self
+    }
+
+    /// Uses `clock` instead of the system clock.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Uses `entropy` for jitter and saga ids.
+    pub fn entropy(mut self, entropy: Arc<dyn Entropy>) -> Self {
+        self.entropy = Some(entropy);
+        self
+    }
+
+    /// Uses [`SeededEntropy`] with `seed`.
+    pub fn seed(self, seed: u64) -> Self {
+        self.entropy(Arc::new(SeededEntropy::new(seed)))
+    }
+
+    /// Sets the options.
+    pub fn options(mut self, options: EngineOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Opens the engine on a sled store in directory `dir` (created if missing) and
+    /// resumes every saga found there that is not finished.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::DuplicateDefinition`], or [`Error::Store`] if the store cannot be opened
+    /// (locked by another engine for longer than [`EngineOptions::lock_wait`], or an I/O
+    /// error).
+    pub async fn open(self, dir: impl AsRef<Path>) -> Result<Engine> {
+        let dir = dir.as_ref().to_path_buf();
+        let wait = self.options.lock_wait;
+        // Waiting for the lock blocks; keep it off the runtime's threads so that an
+        // engine being dropped on this runtime can finish letting go.
+        let store = tokio::task::spawn_blocking(move || SledLog::open_waiting(dir, wait))
+            .await
+            .map_err(|e| Error::Store(Arc::new(crate::store::Error::Backend(e.to_string()))))??;
+        self.open_with(Arc::new(store)).await
+    }
+
+    /// Opens the engine on `store` and resumes every saga in it that is not finished.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::DuplicateDefinition`], or [`Error::Store`] if the store cannot be read.
+    pub async fn open_with(self, store: Arc<dyn SagaLog>) -> Result<Engine> {
+        let mut defs: HashMap<String, BTreeMap<u32, Arc<SagaDefinition>>> = HashMap::new();
+        for d in self.defs {
+            let versions = defs.entry(d.name().to_string()).or_default();
+            if versions.contains_key(&d.version()) {
+                return Err(Error::DuplicateDefinition {
+                    name: d.name().to_string(),
+                    version: d.version(),
+                });
+            }
+            versions.insert(d.version(), Arc::new(d));
+        }
+        let entropy = self.entropy.unwrap_or_else(|| {
+            let seed = SeededEntropy::seed_from_environment();
+            tracing::info!(seed, "entropy seeded (set SAGA_SEED to replay)");
+            Arc::new(SeededEntropy::new(seed))
+        });
+        let committer = Committer::spawn(store.clone())
+            .map_err(|e| Error::Store(Arc::new(crate::store::Error::Io(e))))?;
+        let inner = Arc::new(Inner {
+            store,
+            committer,
+            clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
+            entropy,
+            options: self.options,
+            defs,
+            stopping: watch::channel(false).0,
+            running: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(JoinSet::new()),
+            start_locks: Mutex::new(HashMap::new()),
+        });
+        let report = recovery::recover(&inner).await?;
+        Ok(Engine { inner, report })
+    }
+}
+
+/// A saga engine: starts sagas, drives them to their end, answers queries.
+///
+/// Dropping an engine aborts its sagas where they stand, as a crash would: everything
+/// durable stays, and the next engine opened on the same store resumes it. Call
+/// [`Engine::shutdown`] to stop cleanly instead.
+pub struct Engine {
+    inner: Arc<Inner>,
+    report: RecoveryReport,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("store", &self.inner.store)
+            .field("recovery", &self.report)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        lock(&self.inner.tasks).abort_all();
+        self.inner.committer.close();
+    }
+}
+
+impl Engine {
+    /// A builder.
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::default()
+    }
+
+    /// Starts a saga of the latest registered version of definition `name` with
+    /// `input`, and returns its id once its start is durable.
+    ///
+    /// With a `start_key`, starting is idempotent (G6): if a saga was already started
+    /// with that key, its id is returned and nothing new runs.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownDefinition`], [`Error::InvalidInput`] if a step's input type
+    /// rejects `input`, [`Error::PayloadTooLarge`], [`Error::ShuttingDown`], or
+    /// [`Error::Store`].
+    pub async fn start(
+        &self,
+        name: &str,
+        input: impl Serialize,
+        start_key: Option<StartKey>,
+    ) -> Result<SagaId> {
+        let inner = &self.inner;
+        if *inner.stopping.borrow() {
+            return Err(Error::ShuttingDown);
+        }
+        let def = inner
+            .defs
+            .get(name)
+            .and_then(|v| v.values().next_back())
+            .cloned()
+            .ok_or_else(|| Error::UnknownDefinition(name.to_string()))?;
+        let input = serde_json::to_value(input).map_err(|e| Error::InvalidInput {
+            step: String::new(),
+            reason: format!("input does not serialize: {e}"),
+        })?;
+        let size = serde_json::to_vec(&input).map(|b| b.len()).unwrap_or(usize::MAX);
+        if size > inner.options.max_payload_bytes {
+            return Err(Error::PayloadTooLarge {
+                size,
+                limit: inner.options.max_payload_bytes,
+            });
+        }
+        for s in def.steps() {
+            s.code.check_input(&input).map_err(|reason| Error::InvalidInput {
+                step: s.name.to_string(),
+                reason,
+            })?;
+        }
+
+        let key_lock = start_key.as_ref().map(|k| {
+            lock(&inner.start_locks)
+                .entry(k.clone())
+                .or_default()
+                .clone()
+        });
+        let guard = match &key_lock {
+            Some(l) => Some(l.clone().lock_owned().await),
+            None => None,
+        };
+        let result = self.start_locked(def, input, start_key.clone()).await;
+        drop(guard);
+        if let (Some(k), Some(l)) = (&start_key, key_lock) {
+            let mut locks = lock(&inner.start_locks);
+            // Two references: the map's and ours. Nobody else waits on it.
+            if Arc::strong_count(&l) == 2 {
+                locks.remove(k);
+            }
+        }
+        result
+    }
+
+    async fn start_locked(
+        &self,
+        def: Arc<SagaDefinition>,
+        input: Value,
+        start_key: Option<StartKey>,
+    ) -> Result<SagaId> {
+        let inner = &self.inner;
+        if let Some(k) = &start_key {
+            if let Some(existing) = inner.store.find_start_key(k)? {
+                tracing::debug!(saga_id = %existing, start_key = %k, "start key seen before");
+                return Ok(existing);
+            }
+        }
+        let now = inner.clock.now();
+        let id = SagaId::generate(now, &*inner.entropy);
+        let first = LogRecord {
+            lsn: Lsn(0),
+            at: now,
+            event: Event::Started {
+                definition: def.name().to_string(),
+                version: def.version(),
+                steps: def.step_names().map(str::to_string).collect(),
+                input,
+                start_key,
+            },
+        };
+        let state = SagaState::new(id, &first).map_err(|e| Error::CorruptLog {
+            saga: id,
+            reason: e.to_string(),
+        })?;
+        let mut driver = Driver::new(inner.clone(), def, state, None);
+        driver.adopt_pending(first);
+        driver.flush().await?;
+        tracing::info!(saga_id = %id, "saga started");
+        inner.spawn(driver);
+        Ok(id)
+    }
+
+    /// Waits until the saga ends (completed, compensated or parked) and returns how.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownSaga`]; [`Error::NotRunning`] if the saga is active but this
+    /// engine stopped driving it (after a store failure); [`Error::ShuttingDown`] if the
+    /// engine stopped before the saga ended; [`Error::CorruptLog`]; [`Error::Store`].
+    pub async fn wait(&self, id: SagaId) -> Result<SagaOutcome> {
+        let rx = lock(&self.inner.running).get(&id).map(|c| c.subscribe());
+        if let Some(mut rx) = rx {
+            let got = rx
+                .wait_for(Option::is_some)
+                .await
+                .map(|v| v.clone())
+                .ok()
+                .flatten();
+            if let Some(result) = got {
+                return result;
+            }
+        }
+        let state = self.state(id)?;
+        SagaOutcome::of(&state).ok_or(Error::NotRunning(id))
+    }
+
+    /// The saga's current state, folded from its log.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownSaga`], [`Error::CorruptLog`], [`Error::Store`].
+    pub fn state(&self, id: SagaId) -> Result<SagaState> {
+        let records = self.history(id)?;
+        SagaState::fold(id, &records).map_err(|e| Error::CorruptLog {
+            saga: id,
+            reason: e.to_string(),
+        })
+    }
+
+    /// The saga's summary: status, definition, times, due retry, reason.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownSaga`], [`Error::CorruptLog`] if the summary does not decode,
+    /// [`Error::Store`].
+    pub fn status(&self, id: SagaId) -> Result<SagaMeta> {
+        self.inner.store.meta(id)?.ok_or(Error::UnknownSaga(id))
+    }
+
+    /// The saga's full log, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownSaga`]; [`Error::CorruptLog`] naming the first record that does
+    /// not decode; [`Error::Store`].
+    pub fn history(&self, id: SagaId) -> Result<Vec<LogRecord>> {
+        let raw = self.inner.store.read(id)?;
+        if raw.is_empty() {
+            return Err(Error::UnknownSaga(id));
+        }
+        raw.iter()
+            .map(|(lsn, bytes)| codec::decode_record(id, *lsn, bytes).map_err(Error::from))
+            .collect()
+    }
+
+    /// The summaries of the sagas with `status`, oldest first. A summary that does not
+    /// decode is skipped with a warning, so one bad saga does not hide the others.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`].
+    pub fn list(&self, status: SagaStatus) -> Result<Vec<SagaMeta>> {
+        let mut out = Vec::new();
+        for id in self.inner.store.with_status(status)? {
+            match self.inner.store.meta(id) {
+                Ok(Some(m)) => out.push(m),
+                Ok(None) => tracing::warn!(saga_id = %id, "status index names an unknown saga"),
+                Err(e) => tracing::warn!(saga_id = %id, error = %e, "summary does not decode"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The durable retry timers due at or before `until`, earliest first.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`].
+    pub fn scheduled(&self, until: Timestamp) -> Result<Vec<(Timestamp, SagaId)>> {
+        Ok(self.inner.store.due(until)?)
+    }
+
+    /// What the engine found and did when it opened.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    /// How many durable writes were made and how many transitions they carried.
+    pub fn commit_stats(&self) -> CommitStats {
+        self.inner.committer.stats()
+    }
+
+    /// The number of sagas this engine is driving now.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.inner.running).len()
+    }
+
+    /// Stops cleanly: no new sagas or attempts start, attempts in flight finish and
+    /// their results are made durable, then the store is synced and closed. Sagas that
+    /// did not end resume when an engine opens the store again.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] if the final sync fails.
+    pub async fn shutdown(self) -> Result<()> {
+        self.inner.stopping.send_replace(true);
+        let mut tasks = std::mem::take(&mut *lock(&self.inner.tasks));
+        while tasks.join_next().await.is_some() {}
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            inner.committer.close();
+            inner.store.sync()
+        })
+        .await
+        .map_err(|e| Error::Store(Arc::new(crate::store::Error::Backend(e.to_string()))))??;
+        Ok(())
+    }
+}

@@ -1,0 +1,220 @@
+//! The event log's vocabulary: every transition a saga can make.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::clock::Timestamp;
+use crate::ids::{Attempt, Lsn, StartKey};
+
+/// Why an attempt failed, as recorded in the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// The step reported a transient failure.
+    Retryable,
+    /// The step reported a transient failure with a retry-after hint.
+    RetryAfter,
+    /// The step reported a permanent failure.
+    Permanent,
+    /// The attempt ran past its timeout.
+    Timeout,
+    /// The step panicked.
+    Panic,
+    /// The step's output was larger than the engine accepts.
+    OutputTooLarge,
+    /// A crash interrupted the attempt and the step is not idempotent, so it may or may
+    /// not have taken effect.
+    Interrupted,
+}
+
+impl FailureKind {
+    /// Whether a failure of this kind leaves it unknown if the action took effect: the
+    /// engine, not the step, saw it fail (a timeout, a panic, a crash, an output it could
+    /// not record). A pivot or retriable step that ends on such a failure parks the saga
+    /// rather than compensating the steps before it.
+    pub fn outcome_unknown(self) -> bool {
+        matches!(
+            self,
+            FailureKind::Timeout
+                | FailureKind::Panic
+                | FailureKind::OutputTooLarge
+                | FailureKind::Interrupted
+        )
+    }
+}
+
+/// What kind of attention a parked saga needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ParkKind {
+    /// A compensation failed permanently or ran out of attempts (G5).
+    CompensationFailed,
+    /// A step after the pivot failed permanently or ran out of attempts.
+    ForwardFailed,
+    /// A step that cannot be compensated (pivot or retriable, not idempotent) was
+    /// interrupted: nobody knows whether it took effect.
+    OutcomeUnknown,
+    /// The saga's definition or version is not registered with this engine.
+    UnknownDefinition,
+    /// The registered definition has other steps than the ones this saga was started
+    /// with under the same version.
+    DefinitionMismatch,
+    /// A log record did not decode or does not fit the log before it.
+    CorruptLog,
+}
+
+/// Why a saga is parked: a kind an operator can filter on, and a sentence to read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParkReason {
+    /// The kind.
+    pub kind: ParkKind,
+    /// What happened, for a human.
+    pub message: String,
+}
+
+impl ParkReason {
+    /// A reason of `kind` saying `message`.
+    pub fn new(kind: ParkKind, message: impl Into<String>) -> Self {
+        ParkReason {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ParkReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// One transition of a saga.
+///
+/// Steps are named by index in the definition; the names themselves are in
+/// [`Event::Started`], so a log can be read without the definition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Event {
+    /// The saga was created.
+    Started {
+        /// Definition name.
+        definition: String,
+        /// Definition version.
+        version: u32,
+        /// The definition's step names, in order, at the time of start.
+        steps: Vec<String>,
+        /// The saga input.
+        input: Value,
+        /// The caller's start key, if any.
+        start_key: Option<StartKey>,
+    },
+    /// An attempt of a step action is about to run (durable before it runs: G1).
+    StepAttemptStarted {
+        /// Step index.
+        step: u32,
+        /// Attempt number.
+        attempt: Attempt,
+        /// When the engine stops waiting for it.
+        deadline: Timestamp,
+    },
+    /// A step action succeeded.
+    StepSucceeded {
+        /// Step index.
+        step: u32,
+        /// Attempt number.
+        attempt: Attempt,
+        /// The step's output.
+        output: Value,
+    },
+    /// A step action failed.
+    StepFailed {
+        /// Step index.
+        step: u32,
+        /// Attempt number.
+        attempt: Attempt,
+        /// How it failed.
+        kind: FailureKind,
+        /// The error message.
+        error: String,
+        /// When the next attempt is due, or `None` if there will be none.
+        retry_at: Option<Timestamp>,
+    },
+    /// The saga gave up going forward and starts compensating.
+    CompensationBegan {
+        /// Why.
+        reason: String,
+    },
+    /// An attempt of a compensation is about to run.
+    CompensationAttemptStarted {
+        /// Step index.
+        step: u32,
+        /// Attempt number.
+        attempt: Attempt,
+        /// When the engine stops waiting for it.
+        deadline: Timestamp,
+    },
+    /// A compensation succeeded.
+    CompensationSucceeded {
+        /// Step index.
+        step: u32,
+        /// Attempt number.
+        attempt: Attempt,
+    },
+    /// A compensation failed.
+    CompensationFailed {
+        /// Step index.
+        step: u32,
+        /// Attempt number.
+        attempt: Attempt,
+        /// How it failed.
+        kind: FailureKind,
+        /// The error message.
+        error: String,
+        /// When the next attempt is due, or `None` if there will be none.
+        retry_at: Option<Timestamp>,
+    },
+    /// Every step succeeded.
+    Completed,
+    /// Every step that may have taken effect was compensated.
+    Compensated,
+    /// The saga needs an operator.
+    Parked {
+        /// Why.
+        reason: ParkReason,
+    },
+}
+
+impl Event {
+    /// A short name for the event's type, as in the log's JSON.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Started { .. } => "started",
+            Event::StepAttemptStarted { .. } => "step_attempt_started",
+            Event::StepSucceeded { .. } => "step_succeeded",
+            Event::StepFailed { .. } => "step_failed",
+            Event::CompensationBegan { .. } => "compensation_began",
+            Event::CompensationAttemptStarted { .. } => "compensation_attempt_started",
+            Event::CompensationSucceeded { .. } => "compensation_succeeded",
+            Event::CompensationFailed { .. } => "compensation_failed",
+            Event::Completed => "completed",
+            Event::Compensated => "compensated",
+            Event::Parked { .. } => "parked",
+        }
+    }
+}
+
+/// An event with its place in the log and its time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// Position in the saga's log.
+    pub lsn: Lsn,
+    /// When it was recorded.
+    pub at: Timestamp,
+    /// The transition.
+    pub event: Event,
+}

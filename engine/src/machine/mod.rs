@@ -1,0 +1,13 @@
+//! The pure core: events, the state they fold into, and the decision of what comes next.
+//!
+//! Nothing in this module does I/O, reads the clock or draws randomness: given the same
+//! log and definition it always answers the same. The executor feeds it, carries out what
+//! it decides, and records the result; recovery replays the log through the same code.
+
+mod decide;
+mod event;
+mod state;
+
+pub use decide::{decide, Decision};
+pub use event::{Event, FailureKind, LogRecord, ParkKind, ParkReason};
+pub use state::{FoldError, Progress, SagaState, SagaStatus, StepState};

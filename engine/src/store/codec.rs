@@ -1,0 +1,264 @@
+//! How records, summaries and keys are laid out in bytes.
+//!
+//! Values start with a format byte, then JSON. JSON costs a little space and time, but a
+//! log that an operator can read with any tool is worth it, and the format byte leaves
+//! room for a denser encoding later without losing old logs.
+
+use crate::clock::Timestamp;
+use crate::ids::{Lsn, SagaId, StartKey};
+use crate::machine::{LogRecord, SagaStatus};
+use crate::store::{Error, Result, SagaMeta, Write};
+
+/// The format byte of values written by this version.
+pub const FORMAT_V1: u8 = 1;
+
+const LOG: u8 = b'L';
+const META: u8 = b'M';
+const STATUS: u8 = b'S';
+const TIMER: u8 = b'T';
+const START_KEY: u8 = b'K';
+
+/// A key-value change that a store applies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Set `key` to `value`.
+    Put(Vec<u8>, Vec<u8>),
+    /// Delete `key`.
+    Delete(Vec<u8>),
+}
+
+/// Encodes a log record.
+///
+/// # Errors
+///
+/// [`Error::Backend`] if the record does not serialize (a JSON map with non-string keys
+/// cannot happen for `serde_json::Value`, so in practice never).
+pub fn encode_record(record: &LogRecord) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(128);
+    out.push(FORMAT_V1);
+    serde_json::to_writer(&mut out, record)
+        .map_err(|e| Error::Backend(format!("record does not serialize: {e}")))?;
+    Ok(out)
+}
+
+/// Decodes a log record of `saga`.
+///
+/// # Errors
+///
+/// [`Error::Corrupt`] if the bytes are not a record of a known format.
+pub fn decode_record(saga: SagaId, lsn: Lsn, bytes: &[u8]) -> Result<LogRecord> {
+    let corrupt = |reason: String| Error::Corrupt {
+        saga,
+        what: format!("log record {lsn}"),
+        reason,
+    };
+    let json = strip_format(bytes).map_err(corrupt)?;
+    let record: LogRecord =
+        serde_json::from_slice(json).map_err(|e| corrupt(format!("does not decode: {e}")))?;
+    if record.lsn != lsn {
+        return Err(corrupt(format!("stored under lsn {lsn} but says {}", record.lsn)));
+    }
+    Ok(record)
+}
+
+fn strip_format(bytes: &[u8]) -> std::result::Result<&[u8], String> {
+    match bytes.split_first() {
+        Some((&FORMAT_V1, rest)) => Ok(rest),
+        Some((b, _)) => Err(format!("unknown format byte {b}")),
+        None => Err("empty value".into()),
+    }
+}
+
+/// Encodes a saga summary.
+///
+/// # Errors
+///
+/// [`Error::Backend`] if it does not serialize (never in practice).
+pub fn encode_meta(meta: &SagaMeta) -> Result<Vec<u8>> {
+    let mut out = vec![FORMAT_V1];
+    serde_json::to_writer(&mut out, meta)
+        .map_err(|e| Error::Backend(format!("summary does not serialize: {e}")))?;
+    Ok(out)
+}
+
+/// Decodes a saga summary.
+///
+/// # Errors
+///
+/// [`Error::Corrupt`] if the bytes are not a summary of a known format.
+pub fn decode_meta(saga: SagaId, bytes: &[u8]) -> Result<SagaMeta> {
+    let corrupt = |reason: String| Error::Corrupt {
+        saga,
+        what: "summary".into(),
+        reason,
+    };
+    let json = strip_format(bytes).map_err(corrupt)?;
+    serde_json::from_slice(json).map_err(|e| corrupt(format!("does not decode: {e}")))
+}
+
+/// The key of one log record.
+pub fn log_key(saga: SagaId, lsn: Lsn) -> Vec<u8> {
+    let mut k = log_prefix(saga);
+    k.extend_from_slice(&lsn.0.to_be_bytes());
+    k
+}
+
+/// The prefix of all log records of `saga`.
+pub fn log_prefix(saga: SagaId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(25);
+    k.push(LOG);
+    k.extend_from_slice(saga.as_bytes());
+    k
+}
+
+/// The lsn in a log key.
+///
+/// # Errors
+///
+/// [`Error::Corrupt`] if the key is not a log key of `saga`.
+pub fn lsn_of(saga: SagaId, key: &[u8]) -> Result<Lsn> {
+    let bytes: [u8; 8] = key
+        .get(17..25)
+        .and_then(|b| b.try_into().ok())
+        .filter(|_| key.len() == 25)
+        .ok_or_else(|| Error::Corrupt {
+            saga,
+            what: "log key".into(),
+            reason: format!("{} bytes, expected 25", key.len()),
+        })?;
+    Ok(Lsn(u64::from_be_bytes(bytes)))
+}
+
+/// The key of a saga's summary.
+pub fn meta_key(saga: SagaId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.push(META);
+    k.extend_from_slice(saga.as_bytes());
+    k
+}
+
+/// The prefix of the status index for `status`.
+pub fn status_prefix(status: SagaStatus) -> Vec<u8> {
+    vec![STATUS, status.code()]
+}
+
+fn status_key(status: SagaStatus, saga: SagaId) -> Vec<u8> {
+    let mut k = status_prefix(status);
+    k.extend_from_slice(saga.as_bytes());
+    k
+}
+
+/// The prefix of the timer index.
+pub fn timer_prefix() -> Vec<u8> {
+    vec![TIMER]
+}
+
+fn timer_key(due: Timestamp, saga: SagaId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(25);
+    k.push(TIMER);
+    k.extend_from_slice(&due.as_millis().to_be_bytes());
+    k.extend_from_slice(saga.as_bytes());
+    k
+}
+
+/// The key of a start-key index entry.
+pub fn start_key_key(key: &StartKey) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + key.as_str().len());
+    k.push(START_KEY);
+    k.extend_from_slice(key.as_str().as_bytes());
+    k
+}
+
+/// The saga id at the end of an index key (status or timer).
+///
+/// # Errors
+///
+/// [`Error::CorruptIndex`] if the key is too short.
+pub fn saga_of_index_key(key: &[u8]) -> Result<SagaId> {
+    let start = key
+        .len()
+        .checked_sub(16)
+        .ok_or_else(|| Error::CorruptIndex(format!("index key of {} bytes", key.len())))?;
+    let bytes: [u8; 16] = key[start..]
+        .try_into()
+        .map_err(|_| Error::CorruptIndex("index key".into()))?;
+    Ok(SagaId::from_bytes(bytes))
+}
+
+/// The due time in a timer key.
+///
+/// # Errors
+///
+/// [`Error::CorruptIndex`] if the key is not 25 bytes.
+pub fn due_of_timer_key(key: &[u8]) -> Result<Timestamp> {
+    let bytes: [u8; 8] = key
+        .get(1..9)
+        .and_then(|b| b.try_into().ok())
+        .filter(|_| key.len() == 25)
+        .ok_or_else(|| Error::CorruptIndex(format!("timer key of {} bytes", key.len())))?;
+    Ok(Timestamp::from_millis(u64::from_be_bytes(bytes)))
+}
+
+/// The saga id stored as a start-key index value.
+///
+/// # Errors
+///
+/// [`Error::CorruptIndex`] if the value is not 16 bytes.
+pub fn saga_of_start_key_value(value: &[u8]) -> Result<SagaId> {
+    let bytes: [u8; 16] = value
+        .try_into()
+        .map_err(|_| Error::CorruptIndex(format!("start key value of {} bytes", value.len())))?;
+    Ok(SagaId::from_bytes(bytes))
+}
+
+/// The key-value changes that make up `write`: its records, its summary, and the index
+/// entries that change with them.
+///
+/// # Errors
+///
+/// As [`encode_meta`].
+pub fn ops(write: &Write) -> Result<Vec<Op>> {
+    let saga = write.saga;
+    let mut ops = Vec::with_capacity(write.records.len() + 4);
+    for (lsn, bytes) in &write.records {
+        ops.push(Op::Put(log_key(saga, *lsn), bytes.clone()));
+    }
+    ops.push(Op::Put(meta_key(saga), encode_meta(&write.meta)?));
+    let prev = write.previous.as_ref();
+    if prev.map(|p| p.status) != Some(write.meta.status) {
+        if let Some(p) = prev {
+            ops.push(Op::Delete(status_key(p.status, saga)));
+        }
+        ops.push(Op::Put(status_key(write.meta.status, saga), Vec::new()));
+    }
+    let old_due = prev.and_then(|p| p.due);
+    if old_due != write.meta.due {
+        if let Some(d) = old_due {
+            ops.push(Op::Delete(timer_key(d, saga)));
+        }
+        if let Some(d) = write.meta.due {
+            ops.push(Op::Put(timer_key(d, saga), Vec::new()));
+        }
+    }
+    if prev.is_none() {
+        if let Some(k) = &write.meta.start_key {
+            ops.push(Op::Put(start_key_key(k), saga.as_bytes().to_vec()));
+        }
+    }
+    Ok(ops)
+}
+
+/// The deletions that remove a saga whose summary is `meta` and whose log keys are
+/// `log_keys`.
+pub fn removal(meta: &SagaMeta, log_keys: impl IntoIterator<Item = Vec<u8>>) -> Vec<Op> {
+    let mut ops: Vec<Op> = log_keys.into_iter().map(Op::Delete).collect();
+    ops.push(Op::Delete(meta_key(meta.id)));
+    ops.push(Op::Delete(status_key(meta.status, meta.id)));
+    if let Some(d) = meta.due {
+        ops.push(Op::Delete(timer_key(d, meta.id)));
+    }
+    if let Some(k) = &meta.start_key {
+        ops.push(Op::Delete(start_key_key(k)));
+    }
+    ops
+}

@@ -1,0 +1,64 @@
+//! The reads every store shares, written once over an ordered key-value view.
+
+use crate::clock::Timestamp;
+use crate::ids::{Lsn, SagaId, StartKey};
+use crate::machine::SagaStatus;
+use crate::store::codec::{self, Op};
+use crate::store::{Result, SagaMeta};
+
+/// An ordered key-value map, as a store sees its own data.
+pub(crate) trait Kv {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// Every pair whose key starts with `prefix`, in key order.
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+}
+
+pub(crate) fn read(kv: &impl Kv, saga: SagaId) -> Result<Vec<(Lsn, Vec<u8>)>> {
+    kv.scan(&codec::log_prefix(saga))?
+        .into_iter()
+        .map(|(k, v)| Ok((codec::lsn_of(saga, &k)?, v)))
+        .collect()
+}
+
+pub(crate) fn meta(kv: &impl Kv, saga: SagaId) -> Result<Option<SagaMeta>> {
+    kv.get(&codec::meta_key(saga))?
+        .map(|v| codec::decode_meta(saga, &v))
+        .transpose()
+}
+
+pub(crate) fn with_status(kv: &impl Kv, status: SagaStatus) -> Result<Vec<SagaId>> {
+    kv.scan(&codec::status_prefix(status))?
+        .into_iter()
+        .map(|(k, _)| codec::saga_of_index_key(&k))
+        .collect()
+}
+
+pub(crate) fn find_start_key(kv: &impl Kv, key: &StartKey) -> Result<Option<SagaId>> {
+    kv.get(&codec::start_key_key(key))?
+        .map(|v| codec::saga_of_start_key_value(&v))
+        .transpose()
+}
+
+pub(crate) fn due(kv: &impl Kv, until: Timestamp) -> Result<Vec<(Timestamp, SagaId)>> {
+    let mut out = Vec::new();
+    for (k, _) in kv.scan(&codec::timer_prefix())? {
+        let at = codec::due_of_timer_key(&k)?;
+        if at > until {
+            break;
+        }
+        out.push((at, codec::saga_of_index_key(&k)?));
+    }
+    Ok(out)
+}
+
+/// The deletions that remove `saga`, or none if it is unknown.
+pub(crate) fn removal(kv: &impl Kv, saga: SagaId) -> Result<Vec<Op>> {
+    let Some(m) = meta(kv, saga)? else {
+        return Ok(Vec::new());
+    };
+    let keys = kv
+        .scan(&codec::log_prefix(saga))?
+        .into_iter()
+        .map(|(k, _)| k);
+    Ok(codec::removal(&m, keys))
+}

@@ -1,0 +1,169 @@
+//! An in-memory store that can crash.
+//!
+//! It keeps what was appended apart from what was synced: [`MemLog::crash`] throws away
+//! everything appended since the last sync, which is exactly what a power loss does to a
+//! real disk. Simulations run the engine on it, crash it at chosen points, and open a new
+//! engine on what is left.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+
+use crate::clock::Timestamp;
+use crate::ids::{Lsn, SagaId, StartKey};
+use crate::machine::SagaStatus;
+use crate::store::codec::{self, Op};
+use crate::store::kv::{self, Kv};
+use crate::store::{Error, Result, SagaLog, SagaMeta, Write};
+
+type Map = BTreeMap<Vec<u8>, Vec<u8>>;
+
+#[derive(Debug, Default)]
+struct Inner {
+    visible: Map,
+    durable: Map,
+    pending: Vec<Op>,
+    syncs: u64,
+    fail_syncs: u32,
+}
+
+/// An in-memory [`SagaLog`] with separate pending and durable writes.
+///
+/// ```
+/// use sagaflow::store::{MemLog, SagaLog};
+///
+/// let log = MemLog::new();
+/// assert!(log.incomplete()?.is_empty());
+/// log.crash(); // nothing pending: nothing lost
+/// # Ok::<(), sagaflow::store::Error>(())
+/// ```
+#[derive(Debug, Default)]
+pub struct MemLog {
+    inner: Mutex<Inner>,
+}
+
+impl MemLog {
+    /// An empty store.
+    pub fn new() -> Self {
+        MemLog::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the maps half-updated (every
+        // update is a single insert or remove), so a poisoned lock is still consistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Simulates a crash: every write appended since the last sync is lost.
+    pub fn crash(&self) {
+        let mut inner = self.lock();
+        inner.visible = inner.durable.clone();
+        inner.pending.clear();
+    }
+
+    /// The number of successful syncs so far.
+    pub fn syncs(&self) -> u64 {
+        self.lock().syncs
+    }
+
+    /// The number of key-value changes appended but not yet synced.
+    pub fn pending(&self) -> usize {
+        self.lock().pending.len()
+    }
+
+    /// Makes the next `n` syncs fail (and lose nothing already durable).
+    pub fn fail_next_syncs(&self, n: u32) {
+        self.lock().fail_syncs = n;
+    }
+
+    /// Overwrites a raw value, bypassing every check: for tests of corrupt data.
+    pub fn put_raw(&self, key: Vec<u8>, value: Vec<u8>) {
+        let mut inner = self.lock();
+        inner.visible.insert(key.clone(), value.clone());
+        inner.durable.insert(key, value);
+    }
+}
+
+fn apply(map: &mut Map, op: &Op) {
+    match op {
+        Op::Put(k, v) => {
+            map.insert(k.clone(), v.clone());
+        }
+        Op::Delete(k) => {
+            map.remove(k);
+        }
+    }
+}
+
+impl Kv for MutexGuard<'_, Inner> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.visible.get(key).cloned())
+    }
+
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        Ok(self
+            .visible
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+}
+
+impl SagaLog for MemLog {
+    fn append(&self, writes: &[Write]) -> Result<()> {
+        let mut all = Vec::new();
+        for w in writes {
+            all.extend(codec::ops(w)?);
+        }
+        let mut inner = self.lock();
+        for op in &all {
+            apply(&mut inner.visible, op);
+        }
+        inner.pending.extend(all);
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        let mut inner = self.lock();
+        if inner.fail_syncs > 0 {
+            inner.fail_syncs -= 1;
+            return Err(Error::Injected("sync failed".into()));
+        }
+        let pending = std::mem::take(&mut inner.pending);
+        for op in &pending {
+            apply(&mut inner.durable, op);
+        }
+        inner.syncs += 1;
+        Ok(())
+    }
+
+    fn read(&self, saga: SagaId) -> Result<Vec<(Lsn, Vec<u8>)>> {
+        kv::read(&self.lock(), saga)
+    }
+
+    fn meta(&self, saga: SagaId) -> Result<Option<SagaMeta>> {
+        kv::meta(&self.lock(), saga)
+    }
+
+    fn with_status(&self, status: SagaStatus) -> Result<Vec<SagaId>> {
+        kv::with_status(&self.lock(), status)
+    }
+
+    fn find_start_key(&self, key: &StartKey) -> Result<Option<SagaId>> {
+        kv::find_start_key(&self.lock(), key)
+    }
+
+    fn due(&self, until: Timestamp) -> Result<Vec<(Timestamp, SagaId)>> {
+        kv::due(&self.lock(), until)
+    }
+
+    fn remove(&self, saga: SagaId) -> Result<()> {
+        let mut inner = self.lock();
+        let ops = kv::removal(&inner, saga)?;
+        for op in &ops {
+            apply(&mut inner.visible, op);
+        }
+        inner.pending.extend(ops);
+        Ok(())
+    }
+}
