@@ -238,7 +238,10 @@ impl Entropy for SeededEntropy {
 
     fn next(&self) -> u64 {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        splitmix64(self.seed.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+        splitmix64(
+            self.seed
+                .wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        )
     }
 }
 
@@ -267,7 +270,12 @@ mod tests {
         let a = Timestamp::from_millis(10);
         let b = Timestamp::from_millis(20);
         assert_eq!(a.duration_since(b), Duration::ZERO);
-        assert_eq!(Timestamp::from_millis(u64::MAX).saturating_add(Duration::MAX).as_millis(), u64::MAX);
+        assert_eq!(
+            Timestamp::from_millis(u64::MAX)
+                .saturating_add(Duration::MAX)
+                .as_millis(),
+            u64::MAX
+        );
     }
 
     #[tokio::test(start_paused = true)]

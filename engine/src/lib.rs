@@ -128,8 +128,8 @@ pub mod store;
 
 pub use clock::{Clock, Entropy, SeededEntropy, Sleep, SystemClock, Timestamp, TokioClock};
 pub use definition::{
-    Idempotence, RetryPolicy, SagaDefinition, SagaDefinitionBuilder, Step, StepContext,
-    StepError, StepKind, StepOptions,
+    Idempotence, RetryPolicy, SagaDefinition, SagaDefinitionBuilder, Step, StepContext, StepError,
+    StepKind, StepOptions,
 };
 pub use error::{Error, Result};
 pub use executor::{CommitStats, Engine, EngineBuilder, EngineOptions, SagaOutcome};

@@ -85,9 +85,29 @@ async fn recover_one(
             park(inner, id, indexed, next_lsn, None, reason, report).await
         }
         (Err(why), meta) => {
-            park(inner, id, indexed, next_lsn, meta.ok().flatten(), corrupt(why), report).await
+            park(
+                inner,
+                id,
+                indexed,
+                next_lsn,
+                meta.ok().flatten(),
+                corrupt(why),
+                report,
+            )
+            .await
         }
-        (Ok(_), Err(e)) => park(inner, id, indexed, next_lsn, None, corrupt(e.to_string()), report).await,
+        (Ok(_), Err(e)) => {
+            park(
+                inner,
+                id,
+                indexed,
+                next_lsn,
+                None,
+                corrupt(e.to_string()),
+                report,
+            )
+            .await
+        }
     }
 }
 

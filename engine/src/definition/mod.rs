@@ -390,23 +390,40 @@ pub(crate) mod tests {
             Error::Empty("s".into())
         );
         assert!(matches!(
-            SagaDefinition::builder("s", 1).step("a", Noop).step("a", Noop).build(),
+            SagaDefinition::builder("s", 1)
+                .step("a", Noop)
+                .step("a", Noop)
+                .build(),
             Err(Error::DuplicateStep { .. })
         ));
         assert!(matches!(
-            SagaDefinition::builder("s", 1).pivot("p", Noop).pivot("q", Noop).build(),
+            SagaDefinition::builder("s", 1)
+                .pivot("p", Noop)
+                .pivot("q", Noop)
+                .build(),
             Err(Error::SecondPivot { .. })
         ));
         assert!(matches!(
-            SagaDefinition::builder("s", 1).pivot("p", Noop).step("a", Noop).build(),
-            Err(Error::MisplacedStep { kind: StepKind::Compensatable, .. })
+            SagaDefinition::builder("s", 1)
+                .pivot("p", Noop)
+                .step("a", Noop)
+                .build(),
+            Err(Error::MisplacedStep {
+                kind: StepKind::Compensatable,
+                ..
+            })
         ));
         assert!(matches!(
             SagaDefinition::builder("s", 1).retriable("r", Noop).build(),
-            Err(Error::MisplacedStep { kind: StepKind::Retriable, .. })
+            Err(Error::MisplacedStep {
+                kind: StepKind::Retriable,
+                ..
+            })
         ));
         assert!(matches!(
-            SagaDefinition::builder("s", 1).step("has space", Noop).build(),
+            SagaDefinition::builder("s", 1)
+                .step("has space", Noop)
+                .build(),
             Err(Error::InvalidName(_))
         ));
         assert!(matches!(

@@ -178,7 +178,9 @@ mod tests {
     #[test]
     fn unlimited_policy_always_allows_another() {
         let p = RetryPolicy::forever();
-        assert!(p.next_attempt_at(1_000_000, Timestamp::EPOCH, 5, None).is_some());
+        assert!(p
+            .next_attempt_at(1_000_000, Timestamp::EPOCH, 5, None)
+            .is_some());
     }
 
     proptest! {

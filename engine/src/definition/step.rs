@@ -257,8 +257,11 @@ pub trait Step: Send + Sync + 'static {
     type Output: Serialize + DeserializeOwned + Send + 'static;
 
     /// The forward action.
-    async fn execute(&self, ctx: &StepContext, input: Self::Input)
-        -> Result<Self::Output, StepError>;
+    async fn execute(
+        &self,
+        ctx: &StepContext,
+        input: Self::Input,
+    ) -> Result<Self::Output, StepError>;
 
     /// Undo the action. `output` is the recorded output if the action succeeded, `None`
     /// if it failed or was interrupted (it may still have taken effect: undo by key).
@@ -291,8 +294,12 @@ pub(crate) trait ErasedStep: Send + Sync {
 pub(crate) struct Erased<S>(pub(crate) S);
 
 fn decode<T: DeserializeOwned>(what: &str, v: &Value) -> Result<T, String> {
-    serde_json::from_value(v.clone())
-        .map_err(|e| format!("{what} does not decode as {}: {e}", std::any::type_name::<T>()))
+    serde_json::from_value(v.clone()).map_err(|e| {
+        format!(
+            "{what} does not decode as {}: {e}",
+            std::any::type_name::<T>()
+        )
+    })
 }
 
 #[async_trait]
@@ -312,7 +319,9 @@ impl<S: Step> ErasedStep for Erased<S> {
         let input = decode::<S::Input>("saga input", &ctx.input).map_err(StepError::permanent)?;
         let output = match output {
             None => None,
-            Some(v) => Some(decode::<S::Output>("recorded output", &v).map_err(StepError::permanent)?),
+            Some(v) => {
+                Some(decode::<S::Output>("recorded output", &v).map_err(StepError::permanent)?)
+            }
         };
         self.0.compensate(&ctx, input, output).await
     }

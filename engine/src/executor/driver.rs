@@ -11,9 +11,7 @@ use crate::definition::{Idempotence, RetryPolicy, SagaDefinition, StepContext, S
 use crate::error::{Error, Result};
 use crate::executor::{Inner, SagaOutcome};
 use crate::ids::{Attempt, IdempotencyKey, Lsn, Phase};
-use crate::machine::{
-    decide, Decision, Event, FailureKind, LogRecord, SagaState, SagaStatus,
-};
+use crate::machine::{decide, Decision, Event, FailureKind, LogRecord, SagaState, SagaStatus};
 use crate::store::{codec, SagaMeta, Write};
 
 /// Why an attempt failed, before it is written down.
@@ -335,7 +333,9 @@ impl Driver {
 
     fn check_size(&self, v: Value) -> std::result::Result<Value, Failure> {
         let limit = self.inner.options.max_payload_bytes;
-        let size = serde_json::to_vec(&v).map(|b| b.len()).unwrap_or(usize::MAX);
+        let size = serde_json::to_vec(&v)
+            .map(|b| b.len())
+            .unwrap_or(usize::MAX);
         if size > limit {
             Err(Failure {
                 kind: FailureKind::OutputTooLarge,

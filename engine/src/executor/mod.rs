@@ -332,7 +332,9 @@ impl Engine {
             step: String::new(),
             reason: format!("input does not serialize: {e}"),
         })?;
-        let size = serde_json::to_vec(&input).map(|b| b.len()).unwrap_or(usize::MAX);
+        let size = serde_json::to_vec(&input)
+            .map(|b| b.len())
+            .unwrap_or(usize::MAX);
         if size > inner.options.max_payload_bytes {
             return Err(Error::PayloadTooLarge {
                 size,
@@ -340,10 +342,12 @@ impl Engine {
             });
         }
         for s in def.steps() {
-            s.code.check_input(&input).map_err(|reason| Error::InvalidInput {
-                step: s.name.to_string(),
-                reason,
-            })?;
+            s.code
+                .check_input(&input)
+                .map_err(|reason| Error::InvalidInput {
+                    step: s.name.to_string(),
+                    reason,
+                })?;
         }
 
         let key_lock = start_key.as_ref().map(|k| {
@@ -426,8 +430,20 @@ impl Engine {
                 return result;
             }
         }
-        let state = self.state(id)?;
-        SagaOutcome::of(&state).ok_or(Error::NotRunning(id))
+        match self.state(id) {
+            Ok(state) => SagaOutcome::of(&state).ok_or(Error::NotRunning(id)),
+            // A log that does not fold was parked at recovery; its summary says why.
+            Err(e @ Error::CorruptLog { .. }) => match self.inner.store.meta(id) {
+                Ok(Some(meta)) if meta.status == SagaStatus::Parked => Ok(SagaOutcome::Parked {
+                    reason: ParkReason::new(
+                        crate::machine::ParkKind::CorruptLog,
+                        meta.reason.unwrap_or_default(),
+                    ),
+                }),
+                _ => Err(e),
+            },
+            Err(e) => Err(e),
+        }
     }
 
     /// The saga's current state, folded from its log.

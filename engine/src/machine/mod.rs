@@ -7,6 +7,8 @@
 mod decide;
 mod event;
 mod state;
+#[cfg(test)]
+mod tests;
 
 pub use decide::{decide, Decision};
 pub use event::{Event, FailureKind, LogRecord, ParkKind, ParkReason};

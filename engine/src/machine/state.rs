@@ -310,7 +310,9 @@ impl SagaState {
                 self.expect_status(SagaStatus::Running, lsn)?;
                 let s = &mut self.steps[i];
                 if s.action != (Progress::InFlight { attempt: *attempt }) {
-                    return Err(err(format!("attempt {attempt} of step {step} is not running")));
+                    return Err(err(format!(
+                        "attempt {attempt} of step {step} is not running"
+                    )));
                 }
                 s.action = Progress::Succeeded { attempt: *attempt };
                 s.output = Some(output.clone());
@@ -326,7 +328,9 @@ impl SagaState {
                 self.expect_status(SagaStatus::Running, lsn)?;
                 let s = &mut self.steps[i];
                 if s.action != (Progress::InFlight { attempt: *attempt }) {
-                    return Err(err(format!("attempt {attempt} of step {step} is not running")));
+                    return Err(err(format!(
+                        "attempt {attempt} of step {step} is not running"
+                    )));
                 }
                 s.action = Progress::Failed {
                     attempt: *attempt,
@@ -345,7 +349,9 @@ impl SagaState {
                 self.expect_status(SagaStatus::Compensating, lsn)?;
                 let s = &mut self.steps[i];
                 if !s.action.started() {
-                    return Err(err(format!("step {step} never started; nothing to compensate")));
+                    return Err(err(format!(
+                        "step {step} never started; nothing to compensate"
+                    )));
                 }
                 if matches!(s.compensation, Progress::Succeeded { .. }) {
                     return Err(err(format!("step {step} is already compensated")));
@@ -395,7 +401,10 @@ impl SagaState {
                     .iter()
                     .find(|s| !matches!(s.action, Progress::Succeeded { .. }))
                 {
-                    return Err(err(format!("`completed` but step `{}` did not succeed", s.name)));
+                    return Err(err(format!(
+                        "`completed` but step `{}` did not succeed",
+                        s.name
+                    )));
                 }
                 self.status = SagaStatus::Completed;
             }

@@ -56,7 +56,10 @@ pub fn decode_record(saga: SagaId, lsn: Lsn, bytes: &[u8]) -> Result<LogRecord> 
     let record: LogRecord =
         serde_json::from_slice(json).map_err(|e| corrupt(format!("does not decode: {e}")))?;
     if record.lsn != lsn {
-        return Err(corrupt(format!("stored under lsn {lsn} but says {}", record.lsn)));
+        return Err(corrupt(format!(
+            "stored under lsn {lsn} but says {}",
+            record.lsn
+        )));
     }
     Ok(record)
 }

@@ -20,6 +20,8 @@ pub mod codec;
 mod kv;
 mod memory;
 mod sled;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 

@@ -48,14 +48,17 @@ impl SledLog {
     /// [`Error::Locked`] if another engine has it open, or an I/O or backend error.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let db = sled::Config::new().path(&path).open().map_err(|e| match e {
-            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                Error::Locked {
-                    path: path.display().to_string(),
+        let db = sled::Config::new()
+            .path(&path)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                    Error::Locked {
+                        path: path.display().to_string(),
+                    }
                 }
-            }
-            other => backend(other),
-        })?;
+                other => backend(other),
+            })?;
         // sled keeps its pages in `<dir>/db`; that is the file to fdatasync.
         let data_file = File::open(path.join("db"))?;
         Ok(SledLog {
@@ -127,15 +130,14 @@ impl SledLog {
 
 impl Kv for sled::Db {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(sled::Tree::get(self, key).map_err(backend)?.map(|v| v.to_vec()))
+        Ok(sled::Tree::get(self, key)
+            .map_err(backend)?
+            .map(|v| v.to_vec()))
     }
 
     fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         self.scan_prefix(prefix)
-            .map(|kv| {
-                kv.map(|(k, v)| (k.to_vec(), v.to_vec()))
-                    .map_err(backend)
-            })
+            .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(backend))
             .collect()
     }
 }

@@ -1,0 +1,505 @@
+//! Fold and decide over hand-written logs: no runtime, no store.
+
+use serde_json::json;
+
+use crate::clock::Timestamp;
+use crate::definition::tests::Noop;
+use crate::definition::{Idempotence, RetryPolicy, SagaDefinition, StepKind, StepOptions};
+use crate::ids::{Attempt, Lsn, SagaId};
+use crate::machine::{
+    decide, Decision, Event, FailureKind, FoldError, LogRecord, ParkKind, Progress, SagaState,
+    SagaStatus,
+};
+
+fn id() -> SagaId {
+    SagaId::from_bytes([1; 16])
+}
+
+fn t(ms: u64) -> Timestamp {
+    Timestamp::from_millis(ms)
+}
+
+fn a(n: u32) -> Attempt {
+    Attempt(n)
+}
+
+/// a → b → c, all compensatable; b is not idempotent; two attempts each.
+fn abc() -> SagaDefinition {
+    let o = || StepOptions::default().with_retry(RetryPolicy::default().with_max_attempts(2));
+    SagaDefinition::builder("abc", 1)
+        .step_with("a", StepKind::Compensatable, Noop, o())
+        .step_with(
+            "b",
+            StepKind::Compensatable,
+            Noop,
+            o().with_idempotence(Idempotence::NotIdempotent),
+        )
+        .step_with("c", StepKind::Compensatable, Noop, o())
+        .build()
+        .unwrap()
+}
+
+/// a → p (pivot, not idempotent) → r (retriable).
+fn apr() -> SagaDefinition {
+    SagaDefinition::builder("apr", 1)
+        .step("a", Noop)
+        .step_with(
+            "p",
+            StepKind::Pivot,
+            Noop,
+            StepOptions::default().with_idempotence(Idempotence::NotIdempotent),
+        )
+        .retriable("r", Noop)
+        .build()
+        .unwrap()
+}
+
+fn log(def: &SagaDefinition, events: Vec<Event>) -> Vec<LogRecord> {
+    let mut all = vec![Event::Started {
+        definition: def.name().into(),
+        version: def.version(),
+        steps: def.step_names().map(String::from).collect(),
+        input: json!({}),
+        start_key: None,
+    }];
+    all.extend(events);
+    all.into_iter()
+        .enumerate()
+        .map(|(i, event)| LogRecord {
+            lsn: Lsn(i as u64),
+            at: t(i as u64 * 10),
+            event,
+        })
+        .collect()
+}
+
+fn started(step: u32, n: u32) -> Event {
+    Event::StepAttemptStarted {
+        step,
+        attempt: a(n),
+        deadline: t(1_000_000),
+    }
+}
+
+fn ok(step: u32, n: u32) -> Event {
+    Event::StepSucceeded {
+        step,
+        attempt: a(n),
+        output: json!(step),
+    }
+}
+
+fn failed(step: u32, n: u32, kind: FailureKind, retry_at: Option<u64>) -> Event {
+    Event::StepFailed {
+        step,
+        attempt: a(n),
+        kind,
+        error: "boom".into(),
+        retry_at: retry_at.map(t),
+    }
+}
+
+fn comp_started(step: u32, n: u32) -> Event {
+    Event::CompensationAttemptStarted {
+        step,
+        attempt: a(n),
+        deadline: t(1_000_000),
+    }
+}
+
+fn comp_ok(step: u32, n: u32) -> Event {
+    Event::CompensationSucceeded {
+        step,
+        attempt: a(n),
+    }
+}
+
+fn state(def: &SagaDefinition, events: Vec<Event>) -> SagaState {
+    SagaState::fold(id(), &log(def, events)).unwrap()
+}
+
+fn next(def: &SagaDefinition, events: Vec<Event>, now: u64) -> Decision {
+    decide(def, &state(def, events), t(now))
+}
+
+#[test]
+fn a_new_saga_runs_its_first_step() {
+    let def = abc();
+    assert_eq!(
+        next(&def, vec![], 0),
+        Decision::RunStep {
+            step: 0,
+            attempt: a(1)
+        }
+    );
+}
+
+#[test]
+fn success_moves_on_and_the_last_success_completes() {
+    let def = abc();
+    assert_eq!(
+        next(&def, vec![started(0, 1), ok(0, 1)], 0),
+        Decision::RunStep {
+            step: 1,
+            attempt: a(1)
+        }
+    );
+    let all = vec![
+        started(0, 1),
+        ok(0, 1),
+        started(1, 1),
+        ok(1, 1),
+        started(2, 1),
+        ok(2, 1),
+    ];
+    assert_eq!(next(&def, all.clone(), 0), Decision::Complete);
+    let mut done = all;
+    done.push(Event::Completed);
+    let s = state(&def, done);
+    assert_eq!(s.status, SagaStatus::Completed);
+    assert_eq!(s.outputs().len(), 3);
+    assert_eq!(decide(&def, &s, t(0)), Decision::Idle);
+}
+
+#[test]
+fn a_retryable_failure_waits_for_its_timer_then_retries() {
+    let def = abc();
+    let events = vec![
+        started(0, 1),
+        failed(0, 1, FailureKind::Retryable, Some(500)),
+    ];
+    assert_eq!(
+        next(&def, events.clone(), 499),
+        Decision::Wait { until: t(500) }
+    );
+    assert_eq!(
+        next(&def, events, 500),
+        Decision::RunStep {
+            step: 0,
+            attempt: a(2)
+        }
+    );
+}
+
+#[test]
+fn a_failure_without_retry_begins_compensation() {
+    let def = abc();
+    let d = next(
+        &def,
+        vec![
+            started(0, 1),
+            ok(0, 1),
+            started(1, 1),
+            failed(1, 1, FailureKind::Permanent, None),
+        ],
+        0,
+    );
+    assert_eq!(
+        d,
+        Decision::BeginCompensation {
+            reason: "step `b` failed at attempt 1: boom".into()
+        }
+    );
+}
+
+#[test]
+fn compensation_runs_started_steps_in_reverse_then_finishes() {
+    let def = abc();
+    let mut events = vec![
+        started(0, 1),
+        ok(0, 1),
+        started(1, 1),
+        failed(1, 1, FailureKind::Permanent, None),
+        Event::CompensationBegan {
+            reason: "b failed".into(),
+        },
+    ];
+    // b was started (it may have done something), so it is compensated first; c never
+    // started, so it is not.
+    assert_eq!(
+        next(&def, events.clone(), 0),
+        Decision::Compensate {
+            step: 1,
+            attempt: a(1)
+        }
+    );
+    events.extend([comp_started(1, 1), comp_ok(1, 1)]);
+    assert_eq!(
+        next(&def, events.clone(), 0),
+        Decision::Compensate {
+            step: 0,
+            attempt: a(1)
+        }
+    );
+    events.extend([comp_started(0, 1), comp_ok(0, 1)]);
+    assert_eq!(next(&def, events.clone(), 0), Decision::FinishCompensation);
+    events.push(Event::Compensated);
+    assert_eq!(state(&def, events).status, SagaStatus::Compensated);
+}
+
+#[test]
+fn an_interrupted_idempotent_step_is_rerun_with_the_next_attempt() {
+    let def = abc();
+    assert_eq!(
+        next(&def, vec![started(0, 1)], 0),
+        Decision::RunStep {
+            step: 0,
+            attempt: a(2)
+        }
+    );
+    // ... unless that was its last allowed attempt.
+    assert_eq!(
+        next(
+            &def,
+            vec![
+                started(0, 1),
+                failed(0, 1, FailureKind::Retryable, Some(0)),
+                started(0, 2)
+            ],
+            0
+        ),
+        Decision::CloseInterrupted {
+            step: 0,
+            attempt: a(2)
+        }
+    );
+}
+
+#[test]
+fn an_interrupted_non_idempotent_step_is_closed_then_compensated() {
+    let def = abc();
+    let events = vec![started(0, 1), ok(0, 1), started(1, 1)];
+    assert_eq!(
+        next(&def, events.clone(), 0),
+        Decision::CloseInterrupted {
+            step: 1,
+            attempt: a(1)
+        }
+    );
+    let mut closed = events;
+    closed.push(failed(1, 1, FailureKind::Interrupted, None));
+    assert!(matches!(
+        next(&def, closed, 0),
+        Decision::BeginCompensation { .. }
+    ));
+}
+
+#[test]
+fn an_unknown_outcome_of_the_pivot_parks_but_a_refusal_compensates() {
+    let def = apr();
+    let base = vec![started(0, 1), ok(0, 1), started(1, 1)];
+    let mut interrupted = base.clone();
+    interrupted.push(failed(1, 1, FailureKind::Interrupted, None));
+    match next(&def, interrupted, 0) {
+        Decision::Park { reason } => assert_eq!(reason.kind, ParkKind::OutcomeUnknown),
+        other => panic!("{other:?}"),
+    }
+    let mut refused = base;
+    refused.push(failed(1, 1, FailureKind::Permanent, None));
+    assert!(matches!(
+        next(&def, refused.clone(), 0),
+        Decision::BeginCompensation { .. }
+    ));
+    // Compensation skips the pivot itself.
+    refused.push(Event::CompensationBegan { reason: "x".into() });
+    assert_eq!(
+        next(&def, refused, 0),
+        Decision::Compensate {
+            step: 0,
+            attempt: a(1)
+        }
+    );
+}
+
+#[test]
+fn a_retriable_step_that_gives_up_parks_instead_of_compensating() {
+    let def = apr();
+    let events = vec![
+        started(0, 1),
+        ok(0, 1),
+        started(1, 1),
+        ok(1, 1),
+        started(2, 1),
+        failed(2, 1, FailureKind::Permanent, None),
+    ];
+    match next(&def, events, 0) {
+        Decision::Park { reason } => {
+            assert_eq!(reason.kind, ParkKind::ForwardFailed);
+            assert_eq!(
+                reason.message,
+                "step `r` after the pivot failed at attempt 1: boom"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_failed_compensation_retries_then_parks() {
+    let def = abc();
+    let mut events = vec![
+        started(0, 1),
+        failed(0, 1, FailureKind::Permanent, None),
+        Event::CompensationBegan { reason: "x".into() },
+        comp_started(0, 1),
+        Event::CompensationFailed {
+            step: 0,
+            attempt: a(1),
+            kind: FailureKind::Retryable,
+            error: "down".into(),
+            retry_at: Some(t(900)),
+        },
+    ];
+    assert_eq!(
+        next(&def, events.clone(), 0),
+        Decision::Wait { until: t(900) }
+    );
+    events.extend([
+        comp_started(0, 2),
+        Event::CompensationFailed {
+            step: 0,
+            attempt: a(2),
+            kind: FailureKind::Permanent,
+            error: "no such charge".into(),
+            retry_at: None,
+        },
+    ]);
+    match next(&def, events, 1_000) {
+        Decision::Park { reason } => {
+            assert_eq!(reason.kind, ParkKind::CompensationFailed);
+            assert_eq!(
+                reason.message,
+                "compensation of step `a` failed at attempt 2: no such charge"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_interrupted_compensation_is_rerun() {
+    let def = abc();
+    let events = vec![
+        started(0, 1),
+        failed(0, 1, FailureKind::Permanent, None),
+        Event::CompensationBegan { reason: "x".into() },
+        comp_started(0, 1),
+    ];
+    assert_eq!(
+        next(&def, events, 0),
+        Decision::Compensate {
+            step: 0,
+            attempt: a(2)
+        }
+    );
+}
+
+#[test]
+fn a_definition_with_other_steps_parks() {
+    let def = abc();
+    let other = SagaDefinition::builder("abc", 1)
+        .step("a", Noop)
+        .step("x", Noop)
+        .build()
+        .unwrap();
+    let s = state(&def, vec![]);
+    match decide(&other, &s, t(0)) {
+        Decision::Park { reason } => assert_eq!(reason.kind, ParkKind::DefinitionMismatch),
+        d => panic!("{d:?}"),
+    }
+}
+
+#[test]
+fn decide_is_a_pure_function_of_its_inputs() {
+    let def = abc();
+    let events = vec![
+        started(0, 1),
+        failed(0, 1, FailureKind::Retryable, Some(50)),
+    ];
+    let s = state(&def, events);
+    for now in [0, 49, 50, 51] {
+        assert_eq!(decide(&def, &s, t(now)), decide(&def, &s.clone(), t(now)));
+    }
+    // Folding twice gives the same state.
+    let l = log(&def, vec![started(0, 1), ok(0, 1)]);
+    assert_eq!(SagaState::fold(id(), &l), SagaState::fold(id(), &l));
+}
+
+fn fold_err(def: &SagaDefinition, events: Vec<Event>) -> FoldError {
+    SagaState::fold(id(), &log(def, events)).unwrap_err()
+}
+
+#[test]
+fn fold_rejects_logs_that_do_not_fit_together() {
+    let def = abc();
+    // A result for an attempt that never started.
+    assert_eq!(fold_err(&def, vec![ok(0, 1)]).lsn, Lsn(1));
+    // An attempt number that skips.
+    assert!(fold_err(&def, vec![started(0, 2)])
+        .reason
+        .contains("not the next"));
+    // A step that does not exist.
+    assert!(fold_err(&def, vec![started(9, 1)])
+        .reason
+        .contains("does not exist"));
+    // Compensating a step that never started.
+    let e = fold_err(
+        &def,
+        vec![
+            Event::CompensationBegan { reason: "x".into() },
+            comp_started(2, 1),
+        ],
+    );
+    assert!(e.reason.contains("never started"), "{e}");
+    // Completed with a step missing.
+    assert!(fold_err(&def, vec![Event::Completed])
+        .reason
+        .contains("did not succeed"));
+    // Anything after the end.
+    let all = vec![
+        started(0, 1),
+        ok(0, 1),
+        started(1, 1),
+        ok(1, 1),
+        started(2, 1),
+        ok(2, 1),
+        Event::Completed,
+        started(0, 2),
+    ];
+    assert!(fold_err(&def, all).reason.contains("already ended"));
+    // Forward steps after compensation began.
+    let e = fold_err(
+        &def,
+        vec![
+            Event::CompensationBegan { reason: "x".into() },
+            started(0, 1),
+        ],
+    );
+    assert!(e.reason.contains("compensating, not running"), "{e}");
+    // A gap in lsns.
+    let mut l = log(&def, vec![started(0, 1)]);
+    l[1].lsn = Lsn(5);
+    assert!(SagaState::fold(id(), &l)
+        .unwrap_err()
+        .reason
+        .contains("expected lsn 1"));
+    // An empty log and a log that does not begin with `started`.
+    assert!(SagaState::fold(id(), &[]).is_err());
+    assert!(SagaState::fold(id(), &l[1..]).is_err());
+}
+
+#[test]
+fn progress_reports_attempts() {
+    let def = abc();
+    let s = state(
+        &def,
+        vec![
+            started(0, 1),
+            failed(0, 1, FailureKind::Timeout, Some(5)),
+            started(0, 2),
+        ],
+    );
+    assert_eq!(s.steps[0].action, Progress::InFlight { attempt: a(2) });
+    assert_eq!(s.steps[0].action.attempts(), 2);
+    assert!(!s.steps[1].action.started());
+}

@@ -1,0 +1,232 @@
+//! One conformance suite, run against every store.
+
+use serde_json::json;
+
+use crate::clock::Timestamp;
+use crate::ids::{Attempt, Lsn, SagaId, StartKey};
+use crate::machine::{Event, LogRecord, SagaStatus};
+use crate::store::codec::{self, decode_record, encode_record};
+use crate::store::{Error, MemLog, SagaLog, SagaMeta, SledLog, Write};
+
+fn id(n: u8) -> SagaId {
+    SagaId::from_bytes([n; 16])
+}
+
+fn meta(saga: SagaId, status: SagaStatus, last: u64, due: Option<u64>) -> SagaMeta {
+    SagaMeta {
+        id: saga,
+        definition: "d".into(),
+        version: 1,
+        status,
+        start_key: Some(StartKey::new(format!("key-{saga}")).unwrap()),
+        created_at: Timestamp::from_millis(1),
+        updated_at: Timestamp::from_millis(last),
+        last_lsn: Lsn(last),
+        due: due.map(Timestamp::from_millis),
+        reason: None,
+    }
+}
+
+fn rec(lsn: u64) -> (Lsn, Vec<u8>) {
+    let r = LogRecord {
+        lsn: Lsn(lsn),
+        at: Timestamp::from_millis(lsn),
+        event: Event::StepAttemptStarted {
+            step: 0,
+            attempt: Attempt(1),
+            deadline: Timestamp::from_millis(99),
+        },
+    };
+    (Lsn(lsn), encode_record(&r).unwrap())
+}
+
+fn first(saga: SagaId) -> Write {
+    Write {
+        saga,
+        records: vec![rec(0)],
+        meta: meta(saga, SagaStatus::Running, 0, None),
+        previous: None,
+    }
+}
+
+fn conformance(log: &dyn SagaLog) {
+    let (a, b) = (id(1), id(2));
+    log.append(&[first(a), first(b)]).unwrap();
+    log.sync().unwrap();
+    assert_eq!(log.incomplete().unwrap(), vec![a, b]);
+    assert_eq!(log.read(a).unwrap(), vec![rec(0)]);
+    assert_eq!(
+        log.find_start_key(&StartKey::new(format!("key-{a}")).unwrap())
+            .unwrap(),
+        Some(a)
+    );
+    assert_eq!(
+        log.find_start_key(&StartKey::new("other").unwrap())
+            .unwrap(),
+        None
+    );
+
+    // a waits on a timer; b parks.
+    let a1 = meta(a, SagaStatus::Running, 2, Some(500));
+    let b1 = meta(b, SagaStatus::Parked, 1, None);
+    log.append(&[
+        Write {
+            saga: a,
+            records: vec![rec(1), rec(2)],
+            meta: a1.clone(),
+            previous: Some(meta(a, SagaStatus::Running, 0, None)),
+        },
+        Write {
+            saga: b,
+            records: vec![rec(1)],
+            meta: b1.clone(),
+            previous: Some(meta(b, SagaStatus::Running, 0, None)),
+        },
+    ])
+    .unwrap();
+    log.sync().unwrap();
+    assert_eq!(log.read(a).unwrap(), vec![rec(0), rec(1), rec(2)]);
+    assert_eq!(log.meta(a).unwrap(), Some(a1.clone()));
+    assert_eq!(log.with_status(SagaStatus::Parked).unwrap(), vec![b]);
+    assert_eq!(log.with_status(SagaStatus::Running).unwrap(), vec![a]);
+    assert_eq!(log.incomplete().unwrap(), vec![a]);
+    assert_eq!(log.due(Timestamp::from_millis(499)).unwrap(), vec![]);
+    assert_eq!(
+        log.due(Timestamp::from_millis(500)).unwrap(),
+        vec![(Timestamp::from_millis(500), a)]
+    );
+
+    // The timer moves; the old entry goes.
+    let a2 = meta(a, SagaStatus::Completed, 3, None);
+    log.append(&[Write {
+        saga: a,
+        records: vec![rec(3)],
+        meta: a2,
+        previous: Some(a1),
+    }])
+    .unwrap();
+    log.sync().unwrap();
+    assert!(log
+        .due(Timestamp::from_millis(u64::MAX))
+        .unwrap()
+        .is_empty());
+    assert!(log.incomplete().unwrap().is_empty());
+    assert_eq!(log.with_status(SagaStatus::Completed).unwrap(), vec![a]);
+
+    // Removal takes the log, the summary and every index entry.
+    log.remove(a).unwrap();
+    log.sync().unwrap();
+    assert!(log.read(a).unwrap().is_empty());
+    assert_eq!(log.meta(a).unwrap(), None);
+    assert!(log.with_status(SagaStatus::Completed).unwrap().is_empty());
+    assert_eq!(
+        log.find_start_key(&StartKey::new(format!("key-{a}")).unwrap())
+            .unwrap(),
+        None
+    );
+    assert_eq!(log.meta(b).unwrap(), Some(b1));
+    // Removing an unknown saga is a no-op.
+    log.remove(id(9)).unwrap();
+}
+
+#[test]
+fn memory_store_conforms() {
+    conformance(&MemLog::new());
+}
+
+#[test]
+fn sled_store_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance(&SledLog::open(dir.path()).unwrap());
+}
+
+#[test]
+fn sled_store_keeps_what_was_synced_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = SledLog::open(dir.path()).unwrap();
+        log.append(&[first(id(3))]).unwrap();
+        log.sync().unwrap();
+    }
+    let log = SledLog::open(dir.path()).unwrap();
+    assert_eq!(log.read(id(3)).unwrap(), vec![rec(0)]);
+    assert_eq!(log.incomplete().unwrap(), vec![id(3)]);
+}
+
+#[test]
+fn a_second_sled_open_is_refused_as_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let _held = SledLog::open(dir.path()).unwrap();
+    let err = SledLog::open_waiting(dir.path(), std::time::Duration::from_millis(20)).unwrap_err();
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
+}
+
+#[test]
+fn memory_crash_loses_exactly_the_unsynced_writes() {
+    let log = MemLog::new();
+    log.append(&[first(id(1))]).unwrap();
+    log.sync().unwrap();
+    log.append(&[first(id(2))]).unwrap();
+    assert_eq!(
+        log.incomplete().unwrap(),
+        vec![id(1), id(2)],
+        "reads see pending writes"
+    );
+    log.crash();
+    assert_eq!(log.incomplete().unwrap(), vec![id(1)]);
+    assert!(log.read(id(2)).unwrap().is_empty());
+    assert_eq!(log.pending(), 0);
+}
+
+#[test]
+fn a_failed_sync_makes_nothing_durable() {
+    let log = MemLog::new();
+    log.fail_next_syncs(1);
+    log.append(&[first(id(1))]).unwrap();
+    assert!(matches!(log.sync(), Err(Error::Injected(_))));
+    log.crash();
+    assert!(log.incomplete().unwrap().is_empty());
+}
+
+#[test]
+fn records_round_trip_and_bad_bytes_are_typed_errors() {
+    let r = LogRecord {
+        lsn: Lsn(4),
+        at: Timestamp::from_millis(77),
+        event: Event::Started {
+            definition: "d".into(),
+            version: 3,
+            steps: vec!["a".into()],
+            input: json!({"x": [1, 2]}),
+            start_key: Some(StartKey::new("k").unwrap()),
+        },
+    };
+    let bytes = encode_record(&r).unwrap();
+    assert_eq!(decode_record(id(1), Lsn(4), &bytes).unwrap(), r);
+    for bad in [&b""[..], b"\x02{}", b"\x01not json", b"\x01{\"lsn\":4}"] {
+        let err = decode_record(id(1), Lsn(4), bad).unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    }
+    // A record filed under the wrong lsn is corrupt too.
+    assert!(decode_record(id(1), Lsn(5), &bytes).is_err());
+    assert!(codec::decode_meta(id(1), b"\x01[]").is_err());
+    assert!(codec::lsn_of(id(1), b"short").is_err());
+    assert!(codec::saga_of_start_key_value(b"short").is_err());
+}
+
+/// Logs written by format 1 must stay readable: the golden file is committed and never
+/// regenerated by this test.
+#[test]
+fn golden_v1_log_still_decodes() {
+    let text = include_str!("../../../tests/fixtures/golden-v1.jsonl");
+    let saga: SagaId = "0190b3c4-5d6e-7f80-9a1b-2c3d4e5f6071".parse().unwrap();
+    let mut records = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let mut bytes = vec![codec::FORMAT_V1];
+        bytes.extend_from_slice(line.as_bytes());
+        records.push(decode_record(saga, Lsn(i as u64), &bytes).unwrap());
+    }
+    let state = crate::machine::SagaState::fold(saga, &records).unwrap();
+    assert_eq!(state.status, SagaStatus::Compensated);
+    assert_eq!(state.steps.len(), 3);
+}

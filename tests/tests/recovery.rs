@@ -1,0 +1,410 @@
+//! Recovery: an engine dropped or crashed mid-saga, reopened on the same store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sagaflow::machine::Event;
+use sagaflow::store::{codec, MemLog, SagaLog, SledLog};
+use sagaflow::{
+    Engine, Error, Idempotence, Lsn, ParkKind, Phase, SagaDefinition, SagaOutcome, SagaStatus,
+    StepKind, Timestamp, TokioClock,
+};
+use sagaflow_tests::*;
+use serde_json::json;
+
+fn attempts_of(engine: &Engine, id: sagaflow::SagaId, step: u32) -> Vec<u32> {
+    engine
+        .history(id)
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r.event {
+            Event::StepAttemptStarted {
+                step: s, attempt, ..
+            } if s == step => Some(attempt.0),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_dropped_mid_saga_finishes_it_on_reopen_without_double_effects() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::new();
+    // The inventory service applies the reservation, then the engine dies before hearing back.
+    ledger.script("inventory", Phase::Action, [Outcome::ApplyThenHang]);
+    let engine = builder()
+        .register(checkout(&ledger))
+        .open(dir.path())
+        .await
+        .unwrap();
+    let id = engine
+        .start("checkout", json!({"cents": 100}), None)
+        .await
+        .unwrap();
+    ledger.wait_for_call(id, "inventory", Phase::Action).await;
+    drop(engine);
+
+    let engine = builder()
+        .register(checkout(&ledger))
+        .open(dir.path())
+        .await
+        .unwrap();
+    assert_eq!(engine.recovery().resumed, 1);
+    let outcome = engine.wait(id).await.unwrap();
+    assert!(
+        matches!(outcome, SagaOutcome::Completed { .. }),
+        "{outcome:?}"
+    );
+    // Each step took effect once; inventory was asked twice, with the same key.
+    assert_eq!(
+        ledger.effects_of(id),
+        ["payment", "inventory", "order"]
+            .map(|s| (s.to_string(), Phase::Action))
+            .to_vec()
+    );
+    let inv = ledger.calls_of(id, "inventory", Phase::Action);
+    assert_eq!(inv.len(), 2);
+    assert_eq!(inv[0].0, inv[1].0);
+    assert_eq!(ledger.applications()[&inv[0].0], 2);
+    assert_eq!(ledger.calls_of(id, "payment", Phase::Action).len(), 1);
+    assert_eq!(attempts_of(&engine, id, 1), [1, 2]);
+    engine.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_interrupted_non_idempotent_step_is_treated_as_done_and_compensated() {
+    let store = Arc::new(MemLog::new());
+    let ledger = Ledger::new();
+    ledger.script("inventory", Phase::Action, [Outcome::ApplyThenHang]);
+    let def = || {
+        checkout_with(
+            &ledger,
+            [
+                Idempotence::Idempotent,
+                Idempotence::NotIdempotent,
+                Idempotence::Idempotent,
+            ],
+        )
+    };
+    let engine = builder()
+        .register(def())
+        .open_with(store.clone())
+        .await
+        .unwrap();
+    let id = engine.start("checkout", json!({}), None).await.unwrap();
+    ledger.wait_for_call(id, "inventory", Phase::Action).await;
+    drop(engine);
+    store.crash();
+
+    let engine = builder()
+        .register(def())
+        .open_with(store.clone())
+        .await
+        .unwrap();
+    let SagaOutcome::Compensated { reason } = engine.wait(id).await.unwrap() else {
+        panic!("expected compensated");
+    };
+    assert!(reason.contains("interrupted"), "{reason}");
+    assert_eq!(
+        ledger.calls_of(id, "inventory", Phase::Action).len(),
+        1,
+        "never re-run"
+    );
+    assert_eq!(
+        ledger.effects_of(id),
+        vec![
+            ("payment".to_string(), Phase::Action),
+            ("inventory".to_string(), Phase::Action),
+            ("inventory".to_string(), Phase::Compensation),
+            ("payment".to_string(), Phase::Compensation),
+        ]
+    );
+    engine.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_scheduled_before_a_crash_fires_after_it() {
+    let store = Arc::new(MemLog::new());
+    let clock = Arc::new(TokioClock::starting_at(Timestamp::from_millis(5_000_000)));
+    let ledger = Ledger::new();
+    ledger.script(
+        "payment",
+        Phase::Action,
+        [Outcome::RetryAfter(Duration::from_secs(600))],
+    );
+    let engine = builder()
+        .clock(clock.clone())
+        .register(checkout(&ledger))
+        .open_with(store.clone())
+        .await
+        .unwrap();
+    let id = engine.start("checkout", json!({}), None).await.unwrap();
+    while engine.status(id).unwrap().due.is_none() {
+        tokio::task::yield_now().await;
+    }
+    let due = engine.status(id).unwrap().due.unwrap();
+    drop(engine);
+    store.crash();
+
+    let engine = builder()
+        .clock(clock.clone())
+        .register(checkout(&ledger))
+        .open_with(store.clone())
+        .await
+        .unwrap();
+    assert_eq!(engine.scheduled(due).unwrap(), vec![(due, id)]);
+    assert!(matches!(
+        engine.wait(id).await.unwrap(),
+        SagaOutcome::Completed { .. }
+    ));
+    let second = engine
+        .history(id)
+        .unwrap()
+        .into_iter()
+        .filter(|r| matches!(r.event, Event::StepAttemptStarted { step: 0, .. }))
+        .nth(1)
+        .unwrap();
+    assert!(second.at >= due);
+    assert_eq!(ledger.calls_of(id, "payment", Phase::Action).len(), 2);
+    engine.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_clean_shutdown_mid_saga_resumes_on_reopen() {
+    let store = Arc::new(MemLog::new());
+    let ledger = Ledger::new();
+    ledger.script(
+        "order",
+        Phase::Action,
+        [Outcome::RetryAfter(Duration::from_secs(3600))],
+    );
+    let engine = builder()
+        .register(checkout(&ledger))
+        .open_with(store.clone())
+        .await
+        .unwrap();
+    let id = engine.start("checkout", json!({}), None).await.unwrap();
+    ledger.wait_for_call(id, "order", Phase::Action).await;
+    engine.shutdown().await.unwrap();
+    // Everything the shutdown wrote is durable: a crash now loses nothing.
+    store.crash();
+    assert_eq!(store.pending(), 0);
+
+    let engine = builder()
+        .register(checkout(&ledger))
+        .open_with(store.clone())
+        .await
+        .unwrap();
+    let state = engine.state(id).unwrap();
+    assert_eq!(state.status, SagaStatus::Running);
+    assert!(matches!(
+        state.steps[2].action,
+        sagaflow::machine::Progress::Failed {
+            retry_at: Some(_),
+            ..
+        }
+    ));
+    assert_eq!(engine.recovery().resumed, 1);
+    engine.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unknown_definition_parks_that_saga_and_the_others_finish() {
+    let store = Arc::new(MemLog::new());
+    let ledger = Ledger::new();
+    ledger.script("payment", Phase::Action, [Outcome::Hang, Outcome::Hang]);
+    let engine = builder()
+        .register(checkout(&ledger))
+        .register(checkout_with_pivot(&ledger))
+        .open_with(store.clone())
+        .await
+        .unwrap();
+    let lost = engine.start("checkout", json!({}), None).await.unwrap();
+    let kept = engine
+        .start("checkout-pivot", json!({}), None)
+        .await
+        .unwrap();
+    ledger.wait_for_call(lost, "payment", Phase::Action).await;
+    ledger.wait_for_call(kept, "payment", Phase::Action).await;
+    drop(engine);
+
+    let engine = builder()
+        .register(checkout_with_pivot(&ledger))
+        .open_with(store.clone())
+        .await
+        .unwrap();
+    let report = engine.recovery().clone();
+    assert_eq!(report.resumed, 1);
+    assert_eq!(report.parked.len(), 1);
+    assert_eq!(report.parked[0].0, lost);
+    assert_eq!(report.parked[0].1.kind, ParkKind::UnknownDefinition);
+    assert!(matches!(
+        engine.wait(kept).await.unwrap(),
+        SagaOutcome::Completed { .. }
+    ));
+    let SagaOutcome::Parked { reason } = engine.wait(lost).await.unwrap() else {
+        panic!("expected parked");
+    };
+    assert_eq!(
+        reason.message,
+        "definition `checkout` version 1 is not registered with this engine"
+    );
+    // Nothing of the parked saga's log was lost: its first attempt is still there.
+    assert_eq!(attempts_of(&engine, lost, 0), [1]);
+    engine.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_definition_whose_steps_changed_under_the_same_version_parks() {
+    let store = Arc::new(MemLog::new());
+    let ledger = Ledger::new();
+    ledger.script("payment", Phase::Action, [Outcome::Hang]);
+    let engine = builder()
+        .register(checkout(&ledger))
+        .open_with(store.clone())
+        .await
+        .unwrap();
+    let id = engine.start("checkout", json!({}), None).await.unwrap();
+    ledger.wait_for_call(id, "payment", Phase::Action).await;
+    drop(engine);
+
+    let changed = SagaDefinition::builder("checkout", 1)
+        .step_with(
+            "payment",
+            StepKind::Compensatable,
+            FakeStep {
+                name: "payment",
+                ledger: ledger.clone(),
+            },
+            opts(),
+        )
+        .step_with(
+            "shipping",
+            StepKind::Compensatable,
+            FakeStep {
+                name: "shipping",
+                ledger: ledger.clone(),
+            },
+            opts(),
+        )
+        .build()
+        .unwrap();
+    let engine = builder()
+        .register(changed)
+        .open_with(store.clone())
+        .await
+        .unwrap();
+    let SagaOutcome::Parked { reason } = engine.wait(id).await.unwrap() else {
+        panic!("expected parked");
+    };
+    assert_eq!(reason.kind, ParkKind::DefinitionMismatch);
+    assert!(
+        reason.message.contains("[payment, inventory, order]"),
+        "{}",
+        reason.message
+    );
+    engine.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn old_sagas_keep_their_version_and_new_ones_take_the_latest() {
+    let store = Arc::new(MemLog::new());
+    let ledger = Ledger::new();
+    ledger.script("payment", Phase::Action, [Outcome::Hang]);
+    let engine = builder()
+        .register(checkout(&ledger))
+        .open_with(store.clone())
+        .await
+        .unwrap();
+    let old = engine.start("checkout", json!({}), None).await.unwrap();
+    ledger.wait_for_call(old, "payment", Phase::Action).await;
+    drop(engine);
+
+    let v2 = SagaDefinition::builder("checkout", 2)
+        .step_with(
+            "payment",
+            StepKind::Compensatable,
+            FakeStep {
+                name: "payment",
+                ledger: ledger.clone(),
+            },
+            opts(),
+        )
+        .build()
+        .unwrap();
+    let engine = builder()
+        .register(checkout(&ledger))
+        .register(v2)
+        .open_with(store.clone())
+        .await
+        .unwrap();
+    let new = engine.start("checkout", json!({}), None).await.unwrap();
+    assert!(
+        matches!(engine.wait(old).await.unwrap(), SagaOutcome::Completed { outputs } if outputs.len() == 3)
+    );
+    assert!(
+        matches!(engine.wait(new).await.unwrap(), SagaOutcome::Completed { outputs } if outputs.len() == 1)
+    );
+    assert_eq!(engine.status(new).unwrap().version, 2);
+    engine.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_record_is_reported_and_parks_only_its_saga() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::new();
+    ledger.script("inventory", Phase::Action, [Outcome::Hang, Outcome::Hang]);
+    let engine = builder()
+        .register(checkout(&ledger))
+        .open(dir.path())
+        .await
+        .unwrap();
+    let bad = engine.start("checkout", json!({}), None).await.unwrap();
+    let good = engine.start("checkout", json!({}), None).await.unwrap();
+    ledger.wait_for_call(bad, "inventory", Phase::Action).await;
+    ledger.wait_for_call(good, "inventory", Phase::Action).await;
+    drop(engine);
+
+    // Flip the record "payment succeeded" of one saga into garbage, as a bad disk would.
+    let dir_path = dir.path().to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let log = SledLog::open_waiting(&dir_path, Duration::from_secs(10)).unwrap();
+        let (lsn, _) = log.read(bad).unwrap()[2].clone();
+        assert_eq!(lsn, Lsn(2));
+        log.put_raw(&codec::log_key(bad, lsn), b"\x01{\"lsn\":2,\"at\":")
+            .unwrap();
+    })
+    .await
+    .unwrap();
+
+    let engine = builder()
+        .register(checkout(&ledger))
+        .open(dir.path())
+        .await
+        .unwrap();
+    assert_eq!(engine.recovery().resumed, 1);
+    assert_eq!(engine.recovery().parked.len(), 1);
+    assert!(matches!(
+        engine.wait(good).await.unwrap(),
+        SagaOutcome::Completed { .. }
+    ));
+    let SagaOutcome::Parked { reason } = engine.wait(bad).await.unwrap() else {
+        panic!("expected parked");
+    };
+    assert_eq!(reason.kind, ParkKind::CorruptLog);
+    assert!(
+        reason.message.contains("log record 2"),
+        "{}",
+        reason.message
+    );
+    let err = engine.history(bad).unwrap_err();
+    assert!(
+        matches!(err, Error::CorruptLog { saga, .. } if saga == bad),
+        "{err}"
+    );
+    let meta = engine.status(bad).unwrap();
+    assert_eq!(meta.status, SagaStatus::Parked);
+    // The bad saga's later effects never ran.
+    assert!(ledger.calls_of(bad, "order", Phase::Action).is_empty());
+    engine.shutdown().await.unwrap();
+}
