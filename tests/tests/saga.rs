@@ -580,8 +580,10 @@ async fn concurrent_sagas_share_durable_writes() {
         assert!(matches!(h.await.unwrap(), SagaOutcome::Completed { .. }));
     }
     let stats = engine.commit_stats();
-    // 200 sagas x (start + 3 attempt-start writes + final) = 1000 transitions.
+    // 200 sagas x (start + 3 attempt-start writes + final) = 1000 writes, carrying
+    // 200 x 8 = 1600 records (each step's result rides with the next write).
     assert_eq!(stats.writes, 1000);
+    assert_eq!(stats.records, 1600);
     assert!(
         stats.batches < stats.writes,
         "group commit should share syncs: {stats:?}"

@@ -32,16 +32,20 @@ struct Job {
 pub(crate) struct CommitCounters {
     pub(crate) batches: AtomicU64,
     pub(crate) writes: AtomicU64,
+    pub(crate) records: AtomicU64,
 }
 
 /// How many durable writes the engine made and how many transitions they carried.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CommitStats {
-    /// Durable writes (append + sync).
+    /// Group commits: one append and one sync each.
     pub batches: u64,
-    /// Saga transitions they carried.
+    /// Atomic saga writes they carried (a write is one saga's records plus its index
+    /// changes).
     pub writes: u64,
+    /// Log records those writes carried.
+    pub records: u64,
 }
 
 pub(crate) struct Committer {
@@ -94,6 +98,7 @@ impl Committer {
         CommitStats {
             batches: self.counters.batches.load(Ordering::Relaxed),
             writes: self.counters.writes.load(Ordering::Relaxed),
+            records: self.counters.records.load(Ordering::Relaxed),
         }
     }
 
@@ -122,7 +127,7 @@ fn run(store: Arc<dyn SagaLog>, rx: mpsc::Receiver<Job>, counters: Arc<CommitCou
                 Err(_) => break,
             }
         }
-        let mut writes = Vec::with_capacity(n);
+        let mut writes: Vec<Write> = Vec::with_capacity(n);
         let mut replies = Vec::with_capacity(jobs.len());
         for job in jobs {
             writes.extend(job.writes);
@@ -135,6 +140,10 @@ fn run(store: Arc<dyn SagaLog>, rx: mpsc::Receiver<Job>, counters: Arc<CommitCou
         if result.is_ok() {
             counters.batches.fetch_add(1, Ordering::Relaxed);
             counters.writes.fetch_add(n as u64, Ordering::Relaxed);
+            let records: usize = writes.iter().map(|w| w.records.len()).sum();
+            counters
+                .records
+                .fetch_add(records as u64, Ordering::Relaxed);
         } else {
             tracing::error!(error = ?result, writes = n, "group commit failed");
         }

@@ -76,6 +76,7 @@ impl SledLog {
     /// # Errors
     ///
     /// [`Error::Locked`] if it is still locked after `wait`, or as [`SledLog::open`].
+    #[allow(clippy::disallowed_methods)] // see the comment below
     pub fn open_waiting(path: impl AsRef<Path>, wait: Duration) -> Result<Self> {
         // Wall-clock waiting here is about the operating system's file lock, not about
         // saga time, so it does not go through the injected clock.
