@@ -339,8 +339,10 @@ async fn old_sagas_keep_their_version_and_new_ones_take_the_latest() {
         .await
         .unwrap();
     let new = engine.start("checkout", json!({}), None).await.unwrap();
+    let o = engine.wait(old).await.unwrap();
     assert!(
-        matches!(engine.wait(old).await.unwrap(), SagaOutcome::Completed { outputs } if outputs.len() == 3)
+        matches!(&o, SagaOutcome::Completed { outputs } if outputs.len() == 3),
+        "{o:?}"
     );
     assert!(
         matches!(engine.wait(new).await.unwrap(), SagaOutcome::Completed { outputs } if outputs.len() == 1)
@@ -407,4 +409,37 @@ async fn a_corrupt_record_is_reported_and_parks_only_its_saga() {
     // The bad saga's later effects never ran.
     assert!(ledger.calls_of(bad, "order", Phase::Action).is_empty());
     engine.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_engine_reopened_with_the_same_seed_never_reuses_a_saga_id() {
+    let store = Arc::new(MemLog::new());
+    let ledger = Ledger::new();
+    // Virtual time stands still between the two engines: same millisecond, same seed.
+    let clock = Arc::new(TokioClock::starting_at(Timestamp::from_millis(42)));
+    let first = builder()
+        .clock(clock.clone())
+        .register(checkout(&ledger))
+        .open_with(store.clone())
+        .await
+        .unwrap();
+    let a = first.start("checkout", json!({}), None).await.unwrap();
+    first.wait(a).await.unwrap();
+    first.shutdown().await.unwrap();
+    let second = builder()
+        .clock(clock)
+        .register(checkout(&ledger))
+        .open_with(store.clone())
+        .await
+        .unwrap();
+    let b = second.start("checkout", json!({}), None).await.unwrap();
+    assert_ne!(a, b);
+    second.wait(b).await.unwrap();
+    assert_eq!(second.state(a).unwrap().status, SagaStatus::Completed);
+    assert_eq!(
+        second.history(a).unwrap().len(),
+        8,
+        "the first saga's log is untouched"
+    );
+    second.shutdown().await.unwrap();
 }

@@ -36,6 +36,16 @@ impl From<StepError> for Failure {
     }
 }
 
+/// The task running one attempt. If the driver is dropped mid-attempt (the engine was
+/// dropped, as in a crash), the attempt goes with it instead of running on unobserved.
+struct AbortOnDrop(tokio::task::JoinHandle<std::result::Result<Value, StepError>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 pub(crate) struct Driver {
     inner: Arc<Inner>,
     def: Arc<SagaDefinition>,
@@ -256,7 +266,9 @@ impl Driver {
             }
             .instrument(span),
         );
-        let result = self.await_attempt(task, deadline, timeout).await;
+        let result = self
+            .await_attempt(AbortOnDrop(task), deadline, timeout)
+            .await;
         let result = result.and_then(|v| self.check_size(v));
         let now = self.inner.clock.now();
         match (phase, result) {
@@ -305,12 +317,12 @@ impl Driver {
 
     async fn await_attempt(
         &self,
-        mut task: tokio::task::JoinHandle<std::result::Result<Value, StepError>>,
+        mut task: AbortOnDrop,
         deadline: Timestamp,
         timeout: Duration,
     ) -> std::result::Result<Value, Failure> {
         tokio::select! {
-            joined = &mut task => match joined {
+            joined = &mut task.0 => match joined {
                 Ok(Ok(v)) => Ok(v),
                 Ok(Err(e)) => Err(e.into()),
                 Err(e) if e.is_panic() => {
@@ -325,7 +337,7 @@ impl Driver {
                 Err(_) => Err(Failure { kind: FailureKind::Interrupted, message: "attempt was cancelled".into(), hint: None }),
             },
             () = self.inner.clock.sleep_until(deadline) => {
-                task.abort();
+                task.0.abort();
                 Err(Failure { kind: FailureKind::Timeout, message: format!("attempt timed out after {timeout:?}"), hint: None })
             }
         }

@@ -386,7 +386,12 @@ impl Engine {
             }
         }
         let now = inner.clock.now();
-        let id = SagaId::generate(now, &*inner.entropy);
+        // An engine reopened with the same seed draws the same random bits again; within
+        // the same millisecond that would reproduce an id already on disk. Draw again.
+        let mut id = SagaId::generate(now, &*inner.entropy);
+        while inner.store.meta(id)?.is_some() || !inner.store.read(id)?.is_empty() {
+            id = SagaId::generate(now, &*inner.entropy);
+        }
         let first = LogRecord {
             lsn: Lsn(0),
             at: now,
