@@ -132,7 +132,7 @@ pub use definition::{
     StepKind, StepOptions,
 };
 pub use error::{Error, Result};
-pub use executor::{CommitStats, Engine, EngineBuilder, EngineOptions, SagaOutcome};
+pub use executor::{CommitMode, CommitStats, Engine, EngineBuilder, EngineOptions, SagaOutcome};
 pub use ids::{Attempt, IdempotencyKey, Lsn, Phase, SagaId, StartKey};
 pub use machine::{FailureKind, LogRecord, ParkKind, ParkReason, SagaStatus};
 pub use recovery::RecoveryReport;

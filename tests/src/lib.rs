@@ -16,20 +16,54 @@ use sagaflow::{
 };
 use serde_json::{json, Value};
 
+pub mod check;
+pub mod crash;
+pub mod sim;
+
+use crash::{CrashPlan, EffectFate};
+
 /// What one attempt does.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
+    /// Takes effect and succeeds.
     Ok,
+    /// Fails transiently, without effect.
     Retryable,
+    /// Fails transiently with a retry-after hint, without effect.
     RetryAfter(Duration),
+    /// Refuses, without effect.
     Permanent,
+    /// Panics, without effect.
     Panic,
     /// Never returns (until the attempt times out or the engine is dropped).
     Hang,
-    /// Takes effect, then never returns.
+    /// Takes effect, then never returns: the reply is lost.
     ApplyThenHang,
     /// Returns an output of this many bytes.
     Big(usize),
+}
+
+impl Outcome {
+    fn applies(self) -> bool {
+        matches!(self, Outcome::Ok | Outcome::ApplyThenHang | Outcome::Big(_))
+    }
+}
+
+/// One call a fake service received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Call {
+    /// The saga's tag (its input's `tag` field), used to script per saga.
+    pub tag: String,
+    /// Step name.
+    pub step: String,
+    /// Action or compensation.
+    pub phase: Phase,
+    /// The idempotency key it carried.
+    pub key: String,
+    /// The attempt number it carried.
+    pub attempt: u32,
+    /// Whether it took effect.
+    pub applied: bool,
 }
 
 /// A fake downstream service: records every call and every effect by idempotency key.
@@ -38,6 +72,7 @@ pub struct Ledger {
     inner: Mutex<LedgerInner>,
     /// Bumped on every call, so a test can wait for one without sleeping.
     called: tokio::sync::watch::Sender<usize>,
+    crash: Mutex<Option<Arc<CrashPlan>>>,
 }
 
 impl Default for Ledger {
@@ -45,51 +80,122 @@ impl Default for Ledger {
         Ledger {
             inner: Mutex::default(),
             called: tokio::sync::watch::channel(0).0,
+            crash: Mutex::new(None),
         }
     }
 }
 
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Clone)]
 struct LedgerInner {
-    /// Every call, in order: (step, phase, key, attempt).
-    calls: Vec<(String, Phase, String, u32)>,
-    /// Effects by key: how many times each key *took effect*. A service that honours
-    /// idempotency keys applies a key once; the count is how often it was asked to.
+    calls: Vec<Call>,
+    /// How many times each key *took effect*. A service that honours idempotency keys
+    /// applies a key once; the count is how often it was asked to with success.
     effects: HashMap<String, u32>,
     /// Keys in the order they first took effect.
     order: Vec<(String, Phase, String)>,
-    scripts: HashMap<(String, Phase), VecDeque<Outcome>>,
+    scripts: HashMap<(String, String, Phase), VecDeque<Outcome>>,
 }
 
 impl Ledger {
+    /// A new, empty ledger.
     pub fn new() -> Arc<Self> {
         Arc::new(Ledger::default())
     }
 
-    /// Scripts the next attempts of `step`'s `phase`; once the script runs out, attempts
-    /// succeed.
+    /// A copy of this ledger's books and scripts, as the outside world stood at one
+    /// moment: two runs from one crashed state must see the same world.
+    pub fn fork(&self) -> Arc<Self> {
+        let inner = self.inner.lock().unwrap().clone();
+        Arc::new(Ledger {
+            inner: Mutex::new(inner),
+            ..Ledger::default()
+        })
+    }
+
+    /// Scripts the next attempts of `step`'s `phase` in every saga without a tag; once
+    /// the script runs out, attempts succeed.
     pub fn script(&self, step: &str, phase: Phase, outcomes: impl IntoIterator<Item = Outcome>) {
+        self.script_tagged("", step, phase, outcomes);
+    }
+
+    /// Scripts the next attempts of `step`'s `phase` in sagas whose input has `tag`.
+    pub fn script_tagged(
+        &self,
+        tag: &str,
+        step: &str,
+        phase: Phase,
+        outcomes: impl IntoIterator<Item = Outcome>,
+    ) {
         self.inner
             .lock()
             .unwrap()
             .scripts
-            .entry((step.to_string(), phase))
+            .entry((tag.to_string(), step.to_string(), phase))
             .or_default()
             .extend(outcomes);
     }
 
-    fn next(&self, step: &str, phase: Phase, key: &str, attempt: u32) -> Outcome {
-        let mut g = self.inner.lock().unwrap();
-        g.calls
-            .push((step.to_string(), phase, key.to_string(), attempt));
-        let outcome = g
-            .scripts
-            .get_mut(&(step.to_string(), phase))
-            .and_then(VecDeque::pop_front)
-            .unwrap_or(Outcome::Ok);
-        drop(g);
+    /// Makes the service consult `plan` on every call (to crash before or after an
+    /// effect); `None` stops that.
+    pub fn set_crash_plan(&self, plan: Option<Arc<CrashPlan>>) {
+        *self.crash.lock().unwrap() = plan;
+    }
+
+    async fn perform(&self, ctx: &StepContext) -> Result<Value, StepError> {
+        let plan = self.crash.lock().unwrap().clone();
+        let fate = plan.as_ref().map_or(EffectFate::Proceed, |p| p.on_effect());
+        if fate == EffectFate::Dead || fate == EffectFate::CrashBefore {
+            // The process is gone before the request left it: nothing happens, ever.
+            return std::future::pending().await;
+        }
+        let tag = ctx
+            .saga_input()
+            .get("tag")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let key = ctx.idempotency_key().as_str().to_string();
+        let step = ctx.step_name().to_string();
+        let phase = ctx.phase();
+        let outcome = {
+            let mut g = self.inner.lock().unwrap();
+            let outcome = g
+                .scripts
+                .get_mut(&(tag.clone(), step.clone(), phase))
+                .and_then(VecDeque::pop_front)
+                .unwrap_or(Outcome::Ok);
+            let applied = outcome.applies();
+            g.calls.push(Call {
+                tag,
+                step: step.clone(),
+                phase,
+                key: key.clone(),
+                attempt: ctx.attempt().0,
+                applied,
+            });
+            if applied {
+                let n = g.effects.entry(key.clone()).or_default();
+                *n += 1;
+                if *n == 1 {
+                    g.order.push((step.clone(), phase, key.clone()));
+                }
+            }
+            outcome
+        };
         self.called.send_modify(|n| *n += 1);
-        outcome
+        if fate == EffectFate::CrashAfter {
+            // The effect happened; the process died before hearing back.
+            return std::future::pending().await;
+        }
+        match outcome {
+            Outcome::Ok => Ok(json!({ "receipt": key })),
+            Outcome::Retryable => Err(StepError::retryable("service unavailable")),
+            Outcome::RetryAfter(d) => Err(StepError::retry_after(d, "429 too many requests")),
+            Outcome::Permanent => Err(StepError::permanent(format!("{step} refused"))),
+            Outcome::Panic => panic!("{step} blew up"),
+            Outcome::Hang | Outcome::ApplyThenHang => std::future::pending().await,
+            Outcome::Big(n) => Ok(json!({ "blob": "x".repeat(n) })),
+        }
     }
 
     /// Waits until some call of `step`'s `phase` in `saga` has been made.
@@ -103,27 +209,18 @@ impl Ledger {
         }
     }
 
-    fn apply(&self, step: &str, phase: Phase, key: &str) {
-        let mut g = self.inner.lock().unwrap();
-        let n = g.effects.entry(key.to_string()).or_default();
-        *n += 1;
-        if *n == 1 {
-            g.order.push((step.to_string(), phase, key.to_string()));
-        }
-    }
-
-    /// All calls: (step, phase, key, attempt).
-    pub fn calls(&self) -> Vec<(String, Phase, String, u32)> {
+    /// Every call, in order.
+    pub fn calls(&self) -> Vec<Call> {
         self.inner.lock().unwrap().calls.clone()
     }
 
-    /// Calls of `step`'s `phase` in saga `saga`.
+    /// Calls of `step`'s `phase` in saga `saga`: (key, attempt).
     pub fn calls_of(&self, saga: SagaId, step: &str, phase: Phase) -> Vec<(String, u32)> {
         let prefix = format!("{saga}/");
         self.calls()
             .into_iter()
-            .filter(|(s, p, k, _)| s == step && *p == phase && k.starts_with(&prefix))
-            .map(|(_, _, k, a)| (k, a))
+            .filter(|c| c.step == step && c.phase == phase && c.key.starts_with(&prefix))
+            .map(|c| (c.key, c.attempt))
             .collect()
     }
 
@@ -140,7 +237,7 @@ impl Ledger {
             .collect()
     }
 
-    /// How many times each key was applied (the service deduplicates; >1 means the
+    /// How many times each key took effect (the service deduplicates; >1 means the
     /// engine asked twice, which is fine only with the same key).
     pub fn applications(&self) -> HashMap<String, u32> {
         self.inner.lock().unwrap().effects.clone()
@@ -150,29 +247,10 @@ impl Ledger {
 /// A step that consults the ledger's script and records its effects there.
 #[derive(Debug)]
 pub struct FakeStep {
+    /// The step's name (checked against the context).
     pub name: &'static str,
+    /// The service it calls.
     pub ledger: Arc<Ledger>,
-}
-
-async fn perform(ledger: &Ledger, ctx: &StepContext) -> Result<Value, StepError> {
-    let key = ctx.idempotency_key().as_str().to_string();
-    let step = ctx.step_name().to_string();
-    match ledger.next(&step, ctx.phase(), &key, ctx.attempt().0) {
-        Outcome::Ok => {
-            ledger.apply(&step, ctx.phase(), &key);
-            Ok(json!({ "receipt": key }))
-        }
-        Outcome::Retryable => Err(StepError::retryable("service unavailable")),
-        Outcome::RetryAfter(d) => Err(StepError::retry_after(d, "429 too many requests")),
-        Outcome::Permanent => Err(StepError::permanent(format!("{step} refused"))),
-        Outcome::Panic => panic!("{step} blew up"),
-        Outcome::Hang => std::future::pending().await,
-        Outcome::ApplyThenHang => {
-            ledger.apply(&step, ctx.phase(), &key);
-            std::future::pending().await
-        }
-        Outcome::Big(n) => Ok(json!({ "blob": "x".repeat(n) })),
-    }
 }
 
 #[async_trait]
@@ -182,7 +260,7 @@ impl Step for FakeStep {
 
     async fn execute(&self, ctx: &StepContext, _input: Value) -> Result<Value, StepError> {
         assert_eq!(ctx.step_name(), self.name);
-        perform(&self.ledger, ctx).await
+        self.ledger.perform(ctx).await
     }
 
     async fn compensate(
@@ -191,11 +269,12 @@ impl Step for FakeStep {
         _input: Value,
         _output: Option<Value>,
     ) -> Result<(), StepError> {
-        perform(&self.ledger, ctx).await.map(|_| ())
+        self.ledger.perform(ctx).await.map(|_| ())
     }
 }
 
 /// Fast retries, so tests do not wait on real backoff.
+#[allow(missing_docs)]
 pub fn fast() -> RetryPolicy {
     RetryPolicy::default()
         .with_max_attempts(4)

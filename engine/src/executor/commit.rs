@@ -48,8 +48,28 @@ pub struct CommitStats {
     pub records: u64,
 }
 
+/// Where the group-commit loop runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CommitMode {
+    /// A dedicated OS thread: syncs never block the async runtime. The default, and the
+    /// right choice for a real disk.
+    #[default]
+    Thread,
+    /// A task on the engine's tokio runtime that calls the store directly. Syncs block
+    /// the runtime thread while they run, so this is for in-memory stores: on a
+    /// current-thread runtime with paused time, a whole engine run is then deterministic,
+    /// which is what the simulations need.
+    RuntimeTask,
+}
+
+enum Sender {
+    Thread(mpsc::Sender<Job>),
+    Task(tokio::sync::mpsc::UnboundedSender<Job>),
+}
+
 pub(crate) struct Committer {
-    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    tx: Mutex<Option<Sender>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     counters: Arc<CommitCounters>,
 }
@@ -61,16 +81,37 @@ impl std::fmt::Debug for Committer {
 }
 
 impl Committer {
-    pub(crate) fn spawn(store: Arc<dyn SagaLog>) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<Job>();
+    pub(crate) fn spawn(store: Arc<dyn SagaLog>, mode: CommitMode) -> std::io::Result<Self> {
         let counters = Arc::new(CommitCounters::default());
         let c = counters.clone();
-        let thread = std::thread::Builder::new()
-            .name("sagaflow-commit".into())
-            .spawn(move || run(store, rx, c))?;
+        let (tx, thread) = match mode {
+            CommitMode::Thread => {
+                let (tx, rx) = mpsc::channel::<Job>();
+                let thread = std::thread::Builder::new()
+                    .name("sagaflow-commit".into())
+                    .spawn(move || {
+                        while let Ok(first) = rx.recv() {
+                            let jobs = gather(first, || rx.try_recv().ok());
+                            commit_batch(&*store, jobs, &c);
+                        }
+                    })?;
+                (Sender::Thread(tx), Some(thread))
+            }
+            CommitMode::RuntimeTask => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
+                // The task ends when the sender is dropped and the queue is drained.
+                drop(tokio::spawn(async move {
+                    while let Some(first) = rx.recv().await {
+                        let jobs = gather(first, || rx.try_recv().ok());
+                        commit_batch(&*store, jobs, &c);
+                    }
+                }));
+                (Sender::Task(tx), None)
+            }
+        };
         Ok(Committer {
             tx: Mutex::new(Some(tx)),
-            thread: Mutex::new(Some(thread)),
+            thread: Mutex::new(thread),
             counters,
         })
     }
@@ -80,12 +121,17 @@ impl Committer {
         let (done, wait) = oneshot::channel();
         {
             let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-            let tx = tx.as_ref().ok_or(Error::ShuttingDown)?;
-            tx.send(Job {
+            let job = Job {
                 writes: vec![write],
                 done,
-            })
-            .map_err(|_| Error::ShuttingDown)?;
+            };
+            let sent = match tx.as_ref().ok_or(Error::ShuttingDown)? {
+                Sender::Thread(tx) => tx.send(job).is_ok(),
+                Sender::Task(tx) => tx.send(job).is_ok(),
+            };
+            if !sent {
+                return Err(Error::ShuttingDown);
+            }
         }
         match wait.await {
             Ok(Ok(())) => Ok(()),
@@ -114,42 +160,47 @@ impl Committer {
     }
 }
 
-fn run(store: Arc<dyn SagaLog>, rx: mpsc::Receiver<Job>, counters: Arc<CommitCounters>) {
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        let mut n = jobs[0].writes.len();
-        while n < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => {
-                    n += job.writes.len();
-                    jobs.push(job);
-                }
-                Err(_) => break,
+/// Takes `first` and whatever else is queued, up to [`MAX_BATCH`] writes.
+fn gather(first: Job, mut next: impl FnMut() -> Option<Job>) -> Vec<Job> {
+    let mut n = first.writes.len();
+    let mut jobs = vec![first];
+    while n < MAX_BATCH {
+        match next() {
+            Some(job) => {
+                n += job.writes.len();
+                jobs.push(job);
             }
+            None => break,
         }
-        let mut writes: Vec<Write> = Vec::with_capacity(n);
-        let mut replies = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            writes.extend(job.writes);
-            replies.push(job.done);
-        }
-        let result: Reply = store
-            .append(&writes)
-            .and_then(|()| store.sync())
-            .map_err(Arc::new);
-        if result.is_ok() {
-            counters.batches.fetch_add(1, Ordering::Relaxed);
-            counters.writes.fetch_add(n as u64, Ordering::Relaxed);
-            let records: usize = writes.iter().map(|w| w.records.len()).sum();
-            counters
-                .records
-                .fetch_add(records as u64, Ordering::Relaxed);
-        } else {
-            tracing::error!(error = ?result, writes = n, "group commit failed");
-        }
-        for r in replies {
-            // A caller that stopped waiting (its task was aborted) needs no reply.
-            let _ = r.send(result.clone());
-        }
+    }
+    jobs
+}
+
+/// One group commit: append every write of `jobs`, sync once, answer every job.
+fn commit_batch(store: &dyn SagaLog, jobs: Vec<Job>, counters: &CommitCounters) {
+    let n: usize = jobs.iter().map(|j| j.writes.len()).sum();
+    let mut writes: Vec<Write> = Vec::with_capacity(n);
+    let mut replies = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        writes.extend(job.writes);
+        replies.push(job.done);
+    }
+    let result: Reply = store
+        .append(&writes)
+        .and_then(|()| store.sync())
+        .map_err(Arc::new);
+    if result.is_ok() {
+        counters.batches.fetch_add(1, Ordering::Relaxed);
+        counters.writes.fetch_add(n as u64, Ordering::Relaxed);
+        let records: usize = writes.iter().map(|w| w.records.len()).sum();
+        counters
+            .records
+            .fetch_add(records as u64, Ordering::Relaxed);
+    } else {
+        tracing::error!(error = ?result, writes = n, "group commit failed");
+    }
+    for r in replies {
+        // A caller that stopped waiting (its task was aborted) needs no reply.
+        let _ = r.send(result.clone());
     }
 }

@@ -181,9 +181,10 @@ impl Driver {
                 Decision::Wait { until } => {
                     self.flush().await?;
                     tokio::select! {
-                        () = self.inner.clock.sleep_until(until) => {}
-                        _ = stopping.changed() => {}
-                    }
+                                    biased;
+                                    () = self.inner.clock.sleep_until(until) => {}
+                                    _ = stopping.changed() => {}
+                                }
                 }
                 Decision::Complete => {
                     self.record(Event::Completed)?;
@@ -321,7 +322,11 @@ impl Driver {
         deadline: Timestamp,
         timeout: Duration,
     ) -> std::result::Result<Value, Failure> {
+        // `biased`: a result that is ready wins over a deadline reached in the same
+        // instant, and the choice never depends on tokio's random branch order (which
+        // would make simulations irreproducible).
         tokio::select! {
+            biased;
             joined = &mut task.0 => match joined {
                 Ok(Ok(v)) => Ok(v),
                 Ok(Err(e)) => Err(e.into()),

@@ -17,8 +17,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-pub use commit::CommitStats;
 use commit::Committer;
+pub use commit::{CommitMode, CommitStats};
 pub(crate) use driver::Driver;
 
 use crate::clock::{Clock, Entropy, SeededEntropy, SystemClock, Timestamp};
@@ -79,6 +79,8 @@ pub struct EngineOptions {
     /// How long [`EngineBuilder::open`] waits for another engine to release the data
     /// directory.
     pub lock_wait: Duration,
+    /// Where group commit runs; see [`CommitMode`].
+    pub commit_mode: CommitMode,
 }
 
 impl Default for EngineOptions {
@@ -87,6 +89,7 @@ impl Default for EngineOptions {
         EngineOptions {
             max_payload_bytes: 1 << 20,
             lock_wait: Duration::from_secs(10),
+            commit_mode: CommitMode::default(),
         }
     }
 }
@@ -95,6 +98,12 @@ impl EngineOptions {
     /// Sets [`EngineOptions::max_payload_bytes`].
     pub fn with_max_payload_bytes(mut self, n: usize) -> Self {
         self.max_payload_bytes = n;
+        self
+    }
+
+    /// Sets [`EngineOptions::commit_mode`].
+    pub fn with_commit_mode(mut self, mode: CommitMode) -> Self {
+        self.commit_mode = mode;
         self
     }
 
@@ -250,7 +259,7 @@ impl EngineBuilder {
             tracing::info!(seed, "entropy seeded (set SAGA_SEED to replay)");
             Arc::new(SeededEntropy::new(seed))
         });
-        let committer = Committer::spawn(store.clone())
+        let committer = Committer::spawn(store.clone(), self.options.commit_mode)
             .map_err(|e| Error::Store(Arc::new(crate::store::Error::Io(e))))?;
         let inner = Arc::new(Inner {
             store,

@@ -75,6 +75,29 @@ impl MemLog {
         self.lock().fail_syncs = n;
     }
 
+    /// Everything durable, in key order: two runs that should be identical can be
+    /// compared byte for byte.
+    pub fn dump(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.lock()
+            .durable
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// A new store holding what this one holds durably, as a disk image copied after a
+    /// crash would.
+    pub fn fork(&self) -> MemLog {
+        let durable = self.lock().durable.clone();
+        MemLog {
+            inner: Mutex::new(Inner {
+                visible: durable.clone(),
+                durable,
+                ..Inner::default()
+            }),
+        }
+    }
+
     /// Overwrites a raw value, bypassing every check: for tests of corrupt data.
     pub fn put_raw(&self, key: Vec<u8>, value: Vec<u8>) {
         let mut inner = self.lock();

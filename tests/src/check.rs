@@ -1,0 +1,245 @@
+//! The invariants every run must satisfy, checked against the log and the ledger.
+//!
+//! Each checker returns the first violation it finds as a sentence. The tests in
+//! `tests/tests/checkers.rs` feed each one a hand-broken history, so none can pass
+//! vacuously.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use sagaflow::machine::{Event, LogRecord, SagaState};
+use sagaflow::{Idempotence, IdempotencyKey, Phase, SagaId, SagaStatus, StepKind};
+
+use crate::Call;
+
+/// A step's shape in the definition the run used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepShape {
+    /// Name.
+    pub name: String,
+    /// Kind.
+    pub kind: StepKind,
+    /// Whether it may be re-run after an unknown outcome.
+    pub idempotence: Idempotence,
+}
+
+/// Everything observed about one saga after a run.
+#[derive(Clone, Debug)]
+pub struct ObservedSaga {
+    /// The saga.
+    pub id: SagaId,
+    /// Its definition's steps.
+    pub shape: Vec<StepShape>,
+    /// Its status in the store's summary.
+    pub status: Option<SagaStatus>,
+    /// The summary's reason.
+    pub reason: Option<String>,
+    /// Its durable log.
+    pub history: Vec<LogRecord>,
+    /// Every call the services received for it, in order.
+    pub calls: Vec<Call>,
+}
+
+fn step_index(s: &ObservedSaga, name: &str) -> Result<usize, String> {
+    s.shape
+        .iter()
+        .position(|st| st.name == name)
+        .ok_or_else(|| format!("saga {}: a call names unknown step `{name}`", s.id))
+}
+
+/// Attempts whose start is in the log, by (step, phase).
+fn started_attempts(history: &[LogRecord]) -> BTreeSet<(u32, Phase, u32)> {
+    history
+        .iter()
+        .filter_map(|r| match r.event {
+            Event::StepAttemptStarted { step, attempt, .. } => {
+                Some((step, Phase::Action, attempt.0))
+            }
+            Event::CompensationAttemptStarted { step, attempt, .. } => {
+                Some((step, Phase::Compensation, attempt.0))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// G2: the saga ended completed, compensated, or parked with a reason, and its log
+/// folds to that status.
+pub fn check_final(s: &ObservedSaga) -> Result<(), String> {
+    let state = SagaState::fold(s.id, &s.history)
+        .map_err(|e| format!("saga {}: its log does not fold: {e}", s.id))?;
+    match s.status {
+        Some(SagaStatus::Completed | SagaStatus::Compensated) => {}
+        Some(SagaStatus::Parked) => {
+            if s.reason.as_deref().unwrap_or("").is_empty() {
+                return Err(format!("saga {} is parked without a reason", s.id));
+            }
+        }
+        other => return Err(format!("saga {} did not end: status {other:?}", s.id)),
+    }
+    if Some(state.status) != s.status {
+        return Err(format!(
+            "saga {}: the log says {} but the summary says {:?}",
+            s.id, state.status, s.status
+        ));
+    }
+    Ok(())
+}
+
+/// G3: every call carried the one key derived from (saga, step, phase); G1: every call
+/// matches an attempt whose start is in the durable log.
+pub fn check_keys_and_write_ahead(s: &ObservedSaga) -> Result<(), String> {
+    let started = started_attempts(&s.history);
+    for c in &s.calls {
+        let i = step_index(s, &c.step)?;
+        let want = IdempotencyKey::derive(s.id, &c.step, c.phase);
+        if c.key != want.as_str() {
+            return Err(format!(
+                "saga {}: step `{}` {} was called with key `{}`, not `{want}`",
+                s.id, c.step, c.phase, c.key
+            ));
+        }
+        if !started.contains(&(i as u32, c.phase, c.attempt)) {
+            return Err(format!(
+                "saga {}: step `{}` {} attempt {} reached the service but its start is not in the log",
+                s.id, c.step, c.phase, c.attempt
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// G4: a step that is not idempotent took effect at most once.
+pub fn check_not_idempotent_once(s: &ObservedSaga) -> Result<(), String> {
+    let mut applied: BTreeMap<&str, u32> = BTreeMap::new();
+    for c in s
+        .calls
+        .iter()
+        .filter(|c| c.applied && c.phase == Phase::Action)
+    {
+        *applied.entry(&c.step).or_default() += 1;
+    }
+    for st in &s.shape {
+        let n = applied.get(st.name.as_str()).copied().unwrap_or(0);
+        if st.idempotence == Idempotence::NotIdempotent && n > 1 {
+            return Err(format!(
+                "saga {}: step `{}` is not idempotent but took effect {n} times",
+                s.id, st.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// G5: compensations only for compensatable steps whose action started, in reverse
+/// order, and nothing forward once compensation began.
+pub fn check_compensation_order(s: &ObservedSaga) -> Result<(), String> {
+    let started = started_attempts(&s.history);
+    let mut last: Option<usize> = None;
+    let mut compensating = false;
+    for c in &s.calls {
+        let i = step_index(s, &c.step)?;
+        match c.phase {
+            Phase::Action if compensating => {
+                return Err(format!(
+                    "saga {}: step `{}` ran forward after compensation began",
+                    s.id, c.step
+                ))
+            }
+            Phase::Action => {}
+            Phase::Compensation => {
+                compensating = true;
+                if s.shape[i].kind != StepKind::Compensatable {
+                    return Err(format!(
+                        "saga {}: step `{}` ({:?}) was compensated",
+                        s.id, c.step, s.shape[i].kind
+                    ));
+                }
+                if !started
+                    .iter()
+                    .any(|(st, p, _)| *st == i as u32 && *p == Phase::Action)
+                {
+                    return Err(format!(
+                        "saga {}: step `{}` was compensated but never started",
+                        s.id, c.step
+                    ));
+                }
+                if last.is_some_and(|l| i > l) {
+                    return Err(format!(
+                        "saga {}: step `{}` was compensated after a step that started before it",
+                        s.id, c.step
+                    ));
+                }
+                last = Some(i);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// G3, G5 at the end: a completed saga took every effect and undid none; a compensated
+/// one undid every compensatable step whose action started, each under its one key.
+pub fn check_effects(s: &ObservedSaga) -> Result<(), String> {
+    let applied = |name: &str, phase: Phase| {
+        s.calls
+            .iter()
+            .any(|c| c.step == name && c.phase == phase && c.applied)
+    };
+    let started = started_attempts(&s.history);
+    match s.status {
+        Some(SagaStatus::Completed) => {
+            for st in &s.shape {
+                if !applied(&st.name, Phase::Action) {
+                    return Err(format!(
+                        "saga {} completed but step `{}` never took effect",
+                        s.id, st.name
+                    ));
+                }
+            }
+            if let Some(c) = s.calls.iter().find(|c| c.phase == Phase::Compensation) {
+                return Err(format!(
+                    "saga {} completed but step `{}` was compensated",
+                    s.id, c.step
+                ));
+            }
+        }
+        Some(SagaStatus::Compensated) => {
+            for (i, st) in s.shape.iter().enumerate() {
+                let was_started = started
+                    .iter()
+                    .any(|(x, p, _)| *x == i as u32 && *p == Phase::Action);
+                let must_undo = st.kind == StepKind::Compensatable
+                    && (was_started || applied(&st.name, Phase::Action));
+                if must_undo && !applied(&st.name, Phase::Compensation) {
+                    return Err(format!(
+                        "saga {} is compensated but step `{}` was not undone",
+                        s.id, st.name
+                    ));
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Every per-saga check.
+pub fn check_saga(s: &ObservedSaga) -> Result<(), String> {
+    check_final(s)?;
+    check_keys_and_write_ahead(s)?;
+    check_not_idempotent_once(s)?;
+    check_compensation_order(s)?;
+    check_effects(s)
+}
+
+/// G6: each start key names exactly one saga.
+pub fn check_start_keys(keys: &BTreeMap<String, Vec<SagaId>>) -> Result<(), String> {
+    for (k, ids) in keys {
+        if ids.len() != 1 {
+            return Err(format!(
+                "start key `{k}` names {} sagas: {ids:?}",
+                ids.len()
+            ));
+        }
+    }
+    Ok(())
+}

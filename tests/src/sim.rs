@@ -1,0 +1,642 @@
+//! Deterministic simulation: random definitions, scripted step outcomes and crashes at
+//! every durable boundary, run on the real engine under virtual time.
+//!
+//! A [`Case`] is a pure function of a 64-bit seed ([`Case::from_seed`]), so a failing
+//! case is replayed from its seed alone. One run is one current-thread tokio runtime
+//! with paused time, a [`sagaflow::TokioClock`], seeded entropy and the group commit on
+//! a runtime task: nothing in it depends on the wall clock or on thread scheduling, so
+//! the same case gives a byte-identical store.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+use sagaflow::machine::LogRecord;
+use sagaflow::store::{codec, MemLog, SagaLog, SledLog};
+use sagaflow::{
+    CommitMode, Engine, EngineOptions, Idempotence, RetryPolicy, SagaDefinition, SagaId,
+    SagaStatus, StartKey, StepKind, StepOptions, Timestamp, TokioClock,
+};
+use serde_json::json;
+
+use crate::check::{self, ObservedSaga, StepShape};
+use crate::crash::{Crash, CrashPlan, CrashPoint, CrashableStore};
+use crate::{FakeStep, Ledger, Outcome};
+
+const NAMES: [&str; 8] = ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"];
+
+/// One step of a generated definition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepSpec {
+    /// Kind.
+    pub kind: StepKind,
+    /// Idempotence.
+    pub idempotence: Idempotence,
+}
+
+/// The scripts of one saga: per step, the outcomes of its first action attempts and of
+/// its first compensation attempts (later attempts succeed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SagaSpec {
+    /// Per step, action outcomes.
+    pub action: Vec<Vec<Outcome>>,
+    /// Per step, compensation outcomes.
+    pub compensation: Vec<Vec<Outcome>>,
+}
+
+/// A whole simulated run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Case {
+    /// The engine's entropy seed.
+    pub seed: u64,
+    /// The definition.
+    pub steps: Vec<StepSpec>,
+    /// The sagas, started concurrently.
+    pub sagas: Vec<SagaSpec>,
+    /// One crash per incarnation, in order; the incarnation after the last runs to the
+    /// end.
+    pub crashes: Vec<Crash>,
+}
+
+fn action_outcome() -> impl Strategy<Value = Outcome> + Clone {
+    prop_oneof![
+        4 => Just(Outcome::Retryable),
+        2 => (1u64..5_000).prop_map(|ms| Outcome::RetryAfter(Duration::from_millis(ms))),
+        1 => Just(Outcome::Permanent),
+        1 => Just(Outcome::Hang),
+        1 => Just(Outcome::Panic),
+        1 => Just(Outcome::ApplyThenHang),
+    ]
+}
+
+fn compensation_outcome() -> impl Strategy<Value = Outcome> + Clone {
+    prop_oneof![
+        4 => Just(Outcome::Retryable),
+        1 => Just(Outcome::Hang),
+        1 => Just(Outcome::Panic),
+        1 => Just(Outcome::Permanent),
+    ]
+}
+
+fn script(
+    outcome: impl Strategy<Value = Outcome> + Clone,
+    quiet: u32,
+) -> impl Strategy<Value = Vec<Outcome>> {
+    prop_oneof![
+        quiet => Just(Vec::new()),
+        1 => prop::collection::vec(outcome, 1..4),
+    ]
+}
+
+fn crash() -> impl Strategy<Value = Crash> {
+    let point = prop::sample::select(CrashPoint::ALL.to_vec());
+    // Small `nth` lands early, including during recovery; larger ones mid-run.
+    let nth = prop_oneof![1 => 0u32..3, 3 => 0u32..40];
+    (point, nth).prop_map(|(point, nth)| Crash { point, nth })
+}
+
+/// The strategy that generates cases: 1 to 8 steps with or without a pivot, 1 to 4
+/// sagas, 0 to 4 crashes.
+pub fn case_strategy() -> impl Strategy<Value = Case> {
+    (
+        1usize..=8,
+        any::<u64>(),
+        1usize..=4,
+        prop::collection::vec(crash(), 0..=4),
+    )
+        .prop_flat_map(|(n, seed, sagas, crashes)| {
+            let pivot = prop::option::weighted(0.5, 0..n);
+            let idem = prop::collection::vec(prop::bool::weighted(0.8), n);
+            let saga = (
+                prop::collection::vec(script(action_outcome(), 3), n),
+                prop::collection::vec(script(compensation_outcome(), 5), n),
+            )
+                .prop_map(|(action, compensation)| SagaSpec {
+                    action,
+                    compensation,
+                });
+            let sagas = prop::collection::vec(saga, sagas);
+            (pivot, idem, sagas).prop_map(move |(pivot, idem, sagas)| Case {
+                seed,
+                steps: idem
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, idempotent)| StepSpec {
+                        kind: match pivot {
+                            Some(p) if i == p => StepKind::Pivot,
+                            Some(p) if i > p => StepKind::Retriable,
+                            _ => StepKind::Compensatable,
+                        },
+                        idempotence: if idempotent {
+                            Idempotence::Idempotent
+                        } else {
+                            Idempotence::NotIdempotent
+                        },
+                    })
+                    .collect(),
+                sagas,
+                crashes: crashes.clone(),
+            })
+        })
+}
+
+fn runner_for(seed: u64) -> TestRunner {
+    let mut bytes = [0u8; 32];
+    for (i, chunk) in bytes.chunks_mut(8).enumerate() {
+        chunk.copy_from_slice(&seed.rotate_left(i as u32 * 16).to_le_bytes());
+    }
+    TestRunner::new_with_rng(
+        Config::default(),
+        TestRng::from_seed(RngAlgorithm::ChaCha, &bytes),
+    )
+}
+
+impl Case {
+    /// The case for `seed`: always the same.
+    pub fn from_seed(seed: u64) -> Case {
+        Case::tree(seed).current()
+    }
+
+    /// The value tree for `seed`, for shrinking a failure.
+    ///
+    /// # Panics
+    ///
+    /// Never for this strategy (it has no filters that could reject).
+    pub fn tree(seed: u64) -> impl ValueTree<Value = Case> {
+        case_strategy()
+            .new_tree(&mut runner_for(seed))
+            .expect("the case strategy has no filters")
+    }
+
+    fn definition(&self, ledger: &Arc<Ledger>) -> Result<SagaDefinition, String> {
+        let quick = |max| {
+            RetryPolicy::default()
+                .with_max_attempts(max)
+                .with_initial_backoff(Duration::from_millis(10))
+                .with_max_backoff(Duration::from_secs(1))
+                .with_attempt_timeout(Duration::from_secs(5))
+        };
+        let mut b = SagaDefinition::builder("sim", 1);
+        for (i, s) in self.steps.iter().enumerate() {
+            let retry = if s.kind == StepKind::Retriable {
+                quick(6)
+            } else {
+                quick(4)
+            };
+            let opts = StepOptions::default()
+                .with_idempotence(s.idempotence)
+                .with_retry(retry)
+                .with_compensation_retry(quick(5));
+            b = b.step_with(
+                NAMES[i],
+                s.kind,
+                FakeStep {
+                    name: NAMES[i],
+                    ledger: ledger.clone(),
+                },
+                opts,
+            );
+        }
+        b.build().map_err(|e| e.to_string())
+    }
+
+    fn shape(&self) -> Vec<StepShape> {
+        self.steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| StepShape {
+                name: NAMES[i].to_string(),
+                kind: s.kind,
+                idempotence: s.idempotence,
+            })
+            .collect()
+    }
+
+    fn script(&self, ledger: &Ledger) {
+        for (i, saga) in self.sagas.iter().enumerate() {
+            let tag = i.to_string();
+            for (j, outcomes) in saga.action.iter().enumerate() {
+                ledger.script_tagged(&tag, NAMES[j], sagaflow::Phase::Action, outcomes.clone());
+            }
+            for (j, outcomes) in saga.compensation.iter().enumerate() {
+                ledger.script_tagged(
+                    &tag,
+                    NAMES[j],
+                    sagaflow::Phase::Compensation,
+                    outcomes.clone(),
+                );
+            }
+        }
+    }
+}
+
+/// Where a simulation keeps its sagas.
+#[derive(Clone, Debug)]
+pub enum SimStore {
+    /// A [`MemLog`]: a crash drops what was not synced.
+    Memory,
+    /// A sled directory, reopened after every crash.
+    Sled(PathBuf),
+}
+
+/// What a run left behind.
+#[derive(Debug)]
+pub struct RunReport {
+    /// Every saga, observed after the run.
+    pub sagas: Vec<ObservedSaga>,
+    /// Sagas by start key, from the store.
+    pub start_keys: BTreeMap<String, Vec<SagaId>>,
+    /// Crashes that actually struck (a planned crash past the end of a run does not).
+    pub crashes: u32,
+    /// Where they struck.
+    pub struck: Vec<CrashPoint>,
+    /// Engines opened.
+    pub incarnations: u32,
+    /// The durable store, byte for byte (memory runs only).
+    pub dump: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+}
+
+impl RunReport {
+    /// Runs every checker.
+    ///
+    /// # Errors
+    ///
+    /// The first violation, as a sentence.
+    pub fn check(&self) -> Result<(), String> {
+        for s in &self.sagas {
+            check::check_saga(s)?;
+        }
+        check::check_start_keys(&self.start_keys)
+    }
+}
+
+/// Runs `case` on `store` and observes the result.
+///
+/// # Errors
+///
+/// A sentence if the run itself went wrong (an engine that would not open, a start or
+/// a wait that failed without a crash, too many incarnations).
+pub fn run_case(case: &Case, store: &SimStore) -> Result<RunReport, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(run(case, store, None))
+}
+
+/// Runs `case` from the state a previous run left in `mem` and `ledger`: for checking
+/// that recovering twice is recovering once.
+///
+/// # Errors
+///
+/// As [`run_case`].
+pub fn resume_case(
+    case: &Case,
+    mem: Arc<MemLog>,
+    ledger: Arc<Ledger>,
+    extra_recoveries: u32,
+) -> Result<RunReport, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        // Open and drop engines that recover but do nothing else: the state must not
+        // change.
+        for _ in 0..extra_recoveries {
+            let engine = engine(case, &ledger, mem.clone(), None).await?;
+            drop(engine);
+        }
+        let resumed = Resume { mem, ledger };
+        // From here on, no more crashes: a crash counts appends, and how writes group
+        // into appends depends on scheduling, which the extra (aborted) engines shift.
+        // The decisions and the records do not depend on it, and that is what must match.
+        let rest = Case {
+            crashes: Vec::new(),
+            ..case.clone()
+        };
+        run(&rest, &SimStore::Memory, Some(resumed)).await
+    })
+}
+
+struct Resume {
+    mem: Arc<MemLog>,
+    ledger: Arc<Ledger>,
+}
+
+fn clock() -> Arc<TokioClock> {
+    Arc::new(TokioClock::starting_at(Timestamp::from_millis(
+        1_700_000_000_000,
+    )))
+}
+
+async fn engine(
+    case: &Case,
+    ledger: &Arc<Ledger>,
+    store: Arc<dyn SagaLog>,
+    clock: Option<Arc<TokioClock>>,
+) -> Result<Engine, String> {
+    let builder = Engine::builder()
+        .seed(case.seed)
+        .clock(clock.unwrap_or_else(self::clock))
+        .options(EngineOptions::default().with_commit_mode(CommitMode::RuntimeTask))
+        .register(case.definition(ledger)?);
+    builder.open_with(store).await.map_err(|e| e.to_string())
+}
+
+async fn open_sled(dir: &PathBuf) -> Result<Arc<SledLog>, String> {
+    let dir = dir.clone();
+    tokio::task::spawn_blocking(move || SledLog::open_waiting(dir, Duration::from_secs(30)))
+        .await
+        .map_err(|e| e.to_string())?
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
+}
+
+/// State of one run across incarnations.
+struct Run<'a> {
+    case: &'a Case,
+    ids: Vec<Option<SagaId>>,
+}
+
+impl Run<'_> {
+    /// Starts (again) every saga and waits for them all. `Ok(false)`: something failed,
+    /// which is only allowed if the process crashed.
+    async fn drive(&mut self, engine: &Engine) -> Result<bool, String> {
+        for i in 0..self.case.sagas.len() {
+            let key = StartKey::new(format!("saga-{i}")).map_err(|e| e.to_string())?;
+            match engine
+                .start("sim", json!({ "tag": i.to_string() }), Some(key))
+                .await
+            {
+                Ok(id) => {
+                    if let Some(prev) = self.ids[i] {
+                        if prev != id {
+                            return Err(format!(
+                                "G6: start key saga-{i} gave {id} after it gave {prev}"
+                            ));
+                        }
+                    }
+                    self.ids[i] = Some(id);
+                }
+                Err(_) => return Ok(false),
+            }
+        }
+        for id in self.ids.iter().flatten() {
+            if engine.wait(*id).await.is_err() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+async fn run(case: &Case, store: &SimStore, resume: Option<Resume>) -> Result<RunReport, String> {
+    let (mem, ledger) = match resume {
+        Some(r) => (r.mem, r.ledger),
+        None => {
+            let ledger = Ledger::new();
+            case.script(&ledger);
+            (Arc::new(MemLog::new()), ledger)
+        }
+    };
+    let clock = clock();
+    let mut state = Run {
+        case,
+        ids: vec![None; case.sagas.len()],
+    };
+    let mut crashes = case.crashes.iter().copied();
+    let (mut struck, mut incarnations) = (0u32, 0u32);
+    let mut points = Vec::new();
+    loop {
+        incarnations += 1;
+        if incarnations as usize > case.crashes.len() + 1 {
+            return Err("a run without a planned crash did not finish".into());
+        }
+        let planned = crashes.next();
+        let plan = CrashPlan::new(planned);
+        ledger.set_crash_plan(Some(plan.clone()));
+        let inner: Arc<dyn SagaLog> = match store {
+            SimStore::Memory => mem.clone(),
+            SimStore::Sled(dir) => open_sled(dir).await?,
+        };
+        let store_c = CrashableStore::new(inner, plan.clone());
+        let engine = match engine(case, &ledger, store_c, Some(clock.clone())).await {
+            Ok(e) => e,
+            Err(_) if plan.crashed() => {
+                struck += 1;
+                points.extend(planned.map(|c| c.point));
+                if matches!(store, SimStore::Memory) {
+                    mem.crash();
+                }
+                continue;
+            }
+            Err(e) => return Err(format!("the engine did not open: {e}")),
+        };
+        // `biased`: tokio's select otherwise picks a branch at random, which would make
+        // two runs of one seed differ.
+        let finished = tokio::select! {
+            biased;
+            r = state.drive(&engine) => r?,
+            () = plan.wait_crashed() => false,
+        };
+        if plan.crashed() {
+            struck += 1;
+            points.extend(planned.map(|c| c.point));
+            drop(engine);
+            if matches!(store, SimStore::Memory) {
+                mem.crash();
+            }
+            continue;
+        }
+        if !finished {
+            return Err("a start or a wait failed without a crash".into());
+        }
+        engine.shutdown().await.map_err(|e| e.to_string())?;
+        break;
+    }
+    ledger.set_crash_plan(None);
+
+    let final_store: Arc<dyn SagaLog> = match store {
+        SimStore::Memory => mem.clone(),
+        SimStore::Sled(dir) => open_sled(dir).await?,
+    };
+    observe(
+        case,
+        &state.ids,
+        &*final_store,
+        &ledger,
+        struck,
+        incarnations,
+    )
+    .map(|mut r| {
+        r.struck = points;
+        if matches!(store, SimStore::Memory) {
+            r.dump = Some(mem.dump());
+        }
+        r
+    })
+}
+
+fn observe(
+    case: &Case,
+    ids: &[Option<SagaId>],
+    store: &dyn SagaLog,
+    ledger: &Ledger,
+    crashes: u32,
+    incarnations: u32,
+) -> Result<RunReport, String> {
+    let err = |e: sagaflow::store::Error| e.to_string();
+    let mut start_keys: BTreeMap<String, Vec<SagaId>> = BTreeMap::new();
+    let mut all = Vec::new();
+    for status in SagaStatus::ALL {
+        all.extend(store.with_status(status).map_err(err)?);
+    }
+    for id in &all {
+        if let Some(m) = store.meta(*id).map_err(err)? {
+            if let Some(k) = m.start_key {
+                start_keys.entry(k.to_string()).or_default().push(*id);
+            }
+        }
+    }
+    let calls = ledger.calls();
+    let mut sagas = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let id = id.ok_or_else(|| format!("saga {i} was never started"))?;
+        let meta = store.meta(id).map_err(err)?;
+        let history = store
+            .read(id)
+            .map_err(err)?
+            .into_iter()
+            .map(|(lsn, b)| codec::decode_record(id, lsn, &b))
+            .collect::<Result<Vec<LogRecord>, _>>()
+            .map_err(err)?;
+        let prefix = format!("{id}/");
+        sagas.push(ObservedSaga {
+            id,
+            shape: case.shape(),
+            status: meta.as_ref().map(|m| m.status),
+            reason: meta.and_then(|m| m.reason),
+            history,
+            calls: calls
+                .iter()
+                .filter(|c| c.key.starts_with(&prefix))
+                .cloned()
+                .collect(),
+        });
+    }
+    // A call for a saga nobody knows would be an effect without a durable start.
+    if let Some(c) = calls.iter().find(|c| {
+        !sagas
+            .iter()
+            .any(|s| c.key.starts_with(&format!("{}/", s.id)))
+    }) {
+        return Err(format!("a call with key {} belongs to no saga", c.key));
+    }
+    Ok(RunReport {
+        sagas,
+        start_keys,
+        crashes,
+        struck: Vec::new(),
+        incarnations,
+        dump: None,
+    })
+}
+
+/// Runs a case until its first crash only, and returns the store and the ledger as
+/// that crash left them.
+///
+/// # Errors
+///
+/// As [`run_case`].
+pub fn run_to_first_crash(case: &Case) -> Result<Option<(Arc<MemLog>, Arc<Ledger>)>, String> {
+    let Some(first) = case.crashes.first().copied() else {
+        return Ok(None);
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let ledger = Ledger::new();
+        case.script(&ledger);
+        let mem = Arc::new(MemLog::new());
+        let plan = CrashPlan::new(Some(first));
+        ledger.set_crash_plan(Some(plan.clone()));
+        let engine = engine(
+            case,
+            &ledger,
+            CrashableStore::new(mem.clone(), plan.clone()),
+            None,
+        )
+        .await;
+        if let Ok(engine) = engine {
+            let mut state = Run {
+                case,
+                ids: vec![None; case.sagas.len()],
+            };
+            tokio::select! {
+                    biased;
+                    r = state.drive(&engine) => { r?; }
+                    () = plan.wait_crashed() => {}
+                }
+            drop(engine);
+        }
+        if !plan.crashed() {
+            return Ok(None);
+        }
+        ledger.set_crash_plan(None);
+        mem.crash();
+        Ok(Some((mem, ledger)))
+    })
+}
+
+/// Runs `case` in memory, checks every invariant, checks that a second run gives a
+/// byte-identical store (G4), and that recovering from its first crash twice gives the
+/// same store as recovering once.
+///
+/// # Errors
+///
+/// The first violation, as a sentence.
+pub fn run_and_check(case: &Case) -> Result<RunReport, String> {
+    let report = run_case(case, &SimStore::Memory)?;
+    report.check()?;
+    let again = run_case(case, &SimStore::Memory)?;
+    if again.dump != report.dump {
+        return Err("G4: the same seed gave a different log".into());
+    }
+    if let Some((mem, ledger)) = run_to_first_crash(case)? {
+        let once = resume_case(case, Arc::new(mem.fork()), ledger.fork(), 0)?;
+        once.check()?;
+        let twice = resume_case(case, Arc::new(mem.fork()), ledger.fork(), 2)?;
+        if once.dump != twice.dump {
+            return Err("G4: recovering twice gave another log than recovering once".into());
+        }
+    }
+    Ok(report)
+}
+
+/// Shrinks a failing case: the simplest case generated from `seed`'s tree that still
+/// fails `fails`, tried at most `budget` times.
+pub fn shrink(seed: u64, budget: u32, fails: impl Fn(&Case) -> bool) -> Case {
+    let mut tree = Case::tree(seed);
+    let mut last = tree.current();
+    for _ in 0..budget {
+        if fails(&tree.current()) {
+            last = tree.current();
+            if !tree.simplify() {
+                break;
+            }
+        } else if !tree.complicate() {
+            break;
+        }
+    }
+    last
+}
