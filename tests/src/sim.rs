@@ -8,7 +8,7 @@
 //! the same case gives a byte-identical store.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -350,8 +350,8 @@ async fn engine(
     builder.open_with(store).await.map_err(|e| e.to_string())
 }
 
-async fn open_sled(dir: &PathBuf) -> Result<Arc<SledLog>, String> {
-    let dir = dir.clone();
+async fn open_sled(dir: &Path) -> Result<Arc<SledLog>, String> {
+    let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || SledLog::open_waiting(dir, Duration::from_secs(30)))
         .await
         .map_err(|e| e.to_string())?
@@ -549,13 +549,16 @@ fn observe(
     })
 }
 
+/// A store and a ledger as a crash left them.
+pub type Crashed = (Arc<MemLog>, Arc<Ledger>);
+
 /// Runs a case until its first crash only, and returns the store and the ledger as
 /// that crash left them.
 ///
 /// # Errors
 ///
 /// As [`run_case`].
-pub fn run_to_first_crash(case: &Case) -> Result<Option<(Arc<MemLog>, Arc<Ledger>)>, String> {
+pub fn run_to_first_crash(case: &Case) -> Result<Option<Crashed>, String> {
     let Some(first) = case.crashes.first().copied() else {
         return Ok(None);
     };
@@ -583,10 +586,10 @@ pub fn run_to_first_crash(case: &Case) -> Result<Option<(Arc<MemLog>, Arc<Ledger
                 ids: vec![None; case.sagas.len()],
             };
             tokio::select! {
-                    biased;
-                    r = state.drive(&engine) => { r?; }
-                    () = plan.wait_crashed() => {}
-                }
+                biased;
+                r = state.drive(&engine) => { r?; }
+                () = plan.wait_crashed() => {}
+            }
             drop(engine);
         }
         if !plan.crashed() {

@@ -181,10 +181,10 @@ impl Driver {
                 Decision::Wait { until } => {
                     self.flush().await?;
                     tokio::select! {
-                                    biased;
-                                    () = self.inner.clock.sleep_until(until) => {}
-                                    _ = stopping.changed() => {}
-                                }
+                        biased;
+                        () = self.inner.clock.sleep_until(until) => {}
+                        _ = stopping.changed() => {}
+                    }
                 }
                 Decision::Complete => {
                     self.record(Event::Completed)?;

@@ -1,0 +1,176 @@
+//! The real-process test: the engine in a child process, killed with SIGKILL at random
+//! moments under load and restarted on the same sled directory until every saga has
+//! ended; then the ledger (a file the child's steps append to, outside the process) is
+//! reconciled against the store.
+//!
+//! `SAGA_KILLS` (default 20) sets the number of kills, `SAGA_KILL_SAGAS` (default 300)
+//! the number of sagas, `SAGA_SEED` the kill schedule.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sagaflow::store::{SagaLog, SledLog};
+use sagaflow::{SagaStatus, StartKey};
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[test]
+fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
+    let exe = env!("CARGO_BIN_EXE_sagaflow-crash-child");
+    let kills_wanted = env_u64("SAGA_KILLS", 20);
+    let sagas = env_u64("SAGA_KILL_SAGAS", 300);
+    let mut rng = env_u64("SAGA_SEED", 20_261_125);
+    eprintln!("sigkill test: seed {rng}, {kills_wanted} kills, {sagas} sagas");
+    let work = tempfile::tempdir().expect("temp dir");
+    let dir = work.path().join("data");
+    let ledger = work.path().join("ledger.txt");
+    let child = || {
+        Command::new(exe)
+            .arg(&dir)
+            .arg(&ledger)
+            .arg(sagas.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn the child")
+    };
+
+    // Kill it again and again. The schedule is wall-clock by nature (a real process is
+    // killed while it runs); nothing here asserts on time.
+    let mut kills = 0;
+    let mut runs = 0;
+    while kills < kills_wanted {
+        runs += 1;
+        assert!(
+            runs < kills_wanted * 5,
+            "the child keeps finishing before it is killed"
+        );
+        let mut c = child();
+        std::thread::sleep(Duration::from_millis(40 + splitmix(&mut rng) % 260));
+        if c.try_wait().expect("child status").is_some() {
+            // It finished before the kill; the remaining kills would hit nothing.
+            break;
+        }
+        c.kill().expect("SIGKILL");
+        c.wait().expect("reap");
+        kills += 1;
+    }
+
+    // Then let it finish.
+    let mut c = child();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = c.try_wait().expect("child status") {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(300) {
+            c.kill().ok();
+            panic!("the final run did not finish in 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    c.stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read stdout");
+    assert!(status.success(), "final run failed: {status:?} {out}");
+    assert!(out.starts_with("DONE "), "{out}");
+    eprintln!(
+        "sigkill test: {kills} kills in {runs} runs, final run: {}",
+        out.trim()
+    );
+    assert!(kills >= kills_wanted.min(20), "only {kills} kills landed");
+
+    // Reconcile the ledger against the store.
+    let log = SledLog::open(&dir).expect("open the store");
+    let text = std::fs::read_to_string(&ledger).expect("ledger");
+    let mut applied: BTreeMap<String, BTreeSet<(String, char)>> = BTreeMap::new();
+    let mut lines = 0;
+    for line in text.lines() {
+        let (tag, key) = line
+            .split_once(' ')
+            .expect("a ledger line is `<A|C> <key>`");
+        let tag = tag.chars().next().expect("a tag");
+        let mut parts = key.split('/');
+        let (saga, step, phase) = (parts.next(), parts.next(), parts.next());
+        let (Some(saga), Some(step), Some(phase)) = (saga, step, phase) else {
+            panic!("malformed key {key}");
+        };
+        let want_phase = if tag == 'A' { "action" } else { "compensation" };
+        assert_eq!(phase, want_phase, "{line}");
+        applied
+            .entry(saga.to_string())
+            .or_default()
+            .insert((step.to_string(), tag));
+        lines += 1;
+    }
+    let (mut completed, mut compensated) = (0, 0);
+    let mut known = BTreeSet::new();
+    for n in 0..sagas {
+        let key = StartKey::new(format!("order-{n}")).expect("key");
+        let id = log
+            .find_start_key(&key)
+            .expect("index")
+            .unwrap_or_else(|| panic!("order-{n} was never started"));
+        known.insert(id.to_string());
+        let meta = log.meta(id).expect("meta").expect("a summary");
+        let did: BTreeSet<(String, char)> =
+            applied.get(&id.to_string()).cloned().unwrap_or_default();
+        let has = |step: &str, tag: char| did.contains(&(step.to_string(), tag));
+        match meta.status {
+            SagaStatus::Completed => {
+                completed += 1;
+                for step in ["reserve", "charge", "ship", "notify"] {
+                    assert!(has(step, 'A'), "order-{n} completed without {step}");
+                    assert!(!has(step, 'C'), "order-{n} completed but {step} was undone");
+                }
+            }
+            SagaStatus::Compensated => {
+                compensated += 1;
+                for step in ["reserve", "charge"] {
+                    if has(step, 'A') {
+                        assert!(has(step, 'C'), "order-{n}: {step} was left applied");
+                    }
+                }
+                assert!(
+                    !has("ship", 'A') && !has("notify", 'A'),
+                    "order-{n} passed the pivot"
+                );
+            }
+            other => panic!("order-{n} ended {other}: {:?}", meta.reason),
+        }
+    }
+    // One saga per start key: every saga in the store is one of ours.
+    let mut in_store = 0;
+    for status in SagaStatus::ALL {
+        in_store += log.with_status(status).expect("index").len();
+    }
+    assert_eq!(in_store as u64, sagas, "a start key made two sagas");
+    for saga in applied.keys() {
+        assert!(known.contains(saga), "an effect for unknown saga {saga}");
+    }
+    let distinct: usize = applied.values().map(BTreeSet::len).sum();
+    eprintln!(
+        "sigkill test: {completed} completed, {compensated} compensated; {lines} calls took \
+         effect under {distinct} keys ({} repeats of a key after a kill, absorbed by it)",
+        lines - distinct
+    );
+    assert!(completed > 0 && compensated > 0);
+}
