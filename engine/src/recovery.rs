@@ -53,12 +53,17 @@ async fn recover_one(
     report: &mut RecoveryReport,
 ) -> Result<()> {
     let raw = inner.store.read(id)?;
-    let next_lsn = raw.last().map_or(Lsn(0), |(l, _)| Lsn(l.0 + 1));
+    // The next lsn follows the last record that can be read; if the last value does
+    // not decode, its key's lsn + 1 is still free (keys are first lsns of groups).
+    let next_lsn = raw.last().map_or(Lsn(0), |(l, bytes)| {
+        codec::decode_value(id, *l, bytes)
+            .ok()
+            .and_then(|rs| rs.last().map(|r| Lsn(r.lsn.0 + 1)))
+            .unwrap_or(Lsn(l.0 + 1))
+    });
     let meta = inner.store.meta(id);
-    let folded = raw
-        .iter()
-        .map(|(lsn, bytes)| codec::decode_record(id, *lsn, bytes).map_err(|e| e.to_string()))
-        .collect::<std::result::Result<Vec<LogRecord>, String>>()
+    let folded = codec::decode_log(id, &raw)
+        .map_err(|e| e.to_string())
         .and_then(|records| SagaState::fold(id, &records).map_err(|e| e.to_string()));
     let corrupt = |why: String| ParkReason::new(ParkKind::CorruptLog, why);
     match (folded, meta) {

@@ -171,7 +171,7 @@ fn dead() -> store::Error {
 }
 
 impl SagaLog for CrashableStore {
-    fn append(&self, writes: &[Write]) -> store::Result<()> {
+    fn append(&self, writes: Vec<Write>) -> store::Result<()> {
         let plan = &self.plan;
         match plan.on_append() {
             AppendFate::Proceed => self.inner.append(writes),

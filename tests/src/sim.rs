@@ -510,13 +510,8 @@ fn observe(
     for (i, id) in ids.iter().enumerate() {
         let id = id.ok_or_else(|| format!("saga {i} was never started"))?;
         let meta = store.meta(id).map_err(err)?;
-        let history = store
-            .read(id)
-            .map_err(err)?
-            .into_iter()
-            .map(|(lsn, b)| codec::decode_record(id, lsn, &b))
-            .collect::<Result<Vec<LogRecord>, _>>()
-            .map_err(err)?;
+        let history: Vec<LogRecord> =
+            codec::decode_log(id, &store.read(id).map_err(err)?).map_err(err)?;
         let prefix = format!("{id}/");
         sagas.push(ObservedSaga {
             id,

@@ -185,14 +185,14 @@ fn commit_batch(store: &dyn SagaLog, jobs: Vec<Job>, counters: &CommitCounters) 
         writes.extend(job.writes);
         replies.push(job.done);
     }
+    let records: usize = writes.iter().map(|w| w.records.len()).sum();
     let result: Reply = store
-        .append(&writes)
+        .append(writes)
         .and_then(|()| store.sync())
         .map_err(Arc::new);
     if result.is_ok() {
         counters.batches.fetch_add(1, Ordering::Relaxed);
         counters.writes.fetch_add(n as u64, Ordering::Relaxed);
-        let records: usize = writes.iter().map(|w| w.records.len()).sum();
         counters
             .records
             .fetch_add(records as u64, Ordering::Relaxed);

@@ -54,6 +54,9 @@ pub(crate) struct Driver {
     committed: Option<SagaMeta>,
     /// Records applied to `state` but not yet written.
     pending: Vec<LogRecord>,
+    /// Told how the first write went: `start` returns once the `started` record is
+    /// durable, and that record travels with the first attempt's start.
+    first_write: Option<tokio::sync::oneshot::Sender<Result<()>>>,
 }
 
 impl Driver {
@@ -69,12 +72,24 @@ impl Driver {
             state,
             committed,
             pending: Vec::new(),
+            first_write: None,
         }
     }
 
-    /// Takes a record already applied to the state (the `started` record) as pending.
-    pub(crate) fn adopt_pending(&mut self, record: LogRecord) {
-        self.pending.push(record);
+    /// A driver for a saga that is not on disk yet: `record` is its `started` record,
+    /// already applied to `state`. It is written with the saga's first attempt; the
+    /// returned receiver hears how that write went.
+    pub(crate) fn starting(
+        inner: Arc<Inner>,
+        def: Arc<SagaDefinition>,
+        state: SagaState,
+        record: LogRecord,
+    ) -> (Self, tokio::sync::oneshot::Receiver<Result<()>>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut d = Driver::new(inner, def, state, None);
+        d.pending.push(record);
+        d.first_write = Some(tx);
+        (d, rx)
     }
 
     pub(crate) fn state(&self) -> &SagaState {
@@ -115,7 +130,12 @@ impl Driver {
             meta: meta.clone(),
             previous: self.committed.clone(),
         };
-        self.inner.committer.commit(write).await?;
+        let result = self.inner.committer.commit(write).await;
+        if let Some(tx) = self.first_write.take() {
+            // `start` may have been cancelled by its caller; the saga goes on regardless.
+            let _ = tx.send(result.clone());
+        }
+        result?;
         self.pending.clear();
         self.committed = Some(meta);
         Ok(())

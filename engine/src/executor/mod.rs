@@ -416,12 +416,19 @@ impl Engine {
             saga: id,
             reason: e.to_string(),
         })?;
-        let mut driver = Driver::new(inner.clone(), def, state, None);
-        driver.adopt_pending(first);
-        driver.flush().await?;
-        tracing::info!(saga_id = %id, "saga started");
+        // The `started` record rides with the first attempt's start: one durable write
+        // instead of two. `start` still answers only once it is durable.
+        let (driver, written) = Driver::starting(inner.clone(), def, state, first);
         inner.spawn(driver);
-        Ok(id)
+        match written.await {
+            Ok(Ok(())) => {
+                tracing::info!(saga_id = %id, "saga started");
+                Ok(id)
+            }
+            Ok(Err(e)) => Err(e),
+            // The driver ended before writing anything: the engine is being dropped.
+            Err(_) => Err(Error::ShuttingDown),
+        }
     }
 
     /// Waits until the saga ends (completed, compensated or parked) and returns how.
@@ -494,9 +501,7 @@ impl Engine {
         if raw.is_empty() {
             return Err(Error::UnknownSaga(id));
         }
-        raw.iter()
-            .map(|(lsn, bytes)| codec::decode_record(id, *lsn, bytes).map_err(Error::from))
-            .collect()
+        Ok(codec::decode_log(id, &raw)?)
     }
 
     /// The summaries of the sagas with `status`, oldest first. A summary that does not

@@ -3,14 +3,22 @@
 //! Values start with a format byte, then JSON. JSON costs a little space and time, but a
 //! log that an operator can read with any tool is worth it, and the format byte leaves
 //! room for a denser encoding later without losing old logs.
+//!
+//! - format 1: one log record, stored under its own lsn;
+//! - format 2: a JSON array of consecutive log records written in one atomic write,
+//!   stored under the first one's lsn. One key instead of several is what lets a write
+//!   carry "step 2 succeeded, step 3 started" at the cost of a single store update.
 
 use crate::clock::Timestamp;
 use crate::ids::{Lsn, SagaId, StartKey};
 use crate::machine::{LogRecord, SagaStatus};
 use crate::store::{Error, Result, SagaMeta, Write};
 
-/// The format byte of values written by this version.
+/// The format byte of a value holding one record (and of summaries).
 pub const FORMAT_V1: u8 = 1;
+
+/// The format byte of a value holding several consecutive records.
+pub const FORMAT_V2: u8 = 2;
 
 const LOG: u8 = b'L';
 const META: u8 = b'M';
@@ -62,6 +70,51 @@ pub fn decode_record(saga: SagaId, lsn: Lsn, bytes: &[u8]) -> Result<LogRecord> 
         )));
     }
     Ok(record)
+}
+
+/// Decodes one stored log value, which holds one record (format 1) or several
+/// consecutive ones (format 2), the first at `lsn`.
+///
+/// # Errors
+///
+/// [`Error::Corrupt`] if the bytes are not records of a known format, or their lsns do
+/// not start at `lsn` and follow each other.
+pub fn decode_value(saga: SagaId, lsn: Lsn, bytes: &[u8]) -> Result<Vec<LogRecord>> {
+    match bytes.first() {
+        Some(&FORMAT_V2) => {
+            let corrupt = |reason: String| Error::Corrupt {
+                saga,
+                what: format!("log records from {lsn}"),
+                reason,
+            };
+            let records: Vec<LogRecord> = serde_json::from_slice(&bytes[1..])
+                .map_err(|e| corrupt(format!("does not decode: {e}")))?;
+            if records.is_empty() {
+                return Err(corrupt("an empty group".into()));
+            }
+            for (i, r) in records.iter().enumerate() {
+                if r.lsn.0 != lsn.0 + i as u64 {
+                    return Err(corrupt(format!("record {i} says lsn {}", r.lsn)));
+                }
+            }
+            Ok(records)
+        }
+        _ => decode_record(saga, lsn, bytes).map(|r| vec![r]),
+    }
+}
+
+/// Decodes a saga's stored log values, as [`crate::store::SagaLog::read`] returns them,
+/// into its records.
+///
+/// # Errors
+///
+/// [`Error::Corrupt`] for the first value that does not decode.
+pub fn decode_log(saga: SagaId, values: &[(Lsn, Vec<u8>)]) -> Result<Vec<LogRecord>> {
+    let mut out = Vec::with_capacity(values.len() * 2);
+    for (lsn, bytes) in values {
+        out.extend(decode_value(saga, *lsn, bytes)?);
+    }
+    Ok(out)
 }
 
 fn strip_format(bytes: &[u8]) -> std::result::Result<&[u8], String> {
@@ -214,41 +267,84 @@ pub fn saga_of_start_key_value(value: &[u8]) -> Result<SagaId> {
     Ok(SagaId::from_bytes(bytes))
 }
 
-/// The key-value changes that make up `write`: its records, its summary, and the index
-/// entries that change with them.
+/// The key-value changes that make up `write`: its records (one value for all of
+/// them), its summary when something an index or a reader needs has changed, and the
+/// index entries that change with them.
 ///
 /// # Errors
 ///
 /// As [`encode_meta`].
-pub fn ops(write: &Write) -> Result<Vec<Op>> {
-    let saga = write.saga;
-    let mut ops = Vec::with_capacity(write.records.len() + 4);
-    for (lsn, bytes) in &write.records {
-        ops.push(Op::Put(log_key(saga, *lsn), bytes.clone()));
+pub fn ops(write: Write) -> Result<Vec<Op>> {
+    let Write {
+        saga,
+        records,
+        meta,
+        previous,
+    } = write;
+    let mut ops = Vec::with_capacity(5);
+    let mut records = records.into_iter();
+    if let Some((first, bytes)) = records.next() {
+        let rest: Vec<_> = records.collect();
+        if rest.is_empty() {
+            ops.push(Op::Put(log_key(saga, first), bytes));
+        } else {
+            // Splice the records' JSON into one array rather than re-encoding them.
+            let len = bytes.len() + rest.iter().map(|(_, b)| b.len() + 1).sum::<usize>() + 2;
+            let mut group = Vec::with_capacity(len);
+            group.push(FORMAT_V2);
+            group.push(b'[');
+            group.extend_from_slice(strip_format(&bytes).map_err(Error::Backend)?);
+            for (_, b) in &rest {
+                group.push(b',');
+                group.extend_from_slice(strip_format(b).map_err(Error::Backend)?);
+            }
+            group.push(b']');
+            ops.push(Op::Put(log_key(saga, first), group));
+        }
     }
-    ops.push(Op::Put(meta_key(saga), encode_meta(&write.meta)?));
-    let prev = write.previous.as_ref();
-    if prev.map(|p| p.status) != Some(write.meta.status) {
+    let prev = previous.as_ref();
+    // The summary's times and last lsn are read from the log's tail (see
+    // `with_log_tail`), so it is rewritten only when the rest of it changes.
+    let changed = prev
+        .is_none_or(|p| p.status != meta.status || p.due != meta.due || p.reason != meta.reason);
+    if prev.map(|p| p.status) != Some(meta.status) {
         if let Some(p) = prev {
             ops.push(Op::Delete(status_key(p.status, saga)));
         }
-        ops.push(Op::Put(status_key(write.meta.status, saga), Vec::new()));
+        ops.push(Op::Put(status_key(meta.status, saga), Vec::new()));
     }
     let old_due = prev.and_then(|p| p.due);
-    if old_due != write.meta.due {
+    if old_due != meta.due {
         if let Some(d) = old_due {
             ops.push(Op::Delete(timer_key(d, saga)));
         }
-        if let Some(d) = write.meta.due {
+        if let Some(d) = meta.due {
             ops.push(Op::Put(timer_key(d, saga), Vec::new()));
         }
     }
     if prev.is_none() {
-        if let Some(k) = &write.meta.start_key {
+        if let Some(k) = &meta.start_key {
             ops.push(Op::Put(start_key_key(k), saga.as_bytes().to_vec()));
         }
     }
+    if changed {
+        ops.push(Op::Put(meta_key(saga), encode_meta(&meta)?));
+    }
     Ok(ops)
+}
+
+/// Brings a stored summary's `updated_at` and `last_lsn` up to date from the saga's
+/// last stored log value (the summary is not rewritten on every transition). A tail
+/// that does not decode leaves the summary as stored.
+pub fn with_log_tail(mut meta: SagaMeta, tail: Option<(Lsn, Vec<u8>)>) -> SagaMeta {
+    if let Some(last) = tail
+        .and_then(|(lsn, bytes)| decode_value(meta.id, lsn, &bytes).ok())
+        .and_then(|mut records| records.pop())
+    {
+        meta.updated_at = last.at;
+        meta.last_lsn = last.lsn;
+    }
+    meta
 }
 
 /// The deletions that remove a saga whose summary is `meta` and whose log keys are

@@ -11,6 +11,8 @@ pub(crate) trait Kv {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>>;
     /// Every pair whose key starts with `prefix`, in key order.
     fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+    /// The pair with the greatest key that starts with `prefix`.
+    fn last(&self, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>>;
 }
 
 pub(crate) fn read(kv: &impl Kv, saga: SagaId) -> Result<Vec<(Lsn, Vec<u8>)>> {
@@ -21,9 +23,15 @@ pub(crate) fn read(kv: &impl Kv, saga: SagaId) -> Result<Vec<(Lsn, Vec<u8>)>> {
 }
 
 pub(crate) fn meta(kv: &impl Kv, saga: SagaId) -> Result<Option<SagaMeta>> {
-    kv.get(&codec::meta_key(saga))?
-        .map(|v| codec::decode_meta(saga, &v))
-        .transpose()
+    let Some(stored) = kv.get(&codec::meta_key(saga))? else {
+        return Ok(None);
+    };
+    let meta = codec::decode_meta(saga, &stored)?;
+    let tail = match kv.last(&codec::log_prefix(saga))? {
+        Some((k, v)) => Some((codec::lsn_of(saga, &k)?, v)),
+        None => None,
+    };
+    Ok(Some(codec::with_log_tail(meta, tail)))
 }
 
 pub(crate) fn with_status(kv: &impl Kv, status: SagaStatus) -> Result<Vec<SagaId>> {

@@ -130,10 +130,19 @@ impl Kv for MutexGuard<'_, Inner> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }
+
+    fn last(&self, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        Ok(self
+            .visible
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .last()
+            .map(|(k, v)| (k.clone(), v.clone())))
+    }
 }
 
 impl SagaLog for MemLog {
-    fn append(&self, writes: &[Write]) -> Result<()> {
+    fn append(&self, writes: Vec<Write>) -> Result<()> {
         let mut all = Vec::new();
         for w in writes {
             all.extend(codec::ops(w)?);

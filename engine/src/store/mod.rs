@@ -86,9 +86,10 @@ pub struct SagaMeta {
     pub start_key: Option<StartKey>,
     /// When it started.
     pub created_at: Timestamp,
-    /// When its latest record was written.
+    /// When its latest record was written (read from the log's tail: stores do not
+    /// rewrite the summary on every transition).
     pub updated_at: Timestamp,
-    /// The latest record's lsn.
+    /// The latest record's lsn (likewise).
     pub last_lsn: Lsn,
     /// When its next retry is due, while it waits for one.
     pub due: Option<Timestamp>,
@@ -123,7 +124,7 @@ pub trait SagaLog: Send + Sync + fmt::Debug + 'static {
     ///
     /// An I/O or backend error; then none, some or all of `writes` may be applied, each
     /// whole or not at all.
-    fn append(&self, writes: &[Write]) -> Result<()>;
+    fn append(&self, writes: Vec<Write>) -> Result<()>;
 
     /// Makes every appended write durable: on stable storage, across a power loss.
     ///
@@ -133,7 +134,9 @@ pub trait SagaLog: Send + Sync + fmt::Debug + 'static {
     /// be assumed durable.
     fn sync(&self) -> Result<()>;
 
-    /// The saga's log records in lsn order, still encoded; empty if the saga is unknown.
+    /// The saga's stored log values in lsn order, still encoded (decode them with
+    /// [`codec::decode_log`]: one value may hold several records); empty if the saga is
+    /// unknown.
     ///
     /// # Errors
     ///

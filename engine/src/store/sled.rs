@@ -141,10 +141,18 @@ impl Kv for sled::Db {
             .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(backend))
             .collect()
     }
+
+    fn last(&self, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        self.scan_prefix(prefix)
+            .next_back()
+            .transpose()
+            .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .map_err(backend)
+    }
 }
 
 impl SagaLog for SledLog {
-    fn append(&self, writes: &[Write]) -> Result<()> {
+    fn append(&self, writes: Vec<Write>) -> Result<()> {
         let mut all = Vec::new();
         for w in writes {
             all.extend(codec::ops(w)?);

@@ -51,7 +51,7 @@ fn first(saga: SagaId) -> Write {
 
 fn conformance(log: &dyn SagaLog) {
     let (a, b) = (id(1), id(2));
-    log.append(&[first(a), first(b)]).unwrap();
+    log.append(vec![first(a), first(b)]).unwrap();
     log.sync().unwrap();
     assert_eq!(log.incomplete().unwrap(), vec![a, b]);
     assert_eq!(log.read(a).unwrap(), vec![rec(0)]);
@@ -69,7 +69,7 @@ fn conformance(log: &dyn SagaLog) {
     // a waits on a timer; b parks.
     let a1 = meta(a, SagaStatus::Running, 2, Some(500));
     let b1 = meta(b, SagaStatus::Parked, 1, None);
-    log.append(&[
+    log.append(vec![
         Write {
             saga: a,
             records: vec![rec(1), rec(2)],
@@ -85,7 +85,16 @@ fn conformance(log: &dyn SagaLog) {
     ])
     .unwrap();
     log.sync().unwrap();
-    assert_eq!(log.read(a).unwrap(), vec![rec(0), rec(1), rec(2)]);
+    // Records written together are stored as one group, under the first one's lsn.
+    let values = log.read(a).unwrap();
+    assert_eq!(values.len(), 2);
+    assert_eq!(values[1].0, Lsn(1));
+    let records = codec::decode_log(a, &values).unwrap();
+    assert_eq!(
+        records.iter().map(|r| r.lsn).collect::<Vec<_>>(),
+        [Lsn(0), Lsn(1), Lsn(2)]
+    );
+    assert_eq!(values[0], rec(0));
     assert_eq!(log.meta(a).unwrap(), Some(a1.clone()));
     assert_eq!(log.with_status(SagaStatus::Parked).unwrap(), vec![b]);
     assert_eq!(log.with_status(SagaStatus::Running).unwrap(), vec![a]);
@@ -98,7 +107,7 @@ fn conformance(log: &dyn SagaLog) {
 
     // The timer moves; the old entry goes.
     let a2 = meta(a, SagaStatus::Completed, 3, None);
-    log.append(&[Write {
+    log.append(vec![Write {
         saga: a,
         records: vec![rec(3)],
         meta: a2,
@@ -145,7 +154,7 @@ fn sled_store_keeps_what_was_synced_across_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
         let log = SledLog::open(dir.path()).unwrap();
-        log.append(&[first(id(3))]).unwrap();
+        log.append(vec![first(id(3))]).unwrap();
         log.sync().unwrap();
     }
     let log = SledLog::open(dir.path()).unwrap();
@@ -164,9 +173,9 @@ fn a_second_sled_open_is_refused_as_locked() {
 #[test]
 fn memory_crash_loses_exactly_the_unsynced_writes() {
     let log = MemLog::new();
-    log.append(&[first(id(1))]).unwrap();
+    log.append(vec![first(id(1))]).unwrap();
     log.sync().unwrap();
-    log.append(&[first(id(2))]).unwrap();
+    log.append(vec![first(id(2))]).unwrap();
     assert_eq!(
         log.incomplete().unwrap(),
         vec![id(1), id(2)],
@@ -182,7 +191,7 @@ fn memory_crash_loses_exactly_the_unsynced_writes() {
 fn a_failed_sync_makes_nothing_durable() {
     let log = MemLog::new();
     log.fail_next_syncs(1);
-    log.append(&[first(id(1))]).unwrap();
+    log.append(vec![first(id(1))]).unwrap();
     assert!(matches!(log.sync(), Err(Error::Injected(_))));
     log.crash();
     assert!(log.incomplete().unwrap().is_empty());
@@ -209,6 +218,26 @@ fn records_round_trip_and_bad_bytes_are_typed_errors() {
     }
     // A record filed under the wrong lsn is corrupt too.
     assert!(decode_record(id(1), Lsn(5), &bytes).is_err());
+    // Groups: consecutive records from the key's lsn, nothing else.
+    let group = |lsns: &[u64]| {
+        let body: Vec<String> = lsns
+            .iter()
+            .map(|l| format!("{{\"lsn\":{l},\"at\":1,\"event\":{{\"type\":\"completed\"}}}}"))
+            .collect();
+        let mut v = vec![codec::FORMAT_V2];
+        v.extend_from_slice(format!("[{}]", body.join(",")).as_bytes());
+        v
+    };
+    assert_eq!(
+        codec::decode_value(id(1), Lsn(3), &group(&[3, 4]))
+            .unwrap()
+            .len(),
+        2
+    );
+    assert!(codec::decode_value(id(1), Lsn(3), &group(&[3, 5])).is_err());
+    assert!(codec::decode_value(id(1), Lsn(3), &group(&[4, 5])).is_err());
+    assert!(codec::decode_value(id(1), Lsn(3), &group(&[])).is_err());
+    assert!(codec::decode_value(id(1), Lsn(3), b"\x02[").is_err());
     assert!(codec::decode_meta(id(1), b"\x01[]").is_err());
     assert!(codec::lsn_of(id(1), b"short").is_err());
     assert!(codec::saga_of_start_key_value(b"short").is_err());

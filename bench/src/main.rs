@@ -1,0 +1,397 @@
+//! Sagaflow's benchmark: how much the engine adds to the cost of durability.
+//!
+//! ```text
+//! cargo run --release -p sagaflow-bench -- --sagas 20000
+//! ```
+//!
+//! In one process and one run, on the same disk, it measures:
+//!
+//! 1. the raw limits: sled inserts of the engine's typical record size with one flush +
+//!    fdatasync per record, and with group commit (64 writer threads, one flush +
+//!    fdatasync per batch);
+//! 2. Sagaflow: a 3-step saga of no-op steps at concurrency 1, 64 and 1024, and a 10-step
+//!    saga at concurrency 1024;
+//! 3. for each: sagas/s, log records/s and durable writes/s, latency from start to
+//!    outcome (p50, p99, p99.9), peak memory per in-flight saga, bytes on disk per
+//!    saga, and the ratios to the raw limits.
+//!
+//! The last line of output is one JSON object. Absolute figures drift on shared
+//! machines; the ratios to the raw limits measured in the same run are what to compare.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use sagaflow::{Engine, SagaDefinition, Step, StepContext, StepError};
+use serde_json::{json, Value};
+
+/// The size of a typical log record: a `step_attempt_started` or `step_succeeded` with a
+/// small output, plus the summary that travels with it.
+const RECORD_BYTES: usize = 200;
+
+struct Args {
+    sagas: u64,
+    raw_records: u64,
+    concurrency: Vec<u64>,
+}
+
+fn args() -> Result<Args, String> {
+    let mut a = Args {
+        sagas: 20_000,
+        raw_records: 2_000,
+        concurrency: vec![1, 64, 1024],
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--sagas" => a.sagas = value()?.parse().map_err(|e| format!("--sagas: {e}"))?,
+            "--raw-records" => {
+                a.raw_records = value()?
+                    .parse()
+                    .map_err(|e| format!("--raw-records: {e}"))?
+            }
+            "--concurrency" => {
+                a.concurrency = value()?
+                    .split(',')
+                    .map(|c| c.trim().parse().map_err(|e| format!("--concurrency: {e}")))
+                    .collect::<Result<_, _>>()?
+            }
+            "-h" | "--help" => {
+                println!(
+                    "usage: sagaflow-bench [--sagas N] [--raw-records N] [--concurrency 1,64,1024]"
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(a)
+}
+
+/// Resident memory now and at its peak, in bytes (Linux `/proc/self/status`).
+fn rss() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn dir_bytes(path: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for e in entries.flatten() {
+            let p = e.path();
+            total += if p.is_dir() {
+                dir_bytes(&p)
+            } else {
+                e.metadata().map_or(0, |m| m.len())
+            };
+        }
+    }
+    total
+}
+
+fn open_raw(dir: &Path) -> (sled::Db, File) {
+    let db = sled::Config::new().path(dir).open().expect("open sled");
+    let file = File::open(dir.join("db")).expect("sled data file");
+    (db, file)
+}
+
+/// One flush + fdatasync per record, one writer: the cost of a durable write alone.
+fn raw_fsync(records: u64) -> f64 {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (db, file) = open_raw(dir.path());
+    let value = vec![7u8; RECORD_BYTES];
+    let start = Instant::now();
+    for i in 0..records {
+        db.insert(i.to_be_bytes(), value.clone()).expect("insert");
+        db.flush().expect("flush");
+        file.sync_data().expect("fdatasync");
+    }
+    records as f64 / start.elapsed().as_secs_f64()
+}
+
+/// 64 writers, one committer: whatever queued while the last sync ran goes in one batch
+/// and one sync. The ceiling for any engine on this disk.
+fn raw_group_commit(records: u64, writers: u64) -> f64 {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (db, file) = open_raw(dir.path());
+    type Job = (Vec<u8>, mpsc::SyncSender<()>);
+    let (tx, rx) = mpsc::channel::<Job>();
+    let committer = std::thread::spawn(move || {
+        while let Ok(first) = rx.recv() {
+            let mut jobs = vec![first];
+            while let Ok(j) = rx.try_recv() {
+                jobs.push(j);
+            }
+            let mut batch = sled::Batch::default();
+            for (k, _) in &jobs {
+                batch.insert(k.clone(), vec![7u8; RECORD_BYTES]);
+            }
+            db.apply_batch(batch).expect("batch");
+            db.flush().expect("flush");
+            file.sync_data().expect("fdatasync");
+            for (_, done) in jobs {
+                let _ = done.send(());
+            }
+        }
+    });
+    let per_writer = records / writers;
+    let start = Instant::now();
+    let handles: Vec<_> = (0..writers)
+        .map(|w| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let (done_tx, done_rx) = mpsc::sync_channel(1);
+                for i in 0..per_writer {
+                    let key = (w << 40 | i).to_be_bytes().to_vec();
+                    tx.send((key, done_tx.clone())).expect("send");
+                    done_rx.recv().expect("reply");
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("writer");
+    }
+    let rate = (per_writer * writers) as f64 / start.elapsed().as_secs_f64();
+    drop(tx);
+    committer.join().expect("committer");
+    rate
+}
+
+struct Noop;
+
+#[async_trait]
+impl Step for Noop {
+    type Input = Value;
+    type Output = ();
+
+    async fn execute(&self, _: &StepContext, _: Value) -> Result<(), StepError> {
+        Ok(())
+    }
+
+    async fn compensate(&self, _: &StepContext, _: Value, _: Option<()>) -> Result<(), StepError> {
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct Run {
+    name: String,
+    steps: usize,
+    concurrency: u64,
+    sagas: u64,
+    secs: f64,
+    records: u64,
+    writes: u64,
+    syncs: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    mem_per_inflight: f64,
+    disk_per_saga: f64,
+}
+
+impl Run {
+    fn sagas_per_sec(&self) -> f64 {
+        self.sagas as f64 / self.secs
+    }
+    fn writes_per_sec(&self) -> f64 {
+        self.writes as f64 / self.secs
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn run_engine(rt: &tokio::runtime::Runtime, steps: usize, concurrency: u64, sagas: u64) -> Run {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut b = SagaDefinition::builder("bench", 1);
+    for i in 0..steps {
+        b = b.step(format!("step{i}"), Noop);
+    }
+    let def = b.build().expect("definition");
+    let (base_rss, _) = rss();
+    let peak = Arc::new(AtomicU64::new(base_rss));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (peak, sampling) = (peak.clone(), sampling.clone());
+        std::thread::spawn(move || {
+            while sampling.load(Ordering::Relaxed) {
+                peak.fetch_max(rss().0, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let (secs, mut lat, stats) = rt.block_on(async {
+        let engine = Arc::new(
+            Engine::builder()
+                .seed(1)
+                .register(def)
+                .open(dir.path())
+                .await
+                .expect("open"),
+        );
+        let permits = Arc::new(tokio::sync::Semaphore::new(concurrency as usize));
+        let start = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for n in 0..sagas {
+            let permit = permits.clone().acquire_owned().await.expect("permit");
+            let e = engine.clone();
+            tasks.spawn(async move {
+                let t = Instant::now();
+                let id = e
+                    .start("bench", json!({ "n": n }), None)
+                    .await
+                    .expect("start");
+                e.wait(id).await.expect("wait");
+                drop(permit);
+                t.elapsed().as_secs_f64() * 1000.0
+            });
+        }
+        let mut lat = Vec::with_capacity(sagas as usize);
+        while let Some(r) = tasks.join_next().await {
+            lat.push(r.expect("task"));
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let stats = engine.commit_stats();
+        match Arc::try_unwrap(engine) {
+            Ok(e) => e.shutdown().await.expect("shutdown"),
+            Err(_) => panic!("engine still shared"),
+        }
+        (secs, lat, stats)
+    });
+    sampling.store(false, Ordering::Relaxed);
+    sampler.join().expect("sampler");
+    lat.sort_by(f64::total_cmp);
+    let mem = peak.load(Ordering::Relaxed).saturating_sub(base_rss) as f64;
+    Run {
+        name: format!("{steps}-step c={concurrency}"),
+        steps,
+        concurrency,
+        sagas,
+        secs,
+        records: stats.records,
+        writes: stats.writes,
+        syncs: stats.batches,
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+        p999_ms: percentile(&lat, 0.999),
+        mem_per_inflight: mem / concurrency.min(sagas) as f64,
+        disk_per_saga: dir_bytes(dir.path()) as f64 / sagas as f64,
+    }
+}
+
+fn main() {
+    let a = match args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    println!("raw sled, {RECORD_BYTES}-byte records, flush + fdatasync:");
+    let fsync = raw_fsync(a.raw_records);
+    println!("  one per record:             {fsync:>10.0} records/s");
+    let group = raw_group_commit(a.raw_records * 100, 64);
+    println!("  group commit, 64 writers:   {group:>10.0} records/s");
+    println!();
+
+    let mut runs = Vec::new();
+    for &c in &a.concurrency {
+        // At concurrency 1 every saga pays its syncs alone: fewer sagas say as much.
+        let n = if c == 1 { a.sagas.min(2_000) } else { a.sagas };
+        runs.push(run_engine(&rt, 3, c, n));
+    }
+    runs.push(run_engine(&rt, 10, 1024, a.sagas / 2));
+
+    println!(
+        "{:<16} {:>8} {:>10} {:>11} {:>11} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9}",
+        "run",
+        "sagas",
+        "sagas/s",
+        "records/s",
+        "writes/s",
+        "syncs",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "mem/saga",
+        "disk/saga",
+        "vs group"
+    );
+    for r in &runs {
+        println!(
+            "{:<16} {:>8} {:>10.0} {:>11.0} {:>11.0} {:>8} {:>8.2} {:>8.2} {:>9.2} {:>9.0}B {:>8.0}B {:>9.3}",
+            r.name,
+            r.sagas,
+            r.sagas_per_sec(),
+            r.records as f64 / r.secs,
+            r.writes_per_sec(),
+            r.syncs,
+            r.p50_ms,
+            r.p99_ms,
+            r.p999_ms,
+            r.mem_per_inflight,
+            r.disk_per_saga,
+            r.writes_per_sec() / group,
+        );
+    }
+    let find = |steps: usize, c: u64| runs.iter().find(|r| r.steps == steps && r.concurrency == c);
+    let c1 = find(3, 1);
+    let c1024 = find(3, 1024);
+    // A saga at concurrency 1 needs (writes per saga) durable writes, each costing
+    // 1 / raw fsync rate.
+    let durable_cost_ms = c1.map_or(0.0, |r| r.writes as f64 / r.sagas as f64 * 1000.0 / fsync);
+    println!();
+    if let Some(r) = c1 {
+        println!(
+            "c=1: p50 {:.3} ms against {:.3} ms of durable writes ({:.2} writes/saga): {:.2}x",
+            r.p50_ms,
+            durable_cost_ms,
+            r.writes as f64 / r.sagas as f64,
+            r.p50_ms / durable_cost_ms
+        );
+    }
+    let json = json!({
+        "raw_fsync_per_sec": fsync.round(),
+        "raw_group_commit_records_per_sec": group.round(),
+        "sagas_per_sec_c1": c1.map(|r| r.sagas_per_sec().round()),
+        "sagas_per_sec_c64": find(3, 64).map(|r| r.sagas_per_sec().round()),
+        "sagas_per_sec_c1024": c1024.map(|r| r.sagas_per_sec().round()),
+        "sagas_per_sec_10step_c1024": find(10, 1024).map(|r| r.sagas_per_sec().round()),
+        "p50_ms_c1": c1.map(|r| r.p50_ms),
+        "p99_ms_c1": c1.map(|r| r.p99_ms),
+        "p50_ms_c1024": c1024.map(|r| r.p50_ms),
+        "p99_ms_c1024": c1024.map(|r| r.p99_ms),
+        "p999_ms_c1024": c1024.map(|r| r.p999_ms),
+        "durable_write_cost_ms_c1": durable_cost_ms,
+        "p50_over_durable_cost_c1": c1.map(|r| r.p50_ms / durable_cost_ms),
+        "writes_per_saga_3step": c1024.map(|r| r.writes as f64 / r.sagas as f64),
+        "mem_bytes_per_inflight_c1024": c1024.map(|r| r.mem_per_inflight.round()),
+        "disk_bytes_per_saga_c1024": c1024.map(|r| r.disk_per_saga.round()),
+        "ratio_to_group_commit": c1024.map(|r| r.writes_per_sec() / group),
+    });
+    println!("{json}");
+}
