@@ -25,8 +25,58 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use sagaflow::{Engine, SagaDefinition, Step, StepContext, StepError};
-use serde_json::{json, Value};
+use sagaflow::store::{self, SagaLog, Write};
+use sagaflow::{
+    Engine, Lsn, SagaDefinition, SagaId, SagaMeta, SagaStatus, StartKey, Step, StepContext,
+    StepError, Timestamp,
+};
+use serde::de::IgnoredAny;
+use serde_json::json;
+
+/// Counts live heap bytes, so the memory probe can measure what in-flight sagas hold
+/// rather than what the process's resident set happens to be.
+mod counting {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    pub(crate) static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+    pub(crate) struct Counting;
+
+    // SAFETY: every method forwards to `System` with the caller's arguments unchanged
+    // and only adds bookkeeping on an atomic counter.
+    #[allow(unsafe_code)]
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let p = unsafe { System.alloc(layout) };
+            if !p.is_null() {
+                LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+            }
+            p
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            unsafe { System.dealloc(ptr, layout) };
+            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            let p = unsafe { System.realloc(ptr, layout, new_size) };
+            if !p.is_null() {
+                LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+                LIVE.fetch_add(new_size, Ordering::Relaxed);
+            }
+            p
+        }
+    }
+
+    pub(crate) fn live() -> usize {
+        LIVE.load(Ordering::Relaxed)
+    }
+}
+
+#[global_allocator]
+static ALLOC: counting::Counting = counting::Counting;
 
 /// The size of a typical log record: a `step_attempt_started` or `step_succeeded` with a
 /// small output, plus the summary that travels with it.
@@ -172,18 +222,149 @@ fn raw_group_commit(records: u64, writers: u64) -> f64 {
 
 struct Noop;
 
+/// A step that does nothing and reads nothing of the input (`IgnoredAny` decodes
+/// without building anything), so the figures are the engine's own.
 #[async_trait]
 impl Step for Noop {
-    type Input = Value;
+    type Input = IgnoredAny;
     type Output = ();
 
-    async fn execute(&self, _: &StepContext, _: Value) -> Result<(), StepError> {
+    async fn execute(&self, _: &StepContext, _: IgnoredAny) -> Result<(), StepError> {
         Ok(())
     }
 
-    async fn compensate(&self, _: &StepContext, _: Value, _: Option<()>) -> Result<(), StepError> {
+    async fn compensate(
+        &self,
+        _: &StepContext,
+        _: IgnoredAny,
+        _: Option<()>,
+    ) -> Result<(), StepError> {
         Ok(())
     }
+}
+
+/// A step that holds every saga at its first step until released, so the probe can
+/// count what a given number of in-flight sagas hold.
+struct Gate {
+    entered: Arc<AtomicU64>,
+    open: Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait]
+impl Step for Gate {
+    type Input = IgnoredAny;
+    type Output = ();
+
+    async fn execute(&self, _: &StepContext, _: IgnoredAny) -> Result<(), StepError> {
+        self.entered.fetch_add(1, Ordering::SeqCst);
+        let permit = self.open.acquire().await.map_err(StepError::permanent)?;
+        permit.forget();
+        Ok(())
+    }
+
+    async fn compensate(
+        &self,
+        _: &StepContext,
+        _: IgnoredAny,
+        _: Option<()>,
+    ) -> Result<(), StepError> {
+        Ok(())
+    }
+}
+
+/// A store that keeps nothing: the memory probe runs on it once to tell the engine's own
+/// per-saga memory from what sled's caches grow by for the same writes. Never used for
+/// a throughput figure.
+#[derive(Debug)]
+struct Discard;
+
+impl SagaLog for Discard {
+    fn append(&self, _: Vec<Write>) -> store::Result<()> {
+        Ok(())
+    }
+    fn sync(&self) -> store::Result<()> {
+        Ok(())
+    }
+    fn read(&self, _: SagaId) -> store::Result<Vec<(Lsn, Vec<u8>)>> {
+        Ok(Vec::new())
+    }
+    fn meta(&self, _: SagaId) -> store::Result<Option<SagaMeta>> {
+        Ok(None)
+    }
+    fn with_status(&self, _: SagaStatus) -> store::Result<Vec<SagaId>> {
+        Ok(Vec::new())
+    }
+    fn find_start_key(&self, _: &StartKey) -> store::Result<Option<SagaId>> {
+        Ok(None)
+    }
+    fn due(&self, _: Timestamp) -> store::Result<Vec<(Timestamp, SagaId)>> {
+        Ok(Vec::new())
+    }
+    fn remove(&self, _: SagaId) -> store::Result<()> {
+        Ok(())
+    }
+}
+
+/// Live heap per in-flight saga: `n` three-step sagas started and all held inside their
+/// first step, minus the heap before they started.
+fn memory_probe(rt: &tokio::runtime::Runtime, n: u64, on_sled: bool) -> f64 {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let entered = Arc::new(AtomicU64::new(0));
+    let open = Arc::new(tokio::sync::Semaphore::new(0));
+    let def = SagaDefinition::builder("probe", 1)
+        .step(
+            "gate",
+            Gate {
+                entered: entered.clone(),
+                open: open.clone(),
+            },
+        )
+        .step("b", Noop)
+        .step("c", Noop)
+        .build()
+        .expect("definition");
+    rt.block_on(async {
+        let b = Engine::builder().seed(2).register(def);
+        let engine = Arc::new(if on_sled {
+            b.open(dir.path()).await.expect("open")
+        } else {
+            b.open_with(Arc::new(Discard)).await.expect("open")
+        });
+        // Warm up allocator pools, sled's caches and the runtime with one saga.
+        open.add_permits(1);
+        let _ = engine
+            .start("probe", json!({"n": 0}), None)
+            .await
+            .expect("start");
+        while engine.in_flight() > 0 {
+            tokio::task::yield_now().await;
+        }
+        entered.store(0, Ordering::SeqCst);
+        let before = counting::live();
+        let mut starts = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let e = engine.clone();
+            starts.spawn(async move { e.start("probe", json!({ "n": i }), None).await });
+        }
+        let mut ids = Vec::with_capacity(n as usize);
+        while let Some(r) = starts.join_next().await {
+            ids.push(r.expect("task").expect("start"));
+        }
+        while entered.load(Ordering::SeqCst) < n {
+            tokio::task::yield_now().await;
+        }
+        let held = counting::live().saturating_sub(before);
+        open.add_permits(n as usize);
+        drop(ids);
+        while engine.in_flight() > 0 {
+            tokio::task::yield_now().await;
+        }
+        match Arc::try_unwrap(engine) {
+            Ok(e) => e.shutdown().await.expect("shutdown"),
+            Err(_) => panic!("engine still shared"),
+        }
+        held as f64 / n as f64
+    })
 }
 
 #[derive(Debug)]
@@ -325,6 +506,8 @@ fn main() {
         runs.push(run_engine(&rt, 3, c, n));
     }
     runs.push(run_engine(&rt, 10, 1024, a.sagas / 2));
+    let probe = memory_probe(&rt, 1024, false);
+    let probe_sled = memory_probe(&rt, 1024, true);
 
     println!(
         "{:<16} {:>8} {:>10} {:>11} {:>11} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9}",
@@ -365,6 +548,10 @@ fn main() {
     // 1 / raw fsync rate.
     let durable_cost_ms = c1.map_or(0.0, |r| r.writes as f64 / r.sagas as f64 * 1000.0 / fsync);
     println!();
+    println!(
+        "memory per in-flight saga (1024 held in step 1): engine {probe:.0} B of live heap; \
+         {probe_sled:.0} B with sled's cache growth for their writes"
+    );
     if let Some(r) = c1 {
         println!(
             "c=1: p50 {:.3} ms against {:.3} ms of durable writes ({:.2} writes/saga): {:.2}x",
@@ -389,7 +576,9 @@ fn main() {
         "durable_write_cost_ms_c1": durable_cost_ms,
         "p50_over_durable_cost_c1": c1.map(|r| r.p50_ms / durable_cost_ms),
         "writes_per_saga_3step": c1024.map(|r| r.writes as f64 / r.sagas as f64),
-        "mem_bytes_per_inflight_c1024": c1024.map(|r| r.mem_per_inflight.round()),
+        "mem_bytes_per_inflight": probe.round(),
+        "mem_bytes_per_inflight_with_sled": probe_sled.round(),
+        "rss_growth_bytes_per_inflight_c1024": c1024.map(|r| r.mem_per_inflight.round()),
         "disk_bytes_per_saga_c1024": c1024.map(|r| r.disk_per_saga.round()),
         "ratio_to_group_commit": c1024.map(|r| r.writes_per_sec() / group),
     });

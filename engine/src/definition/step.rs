@@ -198,7 +198,7 @@ impl StepContext {
     pub fn output_of<T: DeserializeOwned>(&self, step: &str) -> Result<Option<T>, StepError> {
         match self.outputs.get(step) {
             None => Ok(None),
-            Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|e| {
+            Some(v) => T::deserialize(v).map(Some).map_err(|e| {
                 StepError::permanent(format!(
                     "output of step `{step}` does not decode as {}: {e}",
                     std::any::type_name::<T>()

@@ -1,6 +1,10 @@
 //! Drives one saga: decide, record, sync, run the effect, record its result, repeat.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -36,13 +40,28 @@ impl From<StepError> for Failure {
     }
 }
 
-/// The task running one attempt. If the driver is dropped mid-attempt (the engine was
-/// dropped, as in a crash), the attempt goes with it instead of running on unobserved.
-struct AbortOnDrop(tokio::task::JoinHandle<std::result::Result<Value, StepError>>);
+type StepFuture<'a> =
+    Pin<Box<dyn Future<Output = std::result::Result<Value, StepError>> + Send + 'a>>;
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+/// A step's future with its panics caught: a panic inside a step fails that attempt,
+/// not the engine.
+struct CatchPanic<'a>(tracing::instrument::Instrumented<StepFuture<'a>>);
+
+impl Future for CatchPanic<'_> {
+    type Output = std::result::Result<
+        std::result::Result<Value, StepError>,
+        Box<dyn std::any::Any + Send + 'static>,
+    >;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // The step's future is not used again after a panic (the attempt is over and
+        // the future is dropped), so observing it after unwinding cannot happen.
+        let fut = &mut self.0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| Pin::new(fut).poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(payload) => Poll::Ready(Err(payload)),
+        }
     }
 }
 
@@ -136,7 +155,9 @@ impl Driver {
             let _ = tx.send(result.clone());
         }
         result?;
-        self.pending.clear();
+        // Drop the buffer rather than clear it: a saga waiting on a timer or a slow
+        // step should not hold its last write's capacity.
+        self.pending = Vec::new();
         self.committed = Some(meta);
         Ok(())
     }
@@ -273,22 +294,22 @@ impl Driver {
             attempt,
             key: IdempotencyKey::derive(self.state.id, &name, phase),
             deadline,
-            input: Arc::new(self.state.input.clone()),
+            input: self.state.input.clone(),
             outputs: Arc::new(self.state.outputs()),
         };
         let output = self.state.steps.get(i).and_then(|s| s.output.clone());
         let span = tracing::info_span!("attempt", step = %name, %phase, attempt = attempt.0);
-        let task = tokio::spawn(
-            async move {
-                match phase {
-                    Phase::Action => code.execute(ctx).await,
-                    Phase::Compensation => code.compensate(ctx, output).await.map(|()| Value::Null),
-                }
+        // The attempt runs inside this saga's task rather than its own: nothing to
+        // allocate per attempt beyond the step's future, and dropping the driver (a
+        // crash, a dropped engine) drops the attempt with it.
+        let fut: StepFuture<'_> = match phase {
+            Phase::Action => code.execute(ctx),
+            Phase::Compensation => {
+                Box::pin(async move { code.compensate(ctx, output).await.map(|()| Value::Null) })
             }
-            .instrument(span),
-        );
+        };
         let result = self
-            .await_attempt(AbortOnDrop(task), deadline, timeout)
+            .await_attempt(CatchPanic(fut.instrument(span)), deadline, timeout)
             .await;
         let result = result.and_then(|v| self.check_size(v));
         let now = self.inner.clock.now();
@@ -338,7 +359,7 @@ impl Driver {
 
     async fn await_attempt(
         &self,
-        mut task: AbortOnDrop,
+        attempt: CatchPanic<'_>,
         deadline: Timestamp,
         timeout: Duration,
     ) -> std::result::Result<Value, Failure> {
@@ -347,11 +368,10 @@ impl Driver {
         // would make simulations irreproducible).
         tokio::select! {
             biased;
-            joined = &mut task.0 => match joined {
+            done = attempt => match done {
                 Ok(Ok(v)) => Ok(v),
                 Ok(Err(e)) => Err(e.into()),
-                Err(e) if e.is_panic() => {
-                    let payload = e.into_panic();
+                Err(payload) => {
                     let msg = payload
                         .downcast_ref::<&str>()
                         .map(|s| s.to_string())
@@ -359,10 +379,8 @@ impl Driver {
                         .unwrap_or_else(|| "a non-string payload".into());
                     Err(Failure { kind: FailureKind::Panic, message: format!("step panicked: {msg}"), hint: None })
                 }
-                Err(_) => Err(Failure { kind: FailureKind::Interrupted, message: "attempt was cancelled".into(), hint: None }),
             },
             () = self.inner.clock.sleep_until(deadline) => {
-                task.0.abort();
                 Err(Failure { kind: FailureKind::Timeout, message: format!("attempt timed out after {timeout:?}"), hint: None })
             }
         }

@@ -114,7 +114,33 @@ impl EngineOptions {
     }
 }
 
-type OutcomeCell = watch::Sender<Option<Result<SagaOutcome>>>;
+/// Where a saga's outcome is published. Created only when somebody waits: a saga that
+/// nobody awaits costs one map entry, not a channel.
+#[derive(Default)]
+struct OutcomeCell {
+    value: Mutex<Option<Result<SagaOutcome>>>,
+    ready: tokio::sync::Notify,
+}
+
+impl OutcomeCell {
+    async fn get(&self) -> Result<SagaOutcome> {
+        loop {
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            // Registered before looking, so a publish in between is not missed.
+            notified.as_mut().enable();
+            if let Some(v) = lock(&self.value).clone() {
+                return v;
+            }
+            notified.await;
+        }
+    }
+
+    fn publish(&self, outcome: Result<SagaOutcome>) {
+        *lock(&self.value) = Some(outcome);
+        self.ready.notify_waiters();
+    }
+}
 
 pub(crate) struct Inner {
     pub(crate) store: Arc<dyn SagaLog>,
@@ -124,7 +150,7 @@ pub(crate) struct Inner {
     pub(crate) options: EngineOptions,
     defs: HashMap<String, BTreeMap<u32, Arc<SagaDefinition>>>,
     pub(crate) stopping: watch::Sender<bool>,
-    running: Mutex<HashMap<SagaId, OutcomeCell>>,
+    running: Mutex<HashMap<SagaId, Option<Arc<OutcomeCell>>>>,
     tasks: Mutex<JoinSet<()>>,
     start_locks: Mutex<HashMap<StartKey, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -149,8 +175,7 @@ impl Inner {
             definition = %driver.state().definition,
             version = driver.state().version
         );
-        let (tx, _) = watch::channel(None);
-        lock(&self.running).insert(id, tx);
+        lock(&self.running).insert(id, None);
         let inner = self.clone();
         lock(&self.tasks).spawn(
             async move {
@@ -160,8 +185,9 @@ impl Inner {
                         tracing::error!(error = %e, code = e.code(), "saga stopped");
                     }
                 }
-                if let Some(cell) = lock(&inner.running).remove(&id) {
-                    cell.send_replace(Some(outcome));
+                let cell = lock(&inner.running).remove(&id).flatten();
+                if let Some(cell) = cell {
+                    cell.publish(outcome);
                 }
             }
             .instrument(span),
@@ -439,17 +465,11 @@ impl Engine {
     /// engine stopped driving it (after a store failure); [`Error::ShuttingDown`] if the
     /// engine stopped before the saga ended; [`Error::CorruptLog`]; [`Error::Store`].
     pub async fn wait(&self, id: SagaId) -> Result<SagaOutcome> {
-        let rx = lock(&self.inner.running).get(&id).map(|c| c.subscribe());
-        if let Some(mut rx) = rx {
-            let got = rx
-                .wait_for(Option::is_some)
-                .await
-                .map(|v| v.clone())
-                .ok()
-                .flatten();
-            if let Some(result) = got {
-                return result;
-            }
+        let cell = lock(&self.inner.running)
+            .get_mut(&id)
+            .map(|slot| slot.get_or_insert_with(Default::default).clone());
+        if let Some(cell) = cell {
+            return cell.get().await;
         }
         match self.state(id) {
             Ok(state) => SagaOutcome::of(&state).ok_or(Error::NotRunning(id)),

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -160,8 +161,8 @@ pub struct SagaState {
     pub definition: String,
     /// Definition version.
     pub version: u32,
-    /// Input.
-    pub input: Value,
+    /// Input (shared: every attempt's context points at it).
+    pub input: Arc<Value>,
     /// Start key.
     pub start_key: Option<StartKey>,
     /// Status.
@@ -205,7 +206,7 @@ impl SagaState {
                 id,
                 definition: definition.clone(),
                 version: *version,
-                input: input.clone(),
+                input: Arc::new(input.clone()),
                 start_key: start_key.clone(),
                 status: SagaStatus::Running,
                 steps: steps
