@@ -12,17 +12,18 @@
 //! 2. Sagaflow: a 3-step saga of no-op steps at concurrency 1, 64 and 1024, and a 10-step
 //!    saga at concurrency 1024;
 //! 3. for each: sagas/s, log records/s and durable writes/s, latency from start to
-//!    outcome (p50, p99, p99.9), peak memory per in-flight saga, bytes on disk per
-//!    saga, and the ratios to the raw limits.
+//!    outcome (p50, p99, p99.9), bytes on disk per saga, and the ratios to the raw
+//!    limits; and a memory probe: live heap per in-flight saga, with 1024 sagas held
+//!    inside their first step (counted by a counting allocator).
 //!
 //! The last line of output is one JSON object. Absolute figures drift on shared
 //! machines; the ratios to the raw limits measured in the same run are what to compare.
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use sagaflow::store::{self, SagaLog, Write};
@@ -120,20 +121,6 @@ fn args() -> Result<Args, String> {
         }
     }
     Ok(a)
-}
-
-/// Resident memory now and at its peak, in bytes (Linux `/proc/self/status`).
-fn rss() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 fn dir_bytes(path: &Path) -> u64 {
@@ -380,7 +367,6 @@ struct Run {
     p50_ms: f64,
     p99_ms: f64,
     p999_ms: f64,
-    mem_per_inflight: f64,
     disk_per_saga: f64,
 }
 
@@ -408,18 +394,6 @@ fn run_engine(rt: &tokio::runtime::Runtime, steps: usize, concurrency: u64, saga
         b = b.step(format!("step{i}"), Noop);
     }
     let def = b.build().expect("definition");
-    let (base_rss, _) = rss();
-    let peak = Arc::new(AtomicU64::new(base_rss));
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let (peak, sampling) = (peak.clone(), sampling.clone());
-        std::thread::spawn(move || {
-            while sampling.load(Ordering::Relaxed) {
-                peak.fetch_max(rss().0, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        })
-    };
     let (secs, mut lat, stats) = rt.block_on(async {
         let engine = Arc::new(
             Engine::builder()
@@ -458,10 +432,7 @@ fn run_engine(rt: &tokio::runtime::Runtime, steps: usize, concurrency: u64, saga
         }
         (secs, lat, stats)
     });
-    sampling.store(false, Ordering::Relaxed);
-    sampler.join().expect("sampler");
     lat.sort_by(f64::total_cmp);
-    let mem = peak.load(Ordering::Relaxed).saturating_sub(base_rss) as f64;
     Run {
         name: format!("{steps}-step c={concurrency}"),
         steps,
@@ -474,7 +445,6 @@ fn run_engine(rt: &tokio::runtime::Runtime, steps: usize, concurrency: u64, saga
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
         p999_ms: percentile(&lat, 0.999),
-        mem_per_inflight: mem / concurrency.min(sagas) as f64,
         disk_per_saga: dir_bytes(dir.path()) as f64 / sagas as f64,
     }
 }
@@ -510,7 +480,7 @@ fn main() {
     let probe_sled = memory_probe(&rt, 1024, true);
 
     println!(
-        "{:<16} {:>8} {:>10} {:>11} {:>11} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9}",
+        "{:<16} {:>8} {:>10} {:>11} {:>11} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9}",
         "run",
         "sagas",
         "sagas/s",
@@ -520,13 +490,12 @@ fn main() {
         "p50 ms",
         "p99 ms",
         "p99.9 ms",
-        "mem/saga",
         "disk/saga",
         "vs group"
     );
     for r in &runs {
         println!(
-            "{:<16} {:>8} {:>10.0} {:>11.0} {:>11.0} {:>8} {:>8.2} {:>8.2} {:>9.2} {:>9.0}B {:>8.0}B {:>9.3}",
+            "{:<16} {:>8} {:>10.0} {:>11.0} {:>11.0} {:>8} {:>8.2} {:>8.2} {:>9.2} {:>9.0}B {:>9.3}",
             r.name,
             r.sagas,
             r.sagas_per_sec(),
@@ -536,7 +505,6 @@ fn main() {
             r.p50_ms,
             r.p99_ms,
             r.p999_ms,
-            r.mem_per_inflight,
             r.disk_per_saga,
             r.writes_per_sec() / group,
         );
@@ -578,7 +546,6 @@ fn main() {
         "writes_per_saga_3step": c1024.map(|r| r.writes as f64 / r.sagas as f64),
         "mem_bytes_per_inflight": probe.round(),
         "mem_bytes_per_inflight_with_sled": probe_sled.round(),
-        "rss_growth_bytes_per_inflight_c1024": c1024.map(|r| r.mem_per_inflight.round()),
         "disk_bytes_per_saga_c1024": c1024.map(|r| r.disk_per_saga.round()),
         "ratio_to_group_commit": c1024.map(|r| r.writes_per_sec() / group),
     });
