@@ -75,6 +75,14 @@ pub enum Error {
     /// The engine is shutting down and takes no new work.
     #[error("the engine is shutting down")]
     ShuttingDown,
+    /// An operator's repair was refused; nothing was written.
+    #[error("repair of saga {saga} refused: {reason}")]
+    RepairRefused {
+        /// The saga.
+        saga: SagaId,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -98,6 +106,7 @@ impl Error {
             Error::CorruptLog { .. } => "SAGA-0009",
             Error::NotRunning(_) => "SAGA-0010",
             Error::ShuttingDown => "SAGA-0011",
+            Error::RepairRefused { .. } => "SAGA-0012",
         }
     }
 }

@@ -62,7 +62,8 @@ pub enum Error {
 }
 
 /// Where a step stands relative to the point of no return.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum StepKind {
     /// Has an action and a compensation; before the pivot.
@@ -226,6 +227,11 @@ impl SagaDefinition {
     /// The definition's version.
     pub fn version(&self) -> u32 {
         self.version
+    }
+
+    /// The step kinds, in order.
+    pub fn step_kinds(&self) -> impl Iterator<Item = StepKind> + '_ {
+        self.steps.iter().map(|s| s.kind)
     }
 
     /// The step names, in order.

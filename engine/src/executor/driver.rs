@@ -13,9 +13,9 @@ use tracing::Instrument;
 use crate::clock::Timestamp;
 use crate::definition::{Idempotence, RetryPolicy, SagaDefinition, StepContext, StepError};
 use crate::error::{Error, Result};
-use crate::executor::{Inner, SagaOutcome};
-use crate::ids::{Attempt, IdempotencyKey, Lsn, Phase};
-use crate::machine::{decide, Decision, Event, FailureKind, LogRecord, SagaState, SagaStatus};
+use crate::executor::{lock, Inner, PendingRepair, RepairError, SagaOutcome};
+use crate::ids::{Attempt, IdempotencyKey, Phase};
+use crate::machine::{check_repair, decide, Decision, Event, FailureKind, LogRecord, SagaState};
 use crate::store::{codec, SagaMeta, Write};
 
 /// Why an attempt failed, before it is written down.
@@ -163,37 +163,25 @@ impl Driver {
     }
 
     fn meta(&self) -> SagaMeta {
-        let s = &self.state;
-        let due = match decide(&self.def, s, Timestamp::EPOCH) {
-            Decision::Wait { until } => Some(until),
-            _ => None,
-        };
-        let reason = match s.status {
-            SagaStatus::Parked => s.parked.as_ref().map(|p| p.message.clone()),
-            SagaStatus::Compensating | SagaStatus::Compensated => s.compensation_reason.clone(),
-            _ => None,
-        };
-        SagaMeta {
-            id: s.id,
-            definition: s.definition.clone(),
-            version: s.version,
-            status: s.status,
-            start_key: s.start_key.clone(),
-            created_at: s.created_at,
-            updated_at: s.updated_at,
-            last_lsn: Lsn(s.next_lsn.0.saturating_sub(1)),
-            due,
-            reason,
-        }
+        SagaMeta::of(&self.state)
     }
 
     /// Runs the saga until it ends, parks, or the engine stops.
     pub(crate) async fn run(mut self) -> Result<SagaOutcome> {
         let mut stopping = self.inner.stopping.subscribe();
+        let mut repairs = self.inner.repair_epoch.subscribe();
         loop {
             if *stopping.borrow() {
                 self.flush().await?;
                 return Err(Error::ShuttingDown);
+            }
+            // Repairs are applied between attempts, never during one.
+            if repairs.has_changed().unwrap_or(false) {
+                repairs.borrow_and_update();
+                let pending = lock(&self.inner.repairs).remove(&self.state.id);
+                if let Some(p) = pending {
+                    self.repair(p).await?;
+                }
             }
             let now = self.inner.clock.now();
             match decide(&self.def, &self.state, now) {
@@ -225,6 +213,10 @@ impl Driver {
                         biased;
                         () = self.inner.clock.sleep_until(until) => {}
                         _ = stopping.changed() => {}
+                        _ = repairs.changed() => {
+                            // Seen again at the top of the loop.
+                            repairs.mark_changed();
+                        }
                     }
                 }
                 Decision::Complete => {
@@ -247,6 +239,35 @@ impl Driver {
                     return SagaOutcome::of(&self.state).ok_or(Error::NotRunning(self.state.id));
                 }
             }
+        }
+    }
+
+    /// Applies an operator's repair, if the state allows it, and answers the operator.
+    async fn repair(&mut self, p: PendingRepair) -> Result<()> {
+        let answer = match check_repair(&self.state, &p.action) {
+            Err(refusal) => Err(Error::RepairRefused {
+                saga: self.state.id,
+                reason: refusal.0,
+            }),
+            Ok(()) => {
+                tracing::warn!(action = p.action.name(), operator = %p.operator, reason = %p.reason, "operator repair");
+                self.record(Event::OperatorAction {
+                    action: p.action,
+                    operator: p.operator,
+                    reason: p.reason,
+                })?;
+                self.flush().await.map(|()| self.meta())
+            }
+        };
+        let failed = answer
+            .as_ref()
+            .err()
+            .filter(|e| !matches!(e, Error::RepairRefused { .. }))
+            .cloned();
+        let _ = p.reply.send(answer.map_err(RepairError::Final));
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 

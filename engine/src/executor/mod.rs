@@ -25,7 +25,7 @@ use crate::clock::{Clock, Entropy, SeededEntropy, SystemClock, Timestamp};
 use crate::definition::SagaDefinition;
 use crate::error::{Error, Result};
 use crate::ids::{Lsn, SagaId, StartKey};
-use crate::machine::{Event, LogRecord, ParkReason, SagaState, SagaStatus};
+use crate::machine::{check_repair, Event, LogRecord, ParkReason, Repair, SagaState, SagaStatus};
 use crate::recovery::{self, RecoveryReport};
 use crate::store::{codec, SagaLog, SagaMeta, SledLog};
 
@@ -48,6 +48,13 @@ pub enum SagaOutcome {
         /// Why.
         reason: ParkReason,
     },
+    /// An operator settled the saga by hand.
+    Resolved {
+        /// Who.
+        operator: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl SagaOutcome {
@@ -64,6 +71,10 @@ impl SagaOutcome {
                 .parked
                 .clone()
                 .map(|reason| SagaOutcome::Parked { reason }),
+            SagaStatus::Resolved => state
+                .resolution
+                .clone()
+                .map(|(operator, reason)| SagaOutcome::Resolved { operator, reason }),
             SagaStatus::Running | SagaStatus::Compensating => None,
         }
     }
@@ -153,9 +164,31 @@ pub(crate) struct Inner {
     running: Mutex<HashMap<SagaId, Option<Arc<OutcomeCell>>>>,
     tasks: Mutex<JoinSet<()>>,
     start_locks: Mutex<HashMap<StartKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// Repairs for running sagas, picked up by their drivers.
+    pub(crate) repairs: Mutex<HashMap<SagaId, PendingRepair>>,
+    /// Bumped when a repair is queued: waiting drivers wake and look.
+    pub(crate) repair_epoch: watch::Sender<u64>,
+    /// One repair at a time, engine-wide: repairs are rare and must not race.
+    repair_lock: tokio::sync::Mutex<()>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// A repair waiting for the driver of a running saga to apply it.
+pub(crate) struct PendingRepair {
+    pub(crate) action: Repair,
+    pub(crate) operator: String,
+    pub(crate) reason: String,
+    pub(crate) reply: tokio::sync::oneshot::Sender<std::result::Result<SagaMeta, RepairError>>,
+}
+
+/// How a repair handed to a driver ended.
+pub(crate) enum RepairError {
+    /// Applied or refused: this is the answer.
+    Final(Error),
+    /// The driver ended before it got to it: apply it to the stored saga instead.
+    Gone,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Every critical section here is a single map operation: a panic cannot leave the
     // data half-updated, so a poisoned lock is still consistent.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -188,6 +221,10 @@ impl Inner {
                 let cell = lock(&inner.running).remove(&id).flatten();
                 if let Some(cell) = cell {
                     cell.publish(outcome);
+                }
+                // A repair that arrived as the saga ended goes to the stored saga.
+                if let Some(p) = lock(&inner.repairs).remove(&id) {
+                    let _ = p.reply.send(Err(RepairError::Gone));
                 }
             }
             .instrument(span),
@@ -298,6 +335,9 @@ impl EngineBuilder {
             running: Mutex::new(HashMap::new()),
             tasks: Mutex::new(JoinSet::new()),
             start_locks: Mutex::new(HashMap::new()),
+            repairs: Mutex::new(HashMap::new()),
+            repair_epoch: watch::channel(0).0,
+            repair_lock: tokio::sync::Mutex::new(()),
         });
         let report = recovery::recover(&inner).await?;
         Ok(Engine { inner, report })
@@ -434,6 +474,7 @@ impl Engine {
                 definition: def.name().to_string(),
                 version: def.version(),
                 steps: def.step_names().map(str::to_string).collect(),
+                kinds: def.step_kinds().collect(),
                 input,
                 start_key,
             },
@@ -485,6 +526,103 @@ impl Engine {
             },
             Err(e) => Err(e),
         }
+    }
+
+    /// Applies an operator's repair to a saga and returns its summary afterwards.
+    ///
+    /// The repair is checked against the saga's state first ([`check_repair`]): one that
+    /// would break a guarantee is refused with the reason and nothing is written.
+    /// Otherwise it is recorded in the saga's log, with `operator` and `reason`, and the
+    /// saga goes on from there: a resumed saga is driven again, a resolved one is not.
+    /// For a saga in the middle of an attempt, the repair waits for the attempt to end.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RepairRefused`] (also for an empty operator or reason),
+    /// [`Error::UnknownSaga`], [`Error::CorruptLog`], [`Error::Store`].
+    pub async fn repair(
+        &self,
+        id: SagaId,
+        action: Repair,
+        operator: &str,
+        reason: &str,
+    ) -> Result<SagaMeta> {
+        if operator.trim().is_empty() || reason.trim().is_empty() {
+            return Err(Error::RepairRefused {
+                saga: id,
+                reason: "a repair needs who (operator) and why (reason)".into(),
+            });
+        }
+        let inner = &self.inner;
+        let _one_at_a_time = inner.repair_lock.lock().await;
+        let driven = lock(&inner.running).contains_key(&id);
+        if driven {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            lock(&inner.repairs).insert(
+                id,
+                PendingRepair {
+                    action: action.clone(),
+                    operator: operator.to_string(),
+                    reason: reason.to_string(),
+                    reply: tx,
+                },
+            );
+            inner.repair_epoch.send_modify(|n| *n += 1);
+            match rx.await {
+                Ok(Ok(meta)) => return Ok(meta),
+                Ok(Err(RepairError::Final(e))) => return Err(e),
+                Ok(Err(RepairError::Gone)) | Err(_) => {}
+            }
+        }
+        // Not driven (parked, or it ended meanwhile): repair the stored saga.
+        let state = self.state(id)?;
+        if let Err(refusal) = check_repair(&state, &action) {
+            return Err(Error::RepairRefused {
+                saga: id,
+                reason: refusal.0,
+            });
+        }
+        let def = inner.definition(&state.definition, state.version);
+        let resumes = !matches!(action, Repair::MarkResolved);
+        if resumes && def.is_none() {
+            return Err(Error::RepairRefused {
+                saga: id,
+                reason: format!(
+                    "definition `{}` version {} is not registered with this engine",
+                    state.definition, state.version
+                ),
+            });
+        }
+        let previous = inner.store.meta(id)?;
+        let mut state = state;
+        tracing::warn!(saga_id = %id, action = action.name(), operator, reason, "operator repair");
+        let record = LogRecord {
+            lsn: state.next_lsn,
+            at: inner.clock.now(),
+            event: Event::OperatorAction {
+                action,
+                operator: operator.to_string(),
+                reason: reason.to_string(),
+            },
+        };
+        state.apply(&record).map_err(|e| Error::CorruptLog {
+            saga: id,
+            reason: e.to_string(),
+        })?;
+        let meta = SagaMeta::of(&state);
+        inner
+            .committer
+            .commit(crate::store::Write {
+                saga: id,
+                records: vec![(record.lsn, codec::encode_record(&record)?)],
+                meta: meta.clone(),
+                previous,
+            })
+            .await?;
+        if let (true, Some(def)) = (meta.status.is_active(), def) {
+            inner.spawn(Driver::new(inner.clone(), def, state, Some(meta.clone())));
+        }
+        Ok(meta)
     }
 
     /// The saga's current state, folded from its log.

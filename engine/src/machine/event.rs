@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::clock::Timestamp;
+use crate::definition::StepKind;
 use crate::ids::{Attempt, Lsn, StartKey};
 
 /// Why an attempt failed, as recorded in the log.
@@ -108,6 +109,11 @@ pub enum Event {
         version: u32,
         /// The definition's step names, in order, at the time of start.
         steps: Vec<String>,
+        /// The steps' kinds, in order, so that a log can be judged (and repaired) without
+        /// the definition. Empty in logs written before kinds were recorded: then every
+        /// step counts as compensatable.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        kinds: Vec<StepKind>,
         /// The saga input.
         input: Value,
         /// The caller's start key, if any.
@@ -187,6 +193,52 @@ pub enum Event {
         /// Why.
         reason: ParkReason,
     },
+    /// An operator repaired the saga.
+    OperatorAction {
+        /// What they did.
+        action: Repair,
+        /// Who.
+        operator: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What an operator can do to a saga. Every repair is checked against the saga's state
+/// ([`crate::machine::check_repair`]) before it is written, so none can break the
+/// guarantees: for example, compensation cannot be forced once the pivot has started.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Repair {
+    /// Run the retry that is waiting on a timer now.
+    RetryNow,
+    /// Take a parked saga up where it stopped, with one more attempt for what failed.
+    Resume,
+    /// Stop going forward and compensate every step that started (only before the
+    /// pivot has started).
+    ForceCompensate,
+    /// Count the current step (or, while compensating, the current compensation) as
+    /// done without running it: the operator did it by hand.
+    SkipStep {
+        /// Step index.
+        step: u32,
+    },
+    /// The operator settled the saga by hand; the engine stops driving it.
+    MarkResolved,
+}
+
+impl Repair {
+    /// The repair's name, as the CLI and the admin API spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Repair::RetryNow => "retry_now",
+            Repair::Resume => "resume",
+            Repair::ForceCompensate => "force_compensate",
+            Repair::SkipStep { .. } => "skip_step",
+            Repair::MarkResolved => "mark_resolved",
+        }
+    }
 }
 
 impl Event {
@@ -204,6 +256,7 @@ impl Event {
             Event::Completed => "completed",
             Event::Compensated => "compensated",
             Event::Parked { .. } => "parked",
+            Event::OperatorAction { .. } => "operator_action",
         }
     }
 }

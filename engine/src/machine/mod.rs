@@ -11,5 +11,5 @@ mod state;
 mod tests;
 
 pub use decide::{decide, Decision};
-pub use event::{Event, FailureKind, LogRecord, ParkKind, ParkReason};
-pub use state::{FoldError, Progress, SagaState, SagaStatus, StepState};
+pub use event::{Event, FailureKind, LogRecord, ParkKind, ParkReason, Repair};
+pub use state::{check_repair, FoldError, Progress, Refusal, SagaState, SagaStatus, StepState};

@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::clock::Timestamp;
+use crate::definition::StepKind;
 use crate::ids::{Attempt, Lsn, SagaId, StartKey};
-use crate::machine::event::{Event, FailureKind, LogRecord, ParkReason};
+use crate::machine::event::{Event, FailureKind, LogRecord, ParkKind, ParkReason, Repair};
 
 /// Where a saga is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -25,22 +26,28 @@ pub enum SagaStatus {
     Compensated,
     /// Waiting for an operator.
     Parked,
+    /// Settled by hand by an operator.
+    Resolved,
 }
 
 impl SagaStatus {
     /// All statuses, in index order.
-    pub const ALL: [SagaStatus; 5] = [
+    pub const ALL: [SagaStatus; 6] = [
         SagaStatus::Running,
         SagaStatus::Compensating,
         SagaStatus::Completed,
         SagaStatus::Compensated,
         SagaStatus::Parked,
+        SagaStatus::Resolved,
     ];
 
-    /// Whether the saga has ended for good (completed or compensated). A parked saga has
-    /// stopped but is not final: an operator may move it on.
+    /// Whether the saga has ended for good (completed, compensated, or resolved by an
+    /// operator). A parked saga has stopped but is not final: an operator may move it on.
     pub fn is_final(self) -> bool {
-        matches!(self, SagaStatus::Completed | SagaStatus::Compensated)
+        matches!(
+            self,
+            SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Resolved
+        )
     }
 
     /// Whether the engine drives the saga (running or compensating).
@@ -56,12 +63,18 @@ impl SagaStatus {
             SagaStatus::Completed => 3,
             SagaStatus::Compensated => 4,
             SagaStatus::Parked => 5,
+            SagaStatus::Resolved => 6,
         }
     }
 
     /// The status with code `code`.
     pub fn from_code(code: u8) -> Option<Self> {
         SagaStatus::ALL.into_iter().find(|s| s.code() == code)
+    }
+
+    /// The status named by `word` (as [`SagaStatus::as_str`] spells it).
+    pub fn parse(word: &str) -> Option<Self> {
+        SagaStatus::ALL.into_iter().find(|s| s.as_str() == word)
     }
 
     /// The status as a lowercase word.
@@ -72,6 +85,7 @@ impl SagaStatus {
             SagaStatus::Completed => "completed",
             SagaStatus::Compensated => "compensated",
             SagaStatus::Parked => "parked",
+            SagaStatus::Resolved => "resolved",
         }
     }
 }
@@ -169,10 +183,16 @@ pub struct SagaState {
     pub status: SagaStatus,
     /// Steps, in definition order.
     pub steps: Vec<StepState>,
+    /// Step kinds, in definition order (from the `started` record).
+    pub kinds: Vec<StepKind>,
     /// Why compensation began, once it has.
     pub compensation_reason: Option<String>,
     /// Why the saga is parked, while it is.
     pub parked: Option<ParkReason>,
+    /// What it was doing when it was parked, while it is.
+    pub parked_from: Option<SagaStatus>,
+    /// Who resolved it and why, once an operator has.
+    pub resolution: Option<(String, String)>,
     /// When the saga started.
     pub created_at: Timestamp,
     /// When the latest record was written.
@@ -200,6 +220,7 @@ impl SagaState {
                 definition,
                 version,
                 steps,
+                kinds,
                 input,
                 start_key,
             } => Ok(SagaState {
@@ -218,8 +239,13 @@ impl SagaState {
                         compensation: Progress::NotStarted,
                     })
                     .collect(),
+                kinds: (0..steps.len())
+                    .map(|i| kinds.get(i).copied().unwrap_or(StepKind::Compensatable))
+                    .collect(),
                 compensation_reason: None,
                 parked: None,
+                parked_from: None,
+                resolution: None,
                 created_at: first.at,
                 updated_at: first.at,
                 next_lsn: Lsn(1),
@@ -272,8 +298,10 @@ impl SagaState {
         if self.status.is_final() {
             return Err(err(format!("the saga already ended ({})", self.status)));
         }
-        // Parked sagas accept nothing until operator actions exist in the log format.
-        if self.status == SagaStatus::Parked {
+        // A parked saga waits for an operator: only a repair moves it.
+        if self.status == SagaStatus::Parked
+            && !matches!(record.event, Event::OperatorAction { .. })
+        {
             return Err(err("the saga is parked".into()));
         }
         let n = self.steps.len();
@@ -414,13 +442,136 @@ impl SagaState {
                 self.status = SagaStatus::Compensated;
             }
             Event::Parked { reason } => {
+                self.parked_from = Some(self.status);
                 self.status = SagaStatus::Parked;
                 self.parked = Some(reason.clone());
+            }
+            Event::OperatorAction {
+                action,
+                operator,
+                reason,
+            } => {
+                check_repair(self, action).map_err(|e| err(e.to_string()))?;
+                self.apply_repair(action, operator, reason, record.at);
             }
         }
         self.next_lsn = Lsn(lsn.0 + 1);
         self.updated_at = record.at;
         Ok(())
+    }
+
+    /// The step going forward is at (the first one that has not succeeded), if any.
+    pub fn current_step(&self) -> Option<usize> {
+        self.steps
+            .iter()
+            .position(|s| !matches!(s.action, Progress::Succeeded { .. }))
+    }
+
+    /// The step compensation is at: the last compensatable step whose action started and
+    /// whose compensation has not succeeded.
+    pub fn current_compensation(&self) -> Option<usize> {
+        (0..self.steps.len()).rev().find(|&i| {
+            let s = &self.steps[i];
+            self.kinds.get(i) == Some(&StepKind::Compensatable)
+                && s.action.started()
+                && !matches!(s.compensation, Progress::Succeeded { .. })
+        })
+    }
+
+    /// The status the saga is in, or was in before it was parked.
+    pub fn working_status(&self) -> SagaStatus {
+        match (self.status, self.parked_from) {
+            (SagaStatus::Parked, Some(from)) => from,
+            (status, _) => status,
+        }
+    }
+
+    /// When the retry the saga waits for is due, if it waits for one.
+    pub fn next_timer(&self) -> Option<Timestamp> {
+        let progress = match self.status {
+            SagaStatus::Running => self.current_step().map(|i| &self.steps[i].action),
+            SagaStatus::Compensating => self
+                .current_compensation()
+                .map(|i| &self.steps[i].compensation),
+            _ => None,
+        };
+        match progress {
+            Some(Progress::Failed { retry_at, .. }) => *retry_at,
+            _ => None,
+        }
+    }
+
+    /// The progress a repair acts on: the current step's action or, while compensating,
+    /// the current compensation.
+    fn current_progress_mut(&mut self, status: SagaStatus) -> Option<&mut Progress> {
+        match status {
+            SagaStatus::Running => {
+                let i = self.current_step()?;
+                Some(&mut self.steps[i].action)
+            }
+            SagaStatus::Compensating => {
+                let i = self.current_compensation()?;
+                Some(&mut self.steps[i].compensation)
+            }
+            _ => None,
+        }
+    }
+
+    fn apply_repair(&mut self, action: &Repair, operator: &str, reason: &str, at: Timestamp) {
+        let working = self.working_status();
+        let unpark = |s: &mut SagaState| {
+            if s.status == SagaStatus::Parked {
+                s.status = working;
+                s.parked = None;
+                s.parked_from = None;
+            }
+        };
+        match action {
+            Repair::RetryNow => {
+                if let Some(Progress::Failed { retry_at, .. }) = self.current_progress_mut(working)
+                {
+                    *retry_at = Some(at);
+                }
+            }
+            Repair::Resume => {
+                unpark(self);
+                // One more attempt for what had run out of them.
+                if let Some(Progress::Failed { retry_at, .. }) = self.current_progress_mut(working)
+                {
+                    if retry_at.is_none() {
+                        *retry_at = Some(at);
+                    }
+                }
+            }
+            Repair::ForceCompensate => {
+                unpark(self);
+                self.status = SagaStatus::Compensating;
+                self.compensation_reason = Some(format!("forced by {operator}: {reason}"));
+            }
+            Repair::SkipStep { step } => {
+                unpark(self);
+                let i = *step as usize;
+                if let Some(s) = self.steps.get_mut(i) {
+                    match working {
+                        SagaStatus::Running => {
+                            let attempt = Attempt(s.action.attempts());
+                            s.action = Progress::Succeeded { attempt };
+                            s.output = Some(Value::Null);
+                        }
+                        _ => {
+                            let attempt = Attempt(s.compensation.attempts());
+                            s.compensation = Progress::Succeeded { attempt };
+                        }
+                    }
+                }
+            }
+            Repair::MarkResolved => {
+                self.status = SagaStatus::Resolved;
+                self.parked = None;
+                self.parked_from = None;
+                self.resolution = Some((operator.to_string(), reason.to_string()));
+            }
+        }
     }
 
     fn expect_status(&self, want: SagaStatus, lsn: Lsn) -> Result<(), FoldError> {
@@ -433,4 +584,84 @@ impl SagaState {
             })
         }
     }
+}
+
+/// Why a repair was refused: it would break a guarantee or does not fit the saga's state.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+/// Whether `action` may be applied to `state`. A pure function of the log (the step
+/// kinds are in it), shared by the engine, the offline admin tools and the fold, so a
+/// repair that is refused live is refused offline too, and a log holding a repair that
+/// should have been refused does not fold.
+///
+/// # Errors
+///
+/// A [`Refusal`] saying why.
+pub fn check_repair(state: &SagaState, action: &Repair) -> Result<(), Refusal> {
+    let no = |why: String| Err(Refusal(why));
+    if state.status.is_final() {
+        return no(format!("the saga has ended ({})", state.status));
+    }
+    let working = state.working_status();
+    let parked = state.status == SagaStatus::Parked;
+    match action {
+        Repair::RetryNow => {
+            if parked {
+                return no("the saga is parked: resume it instead".into());
+            }
+            if state.next_timer().is_none() {
+                return no("the saga is not waiting for a retry".into());
+            }
+        }
+        Repair::Resume => {
+            if !parked {
+                return no(format!("the saga is not parked (it is {})", state.status));
+            }
+            if state.parked.as_ref().map(|p| p.kind) == Some(ParkKind::CorruptLog) {
+                return no("its log is corrupt: only mark_resolved applies".into());
+            }
+            if !working.is_active() {
+                return no("it was not running or compensating when it was parked".into());
+            }
+        }
+        Repair::ForceCompensate => {
+            if working != SagaStatus::Running {
+                return no(format!(
+                    "compensation can only be forced going forward, not {working}"
+                ));
+            }
+            if let Some(i) = (0..state.steps.len()).find(|&i| {
+                state.kinds.get(i) != Some(&StepKind::Compensatable)
+                    && state.steps[i].action.started()
+            }) {
+                return no(format!(
+                    "step `{}` ({}) has started: past the pivot a saga can only go forward",
+                    state.steps[i].name, state.kinds[i]
+                ));
+            }
+        }
+        Repair::SkipStep { step } => {
+            let i = *step as usize;
+            let name = state.steps.get(i).map_or("?", |s| s.name.as_str());
+            match working {
+                SagaStatus::Running if state.current_step() == Some(i) => {}
+                SagaStatus::Compensating if state.current_compensation() == Some(i) => {}
+                SagaStatus::Running => {
+                    return no(format!(
+                        "step {step} (`{name}`) is not the step the saga is at"
+                    ))
+                }
+                SagaStatus::Compensating => {
+                    return no(format!(
+                        "step {step} (`{name}`) is not the step compensation is at"
+                    ))
+                }
+                other => return no(format!("nothing to skip while {other}")),
+            }
+        }
+        Repair::MarkResolved => {}
+    }
+    Ok(())
 }

@@ -97,6 +97,34 @@ pub struct SagaMeta {
     pub reason: Option<String>,
 }
 
+impl SagaMeta {
+    /// The summary of `state`.
+    pub fn of(state: &crate::machine::SagaState) -> SagaMeta {
+        let s = state;
+        let reason = match s.status {
+            SagaStatus::Parked => s.parked.as_ref().map(|p| p.message.clone()),
+            SagaStatus::Compensating | SagaStatus::Compensated => s.compensation_reason.clone(),
+            SagaStatus::Resolved => s
+                .resolution
+                .as_ref()
+                .map(|(who, why)| format!("resolved by {who}: {why}")),
+            _ => None,
+        };
+        SagaMeta {
+            id: s.id,
+            definition: s.definition.clone(),
+            version: s.version,
+            status: s.status,
+            start_key: s.start_key.clone(),
+            created_at: s.created_at,
+            updated_at: s.updated_at,
+            last_lsn: Lsn(s.next_lsn.0.saturating_sub(1)),
+            due: s.next_timer(),
+            reason,
+        }
+    }
+}
+
 /// One atomic transition of one saga: its new log records and every index they touch.
 #[derive(Clone, Debug)]
 pub struct Write {
