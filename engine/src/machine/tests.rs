@@ -59,6 +59,7 @@ fn log(def: &SagaDefinition, events: Vec<Event>) -> Vec<LogRecord> {
         definition: def.name().into(),
         version: def.version(),
         steps: def.step_names().map(String::from).collect(),
+        kinds: def.step_kinds().collect(),
         input: json!({}),
         start_key: None,
     }];

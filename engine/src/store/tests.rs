@@ -206,6 +206,7 @@ fn records_round_trip_and_bad_bytes_are_typed_errors() {
             definition: "d".into(),
             version: 3,
             steps: vec!["a".into()],
+            kinds: vec![crate::StepKind::Pivot],
             input: json!({"x": [1, 2]}),
             start_key: Some(StartKey::new("k").unwrap()),
         },
