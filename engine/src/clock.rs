@@ -132,7 +132,9 @@ impl Clock for SystemClock {
 ///
 /// Under `tokio::time::pause` (or `#[tokio::test(start_paused = true)]`) it is virtual:
 /// time moves only when every task is idle, so a test of a one-hour retry-after runs in
-/// microseconds and always sees the same timestamps.
+/// microseconds and always sees the same timestamps. Pair it with
+/// [`crate::CommitMode::RuntimeTask`]: with the default commit thread, the runtime is
+/// idle while it waits for a sync, and virtual time runs on meanwhile.
 #[derive(Debug, Clone)]
 pub struct TokioClock {
     base: Timestamp,

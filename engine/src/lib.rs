@@ -117,12 +117,14 @@
 
 #![warn(missing_docs)]
 
+pub mod admin;
 mod clock;
 pub mod definition;
 mod error;
 mod executor;
 mod ids;
 pub mod machine;
+mod metrics;
 mod recovery;
 pub mod store;
 

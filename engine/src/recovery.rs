@@ -150,6 +150,7 @@ async fn park(
         due: None,
         reason: None,
     });
+    let previous_definition = previous.definition.clone();
     let meta = SagaMeta {
         status: SagaStatus::Parked,
         updated_at: now,
@@ -165,6 +166,7 @@ async fn park(
         previous: Some(previous),
     };
     inner.committer.commit(write).await?;
+    inner.metrics.ended(&previous_definition, "parked", None);
     report.parked.push((id, reason));
     Ok(())
 }

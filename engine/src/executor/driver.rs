@@ -251,6 +251,9 @@ impl Driver {
             }),
             Ok(()) => {
                 tracing::warn!(action = p.action.name(), operator = %p.operator, reason = %p.reason, "operator repair");
+                self.inner
+                    .metrics
+                    .repaired(&self.state.definition, p.action.name());
                 self.record(Event::OperatorAction {
                     action: p.action,
                     operator: p.operator,
@@ -329,11 +332,19 @@ impl Driver {
                 Box::pin(async move { code.compensate(ctx, output).await.map(|()| Value::Null) })
             }
         };
+        let began = self.inner.clock.now();
         let result = self
             .await_attempt(CatchPanic(fut.instrument(span)), deadline, timeout)
             .await;
         let result = result.and_then(|v| self.check_size(v));
         let now = self.inner.clock.now();
+        self.inner.metrics.attempt(
+            &self.state.definition,
+            &name,
+            phase,
+            now.duration_since(began).as_secs_f64(),
+            result.as_ref().err().map(|f| f.kind),
+        );
         match (phase, result) {
             (Phase::Action, Ok(output)) => self.record(Event::StepSucceeded {
                 step,

@@ -21,11 +21,13 @@ use commit::Committer;
 pub use commit::{CommitMode, CommitStats};
 pub(crate) use driver::Driver;
 
+use crate::admin::{self, ListFilter, Stats};
 use crate::clock::{Clock, Entropy, SeededEntropy, SystemClock, Timestamp};
 use crate::definition::SagaDefinition;
 use crate::error::{Error, Result};
 use crate::ids::{Lsn, SagaId, StartKey};
 use crate::machine::{check_repair, Event, LogRecord, ParkReason, Repair, SagaState, SagaStatus};
+use crate::metrics::Metrics;
 use crate::recovery::{self, RecoveryReport};
 use crate::store::{codec, SagaLog, SagaMeta, SledLog};
 
@@ -92,6 +94,10 @@ pub struct EngineOptions {
     pub lock_wait: Duration,
     /// Where group commit runs; see [`CommitMode`].
     pub commit_mode: CommitMode,
+    /// An active saga with no transition for longer than this is stuck: logged once,
+    /// counted in `sagaflow_stuck_sagas`, listed by [`crate::admin::ListFilter::stuck_for`].
+    /// `None` turns the watchdog off.
+    pub stuck_after: Option<Duration>,
 }
 
 impl Default for EngineOptions {
@@ -101,6 +107,7 @@ impl Default for EngineOptions {
             max_payload_bytes: 1 << 20,
             lock_wait: Duration::from_secs(10),
             commit_mode: CommitMode::default(),
+            stuck_after: Some(Duration::from_secs(15 * 60)),
         }
     }
 }
@@ -115,6 +122,12 @@ impl EngineOptions {
     /// Sets [`EngineOptions::commit_mode`].
     pub fn with_commit_mode(mut self, mode: CommitMode) -> Self {
         self.commit_mode = mode;
+        self
+    }
+
+    /// Sets [`EngineOptions::stuck_after`].
+    pub fn with_stuck_after(mut self, d: Option<Duration>) -> Self {
+        self.stuck_after = d;
         self
     }
 
@@ -170,6 +183,7 @@ pub(crate) struct Inner {
     pub(crate) repair_epoch: watch::Sender<u64>,
     /// One repair at a time, engine-wide: repairs are rare and must not race.
     repair_lock: tokio::sync::Mutex<()>,
+    pub(crate) metrics: Metrics,
 }
 
 /// A repair waiting for the driver of a running saga to apply it.
@@ -212,11 +226,22 @@ impl Inner {
         let inner = self.clone();
         lock(&self.tasks).spawn(
             async move {
+                let definition = driver.state().definition.clone();
+                let created = driver.state().created_at;
                 let outcome = driver.run().await;
-                if let Err(e) = &outcome {
-                    if !matches!(e, Error::ShuttingDown) {
-                        tracing::error!(error = %e, code = e.code(), "saga stopped");
+                match &outcome {
+                    Ok(o) => {
+                        let secs = inner.clock.now().duration_since(created).as_secs_f64();
+                        let (name, took) = match o {
+                            SagaOutcome::Completed { .. } => ("completed", Some(secs)),
+                            SagaOutcome::Compensated { .. } => ("compensated", Some(secs)),
+                            SagaOutcome::Parked { .. } => ("parked", None),
+                            SagaOutcome::Resolved { .. } => ("resolved", None),
+                        };
+                        inner.metrics.ended(&definition, name, took);
                     }
+                    Err(Error::ShuttingDown) => {}
+                    Err(e) => tracing::error!(error = %e, code = e.code(), "saga stopped"),
                 }
                 let cell = lock(&inner.running).remove(&id).flatten();
                 if let Some(cell) = cell {
@@ -229,6 +254,44 @@ impl Inner {
             }
             .instrument(span),
         );
+    }
+}
+
+/// Flags stuck sagas: logs each once, keeps `sagaflow_stuck_sagas` current.
+async fn watchdog(inner: Arc<Inner>, threshold: Duration) {
+    let mut stopping = inner.stopping.subscribe();
+    let every = (threshold / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut flagged: std::collections::HashSet<SagaId> = std::collections::HashSet::new();
+    loop {
+        if *stopping.borrow_and_update() {
+            return;
+        }
+        let next = inner.clock.now().saturating_add(every);
+        tokio::select! {
+            biased;
+            _ = stopping.changed() => return,
+            () = inner.clock.sleep_until(next) => {}
+        }
+        let now = inner.clock.now();
+        let filter = ListFilter::default().stuck_for(threshold);
+        let Ok(stuck) = admin::list(&*inner.store, &filter, now) else {
+            continue;
+        };
+        inner.metrics.stuck.set(stuck.len() as i64);
+        let mut still = std::collections::HashSet::new();
+        for meta in stuck {
+            if !flagged.contains(&meta.id) {
+                tracing::warn!(
+                    saga_id = %meta.id,
+                    definition = %meta.definition,
+                    status = %meta.status,
+                    idle_secs = now.duration_since(meta.updated_at).as_secs(),
+                    "saga stuck: no transition for longer than the threshold"
+                );
+            }
+            still.insert(meta.id);
+        }
+        flagged = still;
     }
 }
 
@@ -338,8 +401,13 @@ impl EngineBuilder {
             repairs: Mutex::new(HashMap::new()),
             repair_epoch: watch::channel(0).0,
             repair_lock: tokio::sync::Mutex::new(()),
+            metrics: Metrics::new(),
         });
         let report = recovery::recover(&inner).await?;
+        if let Some(threshold) = inner.options.stuck_after {
+            let watchdog = watchdog(inner.clone(), threshold);
+            lock(&inner.tasks).spawn(watchdog);
+        }
         Ok(Engine { inner, report })
     }
 }
@@ -485,11 +553,13 @@ impl Engine {
         })?;
         // The `started` record rides with the first attempt's start: one durable write
         // instead of two. `start` still answers only once it is durable.
+        let definition = def.name().to_string();
         let (driver, written) = Driver::starting(inner.clone(), def, state, first);
         inner.spawn(driver);
         match written.await {
             Ok(Ok(())) => {
                 tracing::info!(saga_id = %id, "saga started");
+                inner.metrics.started(&definition);
                 Ok(id)
             }
             Ok(Err(e)) => Err(e),
@@ -595,6 +665,7 @@ impl Engine {
         }
         let previous = inner.store.meta(id)?;
         let mut state = state;
+        let repair_name = action.name();
         tracing::warn!(saga_id = %id, action = action.name(), operator, reason, "operator repair");
         let record = LogRecord {
             lsn: state.next_lsn,
@@ -619,6 +690,10 @@ impl Engine {
                 previous,
             })
             .await?;
+        inner.metrics.repaired(&meta.definition, repair_name);
+        if meta.status == SagaStatus::Resolved {
+            inner.metrics.ended(&meta.definition, "resolved", None);
+        }
         if let (true, Some(def)) = (meta.status.is_active(), def) {
             inner.spawn(Driver::new(inner.clone(), def, state, Some(meta.clone())));
         }
@@ -687,6 +762,48 @@ impl Engine {
     /// [`Error::Store`].
     pub fn scheduled(&self, until: Timestamp) -> Result<Vec<(Timestamp, SagaId)>> {
         Ok(self.inner.store.due(until)?)
+    }
+
+    /// The sagas that pass `filter`, oldest first (see [`crate::admin::list`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`].
+    pub fn find(&self, filter: &ListFilter) -> Result<Vec<SagaMeta>> {
+        admin::list(&*self.inner.store, filter, self.inner.clock.now())
+    }
+
+    /// Counts over the whole store; stuck means no transition for `stuck_after`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`].
+    pub fn stats(&self, stuck_after: Duration) -> Result<Stats> {
+        admin::stats(&*self.inner.store, self.inner.clock.now(), stuck_after)
+    }
+
+    /// The engine's metrics in the Prometheus (OpenMetrics) text format.
+    pub fn metrics_text(&self) -> String {
+        let inner = &self.inner;
+        let m = &inner.metrics;
+        m.in_flight.set(lock(&inner.running).len() as i64);
+        // Saga ids are time-ordered: the oldest active saga is the first of each index.
+        let now = inner.clock.now();
+        let oldest = [SagaStatus::Running, SagaStatus::Compensating]
+            .into_iter()
+            .filter_map(|s| inner.store.with_status(s).ok()?.into_iter().next())
+            .filter_map(|id| inner.store.meta(id).ok().flatten())
+            .map(|meta| now.duration_since(meta.created_at).as_secs())
+            .max()
+            .unwrap_or(0);
+        m.oldest_active_seconds.set(oldest as i64);
+        if let Some(threshold) = inner.options.stuck_after {
+            let filter = ListFilter::default().stuck_for(threshold);
+            if let Ok(stuck) = admin::list(&*inner.store, &filter, now) {
+                m.stuck.set(stuck.len() as i64);
+            }
+        }
+        m.render(inner.committer.stats())
     }
 
     /// What the engine found and did when it opened.

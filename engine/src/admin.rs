@@ -1,0 +1,332 @@
+//! What operators need over a store: list, show, stats, stuck sagas, and offline
+//! repairs.
+//!
+//! [`Admin`] works on a store directly, for a data directory whose engine is stopped
+//! (the `sagaflow` CLI without `--url`). A running [`crate::Engine`] answers the same
+//! queries over its own store and applies repairs live ([`crate::Engine::repair`]).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::error::{Error, Result};
+use crate::ids::SagaId;
+use crate::machine::{check_repair, Event, LogRecord, Repair, SagaState, SagaStatus};
+use crate::store::{codec, SagaLog, SagaMeta, SledLog, Write};
+
+/// Which sagas to list.
+///
+/// ```
+/// use std::time::Duration;
+/// use sagaflow::admin::ListFilter;
+/// use sagaflow::SagaStatus;
+///
+/// let stuck = ListFilter::default().stuck_for(Duration::from_secs(900));
+/// let parked = ListFilter::default().status(SagaStatus::Parked).definition("checkout");
+/// # let _ = (stuck, parked);
+/// ```
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct ListFilter {
+    /// Only this status.
+    pub status: Option<SagaStatus>,
+    /// Only this definition.
+    pub definition: Option<String>,
+    /// Only sagas started at least this long ago.
+    pub older_than: Option<Duration>,
+    /// Only sagas stuck for at least this long (see [`is_stuck`]).
+    pub stuck_for: Option<Duration>,
+    /// At most this many, oldest first.
+    pub limit: Option<usize>,
+}
+
+impl ListFilter {
+    /// Sets [`ListFilter::status`].
+    pub fn status(mut self, s: SagaStatus) -> Self {
+        self.status = Some(s);
+        self
+    }
+
+    /// Sets [`ListFilter::definition`].
+    pub fn definition(mut self, d: impl Into<String>) -> Self {
+        self.definition = Some(d.into());
+        self
+    }
+
+    /// Sets [`ListFilter::older_than`].
+    pub fn older_than(mut self, d: Duration) -> Self {
+        self.older_than = Some(d);
+        self
+    }
+
+    /// Sets [`ListFilter::stuck_for`].
+    pub fn stuck_for(mut self, d: Duration) -> Self {
+        self.stuck_for = Some(d);
+        self
+    }
+
+    /// Sets [`ListFilter::limit`].
+    pub fn limit(mut self, n: usize) -> Self {
+        self.limit = Some(n);
+        self
+    }
+}
+
+/// Whether a saga is stuck at `now`: running or compensating, with no transition for
+/// longer than `threshold`, and not waiting for a retry that is still to come (a saga
+/// that waits an hour for a 429's Retry-After is not stuck; one whose retry was due an
+/// hour ago and has not run is).
+pub fn is_stuck(meta: &SagaMeta, now: Timestamp, threshold: Duration) -> bool {
+    meta.status.is_active()
+        && now.duration_since(meta.updated_at) > threshold
+        && meta.due.is_none_or(|due| due <= now)
+}
+
+/// The sagas in `store` that pass `filter`, oldest first. A summary that does not
+/// decode is skipped with a warning, so one bad saga does not hide the others.
+///
+/// # Errors
+///
+/// [`Error::Store`] if an index cannot be read.
+pub fn list(store: &dyn SagaLog, filter: &ListFilter, now: Timestamp) -> Result<Vec<SagaMeta>> {
+    let statuses: Vec<SagaStatus> = match (filter.status, filter.stuck_for) {
+        (Some(s), _) => vec![s],
+        (None, Some(_)) => vec![SagaStatus::Running, SagaStatus::Compensating],
+        (None, None) => SagaStatus::ALL.to_vec(),
+    };
+    let mut ids = Vec::new();
+    for s in statuses {
+        ids.extend(store.with_status(s)?);
+    }
+    ids.sort();
+    let mut out = Vec::new();
+    for id in ids {
+        let meta = match store.meta(id) {
+            Ok(Some(m)) => m,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(saga_id = %id, error = %e, "summary does not decode");
+                continue;
+            }
+        };
+        let keep = filter
+            .definition
+            .as_ref()
+            .is_none_or(|d| *d == meta.definition)
+            && filter
+                .older_than
+                .is_none_or(|d| now.duration_since(meta.created_at) >= d)
+            && filter.stuck_for.is_none_or(|d| is_stuck(&meta, now, d));
+        if keep {
+            out.push(meta);
+            if filter.limit.is_some_and(|n| out.len() >= n) {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Counts over a whole store.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Sagas in the store.
+    pub total: u64,
+    /// Sagas by status.
+    pub by_status: BTreeMap<String, u64>,
+    /// Sagas by definition, then status.
+    pub by_definition: BTreeMap<String, BTreeMap<String, u64>>,
+    /// The oldest saga still running or compensating, and its age in seconds.
+    pub oldest_active: Option<(SagaId, u64)>,
+    /// Active sagas stuck for longer than the threshold given.
+    pub stuck: u64,
+    /// Sagas waiting on a retry timer.
+    pub waiting_for_retry: u64,
+}
+
+/// Counts the sagas in `store`.
+///
+/// # Errors
+///
+/// [`Error::Store`] if an index cannot be read.
+pub fn stats(store: &dyn SagaLog, now: Timestamp, stuck_after: Duration) -> Result<Stats> {
+    let mut s = Stats::default();
+    for meta in list(store, &ListFilter::default(), now)? {
+        s.total += 1;
+        *s.by_status.entry(meta.status.to_string()).or_default() += 1;
+        *s.by_definition
+            .entry(meta.definition.clone())
+            .or_default()
+            .entry(meta.status.to_string())
+            .or_default() += 1;
+        if meta.status.is_active() {
+            let age = now.duration_since(meta.created_at).as_secs();
+            if s.oldest_active.is_none_or(|(_, a)| age > a) {
+                s.oldest_active = Some((meta.id, age));
+            }
+            if is_stuck(&meta, now, stuck_after) {
+                s.stuck += 1;
+            }
+            if meta.due.is_some() {
+                s.waiting_for_retry += 1;
+            }
+        }
+    }
+    Ok(s)
+}
+
+/// A saga's log, decoded.
+///
+/// # Errors
+///
+/// [`Error::UnknownSaga`], [`Error::CorruptLog`], [`Error::Store`].
+pub fn history(store: &dyn SagaLog, id: SagaId) -> Result<Vec<LogRecord>> {
+    let raw = store.read(id)?;
+    if raw.is_empty() {
+        return Err(Error::UnknownSaga(id));
+    }
+    Ok(codec::decode_log(id, &raw)?)
+}
+
+/// A saga's state, folded from its log.
+///
+/// # Errors
+///
+/// As [`history`].
+pub fn state(store: &dyn SagaLog, id: SagaId) -> Result<SagaState> {
+    SagaState::fold(id, &history(store, id)?).map_err(|e| Error::CorruptLog {
+        saga: id,
+        reason: e.to_string(),
+    })
+}
+
+/// Operator access to a store whose engine is stopped.
+///
+/// ```
+/// use sagaflow::admin::{Admin, ListFilter};
+///
+/// let dir = tempfile::tempdir()?;
+/// let admin = Admin::open(dir.path())?;
+/// assert!(admin.list(&ListFilter::default())?.is_empty());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct Admin {
+    store: Arc<dyn SagaLog>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Admin {
+    /// Opens the sled store in `dir`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] with [`crate::store::Error::Locked`] if an engine has it open:
+    /// talk to that engine's admin API instead.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Admin> {
+        let store = SledLog::open(dir)?;
+        Ok(Admin::new(Arc::new(store), Arc::new(SystemClock)))
+    }
+
+    /// Admin access to `store`, stamping repairs with `clock`.
+    pub fn new(store: Arc<dyn SagaLog>, clock: Arc<dyn Clock>) -> Admin {
+        Admin { store, clock }
+    }
+
+    /// See [`list`].
+    ///
+    /// # Errors
+    ///
+    /// As [`list`].
+    pub fn list(&self, filter: &ListFilter) -> Result<Vec<SagaMeta>> {
+        list(&*self.store, filter, self.clock.now())
+    }
+
+    /// See [`stats`].
+    ///
+    /// # Errors
+    ///
+    /// As [`stats`].
+    pub fn stats(&self, stuck_after: Duration) -> Result<Stats> {
+        stats(&*self.store, self.clock.now(), stuck_after)
+    }
+
+    /// A saga's summary.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownSaga`], [`Error::CorruptLog`], [`Error::Store`].
+    pub fn status(&self, id: SagaId) -> Result<SagaMeta> {
+        self.store.meta(id)?.ok_or(Error::UnknownSaga(id))
+    }
+
+    /// See [`history`].
+    ///
+    /// # Errors
+    ///
+    /// As [`history`].
+    pub fn history(&self, id: SagaId) -> Result<Vec<LogRecord>> {
+        history(&*self.store, id)
+    }
+
+    /// Applies a repair to the stored saga and syncs it: the engine takes it from there
+    /// when it next opens the store. Checked exactly as [`crate::Engine::repair`]
+    /// checks; whether the definition is registered is for that engine to see (a resumed
+    /// saga whose definition is missing is parked again, with that reason).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RepairRefused`], [`Error::UnknownSaga`], [`Error::CorruptLog`],
+    /// [`Error::Store`].
+    pub fn repair(
+        &self,
+        id: SagaId,
+        action: Repair,
+        operator: &str,
+        reason: &str,
+    ) -> Result<SagaMeta> {
+        if operator.trim().is_empty() || reason.trim().is_empty() {
+            return Err(Error::RepairRefused {
+                saga: id,
+                reason: "a repair needs who (operator) and why (reason)".into(),
+            });
+        }
+        let mut state = self.state_of(id)?;
+        check_repair(&state, &action).map_err(|r| Error::RepairRefused {
+            saga: id,
+            reason: r.0,
+        })?;
+        let previous = self.store.meta(id)?;
+        let record = LogRecord {
+            lsn: state.next_lsn,
+            at: self.clock.now(),
+            event: Event::OperatorAction {
+                action,
+                operator: operator.to_string(),
+                reason: reason.to_string(),
+            },
+        };
+        state.apply(&record).map_err(|e| Error::CorruptLog {
+            saga: id,
+            reason: e.to_string(),
+        })?;
+        let meta = SagaMeta::of(&state);
+        self.store.append(vec![Write {
+            saga: id,
+            records: vec![(record.lsn, codec::encode_record(&record)?)],
+            meta: meta.clone(),
+            previous,
+        }])?;
+        self.store.sync()?;
+        Ok(meta)
+    }
+
+    fn state_of(&self, id: SagaId) -> Result<SagaState> {
+        state(&*self.store, id)
+    }
+}
