@@ -1,0 +1,422 @@
+//! The admin HTTP API of a running engine: the queries and repairs of the `sagaflow` CLI,
+//! as JSON, behind bearer tokens.
+//!
+//! Two tokens: a **read** token (list, show, stats, metrics) and an **admin** token
+//! (everything, repairs included). Tokens are compared in constant time; a call without
+//! a valid token is refused with 401, a read token attempting a repair with 403, and
+//! both are logged (without the token).
+//!
+//! | method and path | token | what |
+//! | --- | --- | --- |
+//! | `GET /v1/sagas?status=&definition=&older_than_secs=&stuck_for_secs=&limit=` | read | summaries, oldest first |
+//! | `GET /v1/sagas/{id}` | read | `{ "summary": ..., "history": [...] }` |
+//! | `GET /v1/stats?stuck_after_secs=` | read | counts by status and definition, oldest, stuck |
+//! | `POST /v1/sagas/{id}/repair` | admin | body `{ "action": "resume", "step": 2, "operator": "ana", "reason": "..." }` |
+//! | `GET /metrics` | read | Prometheus text format |
+//!
+//! Errors are `{ "error": "...", "code": "SAGA-0012" }` with 400 (bad request), 401,
+//! 403, 404 (unknown saga), 409 (repair refused), 500 (store).
+//!
+//! ```no_run
+//! # async fn serve(engine: sagaflow::Engine) -> std::io::Result<()> {
+//! use std::sync::Arc;
+//! use sagaflow_admin::{router, Auth, Token};
+//!
+//! let auth = Auth::new(Token::from_env("SAGAFLOW_ADMIN_TOKEN")?)
+//!     .with_read_token(Token::from_env("SAGAFLOW_READ_TOKEN")?);
+//! let app = router(Arc::new(engine), auth);
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:7070").await?;
+//! axum::serve(listener, app).await
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use sagaflow::admin::{ListFilter, Stats};
+use sagaflow::machine::{LogRecord, Repair};
+use sagaflow::{Engine, Error, SagaId, SagaMeta, SagaStatus};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, with the fields of every enclosing span (so every line
+    /// of a saga carries its `saga_id`, `definition` and `version`; attempt lines add
+    /// `step`, `phase` and `attempt`).
+    Json,
+}
+
+/// Installs a global tracing subscriber writing to standard error, filtered by
+/// `RUST_LOG` (default `info`).
+///
+/// # Errors
+///
+/// If a global subscriber is already installed.
+pub fn init_logging(format: LogFormat) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(true)
+            .try_init(),
+    }
+}
+
+/// A bearer token. Its `Debug` and `Display` never show it.
+#[derive(Clone)]
+pub struct Token(String);
+
+impl Token {
+    /// A token; tokens shorter than 16 bytes are refused as guessable.
+    ///
+    /// # Errors
+    ///
+    /// An `InvalidInput` I/O error for a short token.
+    pub fn new(token: impl Into<String>) -> std::io::Result<Token> {
+        let t = token.into();
+        if t.len() < 16 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a token needs at least 16 bytes",
+            ));
+        }
+        Ok(Token(t))
+    }
+
+    /// The token in environment variable `var`.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound` if the variable is unset, or as [`Token::new`].
+    pub fn from_env(var: &str) -> std::io::Result<Token> {
+        let t = std::env::var(var).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("{var} is not set"))
+        })?;
+        Token::new(t)
+    }
+
+    fn matches(&self, presented: &[u8]) -> bool {
+        // Constant time over the token's bytes; the length difference leaks nothing
+        // useful about a random token.
+        self.0.as_bytes().ct_eq(presented).into()
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Who may call the API.
+#[derive(Clone, Debug)]
+pub struct Auth {
+    admin: Token,
+    read: Option<Token>,
+}
+
+impl Auth {
+    /// The admin token may do everything.
+    pub fn new(admin: Token) -> Auth {
+        Auth { admin, read: None }
+    }
+
+    /// A read-only token for queries and metrics.
+    pub fn with_read_token(mut self, read: Token) -> Auth {
+        self.read = Some(read);
+        self
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Role {
+    Read,
+    Admin,
+}
+
+#[derive(Clone)]
+struct AppState {
+    engine: Arc<Engine>,
+    auth: Arc<Auth>,
+}
+
+/// The API's routes over `engine`.
+pub fn router(engine: Arc<Engine>, auth: Auth) -> Router {
+    let state = AppState {
+        engine,
+        auth: Arc::new(auth),
+    };
+    Router::new()
+        .route("/v1/sagas", get(list))
+        .route("/v1/sagas/{id}", get(show))
+        .route("/v1/stats", get(stats))
+        .route("/v1/sagas/{id}/repair", post(repair))
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .with_state(state)
+}
+
+/// An error as the API reports it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ApiError {
+    /// What went wrong.
+    pub error: String,
+    /// The stable code, where there is one (`SAGA-0012`).
+    pub code: Option<String>,
+}
+
+fn refuse(status: StatusCode, error: impl Into<String>, code: Option<&str>) -> Response {
+    (
+        status,
+        Json(ApiError {
+            error: error.into(),
+            code: code.map(str::to_string),
+        }),
+    )
+        .into_response()
+}
+
+fn engine_error(e: Error) -> Response {
+    let status = match &e {
+        Error::UnknownSaga(_) => StatusCode::NOT_FOUND,
+        Error::RepairRefused { .. } => StatusCode::CONFLICT,
+        Error::CorruptLog { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    refuse(status, e.to_string(), Some(e.code()))
+}
+
+async fn authenticate(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let path = request.uri().path().to_string();
+    let needed = if request.method() == axum::http::Method::POST {
+        Role::Admin
+    } else {
+        Role::Read
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::as_bytes);
+    let role = presented.and_then(|p| {
+        if state.auth.admin.matches(p) {
+            Some(Role::Admin)
+        } else if state.auth.read.as_ref().is_some_and(|r| r.matches(p)) {
+            Some(Role::Read)
+        } else {
+            None
+        }
+    });
+    match role {
+        None => {
+            tracing::warn!(%path, token_presented = presented.is_some(), "admin API: refused, no valid token");
+            refuse(
+                StatusCode::UNAUTHORIZED,
+                "a valid bearer token is required",
+                None,
+            )
+        }
+        Some(r) if r < needed => {
+            tracing::warn!(%path, "admin API: refused, the read-only token cannot repair");
+            refuse(StatusCode::FORBIDDEN, "this token is read-only", None)
+        }
+        Some(_) => next.run(request).await,
+    }
+}
+
+/// Query parameters of `GET /v1/sagas`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+pub struct ListQuery {
+    /// Only this status.
+    pub status: Option<String>,
+    /// Only this definition.
+    pub definition: Option<String>,
+    /// Only sagas older than this many seconds.
+    pub older_than_secs: Option<u64>,
+    /// Only sagas stuck for this many seconds.
+    pub stuck_for_secs: Option<u64>,
+    /// At most this many.
+    pub limit: Option<usize>,
+}
+
+impl ListQuery {
+    /// The engine filter this query asks for.
+    ///
+    /// # Errors
+    ///
+    /// A message if the status is not one of the known words.
+    pub fn to_filter(&self) -> Result<ListFilter, String> {
+        let mut f = ListFilter::default();
+        if let Some(s) = &self.status {
+            f = f.status(SagaStatus::parse(s).ok_or_else(|| format!("unknown status `{s}`"))?);
+        }
+        if let Some(d) = &self.definition {
+            f = f.definition(d.clone());
+        }
+        if let Some(s) = self.older_than_secs {
+            f = f.older_than(Duration::from_secs(s));
+        }
+        if let Some(s) = self.stuck_for_secs {
+            f = f.stuck_for(Duration::from_secs(s));
+        }
+        if let Some(n) = self.limit {
+            f = f.limit(n);
+        }
+        Ok(f)
+    }
+}
+
+async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Response {
+    let filter = match q.to_filter() {
+        Ok(f) => f,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e, None),
+    };
+    match state.engine.find(&filter) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => engine_error(e),
+    }
+}
+
+/// One saga: its summary and its full log.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SagaView {
+    /// The summary.
+    pub summary: SagaMeta,
+    /// Every transition.
+    pub history: Vec<LogRecord>,
+}
+
+fn parse_id(id: &str) -> Result<SagaId, String> {
+    id.parse().map_err(|e| format!("bad saga id `{id}`: {e}"))
+}
+
+async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e, None),
+    };
+    let summary = match state.engine.status(id) {
+        Ok(s) => s,
+        Err(e) => return engine_error(e),
+    };
+    match state.engine.history(id) {
+        Ok(history) => Json(SagaView { summary, history }).into_response(),
+        Err(e) => engine_error(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct StatsQuery {
+    stuck_after_secs: Option<u64>,
+}
+
+async fn stats(State(state): State<AppState>, Query(q): Query<StatsQuery>) -> Response {
+    let after = Duration::from_secs(q.stuck_after_secs.unwrap_or(900));
+    match state.engine.stats(after) {
+        Ok(s) => Json::<Stats>(s).into_response(),
+        Err(e) => engine_error(e),
+    }
+}
+
+/// The body of `POST /v1/sagas/{id}/repair`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RepairRequest {
+    /// `retry_now`, `resume`, `force_compensate`, `skip_step` or `mark_resolved`.
+    pub action: String,
+    /// The step, for `skip_step`.
+    pub step: Option<u32>,
+    /// Who.
+    pub operator: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl RepairRequest {
+    /// The repair this request asks for.
+    ///
+    /// # Errors
+    ///
+    /// A message for an unknown action or a `skip_step` without a step.
+    pub fn to_repair(&self) -> Result<Repair, String> {
+        Ok(match self.action.as_str() {
+            "retry_now" => Repair::RetryNow,
+            "resume" => Repair::Resume,
+            "force_compensate" => Repair::ForceCompensate,
+            "mark_resolved" => Repair::MarkResolved,
+            "skip_step" => Repair::SkipStep {
+                step: self.step.ok_or("skip_step needs `step`")?,
+            },
+            other => return Err(format!("unknown action `{other}`")),
+        })
+    }
+}
+
+async fn repair(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<Json<RepairRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e, None),
+    };
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.body_text(), None),
+    };
+    let action = match req.to_repair() {
+        Ok(a) => a,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e, None),
+    };
+    match state
+        .engine
+        .repair(id, action, &req.operator, &req.reason)
+        .await
+    {
+        Ok(meta) => Json(meta).into_response(),
+        Err(e) => engine_error(e),
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.engine.metrics_text(),
+    )
+        .into_response()
+}

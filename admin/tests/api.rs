@@ -1,0 +1,163 @@
+//! The admin API's authentication and its answers, against a real server on 127.0.0.1.
+
+use std::sync::Arc;
+
+use reqwest::StatusCode;
+use sagaflow::store::MemLog;
+use sagaflow::{Phase, SagaMeta, SagaOutcome, SagaStatus};
+use sagaflow_admin::{router, ApiError, Auth, SagaView, Token};
+use sagaflow_tests::*;
+use serde_json::json;
+
+const ADMIN: &str = "admin-token-0123456789";
+const READ: &str = "read-token-0123456789";
+
+async fn serve() -> (String, sagaflow::SagaId, Arc<Ledger>) {
+    let ledger = Ledger::new();
+    ledger.script("order", Phase::Action, [Outcome::Permanent]);
+    ledger.script("inventory", Phase::Compensation, [Outcome::Permanent]);
+    let engine = builder()
+        .register(checkout(&ledger))
+        .open_with(Arc::new(MemLog::new()))
+        .await
+        .unwrap();
+    let id = engine.start("checkout", json!({}), None).await.unwrap();
+    assert!(matches!(
+        engine.wait(id).await.unwrap(),
+        SagaOutcome::Parked { .. }
+    ));
+    let auth = Auth::new(Token::new(ADMIN).unwrap()).with_read_token(Token::new(READ).unwrap());
+    let app = router(Arc::new(engine), auth);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), id, ledger)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_needs_a_valid_token_and_repairs_need_the_admin_one() {
+    let (url, id, _ledger) = serve().await;
+    let c = reqwest::Client::new();
+    let list = format!("{url}/v1/sagas?status=parked");
+    assert_eq!(
+        c.get(&list).send().await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let wrong = c
+        .get(&list)
+        .bearer_auth("admin-token-0123456788")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let basic = c
+        .get(&list)
+        .basic_auth("admin", Some(ADMIN))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        basic.status(),
+        StatusCode::UNAUTHORIZED,
+        "only bearer tokens"
+    );
+    let ok = c.get(&list).bearer_auth(READ).send().await.unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    let metas: Vec<SagaMeta> = ok.json().await.unwrap();
+    assert_eq!(metas.len(), 1);
+    assert_eq!(metas[0].id, id);
+
+    let repair = format!("{url}/v1/sagas/{id}/repair");
+    let body = json!({"action": "resume", "operator": "ana", "reason": "fixed"});
+    let r = c
+        .post(&repair)
+        .bearer_auth(READ)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = c.post(&repair).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    // A repair that would break a guarantee: 409 with the engine's code.
+    let refused = json!({"action": "retry_now", "operator": "ana", "reason": "x"});
+    let r = c
+        .post(&repair)
+        .bearer_auth(ADMIN)
+        .json(&refused)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let e: ApiError = r.json().await.unwrap();
+    assert_eq!(e.code.as_deref(), Some("SAGA-0012"));
+    assert!(e.error.contains("parked"), "{}", e.error);
+
+    let r = c
+        .post(&repair)
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let meta: SagaMeta = r.json().await.unwrap();
+    assert_eq!(meta.status, SagaStatus::Compensating);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_answer_and_bad_requests_are_typed() {
+    let (url, id, _ledger) = serve().await;
+    let c = reqwest::Client::new();
+    let get = |path: String| c.get(format!("{url}{path}")).bearer_auth(READ).send();
+    let view: SagaView = get(format!("/v1/sagas/{id}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view.summary.id, id);
+    assert_eq!(view.history.last().unwrap().event.name(), "parked");
+    let unknown = get("/v1/sagas/01a211a2-b615-786a-9e5b-8fc806097d67".into())
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    let bad_id = get("/v1/sagas/not-a-uuid".into()).await.unwrap();
+    assert_eq!(bad_id.status(), StatusCode::BAD_REQUEST);
+    let bad_status = get("/v1/sagas?status=sleeping".into()).await.unwrap();
+    assert_eq!(bad_status.status(), StatusCode::BAD_REQUEST);
+    let stats: serde_json::Value = get("/v1/stats".into()).await.unwrap().json().await.unwrap();
+    assert_eq!(stats["total"], 1);
+    let metrics = get("/metrics".into()).await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains("sagaflow_sagas_started_total{definition=\"checkout\"} 1"),
+        "{metrics}"
+    );
+    let bad_body = c
+        .post(format!("{url}/v1/sagas/{id}/repair"))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_body.status(), StatusCode::BAD_REQUEST);
+    let unknown_action = c
+        .post(format!("{url}/v1/sagas/{id}/repair"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"action": "explode", "operator": "a", "reason": "b"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown_action.status(), StatusCode::BAD_REQUEST);
+}
+
+#[test]
+fn tokens_never_show_and_short_ones_are_refused() {
+    let t = Token::new(ADMIN).unwrap();
+    assert_eq!(format!("{t:?}"), "Token(<redacted>)");
+    assert_eq!(t.to_string(), "<redacted>");
+    assert!(!format!("{:?}", Auth::new(t)).contains(ADMIN));
+    assert!(Token::new("short").is_err());
+}

@@ -1,0 +1,78 @@
+//! JSON log lines carry the saga's correlation id, and no secret.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use sagaflow::store::MemLog;
+use sagaflow::Phase;
+use sagaflow_tests::*;
+use serde_json::{json, Value};
+
+#[derive(Clone, Default)]
+struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Buffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn every_line_of_a_saga_carries_its_id_definition_and_attempt() {
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_span_list(true)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let id = rt.block_on(async {
+        let ledger = Ledger::new();
+        ledger.script("inventory", Phase::Action, [Outcome::Retryable]);
+        let engine = builder()
+            .register(checkout(&ledger))
+            .open_with(Arc::new(MemLog::new()))
+            .await
+            .unwrap();
+        let id = engine
+            .start("checkout", json!({"card": "4242-secret"}), None)
+            .await
+            .unwrap();
+        engine.wait(id).await.unwrap();
+        engine.shutdown().await.unwrap();
+        id
+    });
+    let out = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let of_saga: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["span"]["saga_id"] == json!(id.to_string()))
+        .collect();
+    assert!(
+        of_saga.iter().any(|l| l["message"] == "saga completed"),
+        "{out}"
+    );
+    let failure = of_saga
+        .iter()
+        .find(|l| l["message"] == "attempt failed")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(failure["span"]["definition"], "checkout");
+    assert_eq!(failure["step"], "inventory");
+    assert_eq!(failure["attempt"], 1);
+    assert!(!out.contains("4242-secret"), "the saga input is not logged");
+}

@@ -1,0 +1,534 @@
+//! `sagaflow`: find and repair sagas, on a data directory (engine stopped) or through a
+//! running engine's admin API (`--url`, token in `SAGAFLOW_TOKEN`).
+//!
+//! ```text
+//! sagaflow --data-dir /var/lib/shop/sagas list --status parked
+//! sagaflow --url http://127.0.0.1:7070 show 0190b3c4-5d6e-7f80-9a1b-2c3d4e5f6071
+//! sagaflow --url http://127.0.0.1:7070 resume <id> --reason "provider back up"
+//! ```
+//!
+//! Exit codes: 0 done, 1 error, 2 usage, 3 repair refused (nothing was written).
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, Context};
+use clap::{Args, Parser, Subcommand};
+use sagaflow::admin::{Admin, Stats};
+use sagaflow::machine::{Event, LogRecord};
+use sagaflow::{Error, IdempotencyKey, Phase, SagaId, SagaMeta, Timestamp};
+use sagaflow_admin::{ApiError, ListQuery, RepairRequest, SagaView};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sagaflow",
+    version,
+    about = "List, inspect and repair Sagaflow sagas"
+)]
+struct Cli {
+    /// The data directory of a stopped engine.
+    #[arg(long, env = "SAGAFLOW_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    /// The admin API of a running engine (token in SAGAFLOW_TOKEN).
+    #[arg(long, env = "SAGAFLOW_URL", global = true, conflicts_with = "data_dir")]
+    url: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List sagas, oldest first.
+    List {
+        /// running, compensating, completed, compensated, parked or resolved.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only this definition.
+        #[arg(long)]
+        definition: Option<String>,
+        /// Only sagas started at least this long ago (90s, 15m, 2h, 1d).
+        #[arg(long, value_parser = parse_duration)]
+        older_than: Option<Duration>,
+        /// Only sagas with no transition for at least this long.
+        #[arg(long, value_parser = parse_duration)]
+        stuck_for: Option<Duration>,
+        /// At most this many.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Show one saga's timeline: every transition with its time, attempt, error and key.
+    Show {
+        /// The saga id.
+        id: SagaId,
+    },
+    /// Counts by status and definition, the oldest active saga, stuck sagas.
+    Stats {
+        /// A saga idle this long counts as stuck.
+        #[arg(long, value_parser = parse_duration, default_value = "15m")]
+        stuck_after: Duration,
+    },
+    /// Run a saga's waiting retry now.
+    Retry(Target),
+    /// Resume a parked saga, with one more attempt for what failed.
+    Resume(Target),
+    /// Force compensation of a saga that has not started its pivot.
+    Compensate(Target),
+    /// Count the current step (or compensation) as done by hand.
+    Skip {
+        #[command(flatten)]
+        target: Target,
+        /// The step's index.
+        #[arg(long)]
+        step: u32,
+    },
+    /// Mark a saga resolved by hand; the engine stops driving it.
+    Resolve(Target),
+}
+
+#[derive(Args, Debug)]
+struct Target {
+    /// The saga id.
+    id: SagaId,
+    /// Why (recorded in the saga's log).
+    #[arg(long)]
+    reason: String,
+    /// Who (recorded in the saga's log).
+    #[arg(long, env = "USER", default_value = "operator")]
+    operator: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 90s, 15m, 2h, 1d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("`{s}`: use s, m, h or d")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// Where the answers come from.
+enum Backend {
+    Local(Admin),
+    Remote {
+        client: reqwest::Client,
+        url: String,
+        token: String,
+    },
+}
+
+/// A refused repair, kept apart so `main` can exit with code 3.
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+impl Backend {
+    fn open(cli: &Cli) -> anyhow::Result<Backend> {
+        match (&cli.url, &cli.data_dir) {
+            (Some(url), _) => Ok(Backend::Remote {
+                client: reqwest::Client::new(),
+                url: url.trim_end_matches('/').to_string(),
+                token: std::env::var("SAGAFLOW_TOKEN")
+                    .context("--url needs the API token in SAGAFLOW_TOKEN")?,
+            }),
+            (None, Some(dir)) => {
+                let admin = Admin::open(dir).map_err(|e| match e {
+                    Error::Store(ref s) if matches!(**s, sagaflow::store::Error::Locked { .. }) => {
+                        anyhow!("{e}: the engine is running; use --url with its admin API")
+                    }
+                    other => anyhow!(other),
+                })?;
+                Ok(Backend::Local(admin))
+            }
+            (None, None) => Err(anyhow!(
+                "give --data-dir (engine stopped) or --url (engine running)"
+            )),
+        }
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &impl serde::Serialize,
+    ) -> anyhow::Result<T> {
+        let Backend::Remote { client, url, token } = self else {
+            return Err(anyhow!("not a remote backend"));
+        };
+        let resp = client
+            .get(format!("{url}{path}"))
+            .query(query)
+            .bearer_auth(token)
+            .send()
+            .await
+            .with_context(|| format!("calling {url}{path}"))?;
+        decode(resp).await
+    }
+
+    async fn list(&self, q: &ListQuery) -> anyhow::Result<Vec<SagaMeta>> {
+        match self {
+            Backend::Local(a) => Ok(a.list(&q.to_filter().map_err(|e| anyhow!(e))?)?),
+            Backend::Remote { .. } => self.get("/v1/sagas", q).await,
+        }
+    }
+
+    async fn show(&self, id: SagaId) -> anyhow::Result<SagaView> {
+        match self {
+            Backend::Local(a) => Ok(SagaView {
+                summary: a.status(id)?,
+                history: a.history(id)?,
+            }),
+            Backend::Remote { .. } => self.get(&format!("/v1/sagas/{id}"), &()).await,
+        }
+    }
+
+    async fn stats(&self, stuck_after: Duration) -> anyhow::Result<Stats> {
+        match self {
+            Backend::Local(a) => Ok(a.stats(stuck_after)?),
+            Backend::Remote { .. } => {
+                self.get("/v1/stats", &[("stuck_after_secs", stuck_after.as_secs())])
+                    .await
+            }
+        }
+    }
+
+    async fn repair(&self, id: SagaId, req: &RepairRequest) -> anyhow::Result<SagaMeta> {
+        match self {
+            Backend::Local(a) => {
+                let action = req.to_repair().map_err(|e| anyhow!(e))?;
+                a.repair(id, action, &req.operator, &req.reason)
+                    .map_err(|e| match e {
+                        Error::RepairRefused { .. } => anyhow!(Refused(e.to_string())),
+                        other => anyhow!(other),
+                    })
+            }
+            Backend::Remote { client, url, token } => {
+                let resp = client
+                    .post(format!("{url}/v1/sagas/{id}/repair"))
+                    .bearer_auth(token)
+                    .json(req)
+                    .send()
+                    .await
+                    .with_context(|| format!("calling {url}"))?;
+                if resp.status() == reqwest::StatusCode::CONFLICT {
+                    let e: ApiError = resp.json().await?;
+                    return Err(anyhow!(Refused(e.error)));
+                }
+                decode(resp).await
+            }
+        }
+    }
+}
+
+async fn decode<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> anyhow::Result<T> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp.json().await?);
+    }
+    let body = resp.text().await.unwrap_or_default();
+    let msg = serde_json::from_str::<ApiError>(&body).map_or(body, |e| e.error);
+    Err(anyhow!("{status}: {msg}"))
+}
+
+fn now() -> Timestamp {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Timestamp::from_millis(ms)
+}
+
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+fn print_list(metas: &[SagaMeta]) {
+    let now = now();
+    println!(
+        "{:<36}  {:<12}  {:<20}  {:>5}  {:>5}  {:<24}  REASON",
+        "ID", "STATUS", "DEFINITION", "AGE", "IDLE", "NEXT RETRY"
+    );
+    for m in metas {
+        println!(
+            "{:<36}  {:<12}  {:<20}  {:>5}  {:>5}  {:<24}  {}",
+            m.id,
+            m.status.as_str(),
+            format!("{} v{}", m.definition, m.version),
+            human(now.duration_since(m.created_at)),
+            human(now.duration_since(m.updated_at)),
+            m.due.map_or("-".to_string(), |d| d.to_string()),
+            m.reason.as_deref().unwrap_or(""),
+        );
+    }
+    println!("{} saga(s)", metas.len());
+}
+
+fn print_show(view: &SagaView) {
+    let m = &view.summary;
+    println!("saga        {}", m.id);
+    println!("definition  {} v{}", m.definition, m.version);
+    println!("status      {}", m.status);
+    if let Some(k) = &m.start_key {
+        println!("start key   {k}");
+    }
+    println!("started     {}", m.created_at);
+    println!("updated     {}", m.updated_at);
+    if let Some(d) = m.due {
+        println!("next retry  {d}");
+    }
+    if let Some(r) = &m.reason {
+        println!("reason      {r}");
+    }
+    println!();
+    let names: Vec<String> = match view.history.first().map(|r| &r.event) {
+        Some(Event::Started { steps, .. }) => steps.clone(),
+        _ => Vec::new(),
+    };
+    println!(
+        "{:>4}  {:<24}  {:<28}  {:<12}  {:>7}  DETAIL",
+        "LSN", "TIME", "EVENT", "STEP", "ATTEMPT"
+    );
+    for r in &view.history {
+        let (step, attempt, detail) = describe(m.id, &names, r);
+        println!(
+            "{:>4}  {:<24}  {:<28}  {:<12}  {:>7}  {}",
+            r.lsn,
+            r.at.to_string(),
+            r.event.name(),
+            step,
+            attempt,
+            detail
+        );
+    }
+}
+
+fn describe(id: SagaId, names: &[String], r: &LogRecord) -> (String, String, String) {
+    let name = |i: u32| {
+        names
+            .get(i as usize)
+            .cloned()
+            .unwrap_or_else(|| i.to_string())
+    };
+    let key = |i: u32, phase: Phase| format!("key {}", IdempotencyKey::derive(id, &name(i), phase));
+    match &r.event {
+        Event::Started {
+            input, start_key, ..
+        } => (
+            String::new(),
+            String::new(),
+            format!(
+                "input {input}{}",
+                start_key
+                    .as_ref()
+                    .map_or(String::new(), |k| format!(", start key {k}"))
+            ),
+        ),
+        Event::StepAttemptStarted {
+            step,
+            attempt,
+            deadline,
+        } => (
+            name(*step),
+            attempt.to_string(),
+            format!("{}, deadline {deadline}", key(*step, Phase::Action)),
+        ),
+        Event::StepSucceeded {
+            step,
+            attempt,
+            output,
+        } => (name(*step), attempt.to_string(), format!("output {output}")),
+        Event::StepFailed {
+            step,
+            attempt,
+            kind,
+            error,
+            retry_at,
+        } => (
+            name(*step),
+            attempt.to_string(),
+            format!(
+                "{kind:?}: {error}; {}",
+                retry_at.map_or("no retry".to_string(), |t| format!("retry at {t}"))
+            ),
+        ),
+        Event::CompensationAttemptStarted {
+            step,
+            attempt,
+            deadline,
+        } => (
+            name(*step),
+            attempt.to_string(),
+            format!("{}, deadline {deadline}", key(*step, Phase::Compensation)),
+        ),
+        Event::CompensationSucceeded { step, attempt } => {
+            (name(*step), attempt.to_string(), String::new())
+        }
+        Event::CompensationFailed {
+            step,
+            attempt,
+            kind,
+            error,
+            retry_at,
+        } => (
+            name(*step),
+            attempt.to_string(),
+            format!(
+                "{kind:?}: {error}; {}",
+                retry_at.map_or("no retry".to_string(), |t| format!("retry at {t}"))
+            ),
+        ),
+        Event::CompensationBegan { reason } => (String::new(), String::new(), reason.clone()),
+        Event::Parked { reason } => (
+            String::new(),
+            String::new(),
+            format!("{:?}: {}", reason.kind, reason.message),
+        ),
+        Event::OperatorAction {
+            action,
+            operator,
+            reason,
+        } => {
+            let step = match action {
+                sagaflow::machine::Repair::SkipStep { step } => name(*step),
+                _ => String::new(),
+            };
+            (
+                step,
+                String::new(),
+                format!("{} by {operator}: {reason}", action.name()),
+            )
+        }
+        _ => (String::new(), String::new(), String::new()),
+    }
+}
+
+fn print_stats(s: &Stats) {
+    println!("total              {}", s.total);
+    for (status, n) in &s.by_status {
+        println!("  {status:<16} {n}");
+    }
+    println!("waiting for retry  {}", s.waiting_for_retry);
+    println!("stuck              {}", s.stuck);
+    match s.oldest_active {
+        Some((id, age)) => println!(
+            "oldest active      {id} ({})",
+            human(Duration::from_secs(age))
+        ),
+        None => println!("oldest active      -"),
+    }
+    println!("by definition:");
+    for (d, counts) in &s.by_definition {
+        let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("  {d:<20} {}", parts.join(", "));
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let backend = Backend::open(&cli)?;
+    let repair = |target: &Target, action: &str, step: Option<u32>| {
+        (
+            target.id,
+            RepairRequest {
+                action: action.to_string(),
+                step,
+                operator: target.operator.clone(),
+                reason: target.reason.clone(),
+            },
+        )
+    };
+    let request = match &cli.command {
+        Command::List {
+            status,
+            definition,
+            older_than,
+            stuck_for,
+            limit,
+        } => {
+            let q = ListQuery {
+                status: status.clone(),
+                definition: definition.clone(),
+                older_than_secs: older_than.map(|d| d.as_secs()),
+                stuck_for_secs: stuck_for.map(|d| d.as_secs()),
+                limit: *limit,
+            };
+            let metas = backend.list(&q).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&metas)?);
+            } else {
+                print_list(&metas);
+            }
+            return Ok(());
+        }
+        Command::Show { id } => {
+            let view = backend.show(*id).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print_show(&view);
+            }
+            return Ok(());
+        }
+        Command::Stats { stuck_after } => {
+            let s = backend.stats(*stuck_after).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_stats(&s);
+            }
+            return Ok(());
+        }
+        Command::Retry(t) => repair(t, "retry_now", None),
+        Command::Resume(t) => repair(t, "resume", None),
+        Command::Compensate(t) => repair(t, "force_compensate", None),
+        Command::Skip { target, step } => repair(target, "skip_step", Some(*step)),
+        Command::Resolve(t) => repair(t, "mark_resolved", None),
+    };
+    let (id, req) = request;
+    let meta = backend.repair(id, &req).await?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&meta)?);
+    } else {
+        println!(
+            "saga {id}: {} recorded (by {}); status now {}",
+            req.action, req.operator, meta.status
+        );
+    }
+    Ok(())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            if e.downcast_ref::<Refused>().is_some() {
+                eprintln!("refused: {e}");
+                std::process::ExitCode::from(3)
+            } else {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! The `sagaflow` binary on real data directories, and against a running engine's API.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use sagaflow::{Phase, SagaId, SagaMeta, SagaOutcome};
+use sagaflow_admin::{router, Auth, Token};
+use sagaflow_tests::*;
+use serde_json::{json, Value};
+
+const ADMIN: &str = "admin-token-0123456789";
+const READ: &str = "read-token-0123456789";
+
+fn sagaflow(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sagaflow"));
+    c.args(args)
+        .env_remove("SAGAFLOW_URL")
+        .env_remove("SAGAFLOW_DATA_DIR");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run sagaflow")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A data directory with one parked saga (a compensation that failed) and one that
+/// completed; the engine is stopped when this returns.
+async fn directory(dir: &Path) -> (SagaId, SagaId, Arc<Ledger>) {
+    let ledger = Ledger::new();
+    ledger.script_tagged("bad", "order", Phase::Action, [Outcome::Permanent]);
+    ledger.script_tagged(
+        "bad",
+        "inventory",
+        Phase::Compensation,
+        [Outcome::Permanent],
+    );
+    let engine = builder()
+        .register(checkout(&ledger))
+        .open(dir)
+        .await
+        .unwrap();
+    let parked = engine
+        .start("checkout", json!({"tag": "bad"}), None)
+        .await
+        .unwrap();
+    let done = engine
+        .start("checkout", json!({"tag": "good"}), None)
+        .await
+        .unwrap();
+    assert!(matches!(
+        engine.wait(parked).await.unwrap(),
+        SagaOutcome::Parked { .. }
+    ));
+    engine.wait(done).await.unwrap();
+    engine.shutdown().await.unwrap();
+    (parked, done, ledger)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_verb_works_on_a_stopped_engines_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (parked, done, ledger) = directory(tmp.path()).await;
+    let d = tmp.path().to_str().unwrap().to_string();
+    let run = |args: &[&str]| {
+        let mut all = vec!["--data-dir", d.as_str()];
+        all.extend_from_slice(args);
+        sagaflow(&all, &[])
+    };
+
+    let o = run(&["list", "--status", "parked", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let metas: Vec<SagaMeta> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(metas.iter().map(|m| m.id).collect::<Vec<_>>(), [parked]);
+
+    let o = run(&["list"]);
+    let out = text(&o);
+    assert!(
+        out.contains("parked") && out.contains("completed") && out.contains("2 saga(s)"),
+        "{out}"
+    );
+
+    let o = run(&["show", &parked.to_string()]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("compensation_failed"), "{out}");
+    assert!(
+        out.contains(&format!("key {parked}/inventory/compensation")),
+        "{out}"
+    );
+    assert!(out.contains("status      parked"), "{out}");
+
+    let o = run(&["stats", "--json"]);
+    let stats: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(stats["total"], 2);
+    assert_eq!(stats["by_status"]["parked"], 1);
+
+    // Refused repairs exit with 3 and write nothing.
+    let before = run(&["show", &parked.to_string(), "--json"]);
+    let o = run(&[
+        "compensate",
+        &parked.to_string(),
+        "--reason",
+        "already compensating",
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(text(&o).contains("refused"), "{}", text(&o));
+    let o = run(&["retry", &done.to_string(), "--reason", "it is done"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let after = run(&["show", &parked.to_string(), "--json"]);
+    assert_eq!(before.stdout, after.stdout);
+
+    let o = run(&[
+        "resume",
+        &parked.to_string(),
+        "--reason",
+        "inventory back",
+        "--operator",
+        "ana",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("status now compensating"), "{}", text(&o));
+    let o = run(&["show", &parked.to_string()]);
+    assert!(
+        text(&o).contains("resume by ana: inventory back"),
+        "{}",
+        text(&o)
+    );
+
+    // The engine finishes what the operator resumed.
+    let engine = builder()
+        .register(checkout(&ledger))
+        .open(tmp.path())
+        .await
+        .unwrap();
+    assert!(matches!(
+        engine.wait(parked).await.unwrap(),
+        SagaOutcome::Compensated { .. }
+    ));
+    engine.shutdown().await.unwrap();
+
+    let o = run(&["resolve", &done.to_string(), "--reason", "x"]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "a completed saga cannot be resolved: {}",
+        text(&o)
+    );
+    let o = run(&["show", "not-an-id"]);
+    assert_eq!(o.status.code(), Some(2), "usage error: {}", text(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_talks_to_a_running_engine_and_honours_token_roles() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (parked, _done, ledger) = directory(tmp.path()).await;
+    let engine = builder()
+        .register(checkout(&ledger))
+        .open(tmp.path())
+        .await
+        .unwrap();
+    let auth = Auth::new(Token::new(ADMIN).unwrap()).with_read_token(Token::new(READ).unwrap());
+    let engine = Arc::new(engine);
+    let app = router(engine.clone(), auth);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let d = tmp.path().to_str().unwrap().to_string();
+    let id = parked.to_string();
+
+    let out = tokio::task::spawn_blocking(move || {
+        // The directory is locked while the engine runs: the CLI says to use --url.
+        let locked = sagaflow(&["--data-dir", &d, "list"], &[]);
+        assert_eq!(locked.status.code(), Some(1));
+        assert!(text(&locked).contains("--url"), "{}", text(&locked));
+
+        let list = sagaflow(
+            &["--url", &url, "list", "--status", "parked"],
+            &[("SAGAFLOW_TOKEN", READ)],
+        );
+        assert!(list.status.success(), "{}", text(&list));
+        assert!(text(&list).contains(&id));
+
+        let no_token = sagaflow(&["--url", &url, "list"], &[]);
+        assert_eq!(no_token.status.code(), Some(1));
+        let wrong = sagaflow(
+            &["--url", &url, "list"],
+            &[("SAGAFLOW_TOKEN", "wrong-token-0123456789")],
+        );
+        assert!(text(&wrong).contains("401"), "{}", text(&wrong));
+
+        let read_only = sagaflow(
+            &["--url", &url, "resume", &id, "--reason", "fixed"],
+            &[("SAGAFLOW_TOKEN", READ)],
+        );
+        assert_eq!(read_only.status.code(), Some(1));
+        assert!(text(&read_only).contains("403"), "{}", text(&read_only));
+
+        let refused = sagaflow(
+            &["--url", &url, "retry", &id, "--reason", "now"],
+            &[("SAGAFLOW_TOKEN", ADMIN)],
+        );
+        assert_eq!(refused.status.code(), Some(3), "{}", text(&refused));
+
+        sagaflow(
+            &[
+                "--url",
+                &url,
+                "resume",
+                &id,
+                "--reason",
+                "fixed",
+                "--operator",
+                "bo",
+            ],
+            &[("SAGAFLOW_TOKEN", ADMIN)],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(matches!(
+        engine.wait(parked).await.unwrap(),
+        SagaOutcome::Compensated { .. }
+    ));
+}
