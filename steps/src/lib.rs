@@ -1,11 +1,34 @@
-//! Reusable pieces for saga steps that call real services.
+//! Production pieces for saga steps that call real services.
 //!
-//! The integration modules (HTTP with failure classification, rate limits, circuit
-//! breakers, OAuth token refresh, webhook verification, secrets) arrive one per module,
-//! each behind its own Cargo feature. What every integration needs is here already: the
-//! headers that carry a step's idempotency key and the saga's correlation id downstream.
+//! Each module answers a failure that naive integration code suffers, and each sits
+//! behind its own Cargo feature (all on with `full`, the default):
+//!
+//! | module | feature | answers |
+//! | --- | --- | --- |
+//! | [`http`] | `http` | calls without timeouts, idempotency keys or a correlation id; errors the engine cannot act on (it needs retryable, retry-after or permanent) |
+//! | [`rate_limit`] | `rate_limit` | 429 storms: one limiter and one concurrency cap per integration, shared by every saga; a server's Retry-After pauses the integration for everyone |
+//! | [`circuit_breaker`] | `circuit_breaker` | retry storms against a dead service: fail fast as "retry after" while it is open |
+//! | [`oauth`] | `oauth` | expired tokens: cached client-credentials tokens, refreshed before expiry by one caller, replayed once on a 401 |
+//! | [`webhook`] | `webhook` | forged, stale and replayed webhooks |
+//! | [`secrets`] | `secrets` | keys in source and in logs |
+//!
+//! Retries belong to the engine, which makes them durable: a piece here reports how a
+//! call failed and never loops on its own.
 
 #![warn(missing_docs)]
+
+#[cfg(feature = "circuit_breaker")]
+pub mod circuit_breaker;
+#[cfg(feature = "http")]
+pub mod http;
+#[cfg(feature = "oauth")]
+pub mod oauth;
+#[cfg(feature = "rate_limit")]
+pub mod rate_limit;
+#[cfg(feature = "secrets")]
+pub mod secrets;
+#[cfg(feature = "webhook")]
+pub mod webhook;
 
 use sagaflow::StepContext;
 

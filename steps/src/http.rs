@@ -1,0 +1,368 @@
+//! HTTP calls from steps, with the failure classification the engine acts on.
+//!
+//! An [`Integration`] is one downstream service: its base URL, a per-call timeout, and
+//! optionally a [`RateLimiter`], a [`CircuitBreaker`] and a [`TokenSource`], all shared
+//! by every saga that calls it. Each call sends the step's idempotency key as
+//! `Idempotency-Key` and the saga id as `X-Correlation-Id`, and its outcome becomes the
+//! [`StepError`] the engine needs:
+//!
+//! | outcome | step error |
+//! | --- | --- |
+//! | connection error, timeout, 5xx, 408 | retryable |
+//! | 429, or 503 with `Retry-After` (seconds or HTTP-date) | retryable after that time; the integration pauses for everyone |
+//! | other 4xx | permanent, with the status and the start of the body |
+//! | 2xx whose body does not decode | permanent, saying what was expected |
+//! | 401 with a token source | one token refresh and one replay, then as above |
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use async_trait::async_trait;
+//! use sagaflow::{Step, StepContext, StepError};
+//! use sagaflow_steps::http::Integration;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Charge { charge_id: String }
+//!
+//! struct ChargeCard { payments: Arc<Integration> }
+//!
+//! #[async_trait]
+//! impl Step for ChargeCard {
+//!     type Input = serde_json::Value;
+//!     type Output = Charge;
+//!     async fn execute(&self, ctx: &StepContext, order: serde_json::Value) -> Result<Charge, StepError> {
+//!         self.payments.post_json(ctx, "/charges", &order).await
+//!     }
+//!     async fn compensate(&self, ctx: &StepContext, _: serde_json::Value, charge: Option<Charge>) -> Result<(), StepError> {
+//!         let body = serde_json::json!({ "charge_id": charge.map(|c| c.charge_id), "key": ctx.idempotency_key().as_str() });
+//!         self.payments.post_json::<serde_json::Value>(ctx, "/refunds", &body).await.map(|_| ())
+//!     }
+//! }
+//! ```
+
+#[cfg(any(feature = "rate_limit", feature = "circuit_breaker", feature = "oauth"))]
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::{Method, StatusCode};
+use sagaflow::{StepContext, StepError};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+#[cfg(feature = "circuit_breaker")]
+use crate::circuit_breaker::{CallResult, CircuitBreaker};
+#[cfg(feature = "oauth")]
+use crate::oauth::TokenSource;
+#[cfg(feature = "rate_limit")]
+use crate::rate_limit::RateLimiter;
+
+/// The pause assumed when a 429 carries no usable `Retry-After`.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Parses a `Retry-After` value: delay-seconds or an HTTP-date (RFC 9110 §10.2.3),
+/// relative to `now`. A date in the past is zero.
+///
+/// ```
+/// use std::time::{Duration, UNIX_EPOCH};
+/// use sagaflow_steps::http::parse_retry_after;
+///
+/// let now = UNIX_EPOCH + Duration::from_secs(1_445_412_480); // Wed, 21 Oct 2015 07:28:00 GMT
+/// assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+/// assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now), Some(Duration::from_secs(30)));
+/// assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now), Some(Duration::ZERO));
+/// assert_eq!(parse_retry_after("soon", now), None);
+/// ```
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// The step error for an answer with `status`, `headers` and `body`, or `None` for a
+/// success.
+pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Option<StepError> {
+    if status.is_success() {
+        return None;
+    }
+    let hint = headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+    let snippet: String = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+    let what = format!("{status}: {snippet}");
+    Some(match (status, hint) {
+        (StatusCode::TOO_MANY_REQUESTS, h) => {
+            StepError::retry_after(h.unwrap_or(DEFAULT_RETRY_AFTER), what)
+        }
+        (StatusCode::SERVICE_UNAVAILABLE, Some(h)) => StepError::retry_after(h, what),
+        (s, _) if s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT => {
+            StepError::retryable(what)
+        }
+        _ => StepError::permanent(what),
+    })
+}
+
+/// One downstream service, shared by every step that calls it.
+#[derive(Debug)]
+pub struct Integration {
+    name: String,
+    base: String,
+    client: reqwest::Client,
+    timeout: Duration,
+    #[cfg(feature = "rate_limit")]
+    limiter: Option<Arc<RateLimiter>>,
+    #[cfg(feature = "circuit_breaker")]
+    breaker: Option<Arc<CircuitBreaker>>,
+    #[cfg(feature = "oauth")]
+    tokens: Option<Arc<TokenSource>>,
+}
+
+impl Integration {
+    /// The service `name` at `base_url`; 10 s per call.
+    pub fn new(name: impl Into<String>, base_url: impl Into<String>) -> Self {
+        Integration {
+            name: name.into(),
+            base: base_url.into().trim_end_matches('/').to_string(),
+            client: reqwest::Client::new(),
+            timeout: Duration::from_secs(10),
+            #[cfg(feature = "rate_limit")]
+            limiter: None,
+            #[cfg(feature = "circuit_breaker")]
+            breaker: None,
+            #[cfg(feature = "oauth")]
+            tokens: None,
+        }
+    }
+
+    /// Sets the per-call timeout (the step's own deadline caps it too).
+    pub fn with_timeout(mut self, d: Duration) -> Self {
+        self.timeout = d;
+        self
+    }
+
+    /// Uses `client` (connection pool, TLS settings).
+    pub fn with_client(mut self, client: reqwest::Client) -> Self {
+        self.client = client;
+        self
+    }
+
+    /// Queues calls behind `limiter`.
+    #[cfg(feature = "rate_limit")]
+    pub fn with_limiter(mut self, limiter: Arc<RateLimiter>) -> Self {
+        self.limiter = Some(limiter);
+        self
+    }
+
+    /// Guards calls with `breaker`.
+    #[cfg(feature = "circuit_breaker")]
+    pub fn with_breaker(mut self, breaker: Arc<CircuitBreaker>) -> Self {
+        self.breaker = Some(breaker);
+        self
+    }
+
+    /// Sends `Authorization: Bearer` tokens from `tokens`.
+    #[cfg(feature = "oauth")]
+    pub fn with_tokens(mut self, tokens: Arc<TokenSource>) -> Self {
+        self.tokens = Some(tokens);
+        self
+    }
+
+    /// `POST base/path` with a JSON body; decodes a JSON answer.
+    ///
+    /// # Errors
+    ///
+    /// The [`StepError`] the outcome means (see the module docs).
+    pub async fn post_json<T: DeserializeOwned>(
+        &self,
+        ctx: &StepContext,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T, StepError> {
+        let body = serde_json::to_vec(body)
+            .map_err(|e| StepError::permanent(format!("request body does not serialize: {e}")))?;
+        self.call(ctx, Method::POST, path, Some(body)).await
+    }
+
+    /// `GET base/path`; decodes a JSON answer.
+    ///
+    /// # Errors
+    ///
+    /// As [`Integration::post_json`].
+    pub async fn get_json<T: DeserializeOwned>(
+        &self,
+        ctx: &StepContext,
+        path: &str,
+    ) -> Result<T, StepError> {
+        self.call(ctx, Method::GET, path, None).await
+    }
+
+    /// A call with an optional JSON body.
+    ///
+    /// # Errors
+    ///
+    /// As [`Integration::post_json`].
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        ctx: &StepContext,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, StepError> {
+        #[cfg(feature = "circuit_breaker")]
+        let permit = match &self.breaker {
+            Some(b) => Some(b.permit()?),
+            None => None,
+        };
+        #[cfg(feature = "rate_limit")]
+        let _slot = match &self.limiter {
+            Some(l) => Some(l.acquire().await),
+            None => None,
+        };
+        let (result, health) = self.send_with_token(ctx, &method, path, body).await;
+        #[cfg(feature = "circuit_breaker")]
+        if let (Some(b), Some(p)) = (&self.breaker, permit) {
+            b.record(p, health.into());
+        }
+        #[cfg(not(feature = "circuit_breaker"))]
+        let _ = health;
+        result
+    }
+
+    async fn send_with_token<T: DeserializeOwned>(
+        &self,
+        ctx: &StepContext,
+        method: &Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> (Result<T, StepError>, Health) {
+        #[cfg(feature = "oauth")]
+        if let Some(tokens) = &self.tokens {
+            let token = match tokens.token().await {
+                Ok(t) => t,
+                Err(e) => return (Err(e.to_step_error()), Health::Neutral),
+            };
+            let (result, health, status) = self
+                .send_once(ctx, method, path, body.clone(), Some(token.expose()))
+                .await;
+            if status != Some(StatusCode::UNAUTHORIZED) {
+                return (result, health);
+            }
+            // The token was refused (expired early, revoked): one refresh, one replay.
+            tokens.invalidate(&token);
+            let token = match tokens.token().await {
+                Ok(t) => t,
+                Err(e) => return (Err(e.to_step_error()), Health::Neutral),
+            };
+            let (result, health, _) = self
+                .send_once(ctx, method, path, body, Some(token.expose()))
+                .await;
+            return (result, health);
+        }
+        let (result, health, _) = self.send_once(ctx, method, path, body, None).await;
+        (result, health)
+    }
+
+    /// One request: the result, what it says about the service's health, and the
+    /// status if there was an answer.
+    async fn send_once<T: DeserializeOwned>(
+        &self,
+        ctx: &StepContext,
+        method: &Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        token: Option<&str>,
+    ) -> (Result<T, StepError>, Health, Option<StatusCode>) {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let left = Duration::from_millis(ctx.deadline().as_millis().saturating_sub(now_ms));
+        let timeout = self.timeout.min(left).max(Duration::from_millis(1));
+        let url = format!("{}{}", self.base, path);
+        let mut req = self.client.request(method.clone(), &url).timeout(timeout);
+        for (name, value) in crate::correlation_headers(ctx) {
+            req = req.header(name, value);
+        }
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b);
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let what = if e.is_timeout() {
+                    format!("`{}` timed out after {timeout:?}", self.name)
+                } else if e.is_connect() {
+                    format!("cannot connect to `{}`: {}", self.name, e.without_url())
+                } else {
+                    format!("call to `{}` failed: {}", self.name, e.without_url())
+                };
+                return (Err(StepError::retryable(what)), FAILURE, None);
+            }
+        };
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                let what = format!(
+                    "reading the answer of `{}` failed: {}",
+                    self.name,
+                    e.without_url()
+                );
+                return (Err(StepError::retryable(what)), FAILURE, Some(status));
+            }
+        };
+        if let Some(err) = classify(status, &headers, &bytes) {
+            #[cfg(feature = "rate_limit")]
+            if let (Some(l), Some(hint)) = (&self.limiter, err.retry_after_hint()) {
+                l.pause_for(hint);
+            }
+            let health = if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
+                FAILURE
+            } else {
+                NEUTRAL
+            };
+            tracing::debug!(integration = %self.name, %status, "call failed");
+            return (Err(err), health, Some(status));
+        }
+        let decoded = serde_json::from_slice::<T>(&bytes).map_err(|e| {
+            StepError::permanent(format!(
+                "`{}` answered {status} with a body that does not decode as {}: {e}",
+                self.name,
+                std::any::type_name::<T>()
+            ))
+        });
+        (decoded, SUCCESS, Some(status))
+    }
+}
+
+/// What a call says about the service's health (fed to the circuit breaker).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Health {
+    Success,
+    Failure,
+    Neutral,
+}
+
+const FAILURE: Health = Health::Failure;
+const NEUTRAL: Health = Health::Neutral;
+const SUCCESS: Health = Health::Success;
+
+#[cfg(feature = "circuit_breaker")]
+impl From<Health> for CallResult {
+    fn from(h: Health) -> Self {
+        match h {
+            Health::Success => CallResult::Success,
+            Health::Failure => CallResult::Failure,
+            Health::Neutral => CallResult::Neutral,
+        }
+    }
+}
