@@ -1,0 +1,169 @@
+//! HTTP calls against a real server: headers, timeouts and the classification of every
+//! kind of answer.
+
+mod support;
+
+use std::time::{Duration, SystemTime};
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use sagaflow::StepError;
+use sagaflow_steps::http::Integration;
+use serde_json::{json, Value};
+use support::*;
+
+fn app() -> Router {
+    Router::new()
+        .route(
+            "/echo",
+            post(|headers: HeaderMap, Json(body): Json<Value>| async move {
+                let h = |n: &str| {
+                    headers
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string()
+                };
+                Json(json!({
+                    "key": h("idempotency-key"),
+                    "correlation": h("x-correlation-id"),
+                    "body": body,
+                }))
+            }),
+        )
+        .route(
+            "/429-seconds",
+            get(|| async {
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", "2")],
+                    "slow down",
+                )
+            }),
+        )
+        .route(
+            "/429-date",
+            get(|| async {
+                let at = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(5));
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", at)],
+                    "slow down",
+                )
+                    .into_response()
+            }),
+        )
+        .route("/429-bare", get(|| async { StatusCode::TOO_MANY_REQUESTS }))
+        .route(
+            "/503",
+            get(|| async {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [("retry-after", "7")],
+                    "maintenance",
+                )
+            }),
+        )
+        .route(
+            "/500",
+            get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "boom") }),
+        )
+        .route(
+            "/404",
+            get(|| async { (StatusCode::NOT_FOUND, "no such order") }),
+        )
+        .route(
+            "/422",
+            get(|| async { (StatusCode::UNPROCESSABLE_ENTITY, "card declined") }),
+        )
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                "late"
+            }),
+        )
+        .route("/not-json", get(|| async { "<html>hello</html>" }))
+}
+
+#[tokio::test]
+async fn calls_carry_the_idempotency_key_and_the_correlation_id() {
+    let api = Integration::new("echo", serve(app()).await);
+    let c = ctx(1, "charge");
+    let got: Value = api
+        .post_json(&c, "/echo", &json!({"cents": 5}))
+        .await
+        .unwrap();
+    assert_eq!(got["key"], c.idempotency_key().as_str());
+    assert_eq!(got["correlation"], c.saga_id().to_string());
+    assert_eq!(got["body"]["cents"], 5);
+}
+
+#[tokio::test]
+async fn answers_are_classified_for_the_engine() {
+    let api = Integration::new("svc", serve(app()).await);
+    let c = ctx(2, "s");
+    let err = |path: &'static str| {
+        let api = &api;
+        let c = c.clone();
+        async move { api.get_json::<Value>(&c, path).await.unwrap_err() }
+    };
+
+    let e = err("/429-seconds").await;
+    assert_eq!(e.retry_after_hint(), Some(Duration::from_secs(2)), "{e}");
+    let e = err("/429-date").await;
+    let hint = e.retry_after_hint().expect("a hint");
+    assert!(
+        hint >= Duration::from_secs(3) && hint <= Duration::from_secs(5),
+        "{hint:?}"
+    );
+    assert_eq!(
+        err("/429-bare").await.retry_after_hint(),
+        Some(Duration::from_secs(1))
+    );
+    assert_eq!(
+        err("/503").await.retry_after_hint(),
+        Some(Duration::from_secs(7))
+    );
+
+    let e = err("/500").await;
+    assert!(matches!(e, StepError::Retryable { .. }), "{e}");
+    let e = err("/404").await;
+    assert!(
+        matches!(&e, StepError::Permanent { message } if message.contains("404") && message.contains("no such order")),
+        "{e}"
+    );
+    let e = err("/422").await;
+    assert!(matches!(e, StepError::Permanent { .. }), "{e}");
+    let e = err("/not-json").await;
+    assert!(
+        matches!(&e, StepError::Permanent { message } if message.contains("does not decode as")),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_endpoint_is_a_retryable_timeout_and_a_dead_one_retryable_too() {
+    let base = serve(app()).await;
+    let api = Integration::new("slow", base).with_timeout(SHORT);
+    let e = api
+        .get_json::<Value>(&ctx(3, "s"), "/slow")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StepError::Retryable { message } if message.contains("timed out")),
+        "{e}"
+    );
+
+    // Nothing listens there.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let e = Integration::new("dead", dead)
+        .get_json::<Value>(&ctx(3, "s"), "/")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StepError::Retryable { .. }), "{e}");
+}
