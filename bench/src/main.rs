@@ -354,6 +354,30 @@ fn memory_probe(rt: &tokio::runtime::Runtime, n: u64, on_sled: bool) -> f64 {
     })
 }
 
+/// The rate limiter of `sagaflow-steps` under 200 concurrent callers: the rate it
+/// actually lets through, against the configured one.
+fn limiter_rate(rt: &tokio::runtime::Runtime, per_second: u32, calls: u64) -> f64 {
+    use sagaflow_steps::rate_limit::RateLimiter;
+    rt.block_on(async {
+        let limiter = Arc::new(RateLimiter::new("bench").per_second(per_second, 1));
+        // Spend the initial burst so it does not flatter the figure.
+        limiter.acquire().await;
+        let start = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for t in 0..200 {
+            let l = limiter.clone();
+            let n = calls / 200 + u64::from(t < calls % 200);
+            tasks.spawn(async move {
+                for _ in 0..n {
+                    l.acquire().await;
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        calls as f64 / start.elapsed().as_secs_f64()
+    })
+}
+
 #[derive(Debug)]
 struct Run {
     name: String,
@@ -476,6 +500,7 @@ fn main() {
         runs.push(run_engine(&rt, 3, c, n));
     }
     runs.push(run_engine(&rt, 10, 1024, a.sagas / 2));
+    let limiter = limiter_rate(&rt, 1_000, 3_000);
     let probe = memory_probe(&rt, 1024, false);
     let probe_sled = memory_probe(&rt, 1024, true);
 
@@ -520,6 +545,10 @@ fn main() {
         "memory per in-flight saga (1024 held in step 1): engine {probe:.0} B of live heap; \
          {probe_sled:.0} B with sled's cache growth for their writes"
     );
+    println!(
+        "rate limiter (sagaflow-steps), 200 callers, limit 1000/s: {limiter:.0}/s ({:.3} of the limit)",
+        limiter / 1000.0
+    );
     if let Some(r) = c1 {
         println!(
             "c=1: p50 {:.3} ms against {:.3} ms of durable writes ({:.2} writes/saga): {:.2}x",
@@ -544,6 +573,7 @@ fn main() {
         "durable_write_cost_ms_c1": durable_cost_ms,
         "p50_over_durable_cost_c1": c1.map(|r| r.p50_ms / durable_cost_ms),
         "writes_per_saga_3step": c1024.map(|r| r.writes as f64 / r.sagas as f64),
+        "limiter_achieved_per_sec_at_1000": limiter.round(),
         "mem_bytes_per_inflight": probe.round(),
         "mem_bytes_per_inflight_with_sled": probe_sled.round(),
         "disk_bytes_per_saga_c1024": c1024.map(|r| r.disk_per_saga.round()),

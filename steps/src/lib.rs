@@ -59,3 +59,21 @@ pub fn correlation_headers(ctx: &StepContext) -> [(&'static str, String); 2] {
         (CORRELATION_ID_HEADER, ctx.saga_id().to_string()),
     ]
 }
+
+/// The pages of `docs/steps/`, compiled and run as doc tests so their examples stay
+/// true.
+#[cfg(doctest)]
+mod doc_pages {
+    #[doc = include_str!("../../docs/steps/http.md")]
+    struct Http;
+    #[doc = include_str!("../../docs/steps/rate_limit.md")]
+    struct RateLimit;
+    #[doc = include_str!("../../docs/steps/circuit_breaker.md")]
+    struct CircuitBreaker;
+    #[doc = include_str!("../../docs/steps/oauth.md")]
+    struct OAuth;
+    #[doc = include_str!("../../docs/steps/webhook.md")]
+    struct Webhook;
+    #[doc = include_str!("../../docs/steps/secrets.md")]
+    struct Secrets;
+}
