@@ -1,0 +1,527 @@
+//! The chaos run: providers in this process, the order service as a child process that
+//! is killed with SIGKILL again and again, clients that retry with the same
+//! idempotency keys, and a reconciliation of the providers' ledgers at the end.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::process::{Child, Command};
+
+use crate::providers::{self, Faults, Providers};
+use crate::saga::OrderRequest;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct ChaosConfig {
+    /// Orders to place.
+    pub orders: u32,
+    /// Clients placing them at once.
+    pub concurrency: usize,
+    /// The providers' failure rate.
+    pub fail_rate: f64,
+    /// Providers' added latency.
+    pub latency_ms: u64,
+    /// Time between kills.
+    pub kill_every: Duration,
+    /// Kills at most (the run may end with fewer if everything finished).
+    pub max_kills: u32,
+    /// Where the providers' ledgers, the service's data and its log go.
+    pub dir: PathBuf,
+    /// The `order-processing` binary (the service runs as `<exe> serve ...`).
+    pub exe: PathBuf,
+    /// Show a progress bar on standard error.
+    pub progress: bool,
+}
+
+/// The reconciliation report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    /// Orders placed.
+    pub orders: u32,
+    /// Sagas completed.
+    pub completed: u32,
+    /// Sagas compensated.
+    pub compensated: u32,
+    /// Sagas parked.
+    pub parked: u32,
+    /// SIGKILLs delivered to the service.
+    pub kills: u32,
+    /// Charges taken.
+    pub charges: usize,
+    /// Charges refunded.
+    pub refunds: usize,
+    /// Reservations made.
+    pub reservations: usize,
+    /// Reservations released.
+    pub releases: usize,
+    /// Orders created.
+    pub orders_created: usize,
+    /// Shipments booked.
+    pub shipments: usize,
+    /// Settlement webhooks delivered to the service.
+    pub webhooks_delivered: u64,
+    /// Forged webhooks sent, all of which must be refused.
+    pub forged_webhooks_refused: u32,
+    /// Replays of an order with its key that returned the same order.
+    pub idempotent_replays: u32,
+    /// Everything that does not add up; must be 0.
+    pub mismatches: usize,
+    /// What the mismatches are.
+    pub problems: Vec<String>,
+}
+
+struct Supervisor {
+    exe: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    child: tokio::sync::Mutex<Option<Child>>,
+}
+
+impl Supervisor {
+    async fn start(&self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(&self.exe)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the service")?;
+        *self.child.lock().await = Some(child);
+        Ok(())
+    }
+
+    async fn kill(&self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.lock().await.take() {
+            // SIGKILL: no clean shutdown, whatever the service was doing.
+            c.kill().await?;
+        }
+        Ok(())
+    }
+}
+
+fn order_for(i: u32) -> OrderRequest {
+    OrderRequest {
+        customer: format!("customer-{}", i % 97),
+        // Every 17th order is out of stock; amounts ending in 13 are declined.
+        sku: if i % 17 == 5 {
+            "sold-out".into()
+        } else {
+            format!("sku-{}", i % 11)
+        },
+        quantity: 1 + i % 3,
+        amount_cents: 1_000 + u64::from(i) * 100 + if i % 23 == 7 { 13 } else { 0 },
+    }
+}
+
+/// Runs the chaos scenario and reconciles.
+///
+/// # Errors
+///
+/// If the providers or the service cannot be started.
+pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&cfg.dir)?;
+    let webhook_url = Arc::new(Mutex::new(None));
+    let faults = Faults {
+        fail_rate: cfg.fail_rate,
+        latency_ms: cfg.latency_ms,
+        outages: vec![(3, 4)],
+    };
+    let providers: Providers =
+        providers::start(&cfg.dir.join("providers"), faults, 300, webhook_url.clone()).await?;
+    // A free port for the service, kept across restarts.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let base = format!("http://127.0.0.1:{port}");
+    *webhook_url.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some(format!("{base}/webhooks/payments"));
+    let addresses = cfg.dir.join("addresses.json");
+    std::fs::write(&addresses, serde_json::to_vec_pretty(&providers.addresses)?)?;
+    let service = Arc::new(Supervisor {
+        exe: cfg.exe.clone(),
+        args: vec![
+            "serve".into(),
+            "--data-dir".into(),
+            cfg.dir.join("data").display().to_string(),
+            "--addresses".into(),
+            addresses.display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+        ],
+        log: cfg.dir.join("service.log"),
+        child: tokio::sync::Mutex::new(None),
+    });
+    service.start().await?;
+
+    let kills = Arc::new(AtomicU32::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let killer = {
+        let (service, kills, stop) = (service.clone(), kills.clone(), stop.clone());
+        let (every, max) = (cfg.kill_every, cfg.max_kills);
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) && kills.load(Ordering::SeqCst) < max {
+                tokio::time::sleep(every).await;
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                if service.kill().await.is_ok() {
+                    kills.fetch_add(1, Ordering::SeqCst);
+                }
+                let _ = service.start().await;
+            }
+        })
+    };
+
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let submitted = Arc::new(AtomicU64::new(0));
+    let ended = Arc::new(AtomicU64::new(0));
+    let progress = cfg.progress.then(|| {
+        let (submitted, ended, kills) = (submitted.clone(), ended.clone(), kills.clone());
+        let total = u64::from(cfg.orders);
+        tokio::spawn(async move {
+            loop {
+                let (s, e) = (
+                    submitted.load(Ordering::Relaxed),
+                    ended.load(Ordering::Relaxed),
+                );
+                let width = 30;
+                let done = (e * width / total.max(1)) as usize;
+                let sent = ((s * width / total.max(1)) as usize).max(done);
+                eprint!(
+                    "\r[{}{}{}] placed {s}/{total}, ended {e}/{total}, kills {}   ",
+                    "#".repeat(done),
+                    "-".repeat(sent - done),
+                    " ".repeat(width as usize - sent),
+                    kills.load(Ordering::Relaxed)
+                );
+                let _ = std::io::stderr().flush();
+                if e >= total {
+                    eprintln!();
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    });
+
+    // Place every order, retrying with the same key until the service answers.
+    let ids: Arc<Mutex<BTreeMap<u32, String>>> = Arc::default();
+    let problems: Arc<Mutex<Vec<String>>> = Arc::default();
+    let replays = Arc::new(AtomicU32::new(0));
+    let permits = Arc::new(tokio::sync::Semaphore::new(cfg.concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..cfg.orders {
+        let permit = permits.clone().acquire_owned().await?;
+        let (client, base, ids, problems, submitted, replays) = (
+            client.clone(),
+            base.clone(),
+            ids.clone(),
+            problems.clone(),
+            submitted.clone(),
+            replays.clone(),
+        );
+        tasks.spawn(async move {
+            let order = order_for(i);
+            let key = format!("order-{i}");
+            let id = place(&client, &base, &key, &order).await;
+            match &id {
+                Ok(id) => {
+                    ids.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(i, id.clone());
+                    // Every tenth client retries as if it never heard back: same order.
+                    if i % 10 == 0 {
+                        match place(&client, &base, &key, &order).await {
+                            Ok(again) if &again == id => {
+                                replays.fetch_add(1, Ordering::Relaxed);
+                            }
+                            other => {
+                                problems
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .push(format!(
+                                        "order {i}: a replay with its key gave {other:?}, not {id}"
+                                    ))
+                            }
+                        }
+                    }
+                }
+                Err(e) => problems
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(format!("order {i} was not accepted: {e}")),
+            }
+            submitted.fetch_add(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+
+    // A different order under a used key must be refused.
+    let mut other = order_for(1);
+    other.quantity += 1;
+    match post(&client, &base, "order-1", &other).await {
+        Ok((422, _)) => {}
+        r => problems
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(format!(
+                "a different body under a used key was not refused with 422: {r:?}"
+            )),
+    }
+
+    // Wait until every saga has ended.
+    let ids = ids.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut status: BTreeMap<u32, String> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while status.len() < ids.len() && Instant::now() < deadline {
+        for (i, id) in &ids {
+            if status.contains_key(i) {
+                continue;
+            }
+            if let Ok(r) = client.get(format!("{base}/orders/{id}")).send().await {
+                if let Ok(v) = r.json::<Value>().await {
+                    let s = v["status"].as_str().unwrap_or("").to_string();
+                    if matches!(
+                        s.as_str(),
+                        "completed" | "compensated" | "parked" | "resolved"
+                    ) {
+                        status.insert(*i, s);
+                        ended.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        if status.len() < ids.len() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let _ = killer.await;
+    // The killer may have left it dead: make sure it runs for the webhook checks.
+    if service.child.lock().await.is_none() {
+        service.start().await?;
+    }
+
+    // Forged webhooks must be refused.
+    let forged_secret = sagaflow_steps::secrets::Secret::new("whsec_attacker");
+    let mut forged_refused = 0;
+    for n in 0..3 {
+        let body =
+            json!({ "id": format!("evt_forged_{n}"), "type": "charge.settled", "charge_key": "x" })
+                .to_string();
+        let sig = sagaflow_steps::webhook::sign(&forged_secret, SystemTime::now(), body.as_bytes());
+        for _ in 0..50 {
+            match client
+                .post(format!("{base}/webhooks/payments"))
+                .header("signature", &sig)
+                .body(body.clone())
+                .send()
+                .await
+            {
+                Ok(r) if r.status() == reqwest::StatusCode::UNAUTHORIZED => {
+                    forged_refused += 1;
+                    break;
+                }
+                Ok(r) => {
+                    problems
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(format!("a forged webhook got {}", r.status()));
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+    // Let the settlement webhooks of the last charges arrive.
+    let charges_now = || {
+        providers
+            .payments
+            .entries()
+            .iter()
+            .filter(|e| e.kind == "charge")
+            .count() as u64
+    };
+    let until = Instant::now() + Duration::from_secs(20);
+    while providers.webhooks_delivered.load(Ordering::Relaxed) < charges_now()
+        && Instant::now() < until
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    service.kill().await?;
+    if let Some(p) = progress {
+        ended.store(u64::from(cfg.orders), Ordering::Relaxed);
+        let _ = p.await;
+    }
+
+    let mut report = reconcile(&providers, &ids, &status);
+    report.orders = cfg.orders;
+    report.kills = kills.load(Ordering::SeqCst);
+    report.forged_webhooks_refused = forged_refused;
+    report.idempotent_replays = replays.load(Ordering::Relaxed);
+    report.webhooks_delivered = providers.webhooks_delivered.load(Ordering::Relaxed);
+    if report.webhooks_delivered < report.charges as u64 {
+        report.problems.push(format!(
+            "{} charges but {} settlement webhooks accepted",
+            report.charges, report.webhooks_delivered
+        ));
+    }
+    for i in 0..cfg.orders {
+        if !status.contains_key(&i) && ids.contains_key(&i) {
+            report.problems.push(format!("order {i} did not end"));
+        }
+    }
+    report.problems.extend(
+        problems
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned(),
+    );
+    report.mismatches = report.problems.len();
+    tracing::info!(took = ?started.elapsed(), "chaos run done");
+    Ok(report)
+}
+
+async fn post(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    order: &OrderRequest,
+) -> Result<(u16, Value), reqwest::Error> {
+    let r = client
+        .post(format!("{base}/orders"))
+        .header("idempotency-key", key)
+        .json(order)
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    Ok((status, r.json().await.unwrap_or(Value::Null)))
+}
+
+/// Places an order, retrying with the same key while the service is down or busy.
+async fn place(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    order: &OrderRequest,
+) -> Result<String, String> {
+    for _ in 0..2_000 {
+        match post(client, base, key, order).await {
+            Ok((202, v)) => {
+                return v["order_id"]
+                    .as_str()
+                    .map(str::to_string)
+                    .ok_or("no id".into())
+            }
+            Ok((s, v)) if (400..500).contains(&s) => return Err(format!("{s}: {v}")),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    Err("the service never answered".into())
+}
+
+fn reconcile(p: &Providers, ids: &BTreeMap<u32, String>, status: &BTreeMap<u32, String>) -> Report {
+    let mut r = Report::default();
+    let mut by_saga: BTreeMap<String, BTreeSet<(String, String)>> = BTreeMap::new();
+    let mut count = BTreeMap::<String, usize>::new();
+    for e in p
+        .payments
+        .entries()
+        .into_iter()
+        .chain(p.inventory.entries())
+        .chain(p.orders.entries())
+    {
+        *count.entry(e.kind.clone()).or_default() += 1;
+        let mut parts = e.key.split('/');
+        let (saga, step, phase) = (parts.next(), parts.next(), parts.next());
+        match (saga, step, phase) {
+            (Some(s), Some(st), Some(ph)) => {
+                let fresh = by_saga
+                    .entry(s.to_string())
+                    .or_default()
+                    .insert((st.to_string(), ph.to_string()));
+                if !fresh {
+                    r.problems
+                        .push(format!("{} applied twice: {}", e.kind, e.key));
+                }
+            }
+            _ => r
+                .problems
+                .push(format!("a {} under a foreign key {}", e.kind, e.key)),
+        }
+    }
+    let n = |k: &str| count.get(k).copied().unwrap_or(0);
+    // A refund or release of something that never happened is a no-op: not counted.
+    let undone = |entries: Vec<providers::Entry>, kind: &str, field: &str| {
+        entries
+            .iter()
+            .filter(|e| e.kind == kind && e.answer[field] == Value::Bool(true))
+            .count()
+    };
+    r.charges = n("charge");
+    r.refunds = undone(p.payments.entries(), "refund", "refunded");
+    r.reservations = n("reserve");
+    r.releases = undone(p.inventory.entries(), "release", "released");
+    r.orders_created = n("order");
+    r.shipments = n("shipment");
+    let known: BTreeSet<&String> = ids.values().collect();
+    for saga in by_saga.keys() {
+        if !known.contains(saga) {
+            r.problems
+                .push(format!("effects for a saga no client knows: {saga}"));
+        }
+    }
+    for (i, id) in ids {
+        let did = by_saga.get(id).cloned().unwrap_or_default();
+        let has = |step: &str, phase: &str| did.contains(&(step.to_string(), phase.to_string()));
+        match status.get(i).map(String::as_str) {
+            Some("completed") => {
+                r.completed += 1;
+                for step in ["reserve", "charge", "create_order", "book_shipping"] {
+                    if !has(step, "action") {
+                        r.problems
+                            .push(format!("order {i} completed without {step}"));
+                    }
+                }
+                if has("reserve", "compensation") || has("charge", "compensation") {
+                    r.problems
+                        .push(format!("order {i} completed but was compensated"));
+                }
+            }
+            Some("compensated") => {
+                r.compensated += 1;
+                for step in ["reserve", "charge"] {
+                    if has(step, "action") && !has(step, "compensation") {
+                        r.problems
+                            .push(format!("order {i} compensated but {step} left applied"));
+                    }
+                }
+                if has("create_order", "action") {
+                    r.problems
+                        .push(format!("order {i} compensated after its order was created"));
+                }
+            }
+            Some("parked") => r.parked += 1,
+            _ => {}
+        }
+    }
+    r
+}

@@ -1,0 +1,549 @@
+//! Fake providers as real HTTP servers on 127.0.0.1: payments, inventory, orders.
+//!
+//! Each honours idempotency keys (the same key returns the first answer and applies
+//! nothing twice), keeps its ledger in a file so it survives restarts and can be
+//! reconciled, and can be given a failure rate, a latency and outage windows. Payments
+//! also issues short-lived OAuth tokens and sends a signed webhook when a charge
+//! settles; inventory answers 429 with Retry-After past its rate.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use sagaflow_steps::secrets::Secret;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// How a provider misbehaves.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Faults {
+    /// Share of calls that fail with a 500 (half before applying, half after).
+    pub fail_rate: f64,
+    /// Added to every call.
+    pub latency_ms: u64,
+    /// Seconds since start during which the provider answers 503 with Retry-After.
+    pub outages: Vec<(u64, u64)>,
+}
+
+/// One line of a provider's ledger.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Entry {
+    /// `charge`, `refund`, `reserve`, `release`, `order` or `shipment`.
+    pub kind: String,
+    /// The idempotency key it was applied under.
+    pub key: String,
+    /// What was answered.
+    pub answer: Value,
+}
+
+/// A ledger: what a provider applied, by idempotency key, persisted as JSON lines.
+#[derive(Debug)]
+pub struct Ledger {
+    path: PathBuf,
+    entries: Mutex<(HashMap<String, Entry>, Vec<Entry>)>,
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger file at `path`.
+    pub fn open(path: &Path) -> anyhow::Result<Arc<Self>> {
+        let mut by_key = HashMap::new();
+        let mut all = Vec::new();
+        if let Ok(text) = std::fs::read_to_string(path) {
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let e: Entry = serde_json::from_str(line)?;
+                by_key.insert(e.key.clone(), e.clone());
+                all.push(e);
+            }
+        }
+        Ok(Arc::new(Ledger {
+            path: path.to_path_buf(),
+            entries: Mutex::new((by_key, all)),
+        }))
+    }
+
+    /// The answer given before under `key`, if any.
+    pub fn get(&self, key: &str) -> Option<Value> {
+        let g = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.get(key).map(|e| e.answer.clone())
+    }
+
+    /// Applies `kind` under `key` once; returns the first answer for the key.
+    pub fn apply(&self, kind: &str, key: &str, answer: Value) -> anyhow::Result<Value> {
+        let mut g = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = g.0.get(key) {
+            return Ok(e.answer.clone());
+        }
+        let e = Entry {
+            kind: kind.to_string(),
+            key: key.to_string(),
+            answer: answer.clone(),
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        writeln!(f, "{}", serde_json::to_string(&e)?)?;
+        g.0.insert(key.to_string(), e.clone());
+        g.1.push(e);
+        Ok(answer)
+    }
+
+    /// Every entry, in order.
+    pub fn entries(&self) -> Vec<Entry> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone()
+    }
+}
+
+struct Provider {
+    faults: Faults,
+    started: Instant,
+    ledger: Arc<Ledger>,
+    calls: AtomicU64,
+}
+
+enum Fault {
+    None,
+    Before,
+    After,
+    Outage(u64),
+}
+
+impl Provider {
+    fn fault(&self, key: &str) -> Fault {
+        let n = self.calls.fetch_add(1, Ordering::Relaxed);
+        let since = self.started.elapsed().as_secs();
+        if let Some((_, end)) = self
+            .faults
+            .outages
+            .iter()
+            .find(|(a, b)| since >= *a && since < *b)
+        {
+            return Fault::Outage(end - since);
+        }
+        // Pseudo-random per (key, call), so a retry of the same key may pass.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ n;
+        for b in key.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        let r = (h >> 11) as f64 / (1u64 << 53) as f64;
+        if r < self.faults.fail_rate / 2.0 {
+            Fault::Before
+        } else if r < self.faults.fail_rate {
+            Fault::After
+        } else {
+            Fault::None
+        }
+    }
+
+    async fn pause(&self) {
+        if self.faults.latency_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(self.faults.latency_ms)).await;
+        }
+    }
+}
+
+fn key_of(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+fn error(status: StatusCode, msg: &str) -> Response {
+    (status, Json(json!({ "error": msg }))).into_response()
+}
+
+/// Runs one idempotent operation with the provider's faults around it.
+async fn operate(
+    p: &Provider,
+    headers: &HeaderMap,
+    kind: &str,
+    decide: impl FnOnce(&str) -> Result<Value, (StatusCode, String)>,
+) -> Response {
+    p.pause().await;
+    let Some(key) = key_of(headers) else {
+        return error(StatusCode::BAD_REQUEST, "Idempotency-Key header required");
+    };
+    if let Some(previous) = p.ledger.get(&key) {
+        return Json(previous).into_response();
+    }
+    let fault = p.fault(&key);
+    match fault {
+        Fault::Outage(left) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [("retry-after", left.max(1).to_string())],
+                "planned outage",
+            )
+                .into_response()
+        }
+        Fault::Before => return error(StatusCode::INTERNAL_SERVER_ERROR, "injected failure"),
+        _ => {}
+    }
+    let answer = match decide(&key) {
+        Ok(a) => a,
+        Err((status, msg)) => return error(status, &msg),
+    };
+    let answer = match p.ledger.apply(kind, &key, answer) {
+        Ok(a) => a,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    };
+    if matches!(fault, Fault::After) {
+        // Applied, but the answer is lost: the caller must retry with the same key.
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "injected failure after applying",
+        );
+    }
+    Json(answer).into_response()
+}
+
+/// Addresses of the three providers, as the service reads them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Addresses {
+    /// Payments base URL.
+    pub payments: String,
+    /// Inventory base URL.
+    pub inventory: String,
+    /// Orders base URL.
+    pub orders: String,
+    /// The secret payments signs webhooks with.
+    pub webhook_secret: String,
+    /// The OAuth client secret of the shop at payments.
+    pub client_secret: String,
+}
+
+/// The running providers and their ledgers.
+#[derive(Debug)]
+pub struct Providers {
+    /// Where they listen.
+    pub addresses: Addresses,
+    /// Payments' ledger (charges, refunds).
+    pub payments: Arc<Ledger>,
+    /// Inventory's ledger (reservations, releases).
+    pub inventory: Arc<Ledger>,
+    /// Orders' ledger (orders, shipments).
+    pub orders: Arc<Ledger>,
+    /// Webhooks payments delivered and had accepted.
+    pub webhooks_delivered: Arc<AtomicU64>,
+}
+
+struct PaymentsState {
+    p: Provider,
+    tokens: Mutex<HashMap<String, Instant>>,
+    issued: AtomicU64,
+    client_secret: String,
+    webhook_secret: Secret,
+    webhook_url: Arc<Mutex<Option<String>>>,
+    delivered: Arc<AtomicU64>,
+}
+
+async fn token(State(s): State<Arc<PaymentsState>>, headers: HeaderMap) -> Response {
+    let want = format!("Basic {}", b64(&format!("shop:{}", s.client_secret)));
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(want.as_str()) {
+        return error(StatusCode::UNAUTHORIZED, "invalid_client");
+    }
+    let n = s.issued.fetch_add(1, Ordering::Relaxed);
+    let t = format!("tok-{n}-{}", s.p.started.elapsed().as_nanos());
+    // Tokens live 5 seconds: long runs see them expire and refresh.
+    s.tokens
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(t.clone(), Instant::now() + Duration::from_secs(5));
+    Json(json!({ "access_token": t, "token_type": "bearer", "expires_in": 5 })).into_response()
+}
+
+fn authorized(s: &PaymentsState, headers: &HeaderMap) -> bool {
+    let Some(t) = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let g = s.tokens.lock().unwrap_or_else(|p| p.into_inner());
+    g.get(t).is_some_and(|until| Instant::now() < *until)
+}
+
+async fn charge(
+    State(s): State<Arc<PaymentsState>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if !authorized(&s, &headers) {
+        return error(StatusCode::UNAUTHORIZED, "token expired or unknown");
+    }
+    let cents = body["amount_cents"].as_u64().unwrap_or(0);
+    let resp = operate(&s.p, &headers, "charge", |key| {
+        if cents % 100 == 13 {
+            return Err((StatusCode::PAYMENT_REQUIRED, "card declined".into()));
+        }
+        Ok(json!({ "charge_id": format!("ch_{}", short(key)), "amount_cents": cents }))
+    })
+    .await;
+    if resp.status() == StatusCode::OK {
+        if let Some(key) = key_of(&headers) {
+            settle_later(s.clone(), key);
+        }
+    }
+    resp
+}
+
+/// Sends the signed `charge.settled` webhook, retrying until the service accepts it.
+fn settle_later(s: Arc<PaymentsState>, key: String) {
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let body = json!({ "id": format!("evt_{}", short(&key)), "type": "charge.settled", "charge_key": key }).to_string();
+        for _ in 0..600 {
+            let url = s
+                .webhook_url
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Some(url) = url {
+                let sig = sagaflow_steps::webhook::sign(
+                    &s.webhook_secret,
+                    SystemTime::now(),
+                    body.as_bytes(),
+                );
+                let sent = client
+                    .post(&url)
+                    .header("signature", sig)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await;
+                if let Ok(r) = sent {
+                    if r.status().is_success() || r.status() == StatusCode::CONFLICT {
+                        s.delivered.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+}
+
+async fn refund(
+    State(s): State<Arc<PaymentsState>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    if !authorized(&s, &headers) {
+        return error(StatusCode::UNAUTHORIZED, "token expired or unknown");
+    }
+    let charged = body["charge_key"]
+        .as_str()
+        .map(|k| s.p.ledger.get(k).is_some())
+        .unwrap_or(false);
+    operate(&s.p, &headers, "refund", |_| {
+        Ok(json!({ "refunded": charged }))
+    })
+    .await
+}
+
+struct InventoryState {
+    p: Provider,
+    per_second: u64,
+    window: Mutex<(u64, u64)>,
+}
+
+async fn reserve(
+    State(s): State<Arc<InventoryState>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    {
+        let sec = s.p.started.elapsed().as_secs();
+        let mut w = s.window.lock().unwrap_or_else(|p| p.into_inner());
+        if w.0 != sec {
+            *w = (sec, 0);
+        }
+        w.1 += 1;
+        if w.1 > s.per_second {
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", "1")],
+                "rate limited",
+            )
+                .into_response();
+        }
+    }
+    let sku = body["sku"].as_str().unwrap_or("").to_string();
+    let qty = body["quantity"].as_u64().unwrap_or(0);
+    operate(&s.p, &headers, "reserve", |key| {
+        if sku == "sold-out" {
+            return Err((StatusCode::CONFLICT, format!("{sku} is out of stock")));
+        }
+        Ok(json!({ "reservation_id": format!("rs_{}", short(key)), "quantity": qty }))
+    })
+    .await
+}
+
+async fn release(
+    State(s): State<Arc<InventoryState>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let reserved = body["reservation_key"]
+        .as_str()
+        .map(|k| s.p.ledger.get(k).is_some())
+        .unwrap_or(false);
+    operate(&s.p, &headers, "release", |_| {
+        Ok(json!({ "released": reserved }))
+    })
+    .await
+}
+
+async fn create_order(
+    State(p): State<Arc<Provider>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let charge = body["charge_id"].as_str().unwrap_or("").to_string();
+    operate(&p, &headers, "order", |key| {
+        if charge.is_empty() {
+            return Err((StatusCode::BAD_REQUEST, "charge_id required".into()));
+        }
+        Ok(json!({ "order_number": format!("on_{}", short(key)) }))
+    })
+    .await
+}
+
+async fn book(
+    State(p): State<Arc<Provider>>,
+    headers: HeaderMap,
+    Json(_body): Json<Value>,
+) -> Response {
+    operate(&p, &headers, "shipment", |key| {
+        Ok(json!({ "tracking": format!("tr_{}", short(key)) }))
+    })
+    .await
+}
+
+fn short(key: &str) -> String {
+    key.chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(40)
+        .collect()
+}
+
+fn b64(s: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes = s.as_bytes();
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+async fn serve(app: Router) -> anyhow::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(format!("http://{addr}"))
+}
+
+/// Starts the three providers with ledgers in `dir`. `webhook_url` is where payments
+/// delivers its webhooks (it can be set later, when the service's address is known).
+pub async fn start(
+    dir: &Path,
+    faults: Faults,
+    inventory_per_second: u64,
+    webhook_url: Arc<Mutex<Option<String>>>,
+) -> anyhow::Result<Providers> {
+    std::fs::create_dir_all(dir)?;
+    let provider = |name: &str| -> anyhow::Result<Provider> {
+        Ok(Provider {
+            faults: faults.clone(),
+            started: Instant::now(),
+            ledger: Ledger::open(&dir.join(format!("{name}.jsonl")))?,
+            calls: AtomicU64::new(0),
+        })
+    };
+    let webhook_secret = "whsec_order_processing_demo".to_string();
+    let client_secret = "shop-client-secret".to_string();
+    let delivered = Arc::new(AtomicU64::new(0));
+    let payments = Arc::new(PaymentsState {
+        p: provider("payments")?,
+        tokens: Mutex::new(HashMap::new()),
+        issued: AtomicU64::new(0),
+        client_secret: client_secret.clone(),
+        webhook_secret: Secret::new(webhook_secret.clone()),
+        webhook_url,
+        delivered: delivered.clone(),
+    });
+    let inventory = Arc::new(InventoryState {
+        p: provider("inventory")?,
+        per_second: inventory_per_second,
+        window: Mutex::new((0, 0)),
+    });
+    let orders = Arc::new(provider("orders")?);
+    let (pl, il, ol) = (
+        payments.p.ledger.clone(),
+        inventory.p.ledger.clone(),
+        orders.ledger.clone(),
+    );
+    let payments_url = serve(
+        Router::new()
+            .route("/oauth/token", post(token))
+            .route("/charges", post(charge))
+            .route("/refunds", post(refund))
+            .with_state(payments),
+    )
+    .await?;
+    let inventory_url = serve(
+        Router::new()
+            .route("/reservations", post(reserve))
+            .route("/releases", post(release))
+            .with_state(inventory),
+    )
+    .await?;
+    let orders_url = serve(
+        Router::new()
+            .route("/orders", post(create_order))
+            .route("/shipments", post(book))
+            .with_state(orders),
+    )
+    .await?;
+    Ok(Providers {
+        addresses: Addresses {
+            payments: payments_url,
+            inventory: inventory_url,
+            orders: orders_url,
+            webhook_secret,
+            client_secret,
+        },
+        payments: pl,
+        inventory: il,
+        orders: ol,
+        webhooks_delivered: delivered,
+    })
+}

@@ -1,0 +1,256 @@
+//! The order saga: reserve stock, charge the card, create the order (the pivot), book
+//! shipping. Every call goes through the steps toolkit: per-call timeouts, idempotency
+//! keys, inventory's rate limit, payments' breaker and OAuth tokens.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sagaflow::{
+    IdempotencyKey, Phase, RetryPolicy, SagaDefinition, Step, StepContext, StepError, StepKind,
+    StepOptions,
+};
+use sagaflow_steps::circuit_breaker::{BreakerConfig, CircuitBreaker};
+use sagaflow_steps::http::Integration;
+use sagaflow_steps::oauth::{ClientCredentials, TokenSource};
+use sagaflow_steps::rate_limit::RateLimiter;
+use sagaflow_steps::secrets::Secret;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::providers::Addresses;
+
+/// An order as a client posts it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderRequest {
+    /// Who orders.
+    pub customer: String,
+    /// What.
+    pub sku: String,
+    /// How many (1 to 100).
+    pub quantity: u32,
+    /// Total price in cents (more than 0).
+    pub amount_cents: u64,
+}
+
+impl OrderRequest {
+    /// What is wrong with it, if anything.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.customer.trim().is_empty() || self.customer.len() > 200 {
+            p.push("customer must have 1 to 200 characters".to_string());
+        }
+        if self.sku.trim().is_empty() || self.sku.len() > 64 {
+            p.push("sku must have 1 to 64 characters".to_string());
+        }
+        if !(1..=100).contains(&self.quantity) {
+            p.push("quantity must be 1 to 100".to_string());
+        }
+        if self.amount_cents == 0 || self.amount_cents > 10_000_000 {
+            p.push("amount_cents must be 1 to 10000000".to_string());
+        }
+        p
+    }
+}
+
+/// The integrations the saga calls.
+#[derive(Debug, Clone)]
+pub struct Integrations {
+    /// Payments: OAuth tokens and a circuit breaker.
+    pub payments: Arc<Integration>,
+    /// Inventory: a rate limit below the provider's.
+    pub inventory: Arc<Integration>,
+    /// Orders and shipping.
+    pub orders: Arc<Integration>,
+}
+
+impl Integrations {
+    /// Integrations for the providers at `a`.
+    pub fn new(a: &Addresses) -> Self {
+        let timeout = Duration::from_secs(3);
+        let tokens = Arc::new(TokenSource::new(
+            ClientCredentials::new(
+                format!("{}/oauth/token", a.payments),
+                "shop",
+                Secret::new(a.client_secret.clone()),
+            )
+            .with_margin(Duration::from_secs(1)),
+        ));
+        let breaker = Arc::new(CircuitBreaker::new(
+            "payments",
+            BreakerConfig::default()
+                .with_failure_rate(0.8)
+                .with_min_calls(20)
+                .with_open_for(Duration::from_secs(2)),
+        ));
+        let limiter = Arc::new(
+            RateLimiter::new("inventory")
+                .per_second(150, 20)
+                .max_concurrent(32),
+        );
+        Integrations {
+            payments: Arc::new(
+                Integration::new("payments", &a.payments)
+                    .with_timeout(timeout)
+                    .with_tokens(tokens)
+                    .with_breaker(breaker),
+            ),
+            inventory: Arc::new(
+                Integration::new("inventory", &a.inventory)
+                    .with_timeout(timeout)
+                    .with_limiter(limiter),
+            ),
+            orders: Arc::new(Integration::new("orders", &a.orders).with_timeout(timeout)),
+        }
+    }
+}
+
+fn key_of(ctx: &StepContext, step: &str) -> String {
+    IdempotencyKey::derive(ctx.saga_id(), step, Phase::Action).to_string()
+}
+
+struct Reserve(Arc<Integration>);
+struct Charge(Arc<Integration>);
+struct CreateOrder(Arc<Integration>);
+struct BookShipping(Arc<Integration>);
+
+#[async_trait]
+impl Step for Reserve {
+    type Input = OrderRequest;
+    type Output = Value;
+
+    async fn execute(&self, ctx: &StepContext, o: OrderRequest) -> Result<Value, StepError> {
+        self.0
+            .post_json(
+                ctx,
+                "/reservations",
+                &json!({ "sku": o.sku, "quantity": o.quantity }),
+            )
+            .await
+    }
+
+    async fn compensate(
+        &self,
+        ctx: &StepContext,
+        _: OrderRequest,
+        _: Option<Value>,
+    ) -> Result<(), StepError> {
+        let body = json!({ "reservation_key": key_of(ctx, "reserve") });
+        self.0
+            .post_json::<Value>(ctx, "/releases", &body)
+            .await
+            .map(|_| ())
+    }
+}
+
+#[async_trait]
+impl Step for Charge {
+    type Input = OrderRequest;
+    type Output = Value;
+
+    async fn execute(&self, ctx: &StepContext, o: OrderRequest) -> Result<Value, StepError> {
+        self.0
+            .post_json(
+                ctx,
+                "/charges",
+                &json!({ "amount_cents": o.amount_cents, "customer": o.customer }),
+            )
+            .await
+    }
+
+    async fn compensate(
+        &self,
+        ctx: &StepContext,
+        _: OrderRequest,
+        _: Option<Value>,
+    ) -> Result<(), StepError> {
+        // Refund by the charge's key: a no-op if the charge never happened.
+        let body = json!({ "charge_key": key_of(ctx, "charge") });
+        self.0
+            .post_json::<Value>(ctx, "/refunds", &body)
+            .await
+            .map(|_| ())
+    }
+}
+
+#[async_trait]
+impl Step for CreateOrder {
+    type Input = OrderRequest;
+    type Output = Value;
+
+    async fn execute(&self, ctx: &StepContext, o: OrderRequest) -> Result<Value, StepError> {
+        let charge: Value = ctx.output_of("charge")?.unwrap_or(Value::Null);
+        let reservation: Value = ctx.output_of("reserve")?.unwrap_or(Value::Null);
+        self.0
+            .post_json(
+                ctx,
+                "/orders",
+                &json!({
+                    "customer": o.customer,
+                    "charge_id": charge["charge_id"],
+                    "reservation_id": reservation["reservation_id"],
+                }),
+            )
+            .await
+    }
+}
+
+#[async_trait]
+impl Step for BookShipping {
+    type Input = OrderRequest;
+    type Output = Value;
+
+    async fn execute(&self, ctx: &StepContext, o: OrderRequest) -> Result<Value, StepError> {
+        let order: Value = ctx.output_of("create_order")?.unwrap_or(Value::Null);
+        self.0
+            .post_json(
+                ctx,
+                "/shipments",
+                &json!({ "order_number": order["order_number"], "customer": o.customer }),
+            )
+            .await
+    }
+}
+
+/// The order saga over `i`.
+///
+/// # Errors
+///
+/// Never in practice: the definition is valid.
+pub fn definition(i: &Integrations) -> Result<SagaDefinition, sagaflow::definition::Error> {
+    let retry = RetryPolicy::default()
+        .with_max_attempts(8)
+        .with_initial_backoff(Duration::from_millis(50))
+        .with_max_backoff(Duration::from_secs(2))
+        .with_attempt_timeout(Duration::from_secs(5));
+    let opts = StepOptions::default()
+        .with_retry(retry.clone())
+        .with_compensation_retry(retry.clone().with_unlimited_attempts());
+    SagaDefinition::builder("order", 1)
+        .step_with(
+            "reserve",
+            StepKind::Compensatable,
+            Reserve(i.inventory.clone()),
+            opts.clone(),
+        )
+        .step_with(
+            "charge",
+            StepKind::Compensatable,
+            Charge(i.payments.clone()),
+            opts.clone(),
+        )
+        .step_with(
+            "create_order",
+            StepKind::Pivot,
+            CreateOrder(i.orders.clone()),
+            opts.clone(),
+        )
+        .step_with(
+            "book_shipping",
+            StepKind::Retriable,
+            BookShipping(i.orders.clone()),
+            opts.with_retry(retry.with_unlimited_attempts()),
+        )
+        .build()
+}
