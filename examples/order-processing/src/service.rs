@@ -152,9 +152,41 @@ async fn show(State(s): State<Arc<Service>>, UrlPath(id): UrlPath<String>) -> Re
         };
         names.get(i as usize).cloned()
     };
+    let detail = |e: &Event| -> Value {
+        match e {
+            Event::StepAttemptStarted { attempt, .. }
+            | Event::CompensationAttemptStarted { attempt, .. } => json!({ "attempt": attempt }),
+            Event::StepFailed {
+                attempt,
+                error,
+                retry_at,
+                ..
+            }
+            | Event::CompensationFailed {
+                attempt,
+                error,
+                retry_at,
+                ..
+            } => json!({
+                "attempt": attempt,
+                "error": error,
+                "retry_at": retry_at.map(|t| t.to_string()),
+            }),
+            Event::CompensationBegan { reason } => json!({ "reason": reason }),
+            Event::Parked { reason } => json!({ "reason": reason.message }),
+            _ => Value::Null,
+        }
+    };
     let timeline: Vec<Value> = history
         .iter()
-        .map(|r| json!({ "at": r.at.to_string(), "event": r.event.name(), "step": step_of(&r.event) }))
+        .map(|r| {
+            json!({
+                "at": r.at.to_string(),
+                "event": r.event.name(),
+                "step": step_of(&r.event),
+                "detail": detail(&r.event),
+            })
+        })
         .collect();
     Json(json!({
         "order_id": id,
