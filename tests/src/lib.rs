@@ -330,6 +330,19 @@ pub fn checkout_with_pivot(ledger: &Arc<Ledger>) -> SagaDefinition {
         .expect("valid definition")
 }
 
+/// An engine on a fresh in-memory store, with `def` registered.
+///
+/// # Panics
+///
+/// If the engine does not open (a test failure).
+pub async fn memory_engine(def: SagaDefinition) -> Engine {
+    builder()
+        .register(def)
+        .open_with(std::sync::Arc::new(sagaflow::store::MemLog::new()))
+        .await
+        .expect("engine opens on a memory store")
+}
+
 pub fn builder() -> EngineBuilder {
     Engine::builder().seed(7)
 }

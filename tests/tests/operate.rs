@@ -34,11 +34,7 @@ async fn metrics_count_a_known_scenario() {
         Phase::Compensation,
         [Outcome::Permanent],
     );
-    let engine = builder()
-        .register(checkout(&ledger))
-        .open_with(Arc::new(MemLog::new()))
-        .await
-        .unwrap();
+    let engine = memory_engine(checkout(&ledger)).await;
     for tag in ["ok", "undo", "stuck"] {
         let id = engine
             .start("checkout", json!({ "tag": tag }), None)

@@ -35,11 +35,7 @@ async fn a_parked_compensation_is_resumed_and_finishes() {
     let ledger = Ledger::new();
     ledger.script("order", Phase::Action, [Outcome::Permanent]);
     ledger.script("inventory", Phase::Compensation, [Outcome::Permanent]);
-    let engine = builder()
-        .register(checkout(&ledger))
-        .open_with(Arc::new(MemLog::new()))
-        .await
-        .unwrap();
+    let engine = memory_engine(checkout(&ledger)).await;
     let id = engine.start("checkout", json!({}), None).await.unwrap();
     let SagaOutcome::Parked { reason } = engine.wait(id).await.unwrap() else {
         panic!("expected parked");
@@ -75,11 +71,7 @@ async fn a_step_after_the_pivot_is_skipped_or_resumed() {
         Phase::Action,
         [Outcome::Permanent, Outcome::Permanent],
     );
-    let engine = builder()
-        .register(checkout_with_pivot(&ledger))
-        .open_with(Arc::new(MemLog::new()))
-        .await
-        .unwrap();
+    let engine = memory_engine(checkout_with_pivot(&ledger)).await;
     // One saga is resumed (and fails again: parked again), then skipped.
     let id = engine
         .start("checkout-pivot", json!({}), None)
@@ -130,11 +122,7 @@ async fn a_step_after_the_pivot_is_skipped_or_resumed() {
 async fn compensation_cannot_be_forced_after_the_pivot() {
     let ledger = Ledger::new();
     ledger.script("notify", Phase::Action, [Outcome::Permanent]);
-    let engine = builder()
-        .register(checkout_with_pivot(&ledger))
-        .open_with(Arc::new(MemLog::new()))
-        .await
-        .unwrap();
+    let engine = memory_engine(checkout_with_pivot(&ledger)).await;
     let id = engine
         .start("checkout-pivot", json!({}), None)
         .await

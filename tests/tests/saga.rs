@@ -16,11 +16,7 @@ const STEPS: [&str; 3] = ["payment", "inventory", "order"];
 #[tokio::test]
 async fn all_steps_succeed() {
     let ledger = Ledger::new();
-    let engine = builder()
-        .register(checkout(&ledger))
-        .open_with(Arc::new(MemLog::new()))
-        .await
-        .unwrap();
+    let engine = memory_engine(checkout(&ledger)).await;
     let id = engine
         .start("checkout", json!({"cents": 500}), None)
         .await
@@ -64,11 +60,7 @@ async fn each_step_failing_permanently_compensates_only_started_steps_in_reverse
     for failing in 0..3 {
         let ledger = Ledger::new();
         ledger.script(STEPS[failing], Phase::Action, [Outcome::Permanent]);
-        let engine = builder()
-            .register(checkout(&ledger))
-            .open_with(Arc::new(MemLog::new()))
-            .await
-            .unwrap();
+        let engine = memory_engine(checkout(&ledger)).await;
         let id = engine.start("checkout", json!({}), None).await.unwrap();
         let outcome = engine.wait(id).await.unwrap();
         let SagaOutcome::Compensated { reason } = outcome else {
@@ -106,11 +98,7 @@ async fn transient_failures_retry_with_the_same_key() {
         Phase::Action,
         [Outcome::Retryable, Outcome::Retryable],
     );
-    let engine = builder()
-        .register(checkout(&ledger))
-        .open_with(Arc::new(MemLog::new()))
-        .await
-        .unwrap();
+    let engine = memory_engine(checkout(&ledger)).await;
     let id = engine.start("checkout", json!({}), None).await.unwrap();
     assert!(matches!(
         engine.wait(id).await.unwrap(),
@@ -130,11 +118,7 @@ async fn transient_failures_retry_with_the_same_key() {
 async fn exhausted_retries_compensate() {
     let ledger = Ledger::new();
     ledger.script("inventory", Phase::Action, [Outcome::Retryable; 4]);
-    let engine = builder()
-        .register(checkout(&ledger))
-        .open_with(Arc::new(MemLog::new()))
-        .await
-        .unwrap();
+    let engine = memory_engine(checkout(&ledger)).await;
     let id = engine.start("checkout", json!({}), None).await.unwrap();
     assert!(matches!(
         engine.wait(id).await.unwrap(),
@@ -248,11 +232,7 @@ async fn after_the_pivot_failures_retry_forward_and_never_compensate() {
         Phase::Action,
         [Outcome::Retryable, Outcome::Panic, Outcome::Retryable],
     );
-    let engine = builder()
-        .register(checkout_with_pivot(&ledger))
-        .open_with(Arc::new(MemLog::new()))
-        .await
-        .unwrap();
+    let engine = memory_engine(checkout_with_pivot(&ledger)).await;
     let id = engine
         .start("checkout-pivot", json!({}), None)
         .await
@@ -273,11 +253,7 @@ async fn after_the_pivot_failures_retry_forward_and_never_compensate() {
 async fn a_permanent_failure_after_the_pivot_parks_without_compensating() {
     let ledger = Ledger::new();
     ledger.script("notify", Phase::Action, [Outcome::Permanent]);
-    let engine = builder()
-        .register(checkout_with_pivot(&ledger))
-        .open_with(Arc::new(MemLog::new()))
-        .await
-        .unwrap();
+    let engine = memory_engine(checkout_with_pivot(&ledger)).await;
     let id = engine
         .start("checkout-pivot", json!({}), None)
         .await
@@ -299,11 +275,7 @@ async fn a_permanent_failure_after_the_pivot_parks_without_compensating() {
 async fn a_failed_pivot_compensates_the_steps_before_it_but_not_itself() {
     let ledger = Ledger::new();
     ledger.script("order", Phase::Action, [Outcome::Permanent]);
-    let engine = builder()
-        .register(checkout_with_pivot(&ledger))
-        .open_with(Arc::new(MemLog::new()))
-        .await
-        .unwrap();
+    let engine = memory_engine(checkout_with_pivot(&ledger)).await;
     let id = engine
         .start("checkout-pivot", json!({}), None)
         .await
@@ -334,11 +306,7 @@ async fn a_compensation_that_fails_permanently_parks_with_a_readable_reason() {
         Phase::Compensation,
         [Outcome::Retryable, Outcome::Permanent],
     );
-    let engine = builder()
-        .register(checkout(&ledger))
-        .open_with(Arc::new(MemLog::new()))
-        .await
-        .unwrap();
+    let engine = memory_engine(checkout(&ledger)).await;
     let id = engine.start("checkout", json!({}), None).await.unwrap();
     let SagaOutcome::Parked { reason } = engine.wait(id).await.unwrap() else {
         panic!("expected parked");
@@ -361,11 +329,7 @@ async fn a_compensation_that_fails_permanently_parks_with_a_readable_reason() {
 #[tokio::test]
 async fn a_second_start_with_the_same_key_runs_nothing() {
     let ledger = Ledger::new();
-    let engine = builder()
-        .register(checkout(&ledger))
-        .open_with(Arc::new(MemLog::new()))
-        .await
-        .unwrap();
+    let engine = memory_engine(checkout(&ledger)).await;
     let key = StartKey::new("order-42").unwrap();
     // Concurrent starts with one key: one saga.
     let (a, b) = tokio::join!(
@@ -392,11 +356,7 @@ async fn a_second_start_with_the_same_key_runs_nothing() {
 async fn a_panicking_step_is_a_failed_attempt_not_a_crash() {
     let ledger = Ledger::new();
     ledger.script("payment", Phase::Action, [Outcome::Panic]);
-    let engine = builder()
-        .register(checkout(&ledger))
-        .open_with(Arc::new(MemLog::new()))
-        .await
-        .unwrap();
+    let engine = memory_engine(checkout(&ledger)).await;
     let id = engine.start("checkout", json!({}), None).await.unwrap();
     assert!(matches!(
         engine.wait(id).await.unwrap(),
