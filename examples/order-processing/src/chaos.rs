@@ -114,7 +114,8 @@ impl Supervisor {
 fn order_for(i: u32) -> OrderRequest {
     OrderRequest {
         customer: format!("customer-{}", i % 97),
-        // Every 17th order is out of stock; amounts ending in 13 are declined.
+        // Every 17th order is out of stock; amounts ending in 13 are declined;
+        // customer-13 is refused by the orders service after being charged.
         sku: if i % 17 == 5 {
             "sold-out".into()
         } else {

@@ -415,9 +415,18 @@ async fn create_order(
     Json(body): Json<Value>,
 ) -> Response {
     let charge = body["charge_id"].as_str().unwrap_or("").to_string();
+    let customer = body["customer"].as_str().unwrap_or("").to_string();
     operate(&p, &headers, "order", |key| {
         if charge.is_empty() {
             return Err((StatusCode::BAD_REQUEST, "charge_id required".into()));
+        }
+        // A blocked customer is found out only after the charge: the pivot fails and
+        // the charge must be refunded.
+        if customer == "customer-13" {
+            return Err((
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "customer is blocked".into(),
+            ));
         }
         Ok(json!({ "order_number": format!("on_{}", short(key)) }))
     })

@@ -27,6 +27,7 @@ async fn a_hundred_orders_survive_three_kills_with_nothing_double_charged() {
     assert_eq!(report.kills, 3, "{report:?}");
     assert_eq!(report.completed + report.compensated + report.parked, 100);
     assert!(report.completed > 0 && report.compensated > 0, "{report:?}");
+    assert!(report.refunds > 0, "some charges were refunded: {report:?}");
     assert_eq!(report.charges, report.completed as usize + report.refunds);
     assert_eq!(report.orders_created, report.completed as usize);
     assert_eq!(report.forged_webhooks_refused, 3);
