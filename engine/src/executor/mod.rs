@@ -243,12 +243,18 @@ impl Inner {
                     Err(Error::ShuttingDown) => {}
                     Err(e) => tracing::error!(error = %e, code = e.code(), "saga stopped"),
                 }
-                let cell = lock(&inner.running).remove(&id).flatten();
+                // Both maps under the `running` lock (always taken first): a repair is
+                // queued only while the saga is in `running`, so none is left behind.
+                let (cell, pending) = {
+                    let mut running = lock(&inner.running);
+                    let cell = running.remove(&id).flatten();
+                    (cell, lock(&inner.repairs).remove(&id))
+                };
                 if let Some(cell) = cell {
                     cell.publish(outcome);
                 }
                 // A repair that arrived as the saga ended goes to the stored saga.
-                if let Some(p) = lock(&inner.repairs).remove(&id) {
+                if let Some(p) = pending {
                     let _ = p.reply.send(Err(RepairError::Gone));
                 }
             }
@@ -625,18 +631,26 @@ impl Engine {
         }
         let inner = &self.inner;
         let _one_at_a_time = inner.repair_lock.lock().await;
-        let driven = lock(&inner.running).contains_key(&id);
-        if driven {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            lock(&inner.repairs).insert(
-                id,
-                PendingRepair {
-                    action: action.clone(),
-                    operator: operator.to_string(),
-                    reason: reason.to_string(),
-                    reply: tx,
-                },
-            );
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let queued = {
+            // Checked and queued under the `running` lock: the driver's exit takes the
+            // same lock to collect what is queued, so nothing waits forever.
+            let running = lock(&inner.running);
+            let driven = running.contains_key(&id);
+            if driven {
+                lock(&inner.repairs).insert(
+                    id,
+                    PendingRepair {
+                        action: action.clone(),
+                        operator: operator.to_string(),
+                        reason: reason.to_string(),
+                        reply: tx,
+                    },
+                );
+            }
+            driven
+        };
+        if queued {
             inner.repair_epoch.send_modify(|n| *n += 1);
             match rx.await {
                 Ok(Ok(meta)) => return Ok(meta),
