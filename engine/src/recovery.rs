@@ -29,12 +29,23 @@ pub struct RecoveryReport {
 
 pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<RecoveryReport> {
     let mut report = RecoveryReport::default();
+    // Both lists are read before any driver starts: a resumed saga that begins
+    // compensating while recovery goes on moves from one index to the other, and must
+    // not be picked up a second time.
+    let mut todo = Vec::new();
     for status in [SagaStatus::Running, SagaStatus::Compensating] {
-        for id in inner.store.with_status(status)? {
-            if let Err(e) = recover_one(inner, id, status, &mut report).await {
-                tracing::error!(saga_id = %id, error = %e, "recovery failed for saga");
-                report.failed.push((id, e.to_string()));
-            }
+        todo.extend(
+            inner
+                .store
+                .with_status(status)?
+                .into_iter()
+                .map(|id| (id, status)),
+        );
+    }
+    for (id, status) in todo {
+        if let Err(e) = recover_one(inner, id, status, &mut report).await {
+            tracing::error!(saga_id = %id, error = %e, "recovery failed for saga");
+            report.failed.push((id, e.to_string()));
         }
     }
     tracing::info!(

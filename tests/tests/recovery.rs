@@ -444,3 +444,57 @@ async fn an_engine_reopened_with_the_same_seed_never_reuses_a_saga_id() {
     );
     second.shutdown().await.unwrap();
 }
+
+/// Found by the order-processing chaos run: recovery listed the running sagas, started
+/// their drivers, then listed the compensating ones; a saga whose new driver began
+/// compensating in between was listed twice and driven by two drivers, which wrote two
+/// records with one lsn. Here a second saga that has to be parked makes recovery yield
+/// between the two lists, on a single thread, so the interleaving is certain.
+#[tokio::test]
+async fn a_saga_that_starts_compensating_during_recovery_gets_one_driver() {
+    let store = Arc::new(MemLog::new());
+    let ledger = Ledger::new();
+    ledger.script("payment", Phase::Action, [Outcome::ApplyThenHang]);
+    let x_def = || {
+        checkout_with(
+            &ledger,
+            [
+                Idempotence::NotIdempotent,
+                Idempotence::Idempotent,
+                Idempotence::Idempotent,
+            ],
+        )
+    };
+    let engine = builder()
+        .register(x_def())
+        .register(checkout_with_pivot(&ledger))
+        .open_with(store.clone())
+        .await
+        .unwrap();
+    let x = engine.start("checkout", json!({}), None).await.unwrap();
+    ledger.wait_for_call(x, "payment", Phase::Action).await;
+    let y = engine
+        .start("checkout-pivot", json!({"tag": "y"}), None)
+        .await
+        .unwrap();
+    ledger.script_tagged("y", "payment", Phase::Action, [Outcome::Hang]);
+    ledger.wait_for_call(y, "payment", Phase::Action).await;
+    drop(engine);
+
+    // Only x's definition: recovery resumes x (which at once closes its interrupted
+    // step and begins compensating), then parks y, which yields.
+    let engine = builder()
+        .register(x_def())
+        .open_with(store.clone())
+        .await
+        .unwrap();
+    assert_eq!(engine.recovery().resumed, 1, "{:?}", engine.recovery());
+    assert!(matches!(
+        engine.wait(x).await.unwrap(),
+        SagaOutcome::Compensated { .. }
+    ));
+    let state = engine.state(x).unwrap();
+    assert_eq!(state.status, SagaStatus::Compensated);
+    assert_eq!(ledger.calls_of(x, "payment", Phase::Compensation).len(), 1);
+    engine.shutdown().await.unwrap();
+}

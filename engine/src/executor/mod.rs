@@ -222,7 +222,16 @@ impl Inner {
             definition = %driver.state().definition,
             version = driver.state().version
         );
-        lock(&self.running).insert(id, None);
+        {
+            let mut running = lock(&self.running);
+            if running.contains_key(&id) {
+                // Two drivers for one saga would write two records with one lsn: the
+                // one already running keeps it.
+                tracing::error!(saga_id = %id, "a driver for this saga is already running");
+                return;
+            }
+            running.insert(id, None);
+        }
         let inner = self.clone();
         lock(&self.tasks).spawn(
             async move {
