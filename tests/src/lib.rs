@@ -343,6 +343,15 @@ pub async fn memory_engine(def: SagaDefinition) -> Engine {
         .expect("engine opens on a memory store")
 }
 
+/// A builder for tests under paused tokio time: `clock` is the virtual clock, and group
+/// commit runs on the runtime (a commit thread would let virtual time run on while the
+/// runtime waits for it).
+pub fn paused_builder(clock: std::sync::Arc<dyn sagaflow::Clock>) -> EngineBuilder {
+    builder().clock(clock).options(
+        sagaflow::EngineOptions::default().with_commit_mode(sagaflow::CommitMode::RuntimeTask),
+    )
+}
+
 pub fn builder() -> EngineBuilder {
     Engine::builder().seed(7)
 }

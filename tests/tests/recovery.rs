@@ -132,8 +132,7 @@ async fn a_retry_scheduled_before_a_crash_fires_after_it() {
         Phase::Action,
         [Outcome::RetryAfter(Duration::from_secs(600))],
     );
-    let engine = builder()
-        .clock(clock.clone())
+    let engine = paused_builder(clock.clone())
         .register(checkout(&ledger))
         .open_with(store.clone())
         .await
@@ -146,8 +145,7 @@ async fn a_retry_scheduled_before_a_crash_fires_after_it() {
     drop(engine);
     store.crash();
 
-    let engine = builder()
-        .clock(clock.clone())
+    let engine = paused_builder(clock.clone())
         .register(checkout(&ledger))
         .open_with(store.clone())
         .await
@@ -418,8 +416,7 @@ async fn an_engine_reopened_with_the_same_seed_never_reuses_a_saga_id() {
     let ledger = Ledger::new();
     // Virtual time stands still between the two engines: same millisecond, same seed.
     let clock = Arc::new(TokioClock::starting_at(Timestamp::from_millis(42)));
-    let first = builder()
-        .clock(clock.clone())
+    let first = paused_builder(clock.clone())
         .register(checkout(&ledger))
         .open_with(store.clone())
         .await
@@ -427,8 +424,7 @@ async fn an_engine_reopened_with_the_same_seed_never_reuses_a_saga_id() {
     let a = first.start("checkout", json!({}), None).await.unwrap();
     first.wait(a).await.unwrap();
     first.shutdown().await.unwrap();
-    let second = builder()
-        .clock(clock)
+    let second = paused_builder(clock)
         .register(checkout(&ledger))
         .open_with(store.clone())
         .await

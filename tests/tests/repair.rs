@@ -167,8 +167,7 @@ async fn retry_now_and_force_compensation_reach_a_running_saga() {
         [Outcome::RetryAfter(Duration::from_secs(3600))],
     );
     let clock = Arc::new(TokioClock::starting_at(Timestamp::from_millis(1_000_000)));
-    let engine = builder()
-        .clock(clock.clone())
+    let engine = paused_builder(clock.clone())
         .register(checkout(&ledger))
         .open_with(Arc::new(MemLog::new()))
         .await

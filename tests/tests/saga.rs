@@ -141,8 +141,7 @@ async fn retry_after_is_respected_and_recorded() {
     let clock = Arc::new(TokioClock::starting_at(Timestamp::from_millis(
         1_700_000_000_000,
     )));
-    let engine = builder()
-        .clock(clock)
+    let engine = paused_builder(clock)
         .register(checkout(&ledger))
         .open_with(Arc::new(MemLog::new()))
         .await
@@ -193,8 +192,7 @@ async fn a_waiting_retry_is_visible_as_a_durable_timer() {
         [Outcome::RetryAfter(Duration::from_secs(60))],
     );
     let clock = Arc::new(TokioClock::starting_at(Timestamp::from_millis(1_000_000)));
-    let engine = builder()
-        .clock(clock.clone())
+    let engine = paused_builder(clock.clone())
         .register(checkout(&ledger))
         .open_with(Arc::new(MemLog::new()))
         .await
@@ -380,8 +378,7 @@ async fn a_panicking_step_is_a_failed_attempt_not_a_crash() {
 async fn an_attempt_past_its_timeout_fails_and_is_retried() {
     let ledger = Ledger::new();
     ledger.script("order", Phase::Action, [Outcome::Hang]);
-    let engine = builder()
-        .clock(Arc::new(TokioClock::starting_at(Timestamp::from_millis(0))))
+    let engine = paused_builder(Arc::new(TokioClock::starting_at(Timestamp::from_millis(0))))
         .register(checkout(&ledger))
         .open_with(Arc::new(MemLog::new()))
         .await
@@ -408,8 +405,7 @@ async fn an_attempt_past_its_timeout_fails_and_is_retried() {
 async fn a_non_idempotent_step_that_times_out_is_compensated_not_retried() {
     let ledger = Ledger::new();
     ledger.script("inventory", Phase::Action, [Outcome::ApplyThenHang]);
-    let engine = builder()
-        .clock(Arc::new(TokioClock::starting_at(Timestamp::from_millis(0))))
+    let engine = paused_builder(Arc::new(TokioClock::starting_at(Timestamp::from_millis(0))))
         .register(checkout_with(
             &ledger,
             [
