@@ -290,6 +290,7 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
     // Wait until every saga has ended.
     let ids = ids.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut status: BTreeMap<u32, String> = BTreeMap::new();
+    let mut parked_reasons: BTreeMap<u32, String> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(600);
     while status.len() < ids.len() && Instant::now() < deadline {
         for (i, id) in &ids {
@@ -383,6 +384,11 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
             "{} charges but {} settlement webhooks accepted",
             report.charges, report.webhooks_delivered
         ));
+    }
+    // These providers never refuse an undo for good, so nothing here should need an
+    // operator: a parked saga is a finding.
+    for (i, reason) in &parked_reasons {
+        report.problems.push(format!("order {i} parked: {reason}"));
     }
     for i in 0..cfg.orders {
         if !status.contains_key(&i) && ids.contains_key(&i) {
