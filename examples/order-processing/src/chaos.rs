@@ -300,6 +300,10 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
             if let Ok(r) = client.get(format!("{base}/orders/{id}")).send().await {
                 if let Ok(v) = r.json::<Value>().await {
                     let s = v["status"].as_str().unwrap_or("").to_string();
+                    if s == "parked" {
+                        let reason = v["reason"].as_str().unwrap_or("").to_string();
+                        parked_reasons.insert(*i, reason);
+                    }
                     if matches!(
                         s.as_str(),
                         "completed" | "compensated" | "parked" | "resolved"
