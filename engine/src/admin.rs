@@ -205,6 +205,66 @@ pub fn state(store: &dyn SagaLog, id: SagaId) -> Result<SagaState> {
     })
 }
 
+/// A checked repair, ready to be written: the saga's state with the repair applied, and
+/// the atomic write that records it.
+pub(crate) struct PreparedRepair {
+    pub(crate) state: SagaState,
+    pub(crate) meta: SagaMeta,
+    pub(crate) write: Write,
+}
+
+/// Refuses a repair without who (operator) and why (reason): both go into the log.
+pub(crate) fn check_who(id: SagaId, operator: &str, reason: &str) -> Result<()> {
+    if operator.trim().is_empty() || reason.trim().is_empty() {
+        return Err(Error::RepairRefused {
+            saga: id,
+            reason: "a repair needs who (operator) and why (reason)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Reads the saga, checks the repair ([`check_repair`]) and builds the write that
+/// records it, stamped `now`. Shared by the engine and [`Admin`], so both refuse and
+/// record exactly alike.
+pub(crate) fn prepare_repair(
+    store: &dyn SagaLog,
+    id: SagaId,
+    action: Repair,
+    operator: &str,
+    reason: &str,
+    now: Timestamp,
+) -> Result<PreparedRepair> {
+    check_who(id, operator, reason)?;
+    let mut state = state(store, id)?;
+    check_repair(&state, &action).map_err(|r| Error::RepairRefused {
+        saga: id,
+        reason: r.0,
+    })?;
+    let previous = store.meta(id)?;
+    let record = LogRecord {
+        lsn: state.next_lsn,
+        at: now,
+        event: Event::OperatorAction {
+            action,
+            operator: operator.to_string(),
+            reason: reason.to_string(),
+        },
+    };
+    state.apply(&record).map_err(|e| Error::CorruptLog {
+        saga: id,
+        reason: e.to_string(),
+    })?;
+    let meta = SagaMeta::of(&state);
+    let write = Write {
+        saga: id,
+        records: vec![(record.lsn, codec::encode_record(&record)?)],
+        meta: meta.clone(),
+        previous,
+    };
+    Ok(PreparedRepair { state, meta, write })
+}
+
 /// Operator access to a store whose engine is stopped.
 ///
 /// ```
@@ -290,43 +350,10 @@ impl Admin {
         operator: &str,
         reason: &str,
     ) -> Result<SagaMeta> {
-        if operator.trim().is_empty() || reason.trim().is_empty() {
-            return Err(Error::RepairRefused {
-                saga: id,
-                reason: "a repair needs who (operator) and why (reason)".into(),
-            });
-        }
-        let mut state = self.state_of(id)?;
-        check_repair(&state, &action).map_err(|r| Error::RepairRefused {
-            saga: id,
-            reason: r.0,
-        })?;
-        let previous = self.store.meta(id)?;
-        let record = LogRecord {
-            lsn: state.next_lsn,
-            at: self.clock.now(),
-            event: Event::OperatorAction {
-                action,
-                operator: operator.to_string(),
-                reason: reason.to_string(),
-            },
-        };
-        state.apply(&record).map_err(|e| Error::CorruptLog {
-            saga: id,
-            reason: e.to_string(),
-        })?;
-        let meta = SagaMeta::of(&state);
-        self.store.append(vec![Write {
-            saga: id,
-            records: vec![(record.lsn, codec::encode_record(&record)?)],
-            meta: meta.clone(),
-            previous,
-        }])?;
+        let prepared =
+            prepare_repair(&*self.store, id, action, operator, reason, self.clock.now())?;
+        self.store.append(vec![prepared.write])?;
         self.store.sync()?;
-        Ok(meta)
-    }
-
-    fn state_of(&self, id: SagaId) -> Result<SagaState> {
-        state(&*self.store, id)
+        Ok(prepared.meta)
     }
 }

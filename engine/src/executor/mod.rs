@@ -29,7 +29,7 @@ use crate::ids::{Lsn, SagaId, StartKey};
 use crate::machine::{check_repair, Event, LogRecord, ParkReason, Repair, SagaState, SagaStatus};
 use crate::metrics::Metrics;
 use crate::recovery::{self, RecoveryReport};
-use crate::store::{codec, SagaLog, SagaMeta, SledLog};
+use crate::store::{SagaLog, SagaMeta, SledLog};
 
 /// How a saga ended, as [`Engine::wait`] reports it.
 #[derive(Clone, Debug, PartialEq)]
@@ -632,12 +632,7 @@ impl Engine {
         operator: &str,
         reason: &str,
     ) -> Result<SagaMeta> {
-        if operator.trim().is_empty() || reason.trim().is_empty() {
-            return Err(Error::RepairRefused {
-                saga: id,
-                reason: "a repair needs who (operator) and why (reason)".into(),
-            });
-        }
+        admin::check_who(id, operator, reason)?;
         let inner = &self.inner;
         let _one_at_a_time = inner.repair_lock.lock().await;
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -668,57 +663,45 @@ impl Engine {
             }
         }
         // Not driven (parked, or it ended meanwhile): repair the stored saga.
-        let state = self.state(id)?;
-        if let Err(refusal) = check_repair(&state, &action) {
-            return Err(Error::RepairRefused {
+        let stored = self.state(id)?;
+        let def = inner.definition(&stored.definition, stored.version);
+        if !matches!(action, Repair::MarkResolved) && def.is_none() {
+            // Checked before anything is written: a resumed saga needs its code.
+            check_repair(&stored, &action).map_err(|r| Error::RepairRefused {
                 saga: id,
-                reason: refusal.0,
-            });
-        }
-        let def = inner.definition(&state.definition, state.version);
-        let resumes = !matches!(action, Repair::MarkResolved);
-        if resumes && def.is_none() {
+                reason: r.0,
+            })?;
             return Err(Error::RepairRefused {
                 saga: id,
                 reason: format!(
                     "definition `{}` version {} is not registered with this engine",
-                    state.definition, state.version
+                    stored.definition, stored.version
                 ),
             });
         }
-        let previous = inner.store.meta(id)?;
-        let mut state = state;
         let repair_name = action.name();
-        tracing::warn!(saga_id = %id, action = action.name(), operator, reason, "operator repair");
-        let record = LogRecord {
-            lsn: state.next_lsn,
-            at: inner.clock.now(),
-            event: Event::OperatorAction {
-                action,
-                operator: operator.to_string(),
-                reason: reason.to_string(),
-            },
-        };
-        state.apply(&record).map_err(|e| Error::CorruptLog {
-            saga: id,
-            reason: e.to_string(),
-        })?;
-        let meta = SagaMeta::of(&state);
-        inner
-            .committer
-            .commit(crate::store::Write {
-                saga: id,
-                records: vec![(record.lsn, codec::encode_record(&record)?)],
-                meta: meta.clone(),
-                previous,
-            })
-            .await?;
+        tracing::warn!(saga_id = %id, action = repair_name, operator, reason, "operator repair");
+        let prepared = admin::prepare_repair(
+            &*inner.store,
+            id,
+            action,
+            operator,
+            reason,
+            inner.clock.now(),
+        )?;
+        inner.committer.commit(prepared.write).await?;
+        let meta = prepared.meta;
         inner.metrics.repaired(&meta.definition, repair_name);
         if meta.status == SagaStatus::Resolved {
             inner.metrics.ended(&meta.definition, "resolved", None);
         }
         if let (true, Some(def)) = (meta.status.is_active(), def) {
-            inner.spawn(Driver::new(inner.clone(), def, state, Some(meta.clone())));
+            inner.spawn(Driver::new(
+                inner.clone(),
+                def,
+                prepared.state,
+                Some(meta.clone()),
+            ));
         }
         Ok(meta)
     }
@@ -729,11 +712,7 @@ impl Engine {
     ///
     /// [`Error::UnknownSaga`], [`Error::CorruptLog`], [`Error::Store`].
     pub fn state(&self, id: SagaId) -> Result<SagaState> {
-        let records = self.history(id)?;
-        SagaState::fold(id, &records).map_err(|e| Error::CorruptLog {
-            saga: id,
-            reason: e.to_string(),
-        })
+        admin::state(&*self.inner.store, id)
     }
 
     /// The saga's summary: status, definition, times, due retry, reason.
@@ -753,11 +732,7 @@ impl Engine {
     /// [`Error::UnknownSaga`]; [`Error::CorruptLog`] naming the first record that does
     /// not decode; [`Error::Store`].
     pub fn history(&self, id: SagaId) -> Result<Vec<LogRecord>> {
-        let raw = self.inner.store.read(id)?;
-        if raw.is_empty() {
-            return Err(Error::UnknownSaga(id));
-        }
-        Ok(codec::decode_log(id, &raw)?)
+        admin::history(&*self.inner.store, id)
     }
 
     /// The summaries of the sagas with `status`, oldest first. A summary that does not
@@ -767,15 +742,7 @@ impl Engine {
     ///
     /// [`Error::Store`].
     pub fn list(&self, status: SagaStatus) -> Result<Vec<SagaMeta>> {
-        let mut out = Vec::new();
-        for id in self.inner.store.with_status(status)? {
-            match self.inner.store.meta(id) {
-                Ok(Some(m)) => out.push(m),
-                Ok(None) => tracing::warn!(saga_id = %id, "status index names an unknown saga"),
-                Err(e) => tracing::warn!(saga_id = %id, error = %e, "summary does not decode"),
-            }
-        }
-        Ok(out)
+        self.find(&ListFilter::default().status(status))
     }
 
     /// The durable retry timers due at or before `until`, earliest first.
