@@ -178,8 +178,14 @@ async fn retry_now_and_force_compensation_reach_a_running_saga() {
         tokio::task::yield_now().await;
     }
     let due = engine.status(id).unwrap().due.unwrap();
-    let err = engine.repair(id, Repair::RetryNow, "di", "").await.unwrap_err();
-    assert!(matches!(err, Error::RepairRefused { .. }), "a running saga too: {err}");
+    let err = engine
+        .repair(id, Repair::RetryNow, "di", "")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::RepairRefused { .. }),
+        "a running saga too: {err}"
+    );
     engine
         .repair(id, Repair::RetryNow, "di", "the 429 window is over")
         .await

@@ -110,7 +110,8 @@ pub struct StepContext {
     pub(crate) key: IdempotencyKey,
     pub(crate) deadline: Timestamp,
     pub(crate) input: Arc<Value>,
-    pub(crate) outputs: Arc<BTreeMap<String, Value>>,
+    /// `None` while no step has an output: no allocation for a saga's first step.
+    pub(crate) outputs: Option<Arc<BTreeMap<String, Value>>>,
 }
 
 impl fmt::Debug for StepContext {
@@ -149,7 +150,7 @@ impl StepContext {
             key: IdempotencyKey::derive(saga_id, step, phase),
             deadline: Timestamp::from_millis(u64::MAX),
             input: Arc::new(input),
-            outputs: Arc::new(BTreeMap::new()),
+            outputs: None,
         }
     }
 
@@ -196,7 +197,7 @@ impl StepContext {
     ///
     /// A permanent [`StepError`] if the output does not decode as `T`.
     pub fn output_of<T: DeserializeOwned>(&self, step: &str) -> Result<Option<T>, StepError> {
-        match self.outputs.get(step) {
+        match self.outputs.as_ref().and_then(|o| o.get(step)) {
             None => Ok(None),
             Some(v) => T::deserialize(v).map(Some).map_err(|e| {
                 StepError::permanent(format!(

@@ -180,7 +180,9 @@ impl Driver {
                 repairs.borrow_and_update();
                 let pending = lock(&self.inner.repairs).remove(&self.state.id);
                 if let Some(p) = pending {
-                    self.repair(p).await?;
+                    // Boxed: repairs are rare, and their future would otherwise widen
+                    // every saga's task by its size.
+                    Box::pin(self.repair(p)).await?;
                 }
             }
             let now = self.inner.clock.now();
@@ -236,10 +238,29 @@ impl Driver {
                 }
                 Decision::Idle => {
                     self.flush().await?;
-                    return SagaOutcome::of(&self.state).ok_or(Error::NotRunning(self.state.id));
+                    let outcome =
+                        SagaOutcome::of(&self.state).ok_or(Error::NotRunning(self.state.id))?;
+                    self.count_end(&outcome);
+                    return Ok(outcome);
                 }
             }
         }
+    }
+
+    fn count_end(&self, outcome: &SagaOutcome) {
+        let secs = self
+            .inner
+            .clock
+            .now()
+            .duration_since(self.state.created_at)
+            .as_secs_f64();
+        let (name, took) = match outcome {
+            SagaOutcome::Completed { .. } => ("completed", Some(secs)),
+            SagaOutcome::Compensated { .. } => ("compensated", Some(secs)),
+            SagaOutcome::Parked { .. } => ("parked", None),
+            SagaOutcome::Resolved { .. } => ("resolved", None),
+        };
+        self.inner.metrics.ended(&self.state.definition, name, took);
     }
 
     /// Applies an operator's repair, if the state allows it, and answers the operator.
@@ -319,7 +340,10 @@ impl Driver {
             key: IdempotencyKey::derive(self.state.id, &name, phase),
             deadline,
             input: self.state.input.clone(),
-            outputs: Arc::new(self.state.outputs()),
+            outputs: {
+                let outputs = self.state.outputs();
+                (!outputs.is_empty()).then(|| Arc::new(outputs))
+            },
         };
         let output = self.state.steps.get(i).and_then(|s| s.output.clone());
         let span = tracing::info_span!("attempt", step = %name, %phase, attempt = attempt.0);

@@ -235,21 +235,9 @@ impl Inner {
         let inner = self.clone();
         lock(&self.tasks).spawn(
             async move {
-                let definition = driver.state().definition.clone();
-                let created = driver.state().created_at;
                 let outcome = driver.run().await;
                 match &outcome {
-                    Ok(o) => {
-                        let secs = inner.clock.now().duration_since(created).as_secs_f64();
-                        let (name, took) = match o {
-                            SagaOutcome::Completed { .. } => ("completed", Some(secs)),
-                            SagaOutcome::Compensated { .. } => ("compensated", Some(secs)),
-                            SagaOutcome::Parked { .. } => ("parked", None),
-                            SagaOutcome::Resolved { .. } => ("resolved", None),
-                        };
-                        inner.metrics.ended(&definition, name, took);
-                    }
-                    Err(Error::ShuttingDown) => {}
+                    Ok(_) | Err(Error::ShuttingDown) => {}
                     Err(e) => tracing::error!(error = %e, code = e.code(), "saga stopped"),
                 }
                 // Both maps under the `running` lock (always taken first): a repair is
