@@ -14,7 +14,7 @@ async fn a_hundred_orders_survive_three_kills_with_nothing_double_charged() {
         fail_rate: 0.2,
         // Slow providers, frequent kills: the kills land while sagas are in flight.
         latency_ms: 60,
-        kill_every: Duration::from_millis(300),
+        kill_every: Duration::from_millis(200),
         max_kills: 3,
         dir: dir.path().to_path_buf(),
         exe: env!("CARGO_BIN_EXE_order-processing").into(),
