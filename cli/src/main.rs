@@ -262,7 +262,7 @@ fn human(d: Duration) -> String {
     }
 }
 
-fn print_list(metas: &[SagaMeta]) {
+fn print_list(metas: &Vec<SagaMeta>) {
     let now = now();
     println!(
         "{:<36}  {:<12}  {:<20}  {:>5}  {:>5}  {:<24}  REASON",
@@ -443,6 +443,16 @@ fn print_stats(s: &Stats) {
     }
 }
 
+/// Prints `value` as pretty JSON for scripts, or with `table` for people.
+fn emit<T: serde::Serialize>(json: bool, value: &T, table: fn(&T)) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        table(value);
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let backend = Backend::open(&cli)?;
     let repair = |target: &Target, action: &str, step: Option<u32>| {
@@ -472,30 +482,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 limit: *limit,
             };
             let metas = backend.list(&q).await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&metas)?);
-            } else {
-                print_list(&metas);
-            }
-            return Ok(());
+            return emit(cli.json, &metas, print_list);
         }
         Command::Show { id } => {
             let view = backend.show(*id).await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
-            } else {
-                print_show(&view);
-            }
-            return Ok(());
+            return emit(cli.json, &view, print_show);
         }
         Command::Stats { stuck_after } => {
             let s = backend.stats(*stuck_after).await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
-            } else {
-                print_stats(&s);
-            }
-            return Ok(());
+            return emit(cli.json, &s, print_stats);
         }
         Command::Retry(t) => repair(t, "retry_now", None),
         Command::Resume(t) => repair(t, "resume", None),
