@@ -7,3 +7,5 @@ pub mod saga;
 #[cfg(test)]
 mod saga_tests;
 pub mod service;
+#[cfg(test)]
+mod service_tests;

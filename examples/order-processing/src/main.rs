@@ -45,6 +45,18 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+fn parse_window(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("`{s}`: use START..END in seconds"))?;
+    let a: u64 = a.trim().parse().map_err(|_| format!("`{s}`: bad start"))?;
+    let b: u64 = b.trim().parse().map_err(|_| format!("`{s}`: bad end"))?;
+    if b <= a {
+        return Err(format!("`{s}`: the end must come after the start"));
+    }
+    Ok((a, b))
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the fake payments, inventory and orders providers.
@@ -64,6 +76,10 @@ enum Cmd {
         /// Where payments sends its signed webhooks.
         #[arg(long)]
         webhook_url: Option<String>,
+        /// An outage window in seconds since start, like `30..60` (503 with
+        /// Retry-After); repeatable.
+        #[arg(long, value_parser = parse_window)]
+        outage: Vec<(u64, u64)>,
     },
     /// Run the order service.
     Serve {
@@ -156,11 +172,12 @@ async fn main() -> anyhow::Result<()> {
             latency_ms,
             inventory_per_second,
             webhook_url,
+            outage,
         } => {
             let faults = Faults {
                 fail_rate,
                 latency_ms,
-                outages: Vec::new(),
+                outages: outage,
             };
             let p = providers::start(
                 &dir,
