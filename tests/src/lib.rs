@@ -330,6 +330,40 @@ pub fn checkout_with_pivot(ledger: &Arc<Ledger>) -> SagaDefinition {
         .expect("valid definition")
 }
 
+/// A fake step named `name` calling `ledger`.
+pub fn fake(name: &'static str, ledger: &Arc<Ledger>) -> FakeStep {
+    FakeStep {
+        name,
+        ledger: ledger.clone(),
+    }
+}
+
+/// Starts a `checkout` saga on `store` whose payment never answers, waits until the
+/// payment service was called, then drops the engine: the saga is left in flight, as a
+/// crash would leave it.
+///
+/// # Panics
+///
+/// If the engine does not open or start (a test failure).
+pub async fn interrupted_checkout(
+    store: Arc<sagaflow::store::MemLog>,
+    ledger: &Arc<Ledger>,
+) -> SagaId {
+    ledger.script("payment", Phase::Action, [Outcome::Hang]);
+    let engine = builder()
+        .register(checkout(ledger))
+        .open_with(store)
+        .await
+        .expect("engine opens");
+    let id = engine
+        .start("checkout", json!({}), None)
+        .await
+        .expect("started");
+    ledger.wait_for_call(id, "payment", Phase::Action).await;
+    drop(engine);
+    id
+}
+
 /// An engine on a fresh in-memory store, with `def` registered.
 ///
 /// # Panics

@@ -256,33 +256,19 @@ async fn an_unknown_definition_parks_that_saga_and_the_others_finish() {
 async fn a_definition_whose_steps_changed_under_the_same_version_parks() {
     let store = Arc::new(MemLog::new());
     let ledger = Ledger::new();
-    ledger.script("payment", Phase::Action, [Outcome::Hang]);
-    let engine = builder()
-        .register(checkout(&ledger))
-        .open_with(store.clone())
-        .await
-        .unwrap();
-    let id = engine.start("checkout", json!({}), None).await.unwrap();
-    ledger.wait_for_call(id, "payment", Phase::Action).await;
-    drop(engine);
+    let id = interrupted_checkout(store.clone(), &ledger).await;
 
     let changed = SagaDefinition::builder("checkout", 1)
         .step_with(
             "payment",
             StepKind::Compensatable,
-            FakeStep {
-                name: "payment",
-                ledger: ledger.clone(),
-            },
+            fake("payment", &ledger),
             opts(),
         )
         .step_with(
             "shipping",
             StepKind::Compensatable,
-            FakeStep {
-                name: "shipping",
-                ledger: ledger.clone(),
-            },
+            fake("shipping", &ledger),
             opts(),
         )
         .build()
@@ -308,24 +294,13 @@ async fn a_definition_whose_steps_changed_under_the_same_version_parks() {
 async fn old_sagas_keep_their_version_and_new_ones_take_the_latest() {
     let store = Arc::new(MemLog::new());
     let ledger = Ledger::new();
-    ledger.script("payment", Phase::Action, [Outcome::Hang]);
-    let engine = builder()
-        .register(checkout(&ledger))
-        .open_with(store.clone())
-        .await
-        .unwrap();
-    let old = engine.start("checkout", json!({}), None).await.unwrap();
-    ledger.wait_for_call(old, "payment", Phase::Action).await;
-    drop(engine);
+    let old = interrupted_checkout(store.clone(), &ledger).await;
 
     let v2 = SagaDefinition::builder("checkout", 2)
         .step_with(
             "payment",
             StepKind::Compensatable,
-            FakeStep {
-                name: "payment",
-                ledger: ledger.clone(),
-            },
+            fake("payment", &ledger),
             opts(),
         )
         .build()

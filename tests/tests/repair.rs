@@ -309,15 +309,7 @@ async fn a_saga_marked_resolved_is_final_and_no_longer_driven() {
 async fn a_saga_parked_for_its_definition_resumes_once_it_is_registered() {
     let store = Arc::new(MemLog::new());
     let ledger = Ledger::new();
-    ledger.script("payment", Phase::Action, [Outcome::Hang]);
-    let engine = builder()
-        .register(checkout(&ledger))
-        .open_with(store.clone())
-        .await
-        .unwrap();
-    let id = engine.start("checkout", json!({}), None).await.unwrap();
-    ledger.wait_for_call(id, "payment", Phase::Action).await;
-    drop(engine);
+    let id = interrupted_checkout(store.clone(), &ledger).await;
     // Opened without the definition: parked.
     let engine = builder().open_with(store.clone()).await.unwrap();
     assert_eq!(engine.recovery().parked.len(), 1);
