@@ -363,6 +363,13 @@ fn describe(id: SagaId, names: &[String], r: &LogRecord) -> (String, String, Str
             kind,
             error,
             retry_at,
+        }
+        | Event::CompensationFailed {
+            step,
+            attempt,
+            kind,
+            error,
+            retry_at,
         } => (
             name(*step),
             attempt.to_string(),
@@ -383,20 +390,6 @@ fn describe(id: SagaId, names: &[String], r: &LogRecord) -> (String, String, Str
         Event::CompensationSucceeded { step, attempt } => {
             (name(*step), attempt.to_string(), String::new())
         }
-        Event::CompensationFailed {
-            step,
-            attempt,
-            kind,
-            error,
-            retry_at,
-        } => (
-            name(*step),
-            attempt.to_string(),
-            format!(
-                "{kind:?}: {error}; {}",
-                retry_at.map_or("no retry".to_string(), |t| format!("retry at {t}"))
-            ),
-        ),
         Event::CompensationBegan { reason } => (String::new(), String::new(), reason.clone()),
         Event::Parked { reason } => (
             String::new(),
@@ -408,10 +401,7 @@ fn describe(id: SagaId, names: &[String], r: &LogRecord) -> (String, String, Str
             operator,
             reason,
         } => {
-            let step = match action {
-                sagaflow::machine::Repair::SkipStep { step } => name(*step),
-                _ => String::new(),
-            };
+            let step = r.event.step().map(name).unwrap_or_default();
             (
                 step,
                 String::new(),

@@ -242,6 +242,31 @@ impl Repair {
 }
 
 impl Event {
+    /// The step index a step-level event is about (an attempt, a result, a skip).
+    ///
+    /// ```
+    /// use sagaflow::machine::{Event, Repair};
+    /// use sagaflow::Attempt;
+    ///
+    /// assert_eq!(Event::CompensationSucceeded { step: 2, attempt: Attempt(1) }.step(), Some(2));
+    /// assert_eq!(Event::Completed.step(), None);
+    /// ```
+    pub fn step(&self) -> Option<u32> {
+        match self {
+            Event::StepAttemptStarted { step, .. }
+            | Event::StepSucceeded { step, .. }
+            | Event::StepFailed { step, .. }
+            | Event::CompensationAttemptStarted { step, .. }
+            | Event::CompensationSucceeded { step, .. }
+            | Event::CompensationFailed { step, .. } => Some(*step),
+            Event::OperatorAction {
+                action: Repair::SkipStep { step },
+                ..
+            } => Some(*step),
+            _ => None,
+        }
+    }
+
     /// A short name for the event's type, as in the log's JSON.
     pub fn name(&self) -> &'static str {
         match self {

@@ -97,13 +97,6 @@ impl MemLog {
             }),
         }
     }
-
-    /// Overwrites a raw value, bypassing every check: for tests of corrupt data.
-    pub fn put_raw(&self, key: Vec<u8>, value: Vec<u8>) {
-        let mut inner = self.lock();
-        inner.visible.insert(key.clone(), value.clone());
-        inner.durable.insert(key, value);
-    }
 }
 
 fn apply(map: &mut Map, op: &Op) {

@@ -140,18 +140,7 @@ async fn show(State(s): State<Arc<Service>>, UrlPath(id): UrlPath<String>) -> Re
         Some(Event::Started { steps, .. }) => steps.clone(),
         _ => Vec::new(),
     };
-    let step_of = |e: &Event| -> Option<String> {
-        let i = match e {
-            Event::StepAttemptStarted { step, .. }
-            | Event::StepSucceeded { step, .. }
-            | Event::StepFailed { step, .. }
-            | Event::CompensationAttemptStarted { step, .. }
-            | Event::CompensationSucceeded { step, .. }
-            | Event::CompensationFailed { step, .. } => *step,
-            _ => return None,
-        };
-        names.get(i as usize).cloned()
-    };
+    let step_of = |e: &Event| e.step().and_then(|i| names.get(i as usize).cloned());
     let detail = |e: &Event| -> Value {
         match e {
             Event::StepAttemptStarted { attempt, .. }
