@@ -221,6 +221,17 @@ pub(crate) fn check_who(id: SagaId, operator: &str, reason: &str) -> Result<()> 
             reason: "a repair needs who (operator) and why (reason)".into(),
         });
     }
+    // Both are stored in the log: bounded like every other stored message, and refused
+    // rather than cut, since the operator is there to shorten them.
+    if operator.len() > crate::MAX_MESSAGE_BYTES || reason.len() > crate::MAX_MESSAGE_BYTES {
+        return Err(Error::RepairRefused {
+            saga: id,
+            reason: format!(
+                "who and why are limited to {} bytes each",
+                crate::MAX_MESSAGE_BYTES
+            ),
+        });
+    }
     Ok(())
 }
 

@@ -208,15 +208,18 @@ impl SeededEntropy {
         }
     }
 
-    /// A seed from the wall clock and the process id, for engines that do not need to
-    /// replay their jitter. Logged by the engine at start so that a run can be replayed.
-    pub fn seed_from_environment() -> u64 {
-        if let Some(seed) = std::env::var("SAGA_SEED")
+    /// The seed in `SAGA_SEED`, if it is set to a number: how a test run asks to be
+    /// replayed. Engines use seeded entropy only when asked (this, or
+    /// [`crate::EngineBuilder::seed`]): seeded ids are predictable.
+    pub fn seed_from_environment() -> Option<u64> {
+        std::env::var("SAGA_SEED")
             .ok()
             .and_then(|s| s.trim().parse().ok())
-        {
-            return seed;
-        }
+    }
+
+    /// A seed from the wall clock and the process id: the fallback should the operating
+    /// system's generator be unavailable.
+    fn seed_from_clock() -> u64 {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -249,6 +252,60 @@ impl Entropy for SeededEntropy {
                 .wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
         )
     }
+}
+
+/// [`Entropy`] from the operating system: the default, so that saga ids carry random bits
+/// nobody can predict from an id seen before (G3's keys are derived from the id).
+///
+/// Jitter samples stay keyed, as with [`SeededEntropy`], under a secret seed drawn from
+/// the operating system once; fresh values ([`Entropy::next`], used for ids) come from
+/// the operating system every time.
+///
+/// ```
+/// use sagaflow::{Entropy, OsEntropy};
+///
+/// let e = OsEntropy::new();
+/// assert_ne!(e.next(), e.next());
+/// assert_eq!(e.sample(b"k"), e.sample(b"k"));
+/// ```
+#[derive(Debug)]
+pub struct OsEntropy {
+    jitter: SeededEntropy,
+}
+
+impl OsEntropy {
+    /// Entropy drawn from the operating system.
+    pub fn new() -> Self {
+        OsEntropy {
+            jitter: SeededEntropy::new(os_u64().unwrap_or_else(|| {
+                SeededEntropy::seed_from_clock()
+            })),
+        }
+    }
+}
+
+impl Default for OsEntropy {
+    fn default() -> Self {
+        OsEntropy::new()
+    }
+}
+
+impl Entropy for OsEntropy {
+    fn sample(&self, key: &[u8]) -> u64 {
+        self.jitter.sample(key)
+    }
+
+    fn next(&self) -> u64 {
+        // The operating system's generator does not fail on Linux once booted; should it
+        // ever, the secretly seeded stream still gives distinct values rather than none.
+        os_u64().unwrap_or_else(|| self.jitter.next())
+    }
+}
+
+fn os_u64() -> Option<u64> {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).ok()?;
+    Some(u64::from_le_bytes(b))
 }
 
 fn splitmix64(mut z: u64) -> u64 {

@@ -48,6 +48,13 @@ pub enum Error {
         /// The limit.
         limit: usize,
     },
+    /// The saga input nests arrays and objects deeper than the engine accepts (it could
+    /// not be read back from the log).
+    #[error("payload nests deeper than the limit of {limit} levels")]
+    PayloadTooDeep {
+        /// The limit.
+        limit: usize,
+    },
     /// A start key that is empty or too long.
     #[error("start key of {len} bytes; it must have 1 to {max}")]
     InvalidStartKey {
@@ -107,6 +114,7 @@ impl Error {
             Error::NotRunning(_) => "SAGA-0010",
             Error::ShuttingDown => "SAGA-0011",
             Error::RepairRefused { .. } => "SAGA-0012",
+            Error::PayloadTooDeep { .. } => "SAGA-0013",
         }
     }
 }

@@ -312,8 +312,20 @@ impl<S: Step> ErasedStep for Erased<S> {
     async fn execute(&self, ctx: StepContext) -> Result<Value, StepError> {
         let input = decode::<S::Input>("saga input", &ctx.input).map_err(StepError::permanent)?;
         let out = self.0.execute(&ctx, input).await?;
-        serde_json::to_value(out)
-            .map_err(|e| StepError::permanent(format!("step output does not serialize: {e}")))
+        // Serialized within the deepest nesting a record can be read back with, so a
+        // hostile output cannot overflow the stack here; the engine applies its own
+        // (smaller or equal) limits afterwards.
+        crate::payload::to_value(&out, usize::MAX, crate::payload::MAX_PAYLOAD_DEPTH)
+            .map(|(v, _)| v)
+            .map_err(|e| match e {
+                crate::payload::Refused::Limit(_) => StepError::permanent(format!(
+                    "step output nests deeper than {} levels",
+                    crate::payload::MAX_PAYLOAD_DEPTH
+                )),
+                crate::payload::Refused::Invalid(e) => {
+                    StepError::permanent(format!("step output does not serialize: {e}"))
+                }
+            })
     }
 
     async fn compensate(&self, ctx: StepContext, output: Option<Value>) -> Result<(), StepError> {

@@ -35,7 +35,7 @@ impl From<StepError> for Failure {
         Failure {
             kind,
             hint: e.retry_after_hint(),
-            message: e.message().to_string(),
+            message: crate::payload::bound_message(e.message().to_string()),
         }
     }
 }
@@ -433,7 +433,8 @@ impl Driver {
                         .map(|s| s.to_string())
                         .or_else(|| payload.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "a non-string payload".into());
-                    Err(Failure { kind: FailureKind::Panic, message: format!("step panicked: {msg}"), hint: None })
+                    let message = crate::payload::bound_message(format!("step panicked: {msg}"));
+                    Err(Failure { kind: FailureKind::Panic, message, hint: None })
                 }
             },
             () = self.inner.clock.sleep_until(deadline) => {
@@ -442,19 +443,28 @@ impl Driver {
         }
     }
 
+    /// Checks an output against the payload limits before it is recorded: an output the
+    /// log could not read back must never be written.
     fn check_size(&self, v: Value) -> std::result::Result<Value, Failure> {
-        let limit = self.inner.options.max_payload_bytes;
-        let size = serde_json::to_vec(&v)
-            .map(|b| b.len())
-            .unwrap_or(usize::MAX);
-        if size > limit {
-            Err(Failure {
-                kind: FailureKind::OutputTooLarge,
-                message: format!("output of {size} bytes exceeds the limit of {limit} bytes"),
-                hint: None,
-            })
-        } else {
-            Ok(v)
+        let opts = &self.inner.options;
+        let max_depth = opts.max_payload_depth.min(crate::payload::MAX_PAYLOAD_DEPTH);
+        let too_large = |message: String| Failure {
+            kind: FailureKind::OutputTooLarge,
+            message,
+            hint: None,
+        };
+        if crate::payload::depth(&v) > max_depth {
+            crate::payload::dispose(v);
+            return Err(too_large(format!(
+                "output nests deeper than the limit of {max_depth} levels"
+            )));
+        }
+        let limit = opts.max_payload_bytes;
+        match crate::payload::to_bytes(&v, limit, max_depth) {
+            Ok(_) => Ok(v),
+            Err(_) => Err(too_large(format!(
+                "output exceeds the limit of {limit} bytes"
+            ))),
         }
     }
 

@@ -22,7 +22,7 @@ pub use commit::{CommitMode, CommitStats};
 pub(crate) use driver::Driver;
 
 use crate::admin::{self, ListFilter, Stats};
-use crate::clock::{Clock, Entropy, SeededEntropy, SystemClock, Timestamp};
+use crate::clock::{Clock, Entropy, OsEntropy, SeededEntropy, SystemClock, Timestamp};
 use crate::definition::SagaDefinition;
 use crate::error::{Error, Result};
 use crate::ids::{Lsn, SagaId, StartKey};
@@ -89,6 +89,10 @@ pub struct EngineOptions {
     /// The largest saga input or step output accepted, serialized, in bytes. A larger
     /// input is refused at start; a larger output fails its attempt permanently.
     pub max_payload_bytes: usize,
+    /// The deepest nesting of arrays and objects accepted in a saga input or step output
+    /// (at most [`crate::MAX_PAYLOAD_DEPTH`], which a larger value is clamped to). A deeper
+    /// input is refused at start; a deeper output fails its attempt permanently.
+    pub max_payload_depth: usize,
     /// How long [`EngineBuilder::open`] waits for another engine to release the data
     /// directory.
     pub lock_wait: Duration,
@@ -101,10 +105,11 @@ pub struct EngineOptions {
 }
 
 impl Default for EngineOptions {
-    /// 1 MiB payloads; wait 10 s for the directory lock.
+    /// 1 MiB payloads nested at most 64 levels; wait 10 s for the directory lock.
     fn default() -> Self {
         EngineOptions {
             max_payload_bytes: 1 << 20,
+            max_payload_depth: 64,
             lock_wait: Duration::from_secs(10),
             commit_mode: CommitMode::default(),
             stuck_after: Some(Duration::from_secs(15 * 60)),
@@ -116,6 +121,12 @@ impl EngineOptions {
     /// Sets [`EngineOptions::max_payload_bytes`].
     pub fn with_max_payload_bytes(mut self, n: usize) -> Self {
         self.max_payload_bytes = n;
+        self
+    }
+
+    /// Sets [`EngineOptions::max_payload_depth`] (clamped to [`crate::MAX_PAYLOAD_DEPTH`]).
+    pub fn with_max_payload_depth(mut self, n: usize) -> Self {
+        self.max_payload_depth = n.min(crate::MAX_PAYLOAD_DEPTH);
         self
     }
 
@@ -336,7 +347,9 @@ impl EngineBuilder {
         self
     }
 
-    /// Uses [`SeededEntropy`] with `seed`.
+    /// Uses [`SeededEntropy`] with `seed`: replayable jitter and ids, for tests and
+    /// simulations only (ids become predictable). Without it (and without `SAGA_SEED`),
+    /// the engine uses [`OsEntropy`].
     pub fn seed(self, seed: u64) -> Self {
         self.entropy(Arc::new(SeededEntropy::new(seed)))
     }
@@ -384,9 +397,15 @@ impl EngineBuilder {
             versions.insert(d.version(), Arc::new(d));
         }
         let entropy = self.entropy.unwrap_or_else(|| {
-            let seed = SeededEntropy::seed_from_environment();
-            tracing::info!(seed, "entropy seeded (set SAGA_SEED to replay)");
-            Arc::new(SeededEntropy::new(seed))
+            match SeededEntropy::seed_from_environment() {
+                // Only a test sets SAGA_SEED: say so loudly, since seeded ids can be
+                // predicted, but never log a seed that production would have drawn.
+                Some(seed) => {
+                    tracing::warn!(seed, "SAGA_SEED is set: saga ids are predictable (tests only)");
+                    Arc::new(SeededEntropy::new(seed))
+                }
+                None => Arc::new(OsEntropy::new()),
+            }
         });
         let committer = Committer::spawn(store.clone(), self.options.commit_mode)
             .map_err(|e| Error::Store(Arc::new(crate::store::Error::Io(e))))?;
@@ -456,7 +475,8 @@ impl Engine {
     /// # Errors
     ///
     /// [`Error::UnknownDefinition`], [`Error::InvalidInput`] if a step's input type
-    /// rejects `input`, [`Error::PayloadTooLarge`], [`Error::ShuttingDown`], or
+    /// rejects `input`, [`Error::PayloadTooLarge`], [`Error::PayloadTooDeep`],
+    /// [`Error::ShuttingDown`], or
     /// [`Error::Store`].
     pub async fn start(
         &self,
@@ -474,19 +494,23 @@ impl Engine {
             .and_then(|v| v.values().next_back())
             .cloned()
             .ok_or_else(|| Error::UnknownDefinition(name.to_string()))?;
-        let input = serde_json::to_value(input).map_err(|e| Error::InvalidInput {
-            step: String::new(),
-            reason: format!("input does not serialize: {e}"),
+        // Serialized within the limits before anything else: a value too large or too
+        // deep is refused without being built in full, and nothing is written that the
+        // log could not read back (G8).
+        let limit = inner.options.max_payload_bytes;
+        let depth = inner.options.max_payload_depth;
+        let (input, _) = crate::payload::to_value(&input, limit, depth).map_err(|e| match e {
+            crate::payload::Refused::Limit(crate::payload::Exceeded::Size { size, limit }) => {
+                Error::PayloadTooLarge { size, limit }
+            }
+            crate::payload::Refused::Limit(crate::payload::Exceeded::Depth { limit }) => {
+                Error::PayloadTooDeep { limit }
+            }
+            crate::payload::Refused::Invalid(e) => Error::InvalidInput {
+                step: String::new(),
+                reason: format!("input does not serialize: {e}"),
+            },
         })?;
-        let size = serde_json::to_vec(&input)
-            .map(|b| b.len())
-            .unwrap_or(usize::MAX);
-        if size > inner.options.max_payload_bytes {
-            return Err(Error::PayloadTooLarge {
-                size,
-                limit: inner.options.max_payload_bytes,
-            });
-        }
         for s in def.steps() {
             s.code
                 .check_input(&input)
