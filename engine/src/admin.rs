@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::error::{Error, Result};
-use crate::ids::SagaId;
+use crate::ids::{Lsn, SagaId};
 use crate::machine::{check_repair, Event, LogRecord, Repair, SagaState, SagaStatus};
 use crate::store::{codec, SagaLog, SagaMeta, SledLog, Write};
 
@@ -193,6 +193,97 @@ pub fn history(store: &dyn SagaLog, id: SagaId) -> Result<Vec<LogRecord>> {
     Ok(codec::decode_log(id, &raw)?)
 }
 
+/// One part of a saga's log that could not be read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct LogProblem {
+    /// The lsn of the stored value (or record) concerned.
+    pub lsn: Lsn,
+    /// What is wrong with it.
+    pub problem: String,
+    /// Whether it was written by a newer engine rather than damaged.
+    pub newer_format: bool,
+}
+
+/// A saga's log as far as it can be read: every stored value that decodes, and what is
+/// wrong with the others. What an operator looks at for a saga parked with a corrupt
+/// log, and what recovery decides from.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ReadableLog {
+    /// The records that decode, in lsn order.
+    pub records: Vec<LogRecord>,
+    /// The values that do not decode, or the first record that does not fit the ones
+    /// before it.
+    pub problems: Vec<LogProblem>,
+    /// The lsn a record appended now would get: after everything stored, or, should that
+    /// overflow (a damaged key with lsn `u64::MAX`), the first lsn no stored value uses.
+    /// `None` only if no lsn is free.
+    pub next_lsn: Option<Lsn>,
+}
+
+/// Reads as much of a saga's log as can be read. Never fails on what the log holds,
+/// only on the store itself.
+///
+/// # Errors
+///
+/// [`Error::UnknownSaga`] if the saga has no log, or [`Error::Store`].
+pub fn readable_log(store: &dyn SagaLog, id: SagaId) -> Result<ReadableLog> {
+    let raw = store.read(id)?;
+    if raw.is_empty() {
+        return Err(Error::UnknownSaga(id));
+    }
+    let mut out = ReadableLog::default();
+    // The lsns each stored value covers: a group covers one per record.
+    let mut covered: Vec<(u64, u64)> = Vec::with_capacity(raw.len());
+    for (lsn, bytes) in &raw {
+        match codec::decode_value(id, *lsn, bytes) {
+            Ok(records) => {
+                let last = records.last().map_or(lsn.0, |r| r.lsn.0);
+                covered.push((lsn.0, last));
+                out.records.extend(records);
+            }
+            Err(e) => {
+                covered.push((lsn.0, lsn.0));
+                out.problems.push(LogProblem {
+                    lsn: *lsn,
+                    newer_format: matches!(e, crate::store::Error::NewerFormat { .. }),
+                    problem: crate::bound_message(e.to_string()),
+                });
+            }
+        }
+    }
+    if let Err(e) = SagaState::fold(id, &out.records) {
+        if out.problems.is_empty() {
+            out.problems.push(LogProblem {
+                lsn: e.lsn,
+                problem: crate::bound_message(e.to_string()),
+                newer_format: false,
+            });
+        }
+    }
+    out.next_lsn = next_free_lsn(&covered).map(Lsn);
+    Ok(out)
+}
+
+/// After the highest covered lsn if that does not overflow, else the first gap.
+fn next_free_lsn(covered: &[(u64, u64)]) -> Option<u64> {
+    let highest = covered.iter().map(|&(_, last)| last).max()?;
+    if let Some(next) = highest.checked_add(1) {
+        return Some(next);
+    }
+    let mut ranges = covered.to_vec();
+    ranges.sort_unstable();
+    let mut free = 0u64;
+    for (first, last) in ranges {
+        if first > free {
+            return Some(free);
+        }
+        free = free.max(last.checked_add(1)?);
+    }
+    Some(free)
+}
+
 /// A saga's state, folded from its log.
 ///
 /// # Errors
@@ -208,7 +299,8 @@ pub fn state(store: &dyn SagaLog, id: SagaId) -> Result<SagaState> {
 /// A checked repair, ready to be written: the saga's state with the repair applied, and
 /// the atomic write that records it.
 pub(crate) struct PreparedRepair {
-    pub(crate) state: SagaState,
+    /// `None` for a saga resolved over a log that does not fold.
+    pub(crate) state: Option<SagaState>,
     pub(crate) meta: SagaMeta,
     pub(crate) write: Write,
 }
@@ -247,7 +339,16 @@ pub(crate) fn prepare_repair(
     now: Timestamp,
 ) -> Result<PreparedRepair> {
     check_who(id, operator, reason)?;
-    let mut state = state(store, id)?;
+    let mut state = match state(store, id) {
+        Ok(s) => s,
+        // An operator must always be able to settle a saga whose log cannot be read.
+        Err(Error::CorruptLog { .. } | Error::NewerFormat { .. })
+            if action == Repair::MarkResolved =>
+        {
+            return resolve_unreadable(store, id, operator, reason, now);
+        }
+        Err(e) => return Err(e),
+    };
     check_repair(&state, &action).map_err(|r| Error::RepairRefused {
         saga: id,
         reason: r.0,
@@ -273,7 +374,72 @@ pub(crate) fn prepare_repair(
         meta: meta.clone(),
         previous,
     };
-    Ok(PreparedRepair { state, meta, write })
+    Ok(PreparedRepair {
+        state: Some(state),
+        meta,
+        write,
+    })
+}
+
+/// Marks resolved a saga whose log does not fold: the record goes after everything
+/// stored (nothing is overwritten, the unreadable part stays for inspection), and the
+/// summary is built from the stored one, or from nothing if that is unreadable too.
+fn resolve_unreadable(
+    store: &dyn SagaLog,
+    id: SagaId,
+    operator: &str,
+    reason: &str,
+    now: Timestamp,
+) -> Result<PreparedRepair> {
+    let lsn = match readable_log(store, id) {
+        Ok(view) => view.next_lsn,
+        Err(Error::UnknownSaga(_)) => store
+            .meta(id)
+            .ok()
+            .flatten()
+            .and_then(|m| m.last_lsn.0.checked_add(1))
+            .map(Lsn),
+        Err(e) => return Err(e),
+    }
+    .ok_or_else(|| Error::CorruptLog {
+        saga: id,
+        reason: "no lsn is free for the resolution record".into(),
+    })?;
+    let previous = store.meta(id).ok().flatten();
+    let record = LogRecord {
+        lsn,
+        at: now,
+        event: Event::OperatorAction {
+            action: Repair::MarkResolved,
+            operator: operator.to_string(),
+            reason: reason.to_string(),
+        },
+    };
+    let meta = SagaMeta {
+        id,
+        definition: previous
+            .as_ref()
+            .map_or_else(|| "<unreadable>".to_string(), |m| m.definition.clone()),
+        version: previous.as_ref().map_or(0, |m| m.version),
+        status: SagaStatus::Resolved,
+        start_key: previous.as_ref().and_then(|m| m.start_key.clone()),
+        created_at: previous.as_ref().map_or(now, |m| m.created_at),
+        updated_at: now,
+        last_lsn: lsn,
+        due: None,
+        reason: Some(format!("resolved by {operator}: {reason}")),
+    };
+    let write = Write {
+        saga: id,
+        records: vec![(lsn, codec::encode_record(&record)?)],
+        meta: meta.clone(),
+        previous,
+    };
+    Ok(PreparedRepair {
+        state: None,
+        meta,
+        write,
+    })
 }
 
 /// Operator access to a store whose engine is stopped.
@@ -290,6 +456,7 @@ pub(crate) fn prepare_repair(
 pub struct Admin {
     store: Arc<dyn SagaLog>,
     clock: Arc<dyn Clock>,
+    check: crate::store::CheckReport,
 }
 
 impl Admin {
@@ -301,12 +468,47 @@ impl Admin {
     /// talk to that engine's admin API instead.
     pub fn open(dir: impl AsRef<Path>) -> Result<Admin> {
         let store = SledLog::open(dir)?;
-        Ok(Admin::new(Arc::new(store), Arc::new(SystemClock)))
+        Admin::checked(Arc::new(store))
+    }
+
+    /// Opens the sled store in `dir` for reading only: on a private copy (see
+    /// [`SledLog::open_read_only`]), so nothing in `dir` changes, not even what sled's
+    /// own recovery or the consistency check would repair. Repairs made through it are
+    /// lost when it is dropped: use [`Admin::open`] for those.
+    ///
+    /// # Errors
+    ///
+    /// As [`Admin::open`], and [`Error::StoreDamaged`] if the store lost committed
+    /// writes.
+    pub fn open_read_only(dir: impl AsRef<Path>) -> Result<Admin> {
+        let store = SledLog::open_read_only(dir)?;
+        Admin::checked(Arc::new(store))
+    }
+
+    /// Runs the store's consistency check (repairing what can be rebuilt, so that no
+    /// saga with a log is missing from a list) and keeps its findings.
+    fn checked(store: Arc<dyn SagaLog>) -> Result<Admin> {
+        let report = store.check()?;
+        Ok(Admin {
+            store,
+            clock: Arc::new(SystemClock),
+            check: report,
+        })
+    }
+
+    /// What the store's consistency check found when this was opened (empty for
+    /// [`Admin::new`], which does not check).
+    pub fn check_report(&self) -> &crate::store::CheckReport {
+        &self.check
     }
 
     /// Admin access to `store`, stamping repairs with `clock`.
     pub fn new(store: Arc<dyn SagaLog>, clock: Arc<dyn Clock>) -> Admin {
-        Admin { store, clock }
+        Admin {
+            store,
+            clock,
+            check: crate::store::CheckReport::default(),
+        }
     }
 
     /// See [`list`].
@@ -343,6 +545,15 @@ impl Admin {
     /// As [`history`].
     pub fn history(&self, id: SagaId) -> Result<Vec<LogRecord>> {
         history(&*self.store, id)
+    }
+
+    /// See [`readable_log`].
+    ///
+    /// # Errors
+    ///
+    /// As [`readable_log`].
+    pub fn readable_log(&self, id: SagaId) -> Result<ReadableLog> {
+        readable_log(&*self.store, id)
     }
 
     /// Applies a repair to the stored saga and syncs it: the engine takes it from there

@@ -18,6 +18,19 @@ pub enum Error {
     /// The store failed. Shared, because one failed group commit fails every write in it.
     #[error("store failed: {0}")]
     Store(Arc<store::Error>),
+    /// The store shows signs of having lost committed writes (or its witness is
+    /// damaged): the engine refuses to open it rather than go on as if the lost sagas had
+    /// never existed. Restore the directory from a backup.
+    #[error("store damaged: {0}")]
+    StoreDamaged(Arc<store::Error>),
+    /// A log record or summary of this saga was written by a newer engine.
+    #[error("saga {saga} was written by a newer engine: {reason}")]
+    NewerFormat {
+        /// The saga.
+        saga: SagaId,
+        /// What this engine does not know.
+        reason: String,
+    },
     /// A definition failed validation.
     #[error("invalid definition: {0}")]
     Definition(#[from] crate::definition::Error),
@@ -115,6 +128,8 @@ impl Error {
             Error::ShuttingDown => "SAGA-0011",
             Error::RepairRefused { .. } => "SAGA-0012",
             Error::PayloadTooDeep { .. } => "SAGA-0013",
+            Error::StoreDamaged(_) => "SAGA-0014",
+            Error::NewerFormat { .. } => "SAGA-0015",
         }
     }
 }
@@ -126,6 +141,13 @@ impl From<store::Error> for Error {
                 saga,
                 reason: format!("{what}: {reason}"),
             },
+            store::Error::NewerFormat { saga, what, reason } => Error::NewerFormat {
+                saga,
+                reason: format!("{what}: {reason}"),
+            },
+            e @ (store::Error::LostWrites { .. } | store::Error::WitnessDamaged { .. }) => {
+                Error::StoreDamaged(Arc::new(e))
+            }
             other => Error::Store(Arc::new(other)),
         }
     }

@@ -129,7 +129,9 @@ mod payload;
 mod recovery;
 pub mod store;
 
-pub use clock::{Clock, Entropy, OsEntropy, SeededEntropy, Sleep, SystemClock, Timestamp, TokioClock};
+pub use clock::{
+    Clock, Entropy, OsEntropy, SeededEntropy, Sleep, SystemClock, Timestamp, TokioClock,
+};
 pub use definition::{
     Idempotence, RetryPolicy, SagaDefinition, SagaDefinitionBuilder, Step, StepContext, StepError,
     StepKind, StepOptions,
@@ -137,7 +139,7 @@ pub use definition::{
 pub use error::{Error, Result};
 pub use executor::{CommitMode, CommitStats, Engine, EngineBuilder, EngineOptions, SagaOutcome};
 pub use ids::{Attempt, IdempotencyKey, Lsn, Phase, SagaId, StartKey};
-pub use payload::{bound_message, MAX_MESSAGE_BYTES, MAX_PAYLOAD_DEPTH};
 pub use machine::{FailureKind, LogRecord, ParkKind, ParkReason, SagaStatus};
+pub use payload::{bound_message, MAX_MESSAGE_BYTES, MAX_PAYLOAD_DEPTH};
 pub use recovery::RecoveryReport;
 pub use store::SagaMeta;

@@ -236,7 +236,8 @@ mod tests {
 
     #[test]
     fn a_payload_at_the_limit_reads_back_inside_a_record() {
-        let record = serde_json::json!([{"lsn": 1, "event": {"output": nested(MAX_PAYLOAD_DEPTH)}}]);
+        let record =
+            serde_json::json!([{"lsn": 1, "event": {"output": nested(MAX_PAYLOAD_DEPTH)}}]);
         let bytes = serde_json::to_vec(&record).unwrap();
         assert!(serde_json::from_slice::<Value>(&bytes).is_ok());
     }

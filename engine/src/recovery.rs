@@ -5,22 +5,38 @@
 //! before the crash (G4). A saga that cannot be driven is parked with the reason: its
 //! definition is not registered, or its log does not decode or does not fit together
 //! (G8). One bad saga never stops the others.
+//!
+//! Before any of that, the store checks itself (`SagaLog::check`): indexes that do not
+//! match the summaries and logs are repaired, and sagas found damaged are parked here,
+//! so that no saga with a log is missing from the list.
 
 use std::sync::Arc;
 
-use crate::error::Result;
+use std::collections::HashSet;
+
+use crate::admin;
+use crate::error::{Error, Result};
 use crate::executor::{Driver, Inner};
 use crate::ids::{Lsn, SagaId};
-use crate::machine::{Event, LogRecord, ParkKind, ParkReason, SagaState, SagaStatus};
-use crate::store::{codec, SagaMeta, Write};
+use crate::machine::{
+    definition_mismatch, Event, LogRecord, ParkKind, ParkReason, SagaState, SagaStatus,
+};
+use crate::payload::bound_message;
+use crate::store::{codec, Finding, SagaMeta, Write};
 
 /// What recovery found.
 #[derive(Clone, Debug, Default, PartialEq)]
 #[non_exhaustive]
 pub struct RecoveryReport {
+    /// Sagas the store's consistency check saw (with a log or a summary).
+    pub checked: usize,
+    /// Every inconsistency the store's consistency check found, and what it did: each
+    /// is also logged at WARN.
+    pub findings: Vec<Finding>,
     /// Sagas handed back to a driver.
     pub resumed: usize,
-    /// Sagas parked at recovery, with the reason.
+    /// Sagas parked at recovery, with the reason: damaged, unreadable, written by a
+    /// newer engine, or whose definition is missing or no longer fits.
     pub parked: Vec<(SagaId, ParkReason)>,
     /// Sagas that could not even be parked (the store refused the write); they stay as
     /// they are and are tried again at the next open.
@@ -28,7 +44,34 @@ pub struct RecoveryReport {
 }
 
 pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<RecoveryReport> {
-    let mut report = RecoveryReport::default();
+    let check = inner.store.check()?;
+    let mut report = RecoveryReport {
+        checked: check.sagas,
+        findings: check.findings,
+        ..RecoveryReport::default()
+    };
+    let mut handled = HashSet::new();
+    for (id, why) in check.damaged {
+        handled.insert(id);
+        let meta = inner.store.meta(id).ok().flatten();
+        // A saga that had ended, or was parked already, stays as it is: it is visible
+        // in the list, and the finding says what is wrong with it.
+        if meta.as_ref().is_some_and(|m| !m.status.is_active()) {
+            continue;
+        }
+        let lsn = match admin::readable_log(&*inner.store, id) {
+            Ok(view) => view.next_lsn,
+            Err(_) => meta
+                .as_ref()
+                .and_then(|m| m.last_lsn.0.checked_add(1))
+                .map(Lsn),
+        };
+        let reason = ParkReason::new(ParkKind::CorruptLog, bound_message(why));
+        if let Err(e) = park(inner, id, lsn, meta, reason, &mut report).await {
+            tracing::error!(saga_id = %id, error = %e, "could not park a damaged saga");
+            report.failed.push((id, e.to_string()));
+        }
+    }
     // Both lists are read before any driver starts: a resumed saga that begins
     // compensating while recovery goes on moves from one index to the other, and must
     // not be picked up a second time.
@@ -39,16 +82,18 @@ pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<RecoveryReport> {
                 .store
                 .with_status(status)?
                 .into_iter()
-                .map(|id| (id, status)),
+                .filter(|id| !handled.contains(id)),
         );
     }
-    for (id, status) in todo {
-        if let Err(e) = recover_one(inner, id, status, &mut report).await {
+    for id in todo {
+        if let Err(e) = recover_one(inner, id, &mut report).await {
             tracing::error!(saga_id = %id, error = %e, "recovery failed for saga");
             report.failed.push((id, e.to_string()));
         }
     }
     tracing::info!(
+        checked = report.checked,
+        findings = report.findings.len(),
         resumed = report.resumed,
         parked = report.parked.len(),
         failed = report.failed.len(),
@@ -57,74 +102,42 @@ pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<RecoveryReport> {
     Ok(report)
 }
 
-async fn recover_one(
-    inner: &Arc<Inner>,
-    id: SagaId,
-    indexed: SagaStatus,
-    report: &mut RecoveryReport,
-) -> Result<()> {
-    let raw = inner.store.read(id)?;
-    // The next lsn follows the last record that can be read; if the last value does
-    // not decode, its key's lsn + 1 is still free (keys are first lsns of groups).
-    let next_lsn = raw.last().map_or(Lsn(0), |(l, bytes)| {
-        codec::decode_value(id, *l, bytes)
-            .ok()
-            .and_then(|rs| rs.last().map(|r| Lsn(r.lsn.0 + 1)))
-            .unwrap_or(Lsn(l.0 + 1))
-    });
-    let meta = inner.store.meta(id);
-    let folded = codec::decode_log(id, &raw)
-        .map_err(|e| e.to_string())
-        .and_then(|records| SagaState::fold(id, &records).map_err(|e| e.to_string()));
-    let corrupt = |why: String| ParkReason::new(ParkKind::CorruptLog, why);
-    match (folded, meta) {
-        (Ok(state), Ok(Some(meta))) => match inner.definition(&state.definition, state.version) {
-            Some(def) => {
-                tracing::info!(saga_id = %id, status = %state.status, "resuming saga");
-                inner.spawn(Driver::new(inner.clone(), def, state, Some(meta)));
-                report.resumed += 1;
-                Ok(())
-            }
-            None => {
-                let reason = ParkReason::new(
-                    ParkKind::UnknownDefinition,
-                    format!(
-                        "definition `{}` version {} is not registered with this engine",
-                        state.definition, state.version
-                    ),
-                );
-                park(inner, id, indexed, next_lsn, Some(meta), reason, report).await
-            }
-        },
-        (Ok(_), Ok(None)) => {
-            let reason = corrupt("the saga has a log but no summary".into());
-            park(inner, id, indexed, next_lsn, None, reason, report).await
-        }
-        (Err(why), meta) => {
-            park(
-                inner,
-                id,
-                indexed,
-                next_lsn,
-                meta.ok().flatten(),
-                corrupt(why),
-                report,
-            )
-            .await
-        }
-        (Ok(_), Err(e)) => {
-            park(
-                inner,
-                id,
-                indexed,
-                next_lsn,
-                None,
-                corrupt(e.to_string()),
-                report,
-            )
-            .await
-        }
+async fn recover_one(inner: &Arc<Inner>, id: SagaId, report: &mut RecoveryReport) -> Result<()> {
+    let view = admin::readable_log(&*inner.store, id)?;
+    let meta = inner.store.meta(id).ok().flatten();
+    let lsn = view.next_lsn;
+    if let Some(first) = view.problems.first() {
+        let kind = if view.problems.iter().any(|p| p.newer_format) {
+            ParkKind::NewerFormat
+        } else {
+            ParkKind::CorruptLog
+        };
+        let reason = ParkReason::new(kind, first.problem.clone());
+        return park(inner, id, lsn, meta, reason, report).await;
     }
+    // No problems: the records fold (readable_log checked).
+    let state = SagaState::fold(id, &view.records).map_err(|e| Error::CorruptLog {
+        saga: id,
+        reason: e.to_string(),
+    })?;
+    let Some(def) = inner.definition(&state.definition, state.version) else {
+        let reason = ParkReason::new(
+            ParkKind::UnknownDefinition,
+            format!(
+                "definition `{}` version {} is not registered with this engine",
+                state.definition, state.version
+            ),
+        );
+        return park(inner, id, lsn, meta, reason, report).await;
+    };
+    if let Some(reason) = definition_mismatch(&def, &state) {
+        return park(inner, id, lsn, meta, reason, report).await;
+    }
+    tracing::info!(saga_id = %id, status = %state.status, "resuming saga");
+    // A summary the check could not rebuild is written afresh with the next transition.
+    inner.spawn(Driver::new(inner.clone(), def, state, meta));
+    report.resumed += 1;
+    Ok(())
 }
 
 /// Parks a saga that cannot be driven: one more record after whatever its log holds, so
@@ -132,12 +145,17 @@ async fn recover_one(
 async fn park(
     inner: &Arc<Inner>,
     id: SagaId,
-    indexed: SagaStatus,
-    lsn: Lsn,
+    lsn: Option<Lsn>,
     meta: Option<SagaMeta>,
     reason: ParkReason,
     report: &mut RecoveryReport,
 ) -> Result<()> {
+    let Some(lsn) = lsn else {
+        return Err(Error::CorruptLog {
+            saga: id,
+            reason: "no lsn is free for a park record".into(),
+        });
+    };
     tracing::warn!(saga_id = %id, kind = ?reason.kind, reason = %reason.message, "parking saga at recovery");
     let now = inner.clock.now();
     let record = LogRecord {
@@ -147,37 +165,31 @@ async fn park(
             reason: reason.clone(),
         },
     };
-    // Without a readable summary, rebuild the part the indexes need: the status it was
-    // found under, so that index entry is moved rather than left behind.
-    let previous = meta.unwrap_or_else(|| SagaMeta {
+    // Without a readable summary, the consistency check has removed the saga's index
+    // entries: this write creates them afresh, as for a saga's first write.
+    let definition = meta
+        .as_ref()
+        .map_or_else(|| String::from("<unreadable>"), |m| m.definition.clone());
+    let parked = SagaMeta {
         id,
-        definition: String::from("<unreadable>"),
-        version: 0,
-        status: indexed,
-        start_key: None,
-        created_at: now,
-        updated_at: now,
-        last_lsn: Lsn(lsn.0.saturating_sub(1)),
-        due: None,
-        reason: None,
-    });
-    let previous_definition = previous.definition.clone();
-    let meta = SagaMeta {
+        definition: definition.clone(),
+        version: meta.as_ref().map_or(0, |m| m.version),
         status: SagaStatus::Parked,
+        start_key: meta.as_ref().and_then(|m| m.start_key.clone()),
+        created_at: meta.as_ref().map_or(now, |m| m.created_at),
         updated_at: now,
         last_lsn: lsn,
         due: None,
         reason: Some(reason.message.clone()),
-        ..previous.clone()
     };
     let write = Write {
         saga: id,
         records: vec![(lsn, codec::encode_record(&record)?)],
-        meta,
-        previous: Some(previous),
+        meta: parked,
+        previous: meta,
     };
     inner.committer.commit(write).await?;
-    inner.metrics.ended(&previous_definition, "parked", None);
+    inner.metrics.ended(&definition, "parked", None);
     report.parked.push((id, reason));
     Ok(())
 }

@@ -211,6 +211,13 @@ impl SagaLog for CrashableStore {
         self.inner.due(until)
     }
 
+    fn check(&self) -> store::Result<store::CheckReport> {
+        if self.plan.crashed() {
+            return Err(dead());
+        }
+        self.inner.check()
+    }
+
     fn remove(&self, saga: SagaId) -> store::Result<()> {
         if self.plan.crashed() {
             return Err(dead());

@@ -283,10 +283,49 @@ async fn a_definition_whose_steps_changed_under_the_same_version_parks() {
     };
     assert_eq!(reason.kind, ParkKind::DefinitionMismatch);
     assert!(
-        reason.message.contains("[payment, inventory, order]"),
+        reason.message.contains(
+            "started with [payment (compensatable), inventory (compensatable), order (compensatable)]"
+        ),
         "{}",
         reason.message
     );
+    // Parked by recovery itself, and counted in its report.
+    assert_eq!(engine.recovery().parked.len(), 1);
+    assert_eq!(engine.recovery().parked[0].0, id);
+    engine.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_step_whose_kind_changed_under_the_same_version_parks() {
+    let store = Arc::new(MemLog::new());
+    let ledger = Ledger::new();
+    let id = interrupted_checkout(store.clone(), &ledger).await;
+
+    // Same names, same version, but `order` is now the pivot: the log's kinds say
+    // otherwise, and driving it would misjudge what may be compensated.
+    let mut b = SagaDefinition::builder("checkout", 1);
+    for (name, kind) in [
+        ("payment", StepKind::Compensatable),
+        ("inventory", StepKind::Compensatable),
+        ("order", StepKind::Pivot),
+    ] {
+        b = b.step_with(name, kind, fake(name, &ledger), opts());
+    }
+    let engine = builder()
+        .register(b.build().unwrap())
+        .open_with(store.clone())
+        .await
+        .unwrap();
+    let SagaOutcome::Parked { reason } = engine.wait(id).await.unwrap() else {
+        panic!("expected parked");
+    };
+    assert_eq!(reason.kind, ParkKind::DefinitionMismatch);
+    assert!(
+        reason.message.contains("order (a pivot)"),
+        "{}",
+        reason.message
+    );
+    assert_eq!(engine.recovery().parked.len(), 1);
     engine.shutdown().await.unwrap();
 }
 

@@ -447,7 +447,9 @@ impl Driver {
     /// log could not read back must never be written.
     fn check_size(&self, v: Value) -> std::result::Result<Value, Failure> {
         let opts = &self.inner.options;
-        let max_depth = opts.max_payload_depth.min(crate::payload::MAX_PAYLOAD_DEPTH);
+        let max_depth = opts
+            .max_payload_depth
+            .min(crate::payload::MAX_PAYLOAD_DEPTH);
         let too_large = |message: String| Failure {
             kind: FailureKind::OutputTooLarge,
             message,

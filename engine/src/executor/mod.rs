@@ -401,7 +401,10 @@ impl EngineBuilder {
                 // Only a test sets SAGA_SEED: say so loudly, since seeded ids can be
                 // predicted, but never log a seed that production would have drawn.
                 Some(seed) => {
-                    tracing::warn!(seed, "SAGA_SEED is set: saga ids are predictable (tests only)");
+                    tracing::warn!(
+                        seed,
+                        "SAGA_SEED is set: saga ids are predictable (tests only)"
+                    );
                     Arc::new(SeededEntropy::new(seed))
                 }
                 None => Arc::new(OsEntropy::new()),
@@ -675,9 +678,21 @@ impl Engine {
             }
         }
         // Not driven (parked, or it ended meanwhile): repair the stored saga.
-        let stored = self.state(id)?;
-        let def = inner.definition(&stored.definition, stored.version);
-        if !matches!(action, Repair::MarkResolved) && def.is_none() {
+        let stored = match self.state(id) {
+            Ok(s) => Some(s),
+            // Resolving is the one repair that applies to a log that cannot be read.
+            Err(Error::CorruptLog { .. } | Error::NewerFormat { .. })
+                if action == Repair::MarkResolved =>
+            {
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let def = stored
+            .as_ref()
+            .and_then(|s| inner.definition(&s.definition, s.version));
+        if let (Some(stored), None, false) = (&stored, &def, matches!(action, Repair::MarkResolved))
+        {
             // Checked before anything is written: a resumed saga needs its code.
             check_repair(&stored, &action).map_err(|r| Error::RepairRefused {
                 saga: id,
@@ -707,13 +722,8 @@ impl Engine {
         if meta.status == SagaStatus::Resolved {
             inner.metrics.ended(&meta.definition, "resolved", None);
         }
-        if let (true, Some(def)) = (meta.status.is_active(), def) {
-            inner.spawn(Driver::new(
-                inner.clone(),
-                def,
-                prepared.state,
-                Some(meta.clone()),
-            ));
+        if let (true, Some(def), Some(state)) = (meta.status.is_active(), def, prepared.state) {
+            inner.spawn(Driver::new(inner.clone(), def, state, Some(meta.clone())));
         }
         Ok(meta)
     }
@@ -745,6 +755,16 @@ impl Engine {
     /// not decode; [`Error::Store`].
     pub fn history(&self, id: SagaId) -> Result<Vec<LogRecord>> {
         admin::history(&*self.inner.store, id)
+    }
+
+    /// As much of the saga's log as can be read, and what is wrong with the rest: for a
+    /// saga parked with a corrupt log, or written by a newer engine.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownSaga`] if it has no log; [`Error::Store`].
+    pub fn readable_log(&self, id: SagaId) -> Result<admin::ReadableLog> {
+        admin::readable_log(&*self.inner.store, id)
     }
 
     /// The summaries of the sagas with `status`, oldest first. A summary that does not

@@ -55,6 +55,41 @@ pub enum Decision {
     Idle,
 }
 
+/// Why `def` cannot drive `state`, if it cannot: under the same name and version, its
+/// steps must have the names and (where the log recorded them) the kinds the saga was
+/// started with. A renamed, added, removed or re-kinded step (compensatable turned pivot,
+/// say) would make the engine misread the log (G8).
+pub fn definition_mismatch(def: &SagaDefinition, state: &SagaState) -> Option<ParkReason> {
+    let names_differ = def.len() != state.steps.len()
+        || def.step_names().zip(&state.steps).any(|(d, s)| d != s.name);
+    let kinds_differ =
+        state.kinds_recorded && def.step_kinds().zip(&state.kinds).any(|(d, s)| d != *s);
+    if !names_differ && !kinds_differ {
+        return None;
+    }
+    let describe = |names: Vec<&str>, kinds: Vec<StepKind>| {
+        names
+            .iter()
+            .zip(kinds)
+            .map(|(n, k)| format!("{n} ({k})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Some(ParkReason::new(
+        ParkKind::DefinitionMismatch,
+        format!(
+            "definition `{}` version {} has steps [{}], the saga was started with [{}]",
+            def.name(),
+            def.version(),
+            describe(def.step_names().collect(), def.step_kinds().collect()),
+            describe(
+                state.steps.iter().map(|s| s.name.as_str()).collect(),
+                state.kinds.clone()
+            ),
+        ),
+    ))
+}
+
 /// Decides what happens next for `state`, run by `def`, at `now`.
 ///
 /// Called only between attempts: an attempt the state shows in flight was interrupted
@@ -64,26 +99,8 @@ pub fn decide(def: &SagaDefinition, state: &SagaState, now: Timestamp) -> Decisi
     if !state.status.is_active() {
         return Decision::Idle;
     }
-    if def.len() != state.steps.len()
-        || def.step_names().zip(&state.steps).any(|(d, s)| d != s.name)
-    {
-        return Decision::Park {
-            reason: ParkReason::new(
-                ParkKind::DefinitionMismatch,
-                format!(
-                    "definition `{}` version {} has steps [{}], the saga was started with [{}]",
-                    def.name(),
-                    def.version(),
-                    def.step_names().collect::<Vec<_>>().join(", "),
-                    state
-                        .steps
-                        .iter()
-                        .map(|s| s.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ),
-        };
+    if let Some(reason) = definition_mismatch(def, state) {
+        return Decision::Park { reason };
     }
     match state.status {
         SagaStatus::Running => decide_forward(def, state, now),

@@ -64,8 +64,12 @@ pub enum ParkKind {
     /// The registered definition has other steps than the ones this saga was started
     /// with under the same version.
     DefinitionMismatch,
-    /// A log record did not decode or does not fit the log before it.
+    /// A log record did not decode or does not fit the log before it, or the store's
+    /// consistency check found the saga damaged. Only `mark_resolved` applies.
     CorruptLog,
+    /// A log record or summary was written by a newer engine (a format byte or event
+    /// type this engine does not know). Open the store with that engine, or resolve.
+    NewerFormat,
 }
 
 /// Why a saga is parked: a kind an operator can filter on, and a sentence to read.

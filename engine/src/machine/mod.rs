@@ -10,6 +10,6 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-pub use decide::{decide, Decision};
+pub use decide::{decide, definition_mismatch, Decision};
 pub use event::{Event, FailureKind, LogRecord, ParkKind, ParkReason, Repair};
 pub use state::{check_repair, FoldError, Progress, Refusal, SagaState, SagaStatus, StepState};

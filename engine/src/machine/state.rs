@@ -185,6 +185,10 @@ pub struct SagaState {
     pub steps: Vec<StepState>,
     /// Step kinds, in definition order (from the `started` record).
     pub kinds: Vec<StepKind>,
+    /// Whether the `started` record recorded the kinds (logs written before kinds were
+    /// recorded count every step as compensatable, and cannot be checked for a kind
+    /// that changed).
+    pub kinds_recorded: bool,
     /// Why compensation began, once it has.
     pub compensation_reason: Option<String>,
     /// Why the saga is parked, while it is.
@@ -242,6 +246,7 @@ impl SagaState {
                 kinds: (0..steps.len())
                     .map(|i| kinds.get(i).copied().unwrap_or(StepKind::Compensatable))
                     .collect(),
+                kinds_recorded: !kinds.is_empty(),
                 compensation_reason: None,
                 parked: None,
                 parked_from: None,
@@ -455,7 +460,12 @@ impl SagaState {
                 self.apply_repair(action, operator, reason, record.at);
             }
         }
-        self.next_lsn = Lsn(lsn.0 + 1);
+        // `lsn` equals `next_lsn`, which only grows by one per record; checked all the
+        // same, since it was read from the store.
+        self.next_lsn = Lsn(lsn
+            .0
+            .checked_add(1)
+            .ok_or_else(|| err("no lsn follows this one".into()))?);
         self.updated_at = record.at;
         Ok(())
     }
@@ -619,8 +629,18 @@ pub fn check_repair(state: &SagaState, action: &Repair) -> Result<(), Refusal> {
             if !parked {
                 return no(format!("the saga is not parked (it is {})", state.status));
             }
-            if state.parked.as_ref().map(|p| p.kind) == Some(ParkKind::CorruptLog) {
-                return no("its log is corrupt: only mark_resolved applies".into());
+            match state.parked.as_ref().map(|p| p.kind) {
+                Some(ParkKind::CorruptLog) => {
+                    return no("its log is corrupt: only mark_resolved applies".into())
+                }
+                Some(ParkKind::NewerFormat) => {
+                    return no(
+                        "it was written by a newer engine: open the store with that \
+                               engine, or mark it resolved"
+                            .into(),
+                    )
+                }
+                _ => {}
             }
             if !working.is_active() {
                 return no("it was not running or compensating when it was parked".into());

@@ -25,6 +25,18 @@ const META: u8 = b'M';
 const STATUS: u8 = b'S';
 const TIMER: u8 = b'T';
 const START_KEY: u8 = b'K';
+/// Values moved aside by the consistency check (a malformed key, an unreadable summary
+/// without a log): kept, under `Q` + the original key, for an operator to inspect.
+const QUARANTINE: u8 = b'Q';
+
+/// The key a value stored under `key` is moved to when the consistency check sets it
+/// aside.
+pub fn quarantine_key(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + key.len());
+    k.push(QUARANTINE);
+    k.extend_from_slice(key);
+    k
+}
 
 /// A key-value change that a store applies.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,9 +72,10 @@ pub fn decode_record(saga: SagaId, lsn: Lsn, bytes: &[u8]) -> Result<LogRecord> 
         what: format!("log record {lsn}"),
         reason,
     };
-    let json = strip_format(bytes).map_err(corrupt)?;
-    let record: LogRecord =
-        serde_json::from_slice(json).map_err(|e| corrupt(format!("does not decode: {e}")))?;
+    let json = strip_format(bytes)
+        .map_err(|why| format_error(saga, format!("log record {lsn}"), bytes, why))?;
+    let record: LogRecord = serde_json::from_slice(json)
+        .map_err(|e| undecodable(saga, format!("log record {lsn}"), json, e))?;
     if record.lsn != lsn {
         return Err(corrupt(format!(
             "stored under lsn {lsn} but says {}",
@@ -87,13 +100,15 @@ pub fn decode_value(saga: SagaId, lsn: Lsn, bytes: &[u8]) -> Result<Vec<LogRecor
                 what: format!("log records from {lsn}"),
                 reason,
             };
-            let records: Vec<LogRecord> = serde_json::from_slice(&bytes[1..])
-                .map_err(|e| corrupt(format!("does not decode: {e}")))?;
+            let json = bytes.get(1..).unwrap_or_default();
+            let records: Vec<LogRecord> = serde_json::from_slice(json)
+                .map_err(|e| undecodable(saga, format!("log records from {lsn}"), json, e))?;
             if records.is_empty() {
                 return Err(corrupt("an empty group".into()));
             }
             for (i, r) in records.iter().enumerate() {
-                if r.lsn.0 != lsn.0 + i as u64 {
+                let expected = u64::try_from(i).ok().and_then(|i| lsn.0.checked_add(i));
+                if expected != Some(r.lsn.0) {
                     return Err(corrupt(format!("record {i} says lsn {}", r.lsn)));
                 }
             }
@@ -115,6 +130,45 @@ pub fn decode_log(saga: SagaId, values: &[(Lsn, Vec<u8>)]) -> Result<Vec<LogReco
         out.extend(decode_value(saga, *lsn, bytes)?);
     }
     Ok(out)
+}
+
+/// The error for a value whose format byte is not one this engine writes: a small byte
+/// above the newest it knows, over well-formed JSON, was written by a newer engine;
+/// anything else is damage.
+fn format_error(saga: SagaId, what: String, bytes: &[u8], reason: String) -> Error {
+    match bytes.first() {
+        // A plausible next version over well-formed JSON; a random byte is damage.
+        Some(&b)
+            if (FORMAT_V2 + 1..=15).contains(&b)
+                && serde_json::from_slice::<serde::de::IgnoredAny>(
+                    bytes.get(1..).unwrap_or_default(),
+                )
+                .is_ok() =>
+        {
+            Error::NewerFormat { saga, what, reason }
+        }
+        _ => Error::Corrupt { saga, what, reason },
+    }
+}
+
+/// The error for JSON that does not decode as what this engine writes. Well-formed JSON
+/// that names a variant this engine does not know (an event type, a failure kind) was
+/// written by a newer engine; anything else is damage.
+///
+/// Unknown *fields* are tolerated (serde's default): a newer engine may add a field only
+/// if an older one can safely ignore it, and must otherwise write a new event type or
+/// format byte, which an older engine refuses as above. Records are never rewritten, so
+/// an ignored field is kept on disk.
+fn undecodable(saga: SagaId, what: String, json: &[u8], e: serde_json::Error) -> Error {
+    let reason = format!("does not decode: {e}");
+    let newer = e.is_data()
+        && e.to_string().starts_with("unknown variant")
+        && serde_json::from_slice::<serde::de::IgnoredAny>(json).is_ok();
+    if newer {
+        Error::NewerFormat { saga, what, reason }
+    } else {
+        Error::Corrupt { saga, what, reason }
+    }
 }
 
 fn strip_format(bytes: &[u8]) -> std::result::Result<&[u8], String> {
@@ -143,13 +197,9 @@ pub fn encode_meta(meta: &SagaMeta) -> Result<Vec<u8>> {
 ///
 /// [`Error::Corrupt`] if the bytes are not a summary of a known format.
 pub fn decode_meta(saga: SagaId, bytes: &[u8]) -> Result<SagaMeta> {
-    let corrupt = |reason: String| Error::Corrupt {
-        saga,
-        what: "summary".into(),
-        reason,
-    };
-    let json = strip_format(bytes).map_err(corrupt)?;
-    serde_json::from_slice(json).map_err(|e| corrupt(format!("does not decode: {e}")))
+    let json =
+        strip_format(bytes).map_err(|why| format_error(saga, "summary".into(), bytes, why))?;
+    serde_json::from_slice(json).map_err(|e| undecodable(saga, "summary".into(), json, e))
 }
 
 /// The key of one log record.
@@ -198,7 +248,8 @@ pub fn status_prefix(status: SagaStatus) -> Vec<u8> {
     vec![STATUS, status.code()]
 }
 
-fn status_key(status: SagaStatus, saga: SagaId) -> Vec<u8> {
+/// The status index key of `saga` under `status`.
+pub fn status_key(status: SagaStatus, saga: SagaId) -> Vec<u8> {
     let mut k = status_prefix(status);
     k.extend_from_slice(saga.as_bytes());
     k
@@ -209,7 +260,8 @@ pub fn timer_prefix() -> Vec<u8> {
     vec![TIMER]
 }
 
-fn timer_key(due: Timestamp, saga: SagaId) -> Vec<u8> {
+/// The timer index key of `saga` due at `due`.
+pub fn timer_key(due: Timestamp, saga: SagaId) -> Vec<u8> {
     let mut k = Vec::with_capacity(25);
     k.push(TIMER);
     k.extend_from_slice(&due.as_millis().to_be_bytes());

@@ -13,6 +13,9 @@ pub(crate) trait Kv {
     fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
     /// The pair with the greatest key that starts with `prefix`.
     fn last(&self, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>>;
+    /// Calls `f` with every pair whose key starts with `prefix`, in key order, without
+    /// collecting them (the consistency check reads the whole store this way).
+    fn visit(&self, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> Result<()>) -> Result<()>;
 }
 
 pub(crate) fn read(kv: &impl Kv, saga: SagaId) -> Result<Vec<(Lsn, Vec<u8>)>> {

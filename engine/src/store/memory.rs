@@ -85,6 +85,22 @@ impl MemLog {
             .collect()
     }
 
+    /// Sets a raw value durably, bypassing every check: for tests of damaged stores.
+    pub fn put_raw(&self, key: &[u8], value: &[u8]) {
+        let mut inner = self.lock();
+        let op = Op::Put(key.to_vec(), value.to_vec());
+        apply(&mut inner.visible, &op);
+        apply(&mut inner.durable, &op);
+    }
+
+    /// Deletes a raw key durably, bypassing every check: for tests of damaged stores.
+    pub fn delete_raw(&self, key: &[u8]) {
+        let mut inner = self.lock();
+        let op = Op::Delete(key.to_vec());
+        apply(&mut inner.visible, &op);
+        apply(&mut inner.durable, &op);
+    }
+
     /// A new store holding what this one holds durably, as a disk image copied after a
     /// crash would.
     pub fn fork(&self) -> MemLog {
@@ -132,15 +148,50 @@ impl Kv for MutexGuard<'_, Inner> {
             .last()
             .map(|(k, v)| (k.clone(), v.clone())))
     }
+
+    fn visit(&self, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> Result<()>) -> Result<()> {
+        for (k, v) in self
+            .visible
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+        {
+            f(k, v)?;
+        }
+        Ok(())
+    }
 }
 
 impl SagaLog for MemLog {
+    fn check(&self) -> Result<super::check::Report> {
+        let mut inner = self.lock();
+        let (report, ops) = super::check::check(&inner)?;
+        for op in &ops {
+            apply(&mut inner.visible, op);
+        }
+        // Made durable at once, like the sled store's repairs (which sync).
+        for op in &ops {
+            apply(&mut inner.durable, op);
+        }
+        Ok(report)
+    }
+
     fn append(&self, writes: Vec<Write>) -> Result<()> {
+        let mut inner = self.lock();
+        // The log is append-only: a write that would replace a record is refused.
+        for w in &writes {
+            for (lsn, _) in &w.records {
+                if inner.visible.contains_key(&codec::log_key(w.saga, *lsn)) {
+                    return Err(Error::WouldOverwrite {
+                        saga: w.saga,
+                        lsn: *lsn,
+                    });
+                }
+            }
+        }
         let mut all = Vec::new();
         for w in writes {
             all.extend(codec::ops(w)?);
         }
-        let mut inner = self.lock();
         for op in &all {
             apply(&mut inner.visible, op);
         }

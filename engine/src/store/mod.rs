@@ -16,12 +16,14 @@
 //! | `T` due-time saga-id | empty: the durable retry timers |
 //! | `K` start-key | saga id: the start-key index (G6) |
 
+mod check;
 pub mod codec;
 mod kv;
 mod memory;
 mod sled;
 #[cfg(test)]
 mod tests;
+mod witness;
 
 use std::fmt;
 
@@ -31,6 +33,7 @@ use crate::clock::Timestamp;
 use crate::ids::{Lsn, SagaId, StartKey};
 use crate::machine::SagaStatus;
 
+pub use check::{Finding, Report as CheckReport};
 pub use memory::MemLog;
 pub use sled::SledLog;
 
@@ -59,6 +62,53 @@ pub enum Error {
         what: String,
         /// Why it does not decode.
         reason: String,
+    },
+    /// A stored value was written by a newer engine: a format byte, an event type or a
+    /// field value this engine does not know. Nothing is wrong with the data; this engine
+    /// cannot read it.
+    #[error("{what} of saga {saga} was written by a newer engine: {reason}")]
+    NewerFormat {
+        /// The saga the value belongs to.
+        saga: SagaId,
+        /// What was being read.
+        what: String,
+        /// What this engine does not know.
+        reason: String,
+    },
+    /// A write would have replaced a log record already stored. Refused as a whole: a
+    /// log is append-only, and an engine that computes an lsn already taken has misread
+    /// the log.
+    #[error("refusing to overwrite log record {lsn} of saga {saga}")]
+    WouldOverwrite {
+        /// The saga.
+        saga: SagaId,
+        /// The lsn already taken.
+        lsn: Lsn,
+    },
+    /// Committed writes are missing from the store: it holds fewer group commits than
+    /// its witness recorded as durable. The store is damaged (a flipped byte, a truncated
+    /// file, a partial restore); the engine refuses to go on as if the lost sagas had
+    /// never existed. Restore the directory from a backup.
+    #[error(
+        "store {path} lost committed writes: its witness records commit {witnessed} as durable, \
+         the store holds only {found}; restore the directory from a backup (docs/errors/SAGA-0014.md)"
+    )]
+    LostWrites {
+        /// The data directory.
+        path: String,
+        /// The last commit the witness recorded as durable.
+        witnessed: u64,
+        /// The last commit found in the store (0 if none).
+        found: u64,
+    },
+    /// The witness file beside the store is missing or unreadable while the store holds
+    /// commits, so the engine cannot tell whether committed writes were lost.
+    #[error("store {path}: {problem} (docs/errors/SAGA-0014.md)")]
+    WitnessDamaged {
+        /// The data directory.
+        path: String,
+        /// What is wrong with it.
+        problem: String,
     },
     /// A store index entry does not decode (its saga is unknown).
     #[error("corrupt index entry: {0}")]
@@ -205,6 +255,16 @@ pub trait SagaLog: Send + Sync + fmt::Debug + 'static {
     ///
     /// An I/O or backend error, or [`Error::Corrupt`] if its summary does not decode.
     fn remove(&self, saga: SagaId) -> Result<()>;
+
+    /// Checks every index entry against the summaries and logs it stands for, repairs
+    /// what can be rebuilt (durably, before returning), and reports every inconsistency
+    /// and every saga that cannot be driven as it is (see the `check` module). The
+    /// engine calls it when it opens the store, before recovery.
+    ///
+    /// # Errors
+    ///
+    /// An I/O or backend error.
+    fn check(&self) -> Result<CheckReport>;
 
     /// The sagas the engine must drive: running or compensating.
     ///

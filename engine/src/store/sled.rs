@@ -10,6 +10,13 @@
 //! a page holding several) to its own file under `blobs/`, and 0.34 does not fsync those
 //! files. `sync` therefore fsyncs every blob file it has not synced yet, and the `blobs`
 //! directory, after the data file.
+//!
+//! Every batch also carries a commit number, and each sync ends by recording the last
+//! number synced in a witness file beside sled's (see `witness.rs`): at open, a store
+//! holding fewer commits than its witness has lost committed writes, and is refused.
+//!
+//! Opening a sled directory writes to it (sled's recovery rewrites a torn tail), so read-
+//! only tools use [`SledLog::open_read_only`], which opens a private copy.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -17,6 +24,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use super::witness::{self, Witness};
 
 use crate::clock::Timestamp;
 use crate::ids::{Lsn, SagaId, StartKey};
@@ -42,6 +51,46 @@ pub struct SledLog {
     path: PathBuf,
     /// Blob files already made durable (sled removes them when it collects garbage).
     synced_blobs: Mutex<HashSet<OsString>>,
+    /// The last commit number applied, and the witness of the last one synced. Held
+    /// while a batch is applied, so that numbers reach sled in order.
+    commits: Mutex<Commits>,
+    /// For a read-only open: the private copy, removed when the store is dropped
+    /// (declared last, so sled has let go of it by then).
+    scratch: Option<Scratch>,
+}
+
+#[derive(Debug)]
+struct Commits {
+    applied: u64,
+    witness: Witness,
+}
+
+/// A private copy of a data directory, deleted on drop.
+#[derive(Debug)]
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            tracing::warn!(path = %self.0.display(), error = %e, "could not remove the read-only copy");
+        }
+    }
+}
+
+/// The key under which every batch stores its commit number.
+const COMMIT_KEY: &[u8] = b"W";
+
+fn commit_number(db: &sled::Db, path: &Path) -> Result<Option<u64>> {
+    match sled::Tree::get(db, COMMIT_KEY).map_err(backend)? {
+        None => Ok(None),
+        Some(v) => {
+            let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| Error::WitnessDamaged {
+                path: path.display().to_string(),
+                problem: format!("the store's commit number is {} bytes, expected 8", v.len()),
+            })?;
+            Ok(Some(u64::from_be_bytes(bytes)))
+        }
+    }
 }
 
 fn backend(e: sled::Error) -> Error {
@@ -72,12 +121,58 @@ impl SledLog {
             })?;
         // sled keeps its pages in `<dir>/db`; that is the file to fdatasync.
         let data_file = File::open(path.join("db"))?;
+        let found = commit_number(&db, &path)?;
+        let witness = witness::check_and_open(&path, found)?;
         Ok(SledLog {
             db,
             data_file,
             path,
             synced_blobs: Mutex::new(HashSet::new()),
+            commits: Mutex::new(Commits {
+                applied: found.unwrap_or(0),
+                witness,
+            }),
+            scratch: None,
         })
+    }
+
+    /// Opens the store in `path` for reading without changing it: sled's own recovery
+    /// writes to the directory it opens, so this copies the directory (sled's files, its
+    /// blobs and the witness) to a private temporary one and opens the copy, with the
+    /// same witness check as [`SledLog::open`]. Writes go to the copy and are lost when
+    /// the store is dropped. Costs a copy of the directory.
+    ///
+    /// ```
+    /// use sagaflow::store::{SagaLog, SledLog};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// drop(SledLog::open(dir.path())?);
+    /// let copy = SledLog::open_read_only(dir.path())?;
+    /// assert_ne!(copy.path(), dir.path());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Locked`] if an engine has the directory open (ask that engine instead),
+    /// [`Error::LostWrites`] or [`Error::WitnessDamaged`] as for [`SledLog::open`], or an
+    /// I/O error (including a directory that holds no store).
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let db = File::open(path.join("db"))?;
+        // sled holds an exclusive lock on its data file while open: a running engine's
+        // directory is changing under us, and a copy of it would be torn.
+        if db.try_lock().is_err() {
+            return Err(Error::Locked {
+                path: path.display().to_string(),
+            });
+        }
+        let scratch = Scratch(scratch_dir()?);
+        copy_dir(path, &scratch.0)?;
+        drop(db);
+        let mut log = SledLog::open(&scratch.0)?;
+        log.scratch = Some(scratch);
+        Ok(log)
     }
 
     /// Opens the store, waiting up to `wait` for another engine (a previous process that
@@ -117,6 +212,16 @@ impl SledLog {
     /// An I/O or backend error.
     pub fn put_raw(&self, key: &[u8], value: &[u8]) -> Result<()> {
         self.db.insert(key, value).map_err(backend)?;
+        self.sync()
+    }
+
+    /// Deletes a raw key, bypassing every check: for tests of damaged stores.
+    ///
+    /// # Errors
+    ///
+    /// An I/O or backend error.
+    pub fn delete_raw(&self, key: &[u8]) -> Result<()> {
+        self.db.remove(key).map_err(backend)?;
         self.sync()
     }
 
@@ -179,7 +284,34 @@ impl SledLog {
                 Op::Delete(k) => batch.remove(k),
             }
         }
-        self.db.apply_batch(batch).map_err(backend)
+        let mut commits = self.commits.lock().unwrap_or_else(|p| p.into_inner());
+        let next = commits
+            .applied
+            .checked_add(1)
+            .ok_or_else(|| Error::Backend("commit numbers exhausted".into()))?;
+        batch.insert(COMMIT_KEY, &next.to_be_bytes());
+        self.db.apply_batch(batch).map_err(backend)?;
+        commits.applied = next;
+        Ok(())
+    }
+
+    /// Refuses writes that would replace a stored log record: the log is append-only.
+    fn refuse_overwrites(&self, writes: &[Write]) -> Result<()> {
+        for w in writes {
+            for (lsn, _) in &w.records {
+                if self
+                    .db
+                    .contains_key(codec::log_key(w.saga, *lsn))
+                    .map_err(backend)?
+                {
+                    return Err(Error::WouldOverwrite {
+                        saga: w.saga,
+                        lsn: *lsn,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -203,10 +335,34 @@ impl Kv for sled::Db {
             .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())))
             .map_err(backend)
     }
+
+    fn visit(&self, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> Result<()>) -> Result<()> {
+        for kv in self.scan_prefix(prefix) {
+            let (k, v) = kv.map_err(backend)?;
+            f(&k, &v)?;
+        }
+        Ok(())
+    }
+}
+
+impl SledLog {
+    fn check_inner(&self, repair: bool) -> Result<super::check::Report> {
+        let (report, ops) = super::check::check(&self.db)?;
+        if repair && !ops.is_empty() {
+            self.apply(ops)?;
+            self.sync()?;
+        }
+        Ok(report)
+    }
 }
 
 impl SagaLog for SledLog {
+    fn check(&self) -> Result<super::check::Report> {
+        self.check_inner(true)
+    }
+
     fn append(&self, writes: Vec<Write>) -> Result<()> {
+        self.refuse_overwrites(&writes)?;
         let mut all = Vec::new();
         for w in writes {
             all.extend(codec::ops(w)?);
@@ -217,9 +373,21 @@ impl SagaLog for SledLog {
     }
 
     fn sync(&self) -> Result<()> {
+        // Everything applied up to here is made durable by the flush below; only then
+        // may the witness say so.
+        let applied = self
+            .commits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .applied;
         self.db.flush().map_err(backend)?;
         self.data_file.sync_data()?;
-        self.sync_blobs()
+        self.sync_blobs()?;
+        self.commits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .witness
+            .record(applied)
     }
 
     fn read(&self, saga: SagaId) -> Result<Vec<(Lsn, Vec<u8>)>> {
@@ -246,4 +414,33 @@ impl SagaLog for SledLog {
         let ops = kv::removal(&self.db, saga)?;
         self.apply(ops)
     }
+}
+
+/// A new, empty directory of this process's own under the system's temporary directory.
+fn scratch_dir() -> Result<PathBuf> {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).map_err(|e| Error::Backend(format!("no randomness: {e}")))?;
+    let dir = std::env::temp_dir().join(format!(
+        "sagaflow-ro-{}-{}",
+        std::process::id(),
+        u64::from_le_bytes(b)
+    ));
+    std::fs::create_dir(&dir)?;
+    Ok(dir)
+}
+
+/// Copies a directory's files and subdirectories (sled's `db`, `conf`, snapshots, `blobs/`
+/// and the witness).
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            std::fs::create_dir_all(&target)?;
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
 }
