@@ -9,10 +9,16 @@
 //! | outcome | step error |
 //! | --- | --- |
 //! | connection error, timeout, 5xx, 408 | retryable |
-//! | 429, or 503 with `Retry-After` (seconds or HTTP-date) | retryable after that time; the integration pauses for everyone |
+//! | 429, or 503 with `Retry-After` (seconds or HTTP-date) | retryable after that time, at most [`DEFAULT_MAX_RETRY_AFTER`] (one hour; [`Integration::with_max_retry_after`]); the integration pauses for everyone |
 //! | other 4xx | permanent, with the status and the start of the body |
 //! | 2xx whose body does not decode | permanent, saying what was expected |
 //! | 401 with a token source | one token refresh and one replay, then as above |
+//!
+//! A `Retry-After` is a number the server chose, so it is clamped before it becomes a
+//! step error or a pause: `Retry-After: 18446744073709551615`, `99999999999` or a date
+//! in the year 9999 all give "retry after one hour" (the configured maximum), with the
+//! clamp said in the error's message. The engine then bounds it again by the step's
+//! retry policy.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -60,8 +66,15 @@ use crate::rate_limit::RateLimiter;
 /// The pause assumed when a 429 carries no usable `Retry-After`.
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// The longest `Retry-After` an [`Integration`] (and [`classify`]) passes on unless
+/// [`Integration::with_max_retry_after`] sets another bound: one hour.
+pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 /// Parses a `Retry-After` value: delay-seconds or an HTTP-date (RFC 9110 §10.2.3),
 /// relative to `now`. A date in the past is zero.
+///
+/// The result is what the server asked for, not clamped: delay-seconds too large for
+/// a `u64` give [`Duration::MAX`]. [`classify_with`] clamps it. Never panics.
 ///
 /// ```
 /// use std::time::{Duration, UNIX_EPOCH};
@@ -72,31 +85,67 @@ pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now), Some(Duration::from_secs(30)));
 /// assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now), Some(Duration::ZERO));
 /// assert_eq!(parse_retry_after("soon", now), None);
+/// assert_eq!(parse_retry_after("18446744073709551615", now), Some(Duration::from_secs(u64::MAX)));
+/// assert_eq!(parse_retry_after("99999999999999999999999", now), Some(Duration::MAX));
 /// ```
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let v = value.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        // All digits: delay-seconds. Too many for a u64 is still "a very long time".
+        return Some(v.parse::<u64>().map_or(Duration::MAX, Duration::from_secs));
     }
     let at = httpdate::parse_http_date(v).ok()?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// The step error for an answer with `status`, `headers` and `body`, or `None` for a
-/// success.
+/// success; a `Retry-After` is clamped to [`DEFAULT_MAX_RETRY_AFTER`]. See
+/// [`classify_with`].
 pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Option<StepError> {
+    classify_with(status, headers, body, DEFAULT_MAX_RETRY_AFTER)
+}
+
+/// As [`classify`], with a `Retry-After` clamped to `max_retry_after`: whatever the
+/// server sent, the hint in the error is at most that, and the error's message says
+/// when it was clamped.
+///
+/// ```
+/// use std::time::Duration;
+/// use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+/// use reqwest::StatusCode;
+/// use sagaflow_steps::http::classify_with;
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert(RETRY_AFTER, HeaderValue::from_static("18446744073709551615"));
+/// let max = Duration::from_secs(60);
+/// let e = classify_with(StatusCode::TOO_MANY_REQUESTS, &headers, b"", max).unwrap();
+/// assert_eq!(e.retry_after_hint(), Some(max));
+/// assert!(e.message().contains("clamped"));
+/// ```
+pub fn classify_with(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    max_retry_after: Duration,
+) -> Option<StepError> {
     if status.is_success() {
         return None;
     }
-    let hint = headers
+    let asked = headers
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, SystemTime::now()));
+    let hint = asked.map(|d| d.min(max_retry_after));
     let snippet: String = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-    let what = format!("{status}: {snippet}");
+    let mut what = format!("{status}: {snippet}");
+    if asked.is_some_and(|d| d > max_retry_after) {
+        what.push_str(&format!(
+            " (retry-after clamped to the maximum of {max_retry_after:?})"
+        ));
+    }
     Some(match (status, hint) {
         (StatusCode::TOO_MANY_REQUESTS, h) => {
-            StepError::retry_after(h.unwrap_or(DEFAULT_RETRY_AFTER), what)
+            StepError::retry_after(h.unwrap_or(DEFAULT_RETRY_AFTER.min(max_retry_after)), what)
         }
         (StatusCode::SERVICE_UNAVAILABLE, Some(h)) => StepError::retry_after(h, what),
         (s, _) if s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT => {
@@ -113,6 +162,7 @@ pub struct Integration {
     base: String,
     client: reqwest::Client,
     timeout: Duration,
+    max_retry_after: Duration,
     #[cfg(feature = "rate_limit")]
     limiter: Option<Arc<RateLimiter>>,
     #[cfg(feature = "circuit_breaker")]
@@ -122,13 +172,15 @@ pub struct Integration {
 }
 
 impl Integration {
-    /// The service `name` at `base_url`; 10 s per call.
+    /// The service `name` at `base_url`; 10 s per call; `Retry-After` clamped to
+    /// [`DEFAULT_MAX_RETRY_AFTER`].
     pub fn new(name: impl Into<String>, base_url: impl Into<String>) -> Self {
         Integration {
             name: name.into(),
             base: base_url.into().trim_end_matches('/').to_string(),
             client: reqwest::Client::new(),
             timeout: Duration::from_secs(10),
+            max_retry_after: DEFAULT_MAX_RETRY_AFTER,
             #[cfg(feature = "rate_limit")]
             limiter: None,
             #[cfg(feature = "circuit_breaker")]
@@ -141,6 +193,14 @@ impl Integration {
     /// Sets the per-call timeout (the step's own deadline caps it too).
     pub fn with_timeout(mut self, d: Duration) -> Self {
         self.timeout = d;
+        self
+    }
+
+    /// Bounds the `Retry-After` a server can hand over (default
+    /// [`DEFAULT_MAX_RETRY_AFTER`]): a longer one becomes a retry after `max`, and a
+    /// pause of the limiter for at most `max` (and at most the limiter's own bound).
+    pub fn with_max_retry_after(mut self, max: Duration) -> Self {
+        self.max_retry_after = max;
         self
     }
 
@@ -320,7 +380,7 @@ impl Integration {
                 return (Err(StepError::retryable(what)), FAILURE, Some(status));
             }
         };
-        if let Some(err) = classify(status, &headers, &bytes) {
+        if let Some(err) = classify_with(status, &headers, &bytes, self.max_retry_after) {
             #[cfg(feature = "rate_limit")]
             if let (Some(l), Some(hint)) = (&self.limiter, err.retry_after_hint()) {
                 l.pause_for(hint);

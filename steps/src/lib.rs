@@ -6,14 +6,19 @@
 //! | module | feature | answers |
 //! | --- | --- | --- |
 //! | [`http`] | `http` | calls without timeouts, idempotency keys or a correlation id; errors the engine cannot act on (it needs retryable, retry-after or permanent) |
-//! | [`rate_limit`] | `rate_limit` | 429 storms: one limiter and one concurrency cap per integration, shared by every saga; a server's Retry-After pauses the integration for everyone |
+//! | [`rate_limit`] | `rate_limit` | 429 storms: one limiter and one concurrency cap per integration, shared by every saga; a server's Retry-After pauses the integration for everyone (at most an hour by default) |
 //! | [`circuit_breaker`] | `circuit_breaker` | retry storms against a dead service: fail fast as "retry after" while it is open |
-//! | [`oauth`] | `oauth` | expired tokens: cached client-credentials tokens, refreshed before expiry by one caller, replayed once on a 401 |
-//! | [`webhook`] | `webhook` | forged, stale and replayed webhooks |
+//! | [`oauth`] | `oauth` | expired tokens: cached client-credentials tokens (a day at most by default), refreshed before expiry by one caller, replayed once on a 401 |
+//! | [`webhook`] | `webhook` | forged, stale, future-dated, replayed, id-less and oversized webhooks, and headers crafted to burn CPU |
 //! | [`secrets`] | `secrets` | keys in source and in logs |
 //!
 //! Retries belong to the engine, which makes them durable: a piece here reports how a
 //! call failed and never loops on its own.
+//!
+//! Every duration a server hands over (`Retry-After` in seconds or as a date, OAuth
+//! `expires_in`) is clamped to a configured maximum before it becomes a step error, a
+//! pause or a cache lifetime, with arithmetic that cannot overflow: no answer from a
+//! server makes a piece here panic.
 
 #![warn(missing_docs)]
 
@@ -58,6 +63,23 @@ pub fn correlation_headers(ctx: &StepContext) -> [(&'static str, String); 2] {
         (IDEMPOTENCY_KEY_HEADER, ctx.idempotency_key().to_string()),
         (CORRELATION_ID_HEADER, ctx.saga_id().to_string()),
     ]
+}
+
+/// `now + d`, or the latest instant up to `d` later that the platform can represent:
+/// never panics, whatever duration a server handed over.
+#[cfg(any(feature = "rate_limit", feature = "oauth"))]
+pub(crate) fn instant_after(
+    now: tokio::time::Instant,
+    d: std::time::Duration,
+) -> tokio::time::Instant {
+    let mut d = d;
+    loop {
+        if let Some(t) = now.checked_add(d) {
+            return t;
+        }
+        // Halving reaches zero after at most 94 steps, and `now + 0` always exists.
+        d /= 2;
+    }
 }
 
 /// The pages of `docs/steps/`, compiled and run as doc tests so their examples stay

@@ -15,15 +15,31 @@
 //! let token = tokens.token().await?; // cached until 60 s before it expires
 //! # let _ = token; Ok(()) }
 //! ```
+//!
+//! The token's lifetime is the server's `expires_in`, which is only trusted within
+//! bounds: it is clamped to [`ClientCredentials::max_lifetime`] (24 hours by default,
+//! [`DEFAULT_MAX_LIFETIME`]), so `"expires_in": 18446744073709551615` caches the token
+//! for a day, not forever, and never overflows. `expires_in` may be an integer, a
+//! number with a fraction or a string of digits (some providers send `"3599"`); a
+//! missing one means 300 s; a negative one means already expired. A token living
+//! shorter than the refresh margin is refreshed halfway through its life.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::Deserialize;
+use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::secrets::Secret;
+
+/// The longest a token is cached unless [`ClientCredentials::with_max_lifetime`] says
+/// otherwise, whatever `expires_in` the server sent: 24 hours.
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// The lifetime assumed when the token endpoint sends no `expires_in`: 300 s.
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
 
 /// Errors getting a token.
 #[derive(Debug, thiserror::Error)]
@@ -64,10 +80,13 @@ pub struct ClientCredentials {
     pub scope: Option<String>,
     /// Refresh this long before the token expires.
     pub margin: Duration,
+    /// The longest a token is cached, whatever the server's `expires_in` says.
+    pub max_lifetime: Duration,
 }
 
 impl ClientCredentials {
-    /// Credentials for `token_url`; refreshes 30 s before expiry.
+    /// Credentials for `token_url`; refreshes 30 s before expiry; caches a token for at
+    /// most [`DEFAULT_MAX_LIFETIME`].
     pub fn new(token_url: impl Into<String>, client_id: impl Into<String>, secret: Secret) -> Self {
         ClientCredentials {
             token_url: token_url.into(),
@@ -75,6 +94,7 @@ impl ClientCredentials {
             client_secret: secret,
             scope: None,
             margin: Duration::from_secs(30),
+            max_lifetime: DEFAULT_MAX_LIFETIME,
         }
     }
 
@@ -89,12 +109,55 @@ impl ClientCredentials {
         self.margin = margin;
         self
     }
+
+    /// Sets [`ClientCredentials::max_lifetime`].
+    pub fn with_max_lifetime(mut self, max: Duration) -> Self {
+        self.max_lifetime = max;
+        self
+    }
+
+    /// How long after it was fetched a token that the server says lives `lifetime` is
+    /// refreshed: `margin` before it expires, or halfway through a life shorter than
+    /// the margin, after clamping `lifetime` to `max_lifetime`.
+    fn refresh_after(&self, lifetime: Duration) -> Duration {
+        let lifetime = lifetime.min(self.max_lifetime);
+        if lifetime > self.margin {
+            lifetime - self.margin
+        } else {
+            lifetime / 2
+        }
+    }
 }
 
 #[derive(Deserialize)]
 struct TokenResponse {
     access_token: String,
-    expires_in: Option<u64>,
+    #[serde(default)]
+    expires_in: Option<Value>,
+}
+
+/// The server's `expires_in`, as a duration that may be [`Duration::MAX`] but never
+/// overflows: a non-negative integer or fraction of seconds, or a string of digits.
+fn lifetime(expires_in: Option<&Value>) -> Result<Duration, Error> {
+    let not_seconds = || Error::Malformed("expires_in is not a number of seconds".into());
+    match expires_in {
+        None | Some(Value::Null) => Ok(DEFAULT_LIFETIME),
+        Some(Value::Number(n)) => match (n.as_u64(), n.as_f64()) {
+            (Some(secs), _) => Ok(Duration::from_secs(secs)),
+            // Negative: already expired. Too large for a duration: as long as can be.
+            (None, Some(secs)) if secs <= 0.0 => Ok(Duration::ZERO),
+            (None, Some(secs)) => Ok(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)),
+            (None, None) => Err(not_seconds()),
+        },
+        Some(Value::String(s)) => {
+            let s = s.trim();
+            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(not_seconds());
+            }
+            Ok(s.parse::<u64>().map_or(Duration::MAX, Duration::from_secs))
+        }
+        Some(_) => Err(not_seconds()),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -128,6 +191,15 @@ impl TokenSource {
             refreshing: tokio::sync::Mutex::new(()),
             refreshes: AtomicU64::new(0),
         }
+    }
+
+    /// How long until the cached token is refreshed, if one is cached and fresh.
+    pub fn refresh_due_in(&self) -> Option<Duration> {
+        let g = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        g.as_ref()
+            .filter(|c| now < c.refresh_at)
+            .map(|c| c.refresh_at.saturating_duration_since(now))
     }
 
     /// How many tokens were fetched so far.
@@ -184,14 +256,18 @@ impl TokenSource {
             .json()
             .await
             .map_err(|e| Error::Malformed(e.without_url().to_string()))?;
-        let lifetime = Duration::from_secs(body.expires_in.unwrap_or(300));
+        let asked = lifetime(body.expires_in.as_ref())?;
+        if asked > self.creds.max_lifetime {
+            tracing::warn!(client_id = %self.creds.client_id, expires_in = ?asked, max_lifetime = ?self.creds.max_lifetime, "token lifetime longer than the maximum: clamped");
+        }
+        let refresh_after = self.creds.refresh_after(asked);
         let token = Secret::new(body.access_token);
         *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some(Cached {
             token: token.clone(),
-            refresh_at: Instant::now() + lifetime.saturating_sub(self.creds.margin),
+            refresh_at: crate::instant_after(Instant::now(), refresh_after),
         });
         self.refreshes.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(client_id = %self.creds.client_id, expires_in = ?lifetime, "fetched an access token");
+        tracing::info!(client_id = %self.creds.client_id, expires_in = ?asked.min(self.creds.max_lifetime), refresh_in = ?refresh_after, "fetched an access token");
         Ok(token)
     }
 

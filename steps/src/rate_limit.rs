@@ -5,6 +5,11 @@
 //! failing, and a `Retry-After` from the server ([`RateLimiter::pause_for`]) holds back
 //! every caller of that integration, not only the saga that saw it.
 //!
+//! A pause is what a server asked for, so it is bounded: at most
+//! [`DEFAULT_MAX_PAUSE`] (one hour) unless [`RateLimiter::with_max_pause`] says
+//! otherwise. A longer request (`Retry-After: 18446744073709551615`) pauses the
+//! integration for the maximum, is logged as clamped, and never overflows.
+//!
 //! ```
 //! # async fn demo() {
 //! use std::time::Duration;
@@ -27,6 +32,10 @@ use governor::{DefaultDirectRateLimiter, Quota};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+/// The longest a server's `Retry-After` pauses an integration unless
+/// [`RateLimiter::with_max_pause`] sets another bound: one hour.
+pub const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(3600);
+
 /// A rate limit and a concurrency cap for one integration.
 #[derive(Debug)]
 pub struct RateLimiter {
@@ -35,6 +44,7 @@ pub struct RateLimiter {
     slots: Option<Arc<Semaphore>>,
     paused_until: Mutex<Option<Instant>>,
     pauses: AtomicU64,
+    max_pause: Duration,
 }
 
 /// Held for the duration of one call: it keeps a concurrency slot.
@@ -52,6 +62,7 @@ impl RateLimiter {
             slots: None,
             paused_until: Mutex::new(None),
             pauses: AtomicU64::new(0),
+            max_pause: DEFAULT_MAX_PAUSE,
         }
     }
 
@@ -69,6 +80,24 @@ impl RateLimiter {
     pub fn max_concurrent(mut self, n: usize) -> Self {
         self.slots = Some(Arc::new(Semaphore::new(n.max(1))));
         self
+    }
+
+    /// Bounds every pause a server asks for (default [`DEFAULT_MAX_PAUSE`]): a longer
+    /// `Retry-After` pauses the integration for `max` only.
+    pub fn with_max_pause(mut self, max: Duration) -> Self {
+        self.max_pause = max;
+        self
+    }
+
+    /// The bound on pauses (see [`RateLimiter::with_max_pause`]).
+    pub fn max_pause(&self) -> Duration {
+        self.max_pause
+    }
+
+    /// How long the pause in force still lasts, if there is one.
+    pub fn pause_remaining(&self) -> Option<Duration> {
+        self.paused()
+            .map(|until| until.saturating_duration_since(Instant::now()))
     }
 
     /// The integration's name.
@@ -106,15 +135,20 @@ impl RateLimiter {
         LimitPermit { _slot: slot }
     }
 
-    /// Holds back every caller of this integration for `d` (a server's Retry-After).
-    /// A longer pause already in force is kept.
+    /// Holds back every caller of this integration for `d` (a server's Retry-After),
+    /// but never longer than [`RateLimiter::max_pause`]: any `d`, up to
+    /// [`Duration::MAX`], is safe. A longer pause already in force is kept.
     pub fn pause_for(&self, d: Duration) {
-        let until = Instant::now() + d;
+        let pause = d.min(self.max_pause);
+        if pause < d {
+            tracing::warn!(integration = %self.name, asked = ?d, pause = ?pause, "the server's Retry-After is longer than the maximum pause: clamped");
+        }
+        let until = crate::instant_after(Instant::now(), pause);
         let mut g = self.paused_until.lock().unwrap_or_else(|p| p.into_inner());
         if g.is_none_or(|t| t < until) {
             *g = Some(until);
             self.pauses.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(integration = %self.name, pause = ?d, "integration paused by the server's Retry-After");
+            tracing::warn!(integration = %self.name, pause = ?pause, "integration paused by the server's Retry-After");
         }
     }
 }

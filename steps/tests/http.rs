@@ -86,6 +86,46 @@ fn app() -> Router {
             }),
         )
         .route("/not-json", get(|| async { "<html>hello</html>" }))
+        .route(
+            "/429-u64-max",
+            get(|| async {
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", "18446744073709551615")],
+                    "slow down",
+                )
+            }),
+        )
+        .route(
+            "/429-3170-years",
+            get(|| async {
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", "99999999999")],
+                    "slow down",
+                )
+            }),
+        )
+        .route(
+            "/429-beyond-u64",
+            get(|| async {
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", "99999999999999999999999")],
+                    "slow down",
+                )
+            }),
+        )
+        .route(
+            "/503-year-9999",
+            get(|| async {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT")],
+                    "maintenance",
+                )
+            }),
+        )
 }
 
 #[tokio::test]
@@ -166,4 +206,35 @@ async fn a_slow_endpoint_is_a_retryable_timeout_and_a_dead_one_retryable_too() {
         .await
         .unwrap_err();
     assert!(matches!(e, StepError::Retryable { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn a_server_cannot_hand_over_a_retry_after_longer_than_the_maximum() {
+    let base = serve(app()).await;
+    let c = ctx(4, "s");
+    let hour = Duration::from_secs(3600);
+    assert_eq!(sagaflow_steps::http::DEFAULT_MAX_RETRY_AFTER, hour);
+    for path in [
+        "/429-u64-max",
+        "/429-3170-years",
+        "/429-beyond-u64",
+        "/503-year-9999",
+    ] {
+        let e = Integration::new("svc", base.clone())
+            .get_json::<Value>(&c, path)
+            .await
+            .unwrap_err();
+        assert_eq!(e.retry_after_hint(), Some(hour), "{path}: {e}");
+        assert!(
+            e.message().contains("clamped to the maximum of 3600s"),
+            "{path}: {e}"
+        );
+    }
+    // A configured maximum wins; a hint under it is passed on unchanged and unmarked.
+    let api = Integration::new("svc", base).with_max_retry_after(Duration::from_secs(30));
+    let e = api.get_json::<Value>(&c, "/429-u64-max").await.unwrap_err();
+    assert_eq!(e.retry_after_hint(), Some(Duration::from_secs(30)), "{e}");
+    let e = api.get_json::<Value>(&c, "/503").await.unwrap_err();
+    assert_eq!(e.retry_after_hint(), Some(Duration::from_secs(7)), "{e}");
+    assert!(!e.message().contains("clamped"), "{e}");
 }

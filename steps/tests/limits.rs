@@ -13,7 +13,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use sagaflow_steps::http::Integration;
-use sagaflow_steps::rate_limit::RateLimiter;
+use sagaflow_steps::rate_limit::{RateLimiter, DEFAULT_MAX_PAUSE};
 use serde_json::Value;
 use support::*;
 
@@ -107,4 +107,95 @@ async fn a_retry_after_from_the_server_pauses_the_integration_for_everyone() {
         "the second call came after {gap:?}"
     );
     assert_eq!(limiter.pauses(), 1);
+}
+
+async fn throttle_forever() -> axum::response::Response {
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [("retry-after", "18446744073709551615")],
+        "",
+    )
+        .into_response()
+}
+
+async fn throttle_3170_years() -> axum::response::Response {
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [("retry-after", "99999999999")],
+        "",
+    )
+        .into_response()
+}
+
+/// Asserts that `limiter` is paused for (`want` - 5 s, `want`].
+fn assert_paused_for(limiter: &RateLimiter, want: Duration) {
+    let left = limiter.pause_remaining().expect("paused");
+    assert!(
+        left <= want && left > want - Duration::from_secs(5),
+        "paused for {left:?}, want {want:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_endless_retry_after_pauses_the_integration_for_the_maximum_only() {
+    let app = Router::new()
+        .route("/forever", get(throttle_forever))
+        .route("/3170-years", get(throttle_3170_years));
+    let base = serve(app).await;
+    let hour = Duration::from_secs(3600);
+    assert_eq!(DEFAULT_MAX_PAUSE, hour);
+    for path in ["/forever", "/3170-years"] {
+        // `Retry-After: 18446744073709551615` panicked here (`Instant + Duration`).
+        let limiter = Arc::new(RateLimiter::new("inventory"));
+        let api = Integration::new("inventory", base.clone()).with_limiter(limiter.clone());
+        let e = api
+            .get_json::<Value>(&ctx(1, "reserve"), path)
+            .await
+            .unwrap_err();
+        assert_eq!(e.retry_after_hint(), Some(hour), "{path}: {e}");
+        assert_eq!(limiter.pauses(), 1);
+        assert_paused_for(&limiter, hour);
+    }
+    // The limiter's own bound applies too, below the integration's.
+    let limiter = Arc::new(RateLimiter::new("inventory").with_max_pause(Duration::from_secs(60)));
+    let api = Integration::new("inventory", base).with_limiter(limiter.clone());
+    let e = api
+        .get_json::<Value>(&ctx(1, "reserve"), "/forever")
+        .await
+        .unwrap_err();
+    assert_eq!(e.retry_after_hint(), Some(hour));
+    assert_paused_for(&limiter, Duration::from_secs(60));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clamped_pause_ends_when_the_maximum_is_up() {
+    let hour = Duration::from_secs(3600);
+    for asked in [
+        Duration::MAX,
+        Duration::from_secs(u64::MAX),
+        Duration::from_secs(99_999_999_999),
+    ] {
+        let limiter = RateLimiter::new("inventory");
+        let start = tokio::time::Instant::now();
+        limiter.pause_for(asked);
+        drop(limiter.acquire().await);
+        let waited = start.elapsed();
+        assert!(
+            waited >= hour && waited < hour + Duration::from_millis(10),
+            "{asked:?}: waited {waited:?}"
+        );
+        assert_eq!(limiter.pause_remaining(), None);
+    }
+    let limiter = RateLimiter::new("inventory").with_max_pause(Duration::from_secs(10));
+    let start = tokio::time::Instant::now();
+    limiter.pause_for(Duration::MAX);
+    // A shorter pause later does not shorten the one in force.
+    limiter.pause_for(Duration::from_secs(1));
+    assert_eq!(limiter.pauses(), 1);
+    drop(limiter.acquire().await);
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_secs(10) && waited < Duration::from_millis(10_010),
+        "waited {waited:?}"
+    );
 }

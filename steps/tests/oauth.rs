@@ -5,6 +5,7 @@ mod support;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -127,4 +128,104 @@ async fn refused_credentials_are_permanent() {
         matches!(e.to_step_error(), sagaflow::StepError::Permanent { .. }),
         "{e}"
     );
+}
+
+/// A token endpoint that answers `expires_in` with whatever the test put in `Lifetime`.
+#[derive(Default)]
+struct Lifetime {
+    expires_in: std::sync::Mutex<Value>,
+    issued: AtomicUsize,
+}
+
+async fn token_with_lifetime(State(l): State<Arc<Lifetime>>) -> Json<Value> {
+    let n = l.issued.fetch_add(1, Ordering::SeqCst) + 1;
+    let expires_in = l.expires_in.lock().unwrap().clone();
+    Json(
+        json!({"access_token": format!("tok-{n}"), "token_type": "bearer", "expires_in": expires_in}),
+    )
+}
+
+async fn lifetime_server() -> (Arc<Lifetime>, String) {
+    let l = Arc::new(Lifetime::default());
+    let app = Router::new()
+        .route("/token", post(token_with_lifetime))
+        .with_state(l.clone());
+    let base = serve(app).await;
+    (l, format!("{base}/token"))
+}
+
+fn creds(url: &str) -> ClientCredentials {
+    ClientCredentials::new(url, "shop", Secret::new("s3cret"))
+}
+
+/// Asserts that the cached token is refreshed within (`want` - 5 s, `want`].
+fn assert_due_in(tokens: &TokenSource, want: Duration, what: &str) {
+    let due = tokens
+        .refresh_due_in()
+        .unwrap_or_else(|| panic!("{what}: no fresh token"));
+    assert!(
+        due <= want && due > want.saturating_sub(Duration::from_secs(5)),
+        "{what}: refresh due in {due:?}, want {want:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_endless_expires_in_is_clamped_to_the_maximum_lifetime() {
+    let (server, url) = lifetime_server().await;
+    let day = Duration::from_secs(24 * 3600);
+    let margin = Duration::from_secs(30);
+    // u64::MAX panicked in `Instant + Duration`; the others are as long or longer.
+    for huge in [
+        json!(u64::MAX),
+        json!(99_999_999_999u64),
+        json!(1e300),
+        json!("18446744073709551615"),
+        json!("99999999999999999999999"),
+    ] {
+        *server.expires_in.lock().unwrap() = huge.clone();
+        let tokens = TokenSource::new(creds(&url));
+        let t = tokens.token().await.unwrap();
+        assert_due_in(&tokens, day - margin, &huge.to_string());
+        // Cached: the second call fetches nothing.
+        assert_eq!(tokens.token().await.unwrap(), t);
+        assert_eq!(tokens.refreshes(), 1);
+    }
+    // A configured maximum wins over the default.
+    *server.expires_in.lock().unwrap() = json!(u64::MAX);
+    let tokens = TokenSource::new(creds(&url).with_max_lifetime(Duration::from_secs(600)));
+    tokens.token().await.unwrap();
+    assert_due_in(&tokens, Duration::from_secs(570), "max_lifetime 600 s");
+}
+
+#[tokio::test]
+async fn ordinary_and_odd_lifetimes() {
+    let (server, url) = lifetime_server().await;
+    let cases = [
+        (json!(3600), Some(Duration::from_secs(3570))),
+        (json!("3599"), Some(Duration::from_secs(3569))),
+        (json!(3600.5), Some(Duration::from_millis(3_570_500))),
+        (Value::Null, Some(Duration::from_secs(270))),
+        // Shorter than the 30 s margin: refreshed halfway through its life.
+        (json!(20), Some(Duration::from_secs(10))),
+        // Already expired: used once, never cached.
+        (json!(0), None),
+        (json!(-5), None),
+    ];
+    for (expires_in, due) in cases {
+        *server.expires_in.lock().unwrap() = expires_in.clone();
+        let tokens = TokenSource::new(creds(&url));
+        tokens.token().await.unwrap();
+        match due {
+            Some(d) => assert_due_in(&tokens, d, &expires_in.to_string()),
+            None => assert_eq!(tokens.refresh_due_in(), None, "{expires_in}"),
+        }
+    }
+    for bad in [json!("soon"), json!("-5"), json!({"s": 1}), json!([1])] {
+        *server.expires_in.lock().unwrap() = bad.clone();
+        let e = TokenSource::new(creds(&url)).token().await.unwrap_err();
+        assert!(
+            matches!(&e, sagaflow_steps::oauth::Error::Malformed(m) if m.contains("expires_in")),
+            "{bad}: {e}"
+        );
+    }
 }
