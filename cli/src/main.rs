@@ -148,7 +148,19 @@ impl Backend {
                     .context("--url needs the API token in SAGAFLOW_TOKEN")?,
             }),
             (None, Some(dir)) => {
-                let admin = Admin::open(dir).map_err(|e| match e {
+                // Reading commands never change the directory: they work on a private
+                // copy (sled's recovery and the consistency check write to what they
+                // open). Repairs open the directory itself.
+                let read_only = matches!(
+                    cli.command,
+                    Command::List { .. } | Command::Show { .. } | Command::Stats { .. }
+                );
+                let opened = if read_only {
+                    Admin::open_read_only(dir)
+                } else {
+                    Admin::open(dir)
+                };
+                let admin = opened.map_err(|e| match e {
                     Error::Store(ref s) if matches!(**s, sagaflow::store::Error::Locked { .. }) => {
                         anyhow!("{e}: the engine is running; use --url with its admin API")
                     }
@@ -191,7 +203,9 @@ impl Backend {
         match self {
             Backend::Local(a) => Ok(SagaView {
                 summary: a.status(id)?,
-                history: a.history(id)?,
+                // As much as can be read: a saga parked with a corrupt log is shown up
+                // to the damage (what is wrong is in its park reason).
+                history: a.readable_log(id)?.records,
             }),
             Backend::Remote { .. } => self.get(&format!("/v1/sagas/{id}"), &()).await,
         }

@@ -614,16 +614,30 @@ impl Engine {
         }
         match self.state(id) {
             Ok(state) => SagaOutcome::of(&state).ok_or(Error::NotRunning(id)),
-            // A log that does not fold was parked at recovery; its summary says why.
-            Err(e @ Error::CorruptLog { .. }) => match self.inner.store.meta(id) {
-                Ok(Some(meta)) if meta.status == SagaStatus::Parked => Ok(SagaOutcome::Parked {
-                    reason: ParkReason::new(
-                        crate::machine::ParkKind::CorruptLog,
-                        meta.reason.unwrap_or_default(),
-                    ),
-                }),
-                _ => Err(e),
-            },
+            // A log that does not fold was parked at recovery (or resolved since): the
+            // readable records after the damage say how it ended.
+            Err(e @ (Error::CorruptLog { .. } | Error::NewerFormat { .. })) => {
+                let view = admin::readable_log(&*self.inner.store, id)?;
+                let last_word = view.records.iter().rev().find_map(|r| match &r.event {
+                    Event::Parked { reason } => Some(SagaOutcome::Parked {
+                        reason: reason.clone(),
+                    }),
+                    Event::OperatorAction {
+                        action: Repair::MarkResolved,
+                        operator,
+                        reason,
+                    } => Some(SagaOutcome::Resolved {
+                        operator: operator.clone(),
+                        reason: reason.clone(),
+                    }),
+                    _ => None,
+                });
+                let status = self.inner.store.meta(id).ok().flatten().map(|m| m.status);
+                match (status, last_word) {
+                    (Some(SagaStatus::Parked | SagaStatus::Resolved), Some(outcome)) => Ok(outcome),
+                    _ => Err(e),
+                }
+            }
             Err(e) => Err(e),
         }
     }
