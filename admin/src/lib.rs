@@ -8,7 +8,7 @@
 //!
 //! | method and path | token | what |
 //! | --- | --- | --- |
-//! | `GET /v1/sagas?status=&definition=&older_than_secs=&stuck_for_secs=&limit=` | read | summaries, oldest first |
+//! | `GET /v1/sagas?status=&definition=&older_than_secs=&stuck_for_secs=&limit=` | read | summaries, oldest first; `limit` is 1 or more (`limit=0` is a 400), absent for no limit |
 //! | `GET /v1/sagas/{id}` | read | `{ "summary": ..., "history": [...] }` |
 //! | `GET /v1/stats?stuck_after_secs=` | read | counts by status and definition, oldest, stuck |
 //! | `POST /v1/sagas/{id}/repair` | admin | body `{ "action": "resume", "step": 2, "operator": "ana", "reason": "..." }` |
@@ -16,6 +16,11 @@
 //!
 //! Errors are `{ "error": "...", "code": "SAGA-0012" }` with 400 (bad request), 401,
 //! 403, 404 (unknown saga), 409 (repair refused), 500 (store).
+//!
+//! Serve the router on a listener of its own, bound to a loopback or internal address,
+//! never nested in a public application's routes. [`Auth::from_env`] reads the tokens
+//! and refuses a short one with an error, so that a typo cannot switch the API off or
+//! leave it guessable.
 //!
 //! ```no_run
 //! # async fn serve(engine: sagaflow::Engine) -> std::io::Result<()> {
@@ -94,14 +99,21 @@ impl Token {
     /// An `InvalidInput` I/O error for a short token.
     pub fn new(token: impl Into<String>) -> std::io::Result<Token> {
         let t = token.into();
-        if t.len() < 16 {
+        if t.len() < Token::MIN_LEN {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                "a token needs at least 16 bytes",
+                format!(
+                    "a token needs at least {} bytes, this one has {}",
+                    Token::MIN_LEN,
+                    t.len()
+                ),
             ));
         }
         Ok(Token(t))
     }
+
+    /// The shortest token accepted, in bytes.
+    pub const MIN_LEN: usize = 16;
 
     /// The token in environment variable `var`.
     ///
@@ -152,7 +164,64 @@ impl Auth {
         self.read = Some(read);
         self
     }
+
+    /// The tokens in [`ADMIN_TOKEN_VAR`] and [`READ_TOKEN_VAR`] (see [`Auth::from_lookup`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Auth::from_lookup`].
+    pub fn from_env() -> std::io::Result<Option<Auth>> {
+        Auth::from_lookup(|var| std::env::var(var).ok())
+    }
+
+    /// The tokens named [`ADMIN_TOKEN_VAR`] and [`READ_TOKEN_VAR`], as `lookup` finds
+    /// them (the environment, a secrets file). An unset or empty admin token means no
+    /// admin API: `Ok(None)`. The read token is optional.
+    ///
+    /// # Errors
+    ///
+    /// An `InvalidInput` error naming the variable if a token is shorter than
+    /// [`Token::MIN_LEN`] bytes, or if a read token is set without an admin token.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> std::io::Result<Option<Auth>> {
+        let get = |var: &str| lookup(var).filter(|v| !v.is_empty());
+        let named = |var: &str, t: String| {
+            Token::new(t).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{var}: {e}; set a random one (`openssl rand -hex 32`) or unset it"),
+                )
+            })
+        };
+        let admin = get(ADMIN_TOKEN_VAR)
+            .map(|t| named(ADMIN_TOKEN_VAR, t))
+            .transpose()?;
+        let read = get(READ_TOKEN_VAR)
+            .map(|t| named(READ_TOKEN_VAR, t))
+            .transpose()?;
+        match (admin, read) {
+            (Some(admin), read) => {
+                let auth = Auth::new(admin);
+                Ok(Some(match read {
+                    Some(r) => auth.with_read_token(r),
+                    None => auth,
+                }))
+            }
+            (None, Some(_)) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{READ_TOKEN_VAR} is set but {ADMIN_TOKEN_VAR} is not: \
+                     the admin API needs an admin token"
+                ),
+            )),
+            (None, None) => Ok(None),
+        }
+    }
 }
+
+/// The environment variable holding the admin token.
+pub const ADMIN_TOKEN_VAR: &str = "SAGAFLOW_ADMIN_TOKEN";
+/// The environment variable holding the read-only token.
+pub const READ_TOKEN_VAR: &str = "SAGAFLOW_READ_TOKEN";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Role {
@@ -267,7 +336,7 @@ pub struct ListQuery {
     pub older_than_secs: Option<u64>,
     /// Only sagas stuck for this many seconds.
     pub stuck_for_secs: Option<u64>,
-    /// At most this many.
+    /// At most this many (1 or more); absent for no limit.
     pub limit: Option<usize>,
 }
 
@@ -276,7 +345,7 @@ impl ListQuery {
     ///
     /// # Errors
     ///
-    /// A message if the status is not one of the known words.
+    /// A message if the status is not one of the known words, or if the limit is 0.
     pub fn to_filter(&self) -> Result<ListFilter, String> {
         let mut f = ListFilter::default();
         if let Some(s) = &self.status {
@@ -292,6 +361,10 @@ impl ListQuery {
             f = f.stuck_for(Duration::from_secs(s));
         }
         if let Some(n) = self.limit {
+            // "At most 0" is a caller's mistake, not a query: refused rather than guessed.
+            if n == 0 {
+                return Err("limit must be 1 or more (leave it out for no limit)".into());
+            }
             f = f.limit(n);
         }
         Ok(f)

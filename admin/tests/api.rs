@@ -161,3 +161,84 @@ fn tokens_never_show_and_short_ones_are_refused() {
     assert!(!format!("{:?}", Auth::new(t)).contains(ADMIN));
     assert!(Token::new("short").is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_zero_is_refused_and_a_limit_caps_the_list() {
+    let ledger = Ledger::new();
+    let engine = builder()
+        .register(checkout(&ledger))
+        .open_with(Arc::new(MemLog::new()))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let id = engine.start("checkout", json!({}), None).await.unwrap();
+        engine.wait(id).await.unwrap();
+        ids.push(id);
+    }
+    // Listed in id order (ids are time-ordered; two in one millisecond by their random bits).
+    ids.sort();
+    let app = router(Arc::new(engine), Auth::new(Token::new(ADMIN).unwrap()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let c = reqwest::Client::new();
+    let list = |q: &str| {
+        c.get(format!("{url}/v1/sagas{q}"))
+            .bearer_auth(ADMIN)
+            .send()
+    };
+
+    let r = list("?limit=0").await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let e: ApiError = r.json().await.unwrap();
+    assert_eq!(
+        e.error,
+        "limit must be 1 or more (leave it out for no limit)"
+    );
+    assert_eq!(e.code, None);
+    for (q, want) in [("?limit=1", 1), ("?limit=2", 2), ("?limit=9", 3), ("", 3)] {
+        let r = list(q).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{q}");
+        let metas: Vec<SagaMeta> = r.json().await.unwrap();
+        let got: Vec<_> = metas.iter().map(|m| m.id).collect();
+        assert_eq!(got, ids[..want].to_vec(), "{q}");
+    }
+}
+
+#[test]
+fn tokens_from_the_environment_are_refused_when_short_and_optional_when_unset() {
+    let env = |admin: Option<&'static str>, read: Option<&'static str>| {
+        Auth::from_lookup(move |var| match var {
+            "SAGAFLOW_ADMIN_TOKEN" => admin.map(str::to_string),
+            "SAGAFLOW_READ_TOKEN" => read.map(str::to_string),
+            other => panic!("looked up {other}"),
+        })
+    };
+    assert!(env(None, None).unwrap().is_none(), "unset: no admin API");
+    assert!(
+        env(Some(""), None).unwrap().is_none(),
+        "empty counts as unset"
+    );
+    let e = env(Some("short-token"), None).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+    assert_eq!(
+        e.to_string(),
+        "SAGAFLOW_ADMIN_TOKEN: a token needs at least 16 bytes, this one has 11; \
+         set a random one (`openssl rand -hex 32`) or unset it"
+    );
+    let e = env(Some(ADMIN), Some("read")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "SAGAFLOW_READ_TOKEN: a token needs at least 16 bytes, this one has 4; \
+         set a random one (`openssl rand -hex 32`) or unset it"
+    );
+    let e = env(None, Some(READ)).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "SAGAFLOW_READ_TOKEN is set but SAGAFLOW_ADMIN_TOKEN is not: the admin API needs an admin token"
+    );
+    let auth = env(Some(ADMIN), Some(READ)).unwrap().unwrap();
+    let shown = format!("{auth:?}");
+    assert!(!shown.contains(ADMIN) && !shown.contains(READ), "{shown}");
+}

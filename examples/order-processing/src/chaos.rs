@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 
-use crate::providers::{self, Faults, Providers};
+use crate::providers::{self, Faults, ProviderSecrets, Providers};
 use crate::saga::OrderRequest;
 
 /// What to run.
@@ -91,8 +91,14 @@ impl Supervisor {
             .create(true)
             .append(true)
             .open(&self.log)?;
+        // The secrets come from the run's own file: none from this environment, and no
+        // admin API (its default port may be taken).
         let child = Command::new(&self.exe)
             .args(&self.args)
+            .env_remove(providers::CLIENT_SECRET_VAR)
+            .env_remove(providers::WEBHOOK_SECRET_VAR)
+            .env_remove(sagaflow_admin::ADMIN_TOKEN_VAR)
+            .env_remove(sagaflow_admin::READ_TOKEN_VAR)
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .kill_on_drop(true)
@@ -140,8 +146,20 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
         latency_ms: cfg.latency_ms,
         outages: vec![(3, 4)],
     };
-    let providers: Providers =
-        providers::start(&cfg.dir.join("providers"), faults, 300, webhook_url.clone()).await?;
+    let secrets = ProviderSecrets::generate()?;
+    let env_file = cfg.dir.join("secrets.env");
+    secrets.write_env_file(
+        &env_file,
+        &[providers::CLIENT_SECRET_VAR, providers::WEBHOOK_SECRET_VAR],
+    )?;
+    let providers: Providers = providers::start(
+        &cfg.dir.join("providers"),
+        faults,
+        300,
+        webhook_url.clone(),
+        secrets,
+    )
+    .await?;
     // A free port for the service, kept across restarts.
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -160,6 +178,8 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
             cfg.dir.join("data").display().to_string(),
             "--addresses".into(),
             addresses.display().to_string(),
+            "--env-file".into(),
+            env_file.display().to_string(),
             "--listen".into(),
             format!("127.0.0.1:{port}"),
         ],

@@ -6,6 +6,9 @@ pub mod providers;
 pub mod saga;
 #[cfg(test)]
 mod saga_tests;
+pub mod server;
+#[cfg(test)]
+mod server_tests;
 pub mod service;
 #[cfg(test)]
 mod service_tests;

@@ -6,7 +6,8 @@
 //!
 //! # or by hand (see README.md's walkthrough)
 //! cargo run -p example-order-processing -- providers --dir /tmp/shop/providers --webhook-url http://127.0.0.1:8080/webhooks/payments
-//! cargo run -p example-order-processing -- serve --data-dir /tmp/shop/data --addresses /tmp/shop/providers/addresses.json --listen 127.0.0.1:8080
+//! cargo run -p example-order-processing -- serve --data-dir /tmp/shop/data --addresses /tmp/shop/providers/addresses.json \
+//!     --env-file /tmp/shop/providers/secrets.env --listen 127.0.0.1:8080
 //! ```
 
 use std::path::PathBuf;
@@ -15,10 +16,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use example_order_processing::providers::{self, Addresses, Faults};
+use example_order_processing::providers::{self, Addresses, Faults, ProviderSecrets};
+use example_order_processing::server::{self, Limits};
+use example_order_processing::service::{Listeners, ServiceSecrets};
 use example_order_processing::{chaos, saga, service};
 use sagaflow::Engine;
-use sagaflow_steps::secrets::Secret;
 
 #[derive(Parser, Debug)]
 #[command(name = "order-processing", about = "Order processing with Sagaflow")]
@@ -60,8 +62,13 @@ fn parse_window(s: &str) -> Result<(u64, u64), String> {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the fake payments, inventory and orders providers.
+    ///
+    /// The secrets payments shares with the shop come from PAYMENTS_CLIENT_SECRET and
+    /// PAYMENTS_WEBHOOK_SECRET (the first of its list signs); those unset are generated
+    /// and written to DIR/secrets.env (mode 0600) for the service's --env-file. They are
+    /// never printed.
     Providers {
-        /// Where their ledgers and addresses.json go.
+        /// Where their ledgers, addresses.json and secrets.env go.
         #[arg(long)]
         dir: PathBuf,
         /// Share of calls that fail with a 500.
@@ -82,6 +89,11 @@ enum Cmd {
         outage: Vec<(u64, u64)>,
     },
     /// Run the order service.
+    ///
+    /// Secrets come from the environment, else from --env-file: PAYMENTS_CLIENT_SECRET,
+    /// PAYMENTS_WEBHOOK_SECRET (a comma-separated list: any of them is accepted, so a
+    /// secret is rotated without downtime), and SAGAFLOW_ADMIN_TOKEN /
+    /// SAGAFLOW_READ_TOKEN (at least 16 bytes; unset: no admin API).
     Serve {
         /// The engine's sled directory.
         #[arg(long)]
@@ -89,9 +101,26 @@ enum Cmd {
         /// The providers' addresses.json.
         #[arg(long)]
         addresses: PathBuf,
-        /// Where to listen.
+        /// A file of NAME=value lines for the secrets the environment does not set.
+        #[arg(long)]
+        env_file: Option<PathBuf>,
+        /// Where to listen for orders and webhooks.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
+        /// Where the admin API listens (when SAGAFLOW_ADMIN_TOKEN is set): its own
+        /// listener, never the public one.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        admin_listen: String,
+        /// Connections open at once, per listener; more wait until one closes.
+        #[arg(long, default_value_t = Limits::default().max_connections)]
+        max_connections: usize,
+        /// Time a connection has to send a complete request head (also the keep-alive
+        /// wait for the next request).
+        #[arg(long, value_parser = parse_duration, default_value = "10s")]
+        header_read_timeout: Duration,
+        /// A connection on which no byte moves for this long is closed.
+        #[arg(long, value_parser = parse_duration, default_value = "60s")]
+        idle_timeout: Duration,
     },
     /// Providers, the service killed again and again, clients retrying, a report.
     Chaos {
@@ -119,38 +148,82 @@ enum Cmd {
     },
 }
 
-async fn serve(data_dir: PathBuf, addresses: PathBuf, listen: String) -> anyhow::Result<()> {
-    let a: Addresses =
-        serde_json::from_slice(&std::fs::read(&addresses).context("reading addresses")?)?;
-    std::fs::create_dir_all(&data_dir)?;
-    let integrations = saga::Integrations::new(&a);
+#[derive(Debug)]
+struct ServeArgs {
+    data_dir: PathBuf,
+    addresses: PathBuf,
+    env_file: Option<PathBuf>,
+    listen: String,
+    admin_listen: String,
+    limits: Limits,
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Configuration errors first, before anything is opened or bound.
+    args.limits.check()?;
+    let secrets = ServiceSecrets::load(args.env_file.as_deref())?;
+    let a: Addresses = serde_json::from_slice(
+        &std::fs::read(&args.addresses)
+            .with_context(|| format!("reading {}", args.addresses.display()))?,
+    )?;
+    if let Some(fds) = server::descriptor_limit() {
+        let listeners = if secrets.admin.is_some() { 2 } else { 1 };
+        // Descriptors for the engine's files and the calls to the providers.
+        let reserve = 128;
+        let needed = (args.limits.max_connections as u64) * listeners + reserve;
+        if needed > fds {
+            tracing::warn!(
+                max_connections = args.limits.max_connections,
+                descriptor_limit = fds,
+                "the connection limit leaves too few descriptors (ulimit -n): lower --max-connections or raise the limit"
+            );
+        }
+    }
+    let public = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let admin = match secrets.admin {
+        Some(auth) => {
+            let l = tokio::net::TcpListener::bind(&args.admin_listen)
+                .await
+                .with_context(|| format!("binding the admin API to {}", args.admin_listen))?;
+            let addr = l.local_addr()?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "the admin API listens on a non-loopback address");
+            }
+            tracing::info!(%addr, "admin API listening");
+            Some((l, auth))
+        }
+        None => {
+            tracing::info!("admin API off: SAGAFLOW_ADMIN_TOKEN is not set");
+            None
+        }
+    };
+    std::fs::create_dir_all(&args.data_dir)?;
+    let integrations = saga::Integrations::new(&a, &secrets.client_secret);
     let engine = Arc::new(
         Engine::builder()
             .register(saga::definition(&integrations)?)
-            .open(&data_dir)
+            .open(&args.data_dir)
             .await?,
     );
     tracing::info!(recovered = ?engine.recovery(), "engine open");
-    let svc = service::Service::new(
+    let svc = service::Service::new(engine.clone(), secrets.webhook_secrets, &args.data_dir)?;
+    tracing::info!(listen = %public.local_addr()?, limits = ?args.limits, "order service listening");
+    service::run(
+        svc,
         engine.clone(),
-        Secret::new(a.webhook_secret.clone()),
-        &data_dir,
-    )?;
-    let mut app = service::app(svc);
-    if let Ok(admin) = sagaflow_admin::Token::from_env("SAGAFLOW_ADMIN_TOKEN") {
-        let mut auth = sagaflow_admin::Auth::new(admin);
-        if let Ok(read) = sagaflow_admin::Token::from_env("SAGAFLOW_READ_TOKEN") {
-            auth = auth.with_read_token(read);
-        }
-        app = app.nest("/admin", sagaflow_admin::router(engine.clone(), auth));
-    }
-    let listener = tokio::net::TcpListener::bind(&listen).await?;
-    tracing::info!(%listen, "order service listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
+        Listeners {
+            public,
+            admin,
+            limits: args.limits,
+            public_stats: Arc::default(),
+        },
+        async {
             let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+        },
+    )
+    .await?;
     match Arc::try_unwrap(engine) {
         Ok(e) => e.shutdown().await?,
         Err(_) => tracing::warn!("engine still in use at exit; its sagas resume at the next start"),
@@ -179,11 +252,26 @@ async fn main() -> anyhow::Result<()> {
                 latency_ms,
                 outages: outage,
             };
+            std::fs::create_dir_all(&dir)?;
+            let (secrets, generated) =
+                ProviderSecrets::from_lookup_or_generate(|var| std::env::var(var).ok())?;
+            if !generated.is_empty() {
+                let path = dir.join("secrets.env");
+                secrets
+                    .write_env_file(&path, &generated)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                eprintln!(
+                    "generated {} into {} (mode 0600): pass it to the service with --env-file",
+                    generated.join(" and "),
+                    path.display()
+                );
+            }
             let p = providers::start(
                 &dir,
                 faults,
                 inventory_per_second,
                 Arc::new(Mutex::new(webhook_url)),
+                secrets,
             )
             .await?;
             let json = serde_json::to_string_pretty(&p.addresses)?;
@@ -195,8 +283,27 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Serve {
             data_dir,
             addresses,
+            env_file,
             listen,
-        } => serve(data_dir, addresses, listen).await,
+            admin_listen,
+            max_connections,
+            header_read_timeout,
+            idle_timeout,
+        } => {
+            serve(ServeArgs {
+                data_dir,
+                addresses,
+                env_file,
+                listen,
+                admin_listen,
+                limits: Limits {
+                    max_connections,
+                    header_read_timeout,
+                    idle_timeout,
+                },
+            })
+            .await
+        }
         Cmd::Chaos {
             orders,
             concurrency,

@@ -66,14 +66,15 @@ pub struct Integrations {
 }
 
 impl Integrations {
-    /// Integrations for the providers at `a`.
-    pub fn new(a: &Addresses) -> Self {
+    /// Integrations for the providers at `a`, authenticating to payments with
+    /// `client_secret`.
+    pub fn new(a: &Addresses, client_secret: &Secret) -> Self {
         let timeout = Duration::from_secs(3);
         let tokens = Arc::new(TokenSource::new(
             ClientCredentials::new(
                 format!("{}/oauth/token", a.payments),
                 "shop",
-                Secret::new(a.client_secret.clone()),
+                client_secret.clone(),
             )
             .with_margin(Duration::from_secs(1)),
         ));

@@ -17,12 +17,13 @@ async fn an_order_completes_and_a_sold_out_one_is_compensated() {
         Faults::default(),
         1000,
         Arc::new(Mutex::new(None)),
+        providers::ProviderSecrets::generate().unwrap(),
     )
     .await
     .unwrap();
     let engine = Engine::builder()
         .seed(3)
-        .register(definition(&Integrations::new(&p.addresses)).unwrap())
+        .register(definition(&Integrations::new(&p.addresses, &p.secrets.client_secret)).unwrap())
         .open_with(Arc::new(MemLog::new()))
         .await
         .unwrap();

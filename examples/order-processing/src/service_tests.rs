@@ -1,44 +1,90 @@
-//! The service's HTTP contract, in-process on a memory store against the fake providers.
+//! The service's HTTP contract, in-process on a memory store against the fake providers,
+//! each service behind the real listener (`server::serve`) on 127.0.0.1.
 
+use std::future::pending;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use sagaflow::store::MemLog;
 use sagaflow::Engine;
+use sagaflow_admin::{Auth, Token};
 use sagaflow_steps::secrets::Secret;
 use serde_json::{json, Value};
 
-use crate::providers::{self, Faults};
+use crate::providers::{self, Faults, ProviderSecrets, Providers};
 use crate::saga::{definition, Integrations};
-use crate::service::{app, Service};
+use crate::server::{self, ConnStats, Limits};
+use crate::service::{app, run, webhook_secrets, Listeners, Service, ServiceSecrets};
 
-async fn start() -> (String, Arc<Engine>, tempfile::TempDir) {
+/// An engine on a memory store, the providers, and a data directory for services.
+pub(crate) struct Fixture {
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) providers: Providers,
+    pub(crate) dir: tempfile::TempDir,
+}
+
+pub(crate) async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let p = providers::start(
+    let providers = providers::start(
         &dir.path().join("p"),
         Faults::default(),
         1000,
         Arc::new(Mutex::new(None)),
+        ProviderSecrets::generate().unwrap(),
     )
     .await
     .unwrap();
+    let integrations = Integrations::new(&providers.addresses, &providers.secrets.client_secret);
     let engine = Engine::builder()
         .seed(5)
-        .register(definition(&Integrations::new(&p.addresses)).unwrap())
+        .register(definition(&integrations).unwrap())
         .open_with(Arc::new(MemLog::new()))
         .await
         .unwrap();
-    let engine = Arc::new(engine);
-    let svc = Service::new(
-        engine.clone(),
-        Secret::new(p.addresses.webhook_secret.clone()),
-        dir.path(),
-    )
-    .unwrap();
+    Fixture {
+        engine: Arc::new(engine),
+        providers,
+        dir,
+    }
+}
+
+impl Fixture {
+    /// A new service instance on the fixture's data directory (a restart, as far as
+    /// the service's own files go).
+    pub(crate) fn service(&self, webhook_secrets: Vec<Secret>) -> Arc<Service> {
+        Service::new(self.engine.clone(), webhook_secrets, self.dir.path()).unwrap()
+    }
+
+    pub(crate) fn settled(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.path().join("settled.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+/// Serves `svc` on a fresh port behind the real listener; returns its base URL.
+pub(crate) async fn serve_public(
+    svc: Arc<Service>,
+    name: &'static str,
+    limits: Limits,
+) -> (String, Arc<ConnStats>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app(svc)).await });
-    (base, engine, dir)
+    let stats = Arc::new(ConnStats::default());
+    let st = stats.clone();
+    tokio::spawn(
+        async move { server::serve(name, listener, app(svc), limits, st, pending()).await },
+    );
+    (base, stats)
+}
+
+async fn start() -> (String, Arc<Engine>, Fixture) {
+    let f = fixture().await;
+    let svc = f.service(vec![f.providers.secrets.webhook_secret.clone()]);
+    let (base, _) = serve_public(svc, "t-contract", Limits::default()).await;
+    (base, f.engine.clone(), f)
 }
 
 async fn post(base: &str, key: Option<&str>, body: String) -> (u16, Value) {
@@ -155,4 +201,255 @@ async fn orders_are_validated_idempotent_and_shown() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+}
+
+async fn post_as(base: &str, content_type: Option<&str>, body: &str) -> (u16, Value) {
+    let mut r = reqwest::Client::new()
+        .post(format!("{base}/orders"))
+        .header("idempotency-key", "ct-1")
+        .body(body.to_string());
+    if let Some(ct) = content_type {
+        r = r.header("content-type", ct);
+    }
+    let r = r.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_must_be_sent_as_json() {
+    let (base, _engine, _f) = start().await;
+    let order =
+        json!({"customer": "ada", "sku": "widget", "quantity": 1, "amount_cents": 100}).to_string();
+    let refused = json!({"error": "an order is sent as Content-Type: application/json"});
+    for ct in [
+        Some("text/plain"),
+        Some("text/plain; charset=utf-8"),
+        Some("application/x-www-form-urlencoded"),
+        Some("application/jsonp"),
+        None,
+    ] {
+        assert_eq!(
+            post_as(&base, ct, &order).await,
+            (415, refused.clone()),
+            "{ct:?}"
+        );
+    }
+    let (s, first) = post_as(&base, Some("application/json; charset=utf-8"), &order).await;
+    assert_eq!(s, 202, "{first}");
+    let (s, again) = post_as(&base, Some("Application/JSON"), &order).await;
+    assert_eq!((s, &again["order_id"]), (202, &first["order_id"]));
+}
+
+async fn send_webhook(base: &str, secret: &Secret, body: &Value) -> (u16, Value) {
+    let body = body.to_string();
+    let sig = sagaflow_steps::webhook::sign(secret, SystemTime::now(), body.as_bytes());
+    let r = reqwest::Client::new()
+        .post(format!("{base}/webhooks/payments"))
+        .header("signature", sig)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_replayed_after_a_restart_is_a_duplicate() {
+    let f = fixture().await;
+    let secret = f.providers.secrets.webhook_secret.clone();
+    let evt =
+        |id: &str| json!({"id": id, "type": "charge.settled", "charge_key": format!("k-{id}")});
+    let duplicate = (409, json!({"error": "already received"}));
+
+    let first = f.service(vec![secret.clone()]);
+    let (base, _) = serve_public(first.clone(), "t-replay-1", Limits::default()).await;
+    assert_eq!(
+        send_webhook(&base, &secret, &evt("evt_1")).await,
+        (204, Value::Null)
+    );
+    assert_eq!(send_webhook(&base, &secret, &evt("evt_1")).await, duplicate);
+
+    // A new instance on the same data directory: its verifier's memory is empty.
+    let second = f.service(vec![secret.clone()]);
+    let (base, _) = serve_public(second.clone(), "t-replay-2", Limits::default()).await;
+    assert_eq!(send_webhook(&base, &secret, &evt("evt_1")).await, duplicate);
+    assert_eq!(
+        send_webhook(&base, &secret, &evt("evt_2")).await,
+        (204, Value::Null)
+    );
+    assert_eq!(send_webhook(&base, &secret, &evt("evt_2")).await, duplicate);
+    assert_eq!(
+        f.settled(),
+        vec![
+            json!({"event": "evt_1", "charge_key": "k-evt_1"}),
+            json!({"event": "evt_2", "charge_key": "k-evt_2"}),
+        ]
+    );
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        [&first, &second].map(|s| (count(&s.webhooks_accepted), count(&s.webhooks_duplicate))),
+        [(1, 1), (1, 2)]
+    );
+
+    // A crash mid-append leaves a torn line: the sender was never answered, so it is cut
+    // off at the next start and the redelivery is accepted, on a line of its own.
+    let path = f.dir.path().join("settled.jsonl");
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut file, br#"{"event":"evt_3","cha"#).unwrap();
+    drop(file);
+    let third = f.service(vec![secret.clone()]);
+    assert_eq!(f.settled().len(), 2, "the torn line is cut off");
+    let (base, _) = serve_public(third, "t-replay-3", Limits::default()).await;
+    assert_eq!(
+        send_webhook(&base, &secret, &evt("evt_3")).await,
+        (204, Value::Null)
+    );
+    assert_eq!(send_webhook(&base, &secret, &evt("evt_1")).await, duplicate);
+    assert_eq!(
+        f.settled().last(),
+        Some(&json!({"event": "evt_3", "charge_key": "k-evt_3"}))
+    );
+
+    // A damaged complete line is not guessed at: the service does not start.
+    std::fs::write(&path, "{\"event\":\"evt_1\"}\nnot json\n").unwrap();
+    let e = Service::new(f.engine.clone(), vec![secret], f.dir.path()).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with(&format!("{} line 2: ", path.display())),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_signed_with_any_of_the_listed_secrets_are_accepted() {
+    let f = fixture().await;
+    let secrets = webhook_secrets(" whsec_new , whsec_old ").unwrap();
+    assert_eq!(
+        secrets.iter().map(Secret::expose).collect::<Vec<_>>(),
+        ["whsec_new", "whsec_old"]
+    );
+    let (base, _) = serve_public(f.service(secrets), "t-rotate", Limits::default()).await;
+    let evt = |id: &str| json!({"id": id, "type": "charge.settled", "charge_key": "k"});
+    let (old, new) = (Secret::new("whsec_old"), Secret::new("whsec_new"));
+    assert_eq!(
+        send_webhook(&base, &old, &evt("evt_a")).await,
+        (204, Value::Null)
+    );
+    assert_eq!(
+        send_webhook(&base, &new, &evt("evt_b")).await,
+        (204, Value::Null)
+    );
+    assert_eq!(
+        send_webhook(&base, &Secret::new("whsec_other"), &evt("evt_c")).await,
+        (401, json!({"error": "bad signature"}))
+    );
+    assert_eq!(
+        send_webhook(&base, &new, &json!({"type": "charge.settled"})).await,
+        (400, json!({"error": "the event has no `id`"}))
+    );
+    assert_eq!(f.settled().len(), 2);
+
+    for bad in ["", " , ", "a,,b", "a,"] {
+        assert!(webhook_secrets(bad).is_err(), "{bad:?}");
+    }
+    let env = |webhook: &'static str| {
+        move |var: &str| match var {
+            "PAYMENTS_CLIENT_SECRET" => Some("cs".to_string()),
+            "PAYMENTS_WEBHOOK_SECRET" => Some(webhook.to_string()),
+            _ => None,
+        }
+    };
+    let loaded = ServiceSecrets::from_lookup(env("whsec_new,whsec_old")).unwrap();
+    assert_eq!(loaded.webhook_secrets, [new, old]);
+    assert!(loaded.admin.is_none());
+    let e = ServiceSecrets::from_lookup(env("")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "PAYMENTS_WEBHOOK_SECRET: no webhook secret: set it in the environment or in the --env-file"
+    );
+    assert!(!format!("{loaded:?}").contains("whsec_"), "{loaded:?}");
+}
+
+const ADMIN: &str = "admin-token-0123456789";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_is_served_on_its_own_listener_only() {
+    let f = fixture().await;
+    let svc = f.service(vec![f.providers.secrets.webhook_secret.clone()]);
+    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let public_url = format!("http://{}", public.local_addr().unwrap());
+    let admin_url = format!("http://{}", admin.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(run(
+        svc,
+        f.engine.clone(),
+        Listeners {
+            public,
+            admin: Some((admin, Auth::new(Token::new(ADMIN).unwrap()))),
+            limits: Limits::default(),
+            public_stats: Arc::default(),
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let c = reqwest::Client::new();
+    let get = |url: String| c.get(url).bearer_auth(ADMIN).send();
+    for path in ["/admin/v1/sagas", "/v1/sagas", "/metrics", "/admin/metrics"] {
+        let r = get(format!("{public_url}{path}")).await.unwrap();
+        assert_eq!(r.status(), 404, "{path} on the public listener");
+    }
+    let r = get(format!("{admin_url}/v1/sagas")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), json!([]));
+    let r = get(format!("{admin_url}/v1/sagas?limit=0")).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = c.get(format!("{admin_url}/v1/sagas")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = get(format!(
+        "{admin_url}/orders/01a211da-b34b-7c63-a822-20fc30493cca"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        r.status(),
+        404,
+        "the orders API is not on the admin listener"
+    );
+    let r = c
+        .get(format!(
+            "{public_url}/orders/01a211da-b34b-7c63-a822-20fc30493cca"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"error": "no such order"})
+    );
+
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+    assert!(
+        c.get(format!("{admin_url}/v1/sagas")).send().await.is_err(),
+        "both listeners are closed after shutdown"
+    );
+
+    let e = ServiceSecrets::from_lookup(|var| match var {
+        "SAGAFLOW_ADMIN_TOKEN" => Some("0123456789".to_string()),
+        "SAGAFLOW_READ_TOKEN" => None,
+        _ => Some("x".to_string()),
+    })
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "SAGAFLOW_ADMIN_TOKEN: a token needs at least 16 bytes, this one has 10; \
+         set a random one (`openssl rand -hex 32`) or unset it"
+    );
 }
