@@ -47,7 +47,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use sagaflow::admin::{ListFilter, Stats};
+use sagaflow::admin::{ListFilter, LogProblem, Stats};
 use sagaflow::machine::{LogRecord, Repair};
 use sagaflow::{Engine, Error, SagaId, SagaMeta, SagaStatus};
 use serde::{Deserialize, Serialize};
@@ -382,13 +382,17 @@ async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Resp
     }
 }
 
-/// One saga: its summary and its full log.
+/// One saga: its summary and its log, as far as it can be read.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SagaView {
     /// The summary.
     pub summary: SagaMeta,
-    /// Every transition.
+    /// Every transition that can be read.
     pub history: Vec<LogRecord>,
+    /// What could not be read (a saga parked with a corrupt log, or written by a newer
+    /// engine); empty for a healthy saga.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<LogProblem>,
 }
 
 fn parse_id(id: &str) -> Result<SagaId, String> {
@@ -404,8 +408,15 @@ async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Response
         Ok(s) => s,
         Err(e) => return engine_error(e),
     };
-    match state.engine.history(id) {
-        Ok(history) => Json(SagaView { summary, history }).into_response(),
+    // As far as it can be read: an operator must be able to see a corrupt saga's log
+    // up to the damage before resolving it.
+    match state.engine.readable_log(id) {
+        Ok(log) => Json(SagaView {
+            summary,
+            history: log.records,
+            problems: log.problems,
+        })
+        .into_response(),
         Err(e) => engine_error(e),
     }
 }

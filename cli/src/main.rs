@@ -16,7 +16,7 @@ use anyhow::{anyhow, Context};
 use clap::{Args, Parser, Subcommand};
 use sagaflow::admin::{Admin, Stats};
 use sagaflow::machine::{Event, LogRecord};
-use sagaflow::{Error, IdempotencyKey, Phase, SagaId, SagaMeta, Timestamp};
+use sagaflow::{Error, IdempotencyKey, Lsn, Phase, SagaId, SagaMeta, Timestamp};
 use sagaflow_admin::{ApiError, ListQuery, RepairRequest, SagaView};
 
 #[derive(Parser, Debug)]
@@ -201,12 +201,16 @@ impl Backend {
 
     async fn show(&self, id: SagaId) -> anyhow::Result<SagaView> {
         match self {
-            Backend::Local(a) => Ok(SagaView {
-                summary: a.status(id)?,
+            Backend::Local(a) => {
                 // As much as can be read: a saga parked with a corrupt log is shown up
-                // to the damage (what is wrong is in its park reason).
-                history: a.readable_log(id)?.records,
-            }),
+                // to the damage, with what could not be read.
+                let log = a.readable_log(id)?;
+                Ok(SagaView {
+                    summary: a.status(id)?,
+                    history: log.records,
+                    problems: log.problems,
+                })
+            }
             Backend::Remote { .. } => self.get(&format!("/v1/sagas/{id}"), &()).await,
         }
     }
@@ -322,17 +326,37 @@ fn print_show(view: &SagaView) {
         "{:>4}  {:<24}  {:<28}  {:<12}  {:>7}  DETAIL",
         "LSN", "TIME", "EVENT", "STEP", "ATTEMPT"
     );
+    // Records and unreadable values in lsn order, so the damage shows where it is.
+    let mut rows: Vec<(Lsn, String)> = view
+        .problems
+        .iter()
+        .map(|p| {
+            let origin = if p.newer_format {
+                "written by a newer engine"
+            } else {
+                "unreadable"
+            };
+            (p.lsn, format!("{:>4}  {origin}: {}", p.lsn, p.problem))
+        })
+        .collect();
     for r in &view.history {
         let (step, attempt, detail) = describe(m.id, &names, r);
-        println!(
-            "{:>4}  {:<24}  {:<28}  {:<12}  {:>7}  {}",
+        rows.push((
             r.lsn,
-            r.at.to_string(),
-            r.event.name(),
-            step,
-            attempt,
-            detail
-        );
+            format!(
+                "{:>4}  {:<24}  {:<28}  {:<12}  {:>7}  {}",
+                r.lsn,
+                r.at.to_string(),
+                r.event.name(),
+                step,
+                attempt,
+                detail
+            ),
+        ));
+    }
+    rows.sort_by_key(|(lsn, _)| *lsn);
+    for (_, row) in rows {
+        println!("{row}");
     }
 }
 

@@ -231,3 +231,49 @@ async fn the_cli_talks_to_a_running_engine_and_honours_token_roles() {
         SagaOutcome::Compensated { .. }
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_saga_is_shown_up_to_the_damage_and_resolved_and_reads_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (parked, _done, _ledger) = directory(tmp.path()).await;
+    // Damage the parked saga's second stored value, as a bad disk would.
+    let dir = tmp.path().to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use sagaflow::store::{codec, SagaLog, SledLog};
+        let log = SledLog::open(&dir).unwrap();
+        let (lsn, _) = log.read(parked).unwrap()[1].clone();
+        log.put_raw(&codec::log_key(parked, lsn), b"\x01{\"lsn\":")
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    let d = tmp.path().to_str().unwrap().to_string();
+    let db_before = std::fs::read(tmp.path().join("db")).unwrap();
+
+    let o = sagaflow(&["--data-dir", &d, "show", &parked.to_string()], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = text(&o);
+    assert!(out.contains("started"), "{out}");
+    assert!(out.contains("unreadable: corrupt log record 2"), "{out}");
+    let o = sagaflow(&["--data-dir", &d, "list"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        std::fs::read(tmp.path().join("db")).unwrap(),
+        db_before,
+        "show and list changed the directory"
+    );
+
+    let o = sagaflow(
+        &[
+            "--data-dir",
+            &d,
+            "resolve",
+            &parked.to_string(),
+            "--reason",
+            "refunded by hand",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("status now resolved"), "{}", text(&o));
+}
