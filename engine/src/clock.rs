@@ -277,9 +277,7 @@ impl OsEntropy {
     /// Entropy drawn from the operating system.
     pub fn new() -> Self {
         OsEntropy {
-            jitter: SeededEntropy::new(
-                os_u64().unwrap_or_else(|| SeededEntropy::seed_from_clock()),
-            ),
+            jitter: SeededEntropy::new(os_u64().unwrap_or_else(SeededEntropy::seed_from_clock)),
         }
     }
 }

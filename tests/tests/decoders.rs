@@ -218,9 +218,7 @@ fn mutated_records_never_panic_a_decoder() {
             ),
             |(which, mutations, lsn)| {
                 let (at, bytes) = &values[which];
-                let bytes = mutations
-                    .iter()
-                    .fold(bytes.clone(), |b, m| mutate(b, m));
+                let bytes = mutations.iter().fold(bytes.clone(), mutate);
                 decode_every_way(*at, &bytes);
                 decode_every_way(Lsn(lsn), &bytes);
                 Ok(())

@@ -708,7 +708,7 @@ impl Engine {
         if let (Some(stored), None, false) = (&stored, &def, matches!(action, Repair::MarkResolved))
         {
             // Checked before anything is written: a resumed saga needs its code.
-            check_repair(&stored, &action).map_err(|r| Error::RepairRefused {
+            check_repair(stored, &action).map_err(|r| Error::RepairRefused {
                 saga: id,
                 reason: r.0,
             })?;

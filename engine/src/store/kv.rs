@@ -6,6 +6,9 @@ use crate::machine::SagaStatus;
 use crate::store::codec::{self, Op};
 use crate::store::{Result, SagaMeta};
 
+/// What [`Kv::visit`] calls with each key and value.
+pub(crate) type Visitor<'a> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'a;
+
 /// An ordered key-value map, as a store sees its own data.
 pub(crate) trait Kv {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>>;
@@ -15,7 +18,7 @@ pub(crate) trait Kv {
     fn last(&self, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>>;
     /// Calls `f` with every pair whose key starts with `prefix`, in key order, without
     /// collecting them (the consistency check reads the whole store this way).
-    fn visit(&self, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> Result<()>) -> Result<()>;
+    fn visit(&self, prefix: &[u8], f: &mut Visitor<'_>) -> Result<()>;
 }
 
 pub(crate) fn read(kv: &impl Kv, saga: SagaId) -> Result<Vec<(Lsn, Vec<u8>)>> {

@@ -149,7 +149,7 @@ impl Kv for MutexGuard<'_, Inner> {
             .map(|(k, v)| (k.clone(), v.clone())))
     }
 
-    fn visit(&self, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> Result<()>) -> Result<()> {
+    fn visit(&self, prefix: &[u8], f: &mut kv::Visitor<'_>) -> Result<()> {
         for (k, v) in self
             .visible
             .range(prefix.to_vec()..)

@@ -336,7 +336,7 @@ impl Kv for sled::Db {
             .map_err(backend)
     }
 
-    fn visit(&self, prefix: &[u8], f: &mut dyn FnMut(&[u8], &[u8]) -> Result<()>) -> Result<()> {
+    fn visit(&self, prefix: &[u8], f: &mut kv::Visitor<'_>) -> Result<()> {
         for kv in self.scan_prefix(prefix) {
             let (k, v) = kv.map_err(backend)?;
             f(&k, &v)?;
