@@ -38,6 +38,7 @@
 #![warn(missing_docs)]
 
 use std::fmt;
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,7 +66,8 @@ pub enum LogFormat {
 }
 
 /// Installs a global tracing subscriber writing to standard error, filtered by
-/// `RUST_LOG` (default `info`).
+/// `RUST_LOG` (default `info`). Text lines are coloured only when standard error is a
+/// terminal and `NO_COLOR` is unset or empty, so a log file or a pipe gets plain text.
 ///
 /// # Errors
 ///
@@ -75,7 +77,11 @@ pub fn init_logging(format: LogFormat) -> Result<(), Box<dyn std::error::Error +
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(colour(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR"),
+        ));
     match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder
@@ -85,6 +91,12 @@ pub fn init_logging(format: LogFormat) -> Result<(), Box<dyn std::error::Error +
             .with_span_list(true)
             .try_init(),
     }
+}
+
+/// Whether log lines are coloured: on a terminal, unless `NO_COLOR` is set to something
+/// (<https://no-color.org>).
+fn colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// A bearer token. Its `Debug` and `Display` never show it.
@@ -503,4 +515,18 @@ async fn metrics(State(state): State<AppState>) -> Response {
         state.engine.metrics_text(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::colour;
+
+    #[test]
+    fn log_lines_are_coloured_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(colour(true, Some("".into())), "an empty NO_COLOR is unset");
+        assert!(!colour(true, Some("1".into())));
+        assert!(!colour(false, None), "a file or a pipe");
+        assert!(!colour(false, Some("1".into())));
+    }
 }

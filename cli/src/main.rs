@@ -80,9 +80,9 @@ enum Command {
     Skip {
         #[command(flatten)]
         target: Target,
-        /// The step's index.
+        /// The step: its name, or its number as `show` prints it (counted from 0).
         #[arg(long)]
-        step: u32,
+        step: String,
     },
     /// Mark a saga resolved by hand; the engine stops driving it.
     Resolve(Target),
@@ -126,7 +126,8 @@ enum Backend {
     },
 }
 
-/// A refused repair, kept apart so `main` can exit with code 3.
+/// A refused repair, kept apart so `main` can exit with code 3. Its text is the
+/// engine's ("repair of saga X refused: why"), printed as it is.
 #[derive(Debug)]
 struct Refused(String);
 
@@ -270,39 +271,107 @@ fn now() -> Timestamp {
     Timestamp::from_millis(ms)
 }
 
+/// A duration in one format at every size: `45s`, `1m54s`, `2h03m`, `3d04h`.
 fn human(d: Duration) -> String {
+    const MINUTE: u64 = 60;
+    const HOUR: u64 = 60 * MINUTE;
+    const DAY: u64 = 24 * HOUR;
     let s = d.as_secs();
-    match s {
-        0..=119 => format!("{s}s"),
-        120..=7199 => format!("{}m", s / 60),
-        7200..=172_799 => format!("{}h", s / 3600),
-        _ => format!("{}d", s / 86_400),
+    if s < MINUTE {
+        format!("{s}s")
+    } else if s < HOUR {
+        format!("{}m{:02}s", s / MINUTE, s % MINUTE)
+    } else if s < DAY {
+        format!("{}h{:02}m", s / HOUR, s % HOUR / MINUTE)
+    } else {
+        format!("{}d{:02}h", s / DAY, s % DAY / HOUR)
+    }
+}
+
+/// Lays out rows in columns as wide as their widest cell, two spaces apart. The last
+/// cell of a row is not padded and does not widen its column, so a row with fewer
+/// cells (a damaged record's lsn and what is wrong with it) runs on as free text.
+/// `right` lists the right-aligned columns.
+fn table(rows: &[Vec<String>], right: &[usize]) -> Vec<String> {
+    let mut widths: Vec<usize> = Vec::new();
+    for row in rows {
+        for (j, cell) in row.iter().enumerate().take(row.len().saturating_sub(1)) {
+            if widths.len() <= j {
+                widths.resize(j + 1, 0);
+            }
+            widths[j] = widths[j].max(cell.chars().count());
+        }
+    }
+    rows.iter()
+        .map(|row| {
+            let last = row.len().saturating_sub(1);
+            let cells: Vec<String> = row
+                .iter()
+                .enumerate()
+                .map(|(j, cell)| {
+                    let w = if j == last { 0 } else { widths[j] };
+                    if right.contains(&j) {
+                        format!("{cell:>w$}")
+                    } else {
+                        format!("{cell:<w$}")
+                    }
+                })
+                .collect();
+            cells.join("  ").trim_end().to_string()
+        })
+        .collect()
+}
+
+/// The step names of a saga, from its `started` record (empty if it cannot be read).
+fn step_names(view: &SagaView) -> Vec<String> {
+    match view.history.first().map(|r| &r.event) {
+        Some(Event::Started { steps, .. }) => steps.clone(),
+        _ => Vec::new(),
+    }
+}
+
+/// A step as `show` prints it: its number (counted from 0, what `skip --step` takes
+/// too) and its name.
+fn step_label(names: &[String], i: u32) -> String {
+    match names.get(i as usize) {
+        Some(name) => format!("{i} {name}"),
+        None => i.to_string(),
     }
 }
 
 fn print_list(metas: &Vec<SagaMeta>) {
     let now = now();
-    println!(
-        "{:<36}  {:<12}  {:<20}  {:>5}  {:>5}  {:<24}  REASON",
-        "ID", "STATUS", "DEFINITION", "AGE", "IDLE", "NEXT RETRY"
-    );
+    let mut rows = vec![[
+        "ID",
+        "STATUS",
+        "DEFINITION",
+        "AGE",
+        "IDLE",
+        "NEXT RETRY",
+        "REASON",
+    ]
+    .map(String::from)
+    .to_vec()];
     for m in metas {
-        println!(
-            "{:<36}  {:<12}  {:<20}  {:>5}  {:>5}  {:<24}  {}",
-            m.id,
-            m.status.as_str(),
+        rows.push(vec![
+            m.id.to_string(),
+            m.status.as_str().to_string(),
             format!("{} v{}", m.definition, m.version),
             human(now.duration_since(m.created_at)),
             human(now.duration_since(m.updated_at)),
             m.due.map_or("-".to_string(), |d| d.to_string()),
-            m.reason.as_deref().unwrap_or(""),
-        );
+            m.reason.clone().unwrap_or_default(),
+        ]);
+    }
+    for line in table(&rows, &[3, 4]) {
+        println!("{line}");
     }
     println!("{} saga(s)", metas.len());
 }
 
 fn print_show(view: &SagaView) {
     let m = &view.summary;
+    let names = step_names(view);
     println!("saga        {}", m.id);
     println!("definition  {} v{}", m.definition, m.version);
     println!("status      {}", m.status);
@@ -317,17 +386,15 @@ fn print_show(view: &SagaView) {
     if let Some(r) = &m.reason {
         println!("reason      {r}");
     }
+    if !names.is_empty() {
+        let steps: Vec<String> = (0..names.len() as u32)
+            .map(|i| step_label(&names, i))
+            .collect();
+        println!("steps       {}", steps.join(", "));
+    }
     println!();
-    let names: Vec<String> = match view.history.first().map(|r| &r.event) {
-        Some(Event::Started { steps, .. }) => steps.clone(),
-        _ => Vec::new(),
-    };
-    println!(
-        "{:>4}  {:<24}  {:<28}  {:<12}  {:>7}  DETAIL",
-        "LSN", "TIME", "EVENT", "STEP", "ATTEMPT"
-    );
     // Records and unreadable values in lsn order, so the damage shows where it is.
-    let mut rows: Vec<(Lsn, String)> = view
+    let mut rows: Vec<(Lsn, Vec<String>)> = view
         .problems
         .iter()
         .map(|p| {
@@ -336,38 +403,47 @@ fn print_show(view: &SagaView) {
             } else {
                 "unreadable"
             };
-            (p.lsn, format!("{:>4}  {origin}: {}", p.lsn, p.problem))
+            (
+                p.lsn,
+                vec![p.lsn.to_string(), format!("{origin}: {}", p.problem)],
+            )
         })
         .collect();
     for r in &view.history {
         let (step, attempt, detail) = describe(m.id, &names, r);
         rows.push((
             r.lsn,
-            format!(
-                "{:>4}  {:<24}  {:<28}  {:<12}  {:>7}  {}",
-                r.lsn,
+            vec![
+                r.lsn.to_string(),
                 r.at.to_string(),
-                r.event.name(),
+                r.event.name().to_string(),
                 step,
                 attempt,
-                detail
-            ),
+                detail,
+            ],
         ));
     }
     rows.sort_by_key(|(lsn, _)| *lsn);
-    for (_, row) in rows {
-        println!("{row}");
+    let header = ["LSN", "TIME", "EVENT", "STEP", "ATTEMPT", "DETAIL"]
+        .map(String::from)
+        .to_vec();
+    let rows: Vec<Vec<String>> = std::iter::once(header)
+        .chain(rows.into_iter().map(|(_, row)| row))
+        .collect();
+    for line in table(&rows, &[0, 4]) {
+        println!("{line}");
     }
 }
 
 fn describe(id: SagaId, names: &[String], r: &LogRecord) -> (String, String, String) {
-    let name = |i: u32| {
-        names
+    let name = |i: u32| step_label(names, i);
+    let key = |i: u32, phase: Phase| {
+        let step = names
             .get(i as usize)
             .cloned()
-            .unwrap_or_else(|| i.to_string())
+            .unwrap_or_else(|| i.to_string());
+        format!("key {}", IdempotencyKey::derive(id, &step, phase))
     };
-    let key = |i: u32, phase: Phase| format!("key {}", IdempotencyKey::derive(id, &name(i), phase));
     match &r.event {
         Event::Started {
             input, start_key, ..
@@ -451,23 +527,64 @@ fn describe(id: SagaId, names: &[String], r: &LogRecord) -> (String, String, Str
 }
 
 fn print_stats(s: &Stats) {
-    println!("total              {}", s.total);
+    let mut rows = vec![vec!["total".to_string(), s.total.to_string()]];
     for (status, n) in &s.by_status {
-        println!("  {status:<16} {n}");
+        rows.push(vec![format!("  {status}"), n.to_string()]);
     }
-    println!("waiting for retry  {}", s.waiting_for_retry);
-    println!("stuck              {}", s.stuck);
-    match s.oldest_active {
-        Some((id, age)) => println!(
-            "oldest active      {id} ({})",
-            human(Duration::from_secs(age))
-        ),
-        None => println!("oldest active      -"),
+    rows.push(vec![
+        "waiting for retry".into(),
+        s.waiting_for_retry.to_string(),
+    ]);
+    rows.push(vec!["stuck".into(), s.stuck.to_string()]);
+    rows.push(vec![
+        "oldest active".into(),
+        match s.oldest_active {
+            Some((id, age)) => format!("{id} ({})", human(Duration::from_secs(age))),
+            None => "-".into(),
+        },
+    ]);
+    for line in table(&rows, &[]) {
+        println!("{line}");
     }
     println!("by definition:");
-    for (d, counts) in &s.by_definition {
-        let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        println!("  {d:<20} {}", parts.join(", "));
+    let rows: Vec<Vec<String>> = s
+        .by_definition
+        .iter()
+        .map(|(d, counts)| {
+            let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            vec![format!("  {d}"), parts.join(", ")]
+        })
+        .collect();
+    for line in table(&rows, &[]) {
+        println!("{line}");
+    }
+}
+
+/// The step `given` means in saga `id`: one of its step names (from its `started`
+/// record), or else a step number counted from 0.
+async fn resolve_step(backend: &Backend, id: SagaId, given: &str) -> anyhow::Result<u32> {
+    let view = backend.show(id).await;
+    let names = view.as_ref().map(step_names).unwrap_or_default();
+    if let Some(i) = names.iter().position(|n| n == given) {
+        return Ok(u32::try_from(i)?);
+    }
+    if let Ok(n) = given.parse::<u32>() {
+        return Ok(n);
+    }
+    match view {
+        Err(e) => Err(e.context(format!("looking up step `{given}` of saga {id}"))),
+        Ok(_) if names.is_empty() => Err(anyhow!(
+            "saga {id}: its step names cannot be read; give the step's number"
+        )),
+        Ok(_) => {
+            let steps: Vec<String> = (0..names.len() as u32)
+                .map(|i| step_label(&names, i))
+                .collect();
+            Err(anyhow!(
+                "saga {id} has no step `{given}`; its steps: {}",
+                steps.join(", ")
+            ))
+        }
     }
 }
 
@@ -523,7 +640,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Retry(t) => repair(t, "retry_now", None),
         Command::Resume(t) => repair(t, "resume", None),
         Command::Compensate(t) => repair(t, "force_compensate", None),
-        Command::Skip { target, step } => repair(target, "skip_step", Some(*step)),
+        Command::Skip { target, step } => {
+            let step = resolve_step(&backend, target.id, step).await?;
+            repair(target, "skip_step", Some(step))
+        }
         Command::Resolve(t) => repair(t, "mark_resolved", None),
     };
     let (id, req) = request;
@@ -531,9 +651,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&meta)?);
     } else {
+        let what = match req.step {
+            Some(i) => format!("{} of step {i}", req.action),
+            None => req.action.clone(),
+        };
         println!(
-            "saga {id}: {} recorded (by {}); status now {}",
-            req.action, req.operator, meta.status
+            "saga {id}: {what} recorded (by {}); status now {}",
+            req.operator, meta.status
         );
     }
     Ok(())
@@ -545,13 +669,57 @@ async fn main() -> std::process::ExitCode {
     match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            if e.downcast_ref::<Refused>().is_some() {
-                eprintln!("refused: {e}");
+            if let Some(r) = e.downcast_ref::<Refused>() {
+                // The engine's text says it was refused, and why.
+                eprintln!("{r}; nothing was written");
                 std::process::ExitCode::from(3)
             } else {
                 eprintln!("error: {e:#}");
                 std::process::ExitCode::FAILURE
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_the_same_way_at_every_size() {
+        let h = |s: u64| human(Duration::from_secs(s));
+        assert_eq!(h(0), "0s");
+        assert_eq!(h(59), "59s");
+        assert_eq!(h(60), "1m00s");
+        assert_eq!(h(114), "1m54s");
+        assert_eq!(h(3599), "59m59s");
+        assert_eq!(h(2 * 3600 + 3 * 60 + 59), "2h03m");
+        assert_eq!(h(86_399), "23h59m");
+        assert_eq!(h(3 * 86_400 + 4 * 3600), "3d04h");
+        assert_eq!(h(400 * 86_400), "400d00h");
+    }
+
+    #[test]
+    fn columns_are_as_wide_as_their_widest_cell() {
+        let rows = vec![
+            vec!["N".to_string(), "STEP".into(), "DETAIL".into()],
+            vec![
+                "1".to_string(),
+                "a_rather_long_step_name".into(),
+                "x".into(),
+            ],
+            vec!["12".to_string(), "ü".into(), "y".into()],
+            vec!["3".to_string(), "free text that runs on".into()],
+        ];
+        let lines = table(&rows, &[0]);
+        assert_eq!(
+            lines,
+            [
+                " N  STEP                     DETAIL",
+                " 1  a_rather_long_step_name  x",
+                "12  ü                        y",
+                " 3  free text that runs on",
+            ]
+        );
     }
 }

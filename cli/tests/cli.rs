@@ -31,6 +31,21 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// A refused repair says so once, on one line: the saga, why, and that nothing was
+/// written.
+fn assert_refusal(o: &Output, id: SagaId, why: &str) {
+    let out = text(o);
+    let line = out.strip_suffix('\n').unwrap_or(&out);
+    let why_given = line
+        .strip_prefix(&format!("repair of saga {id} refused: "))
+        .and_then(|l| l.strip_suffix("; nothing was written"));
+    assert!(
+        why_given.is_some_and(|w| w.contains(why)) && !line.contains('\n'),
+        "{out}"
+    );
+    assert_eq!(out.matches("refused").count(), 1, "{out}");
+}
+
 /// A data directory with one parked saga (a compensation that failed) and one that
 /// completed; the engine is stopped when this returns.
 async fn directory(dir: &Path) -> (SagaId, SagaId, Arc<Ledger>) {
@@ -96,6 +111,16 @@ async fn every_verb_works_on_a_stopped_engines_directory() {
         "{out}"
     );
     assert!(out.contains("status      parked"), "{out}");
+    // Step numbers, as `skip --step` takes them, next to the names.
+    assert!(
+        out.contains("steps       0 payment, 1 inventory, 2 order"),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.contains("compensation_failed") && l.contains(" 1 inventory ")),
+        "{out}"
+    );
 
     let o = run(&["stats", "--json"]);
     let stats: Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -111,9 +136,10 @@ async fn every_verb_works_on_a_stopped_engines_directory() {
         "already compensating",
     ]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
-    assert!(text(&o).contains("refused"), "{}", text(&o));
+    assert_refusal(&o, parked, "compensation can only be forced going forward");
     let o = run(&["retry", &done.to_string(), "--reason", "it is done"]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert_refusal(&o, done, "the saga has ended (completed)");
     let after = run(&["show", &parked.to_string(), "--json"]);
     assert_eq!(before.stdout, after.stdout);
 
@@ -208,6 +234,30 @@ async fn the_cli_talks_to_a_running_engine_and_honours_token_roles() {
             &[("SAGAFLOW_TOKEN", ADMIN)],
         );
         assert_eq!(refused.status.code(), Some(3), "{}", text(&refused));
+        assert_refusal(&refused, parked, "the saga is parked: resume it instead");
+
+        // A step name is looked up in the saga's history through the API.
+        let skip = |step: &str| {
+            sagaflow(
+                &["--url", &url, "skip", &id, "--step", step, "--reason", "x"],
+                &[("SAGAFLOW_TOKEN", ADMIN)],
+            )
+        };
+        let wrong = skip("payment");
+        assert_eq!(wrong.status.code(), Some(3), "{}", text(&wrong));
+        assert_refusal(
+            &wrong,
+            parked,
+            "step 0 (`payment`) is not the step compensation is at",
+        );
+        let unknown = skip("shipping");
+        assert_eq!(unknown.status.code(), Some(1), "{}", text(&unknown));
+        assert!(
+            text(&unknown)
+                .contains("has no step `shipping`; its steps: 0 payment, 1 inventory, 2 order"),
+            "{}",
+            text(&unknown)
+        );
 
         sagaflow(
             &[
@@ -276,4 +326,82 @@ async fn a_corrupt_saga_is_shown_up_to_the_damage_and_resolved_and_reads_change_
     );
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("status now resolved"), "{}", text(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_takes_a_step_name_or_its_number() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (parked, _done, ledger) = directory(tmp.path()).await;
+    let d = tmp.path().to_str().unwrap().to_string();
+    let id = parked.to_string();
+    let skip = |step: &str| {
+        sagaflow(
+            &[
+                "--data-dir",
+                &d,
+                "skip",
+                &id,
+                "--step",
+                step,
+                "--reason",
+                "released by hand",
+                "--operator",
+                "ana",
+            ],
+            &[],
+        )
+    };
+
+    let o = skip("warehouse");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!(
+            "saga {parked} has no step `warehouse`; its steps: 0 payment, 1 inventory, 2 order"
+        )),
+        "{}",
+        text(&o)
+    );
+    // Compensation is at inventory (1): payment by name and 2 by number are refused.
+    let o = skip("payment");
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert_refusal(
+        &o,
+        parked,
+        "step 0 (`payment`) is not the step compensation is at",
+    );
+    let o = skip("2");
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert_refusal(
+        &o,
+        parked,
+        "step 2 (`order`) is not the step compensation is at",
+    );
+
+    let o = skip("inventory");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("skip_step of step 1 recorded (by ana)"),
+        "{}",
+        text(&o)
+    );
+    let o = sagaflow(&["--data-dir", &d, "show", &id], &[]);
+    assert!(
+        text(&o).lines().any(|l| l.contains("operator_action")
+            && l.contains(" 1 inventory ")
+            && l.contains("skip_step by ana: released by hand")),
+        "{}",
+        text(&o)
+    );
+
+    // The engine goes on with the compensation before it: payment.
+    let engine = builder()
+        .register(checkout(&ledger))
+        .open(tmp.path())
+        .await
+        .unwrap();
+    assert!(matches!(
+        engine.wait(parked).await.unwrap(),
+        SagaOutcome::Compensated { .. }
+    ));
+    engine.shutdown().await.unwrap();
 }

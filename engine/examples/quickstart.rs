@@ -1,4 +1,4 @@
-//! Sagaflow in one screen: two checkout sagas on a temporary sled directory.
+//! Sagaflow in one screen: two checkout sagas on a sled directory.
 //!
 //! The first saga's inventory call fails once with a 429, is retried after the hinted
 //! delay with the same idempotency key, and the saga completes. The second saga's
@@ -11,8 +11,17 @@
 //! ```text
 //! cargo run -p sagaflow --example quickstart
 //! ```
+//!
+//! The store is in a temporary directory, deleted at the end. With `--dir PATH` it is in
+//! PATH (created if missing) and kept, so that the `sagaflow` CLI can be tried on it:
+//!
+//! ```text
+//! cargo run -p sagaflow --example quickstart -- --dir /tmp/quickstart
+//! cargo run -p sagaflow-cli -- --data-dir /tmp/quickstart list
+//! ```
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +32,7 @@ use sagaflow::{
     StepOptions,
 };
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Order {
@@ -137,6 +147,31 @@ impl Step for Shipping {
     }
 }
 
+/// A value's name as it is written in the log and in JSON (`retry_after`, not
+/// `RetryAfter`).
+fn json_name(v: &impl Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(e) => format!("<{e}>"),
+    }
+}
+
+/// How a saga ended, as one line of JSON.
+fn outcome_json(outcome: &sagaflow::SagaOutcome) -> String {
+    use sagaflow::SagaOutcome::*;
+    let v = match outcome {
+        Completed { outputs } => json!({ "outcome": "completed", "outputs": outputs }),
+        Compensated { reason } => json!({ "outcome": "compensated", "reason": reason }),
+        Parked { reason } => json!({ "outcome": "parked", "reason": reason }),
+        Resolved { operator, reason } => {
+            json!({ "outcome": "resolved", "operator": operator, "reason": reason })
+        }
+        other => json!({ "outcome": format!("{other:?}") }),
+    };
+    v.to_string()
+}
+
 fn describe(steps: &[String], event: &Event) -> String {
     let name = |i: &u32| steps.get(*i as usize).map_or("?", String::as_str);
     match event {
@@ -156,8 +191,9 @@ fn describe(steps: &[String], event: &Event) -> String {
             error,
             retry_at,
         } => format!(
-            "{} attempt {attempt} failed ({kind:?}): {error}{}",
+            "{} attempt {attempt} failed ({}): {error}{}",
             name(step),
+            json_name(kind),
             retry_at.map_or(String::from(", no retry"), |t| format!(", retry at {t}"))
         ),
         Event::CompensationBegan { reason } => format!("compensation began: {reason}"),
@@ -189,9 +225,76 @@ fn print_history(engine: &Engine, id: SagaId) -> sagaflow::Result<()> {
     Ok(())
 }
 
+/// Where the sled store goes.
+enum Store {
+    /// `--dir PATH`: kept after the run.
+    Kept(PathBuf),
+    /// A temporary directory, deleted at the end.
+    Temporary(tempfile::TempDir),
+}
+
+impl Store {
+    /// From the command line: `--dir PATH` (or `--dir=PATH`), or nothing.
+    fn from_args() -> std::io::Result<Store> {
+        const USAGE: &str = "usage: quickstart [--dir PATH]\n  \
+            --dir PATH  keep the sled store in PATH (created if missing), to try the \
+            sagaflow CLI on it; without it, a temporary directory deleted at the end";
+        let usage = |problem: &str| -> ! {
+            eprintln!("{problem}\n{USAGE}");
+            std::process::exit(2)
+        };
+        let mut args = std::env::args().skip(1);
+        let mut dir = None;
+        while let Some(arg) = args.next() {
+            let value = match arg.as_str() {
+                "--dir" => args.next(),
+                "-h" | "--help" => {
+                    println!("{USAGE}");
+                    std::process::exit(0);
+                }
+                other => match other.strip_prefix("--dir=") {
+                    Some(d) => Some(d.to_string()),
+                    None => usage(&format!("unexpected argument `{other}`")),
+                },
+            };
+            match value {
+                Some(d) if !d.is_empty() => dir = Some(d),
+                _ => usage("--dir needs a path"),
+            }
+        }
+        match dir {
+            Some(d) => {
+                std::fs::create_dir_all(&d)?;
+                Ok(Store::Kept(PathBuf::from(d)))
+            }
+            None => Ok(Store::Temporary(tempfile::tempdir()?)),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            Store::Kept(p) => p,
+            Store::Temporary(t) => t.path(),
+        }
+    }
+}
+
+/// `path` as one shell word.
+fn shell_word(path: &Path) -> String {
+    let s = path.display().to_string();
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+:@%,".contains(c))
+    {
+        s
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = tempfile::tempdir()?;
+    let dir = Store::from_args()?;
     let service = Arc::new(Service::default());
     let quick = StepOptions::default().with_retry(
         RetryPolicy::default()
@@ -218,7 +321,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .register(checkout)
         .open(dir.path())
         .await?;
-    println!("sled store in {}\n", dir.path().display());
+    match &dir {
+        Store::Kept(p) => println!("sled store in {}\n", p.display()),
+        Store::Temporary(t) => println!(
+            "sled store in {} (deleted at the end; --dir PATH keeps it)\n",
+            t.path().display()
+        ),
+    }
 
     let ada = Order {
         customer: "ada".into(),
@@ -232,8 +341,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let first = engine.start("checkout", &ada, None).await?;
     let second = engine.start("checkout", &bob, None).await?;
-    println!("ada: {:?}", engine.wait(first).await?);
-    println!("bob: {:?}\n", engine.wait(second).await?);
+    println!("ada: {}", outcome_json(&engine.wait(first).await?));
+    println!("bob: {}\n", outcome_json(&engine.wait(second).await?));
     print_history(&engine, first)?;
     print_history(&engine, second)?;
     let stats = engine.commit_stats();
@@ -242,5 +351,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         stats.records, stats.writes, stats.batches
     );
     engine.shutdown().await?;
+    if let Store::Kept(path) = &dir {
+        // The engine has stopped: the CLI may open the directory.
+        let d = shell_word(path);
+        println!(
+            "\nthe store is kept in {}: try the CLI on it (install it with \
+             `cargo install --path cli`,\nor put `cargo run -p sagaflow-cli --` in place of \
+             `sagaflow`):\n  \
+             sagaflow --data-dir {d} list\n  \
+             sagaflow --data-dir {d} show {second}",
+            path.display()
+        );
+    }
     Ok(())
 }

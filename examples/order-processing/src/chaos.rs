@@ -50,6 +50,9 @@ pub struct Report {
     pub completed: u32,
     /// Sagas compensated.
     pub compensated: u32,
+    /// Sagas compensated, counted by the reason compensation began, with the numbers
+    /// and ids in it replaced (see [`reason_class`]) so that like reasons count together.
+    pub compensated_by_reason: BTreeMap<String, u32>,
     /// Sagas parked.
     pub parked: u32,
     /// SIGKILLs delivered to the service.
@@ -311,6 +314,7 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
     let ids = ids.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut status: BTreeMap<u32, String> = BTreeMap::new();
     let mut parked_reasons: BTreeMap<u32, String> = BTreeMap::new();
+    let mut compensated_reasons: BTreeMap<u32, String> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(600);
     while status.len() < ids.len() && Instant::now() < deadline {
         for (i, id) in &ids {
@@ -320,9 +324,15 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
             if let Ok(r) = client.get(format!("{base}/orders/{id}")).send().await {
                 if let Ok(v) = r.json::<Value>().await {
                     let s = v["status"].as_str().unwrap_or("").to_string();
-                    if s == "parked" {
-                        let reason = v["reason"].as_str().unwrap_or("").to_string();
-                        parked_reasons.insert(*i, reason);
+                    let reason = v["reason"].as_str().unwrap_or("").to_string();
+                    match s.as_str() {
+                        "parked" => {
+                            parked_reasons.insert(*i, reason);
+                        }
+                        "compensated" => {
+                            compensated_reasons.insert(*i, reason);
+                        }
+                        _ => {}
                     }
                     if matches!(
                         s.as_str(),
@@ -402,6 +412,12 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
     report.kills = kills.load(Ordering::SeqCst);
     report.forged_webhooks_refused = forged_refused;
     report.idempotent_replays = replays.load(Ordering::Relaxed);
+    for reason in compensated_reasons.values() {
+        *report
+            .compensated_by_reason
+            .entry(reason_class(reason))
+            .or_default() += 1;
+    }
     report.webhooks_delivered = providers.webhooks_delivered.load(Ordering::Relaxed);
     if report.webhooks_delivered < report.charges as u64 {
         report.problems.push(format!(
@@ -429,6 +445,48 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
     report.mismatches = report.problems.len();
     tracing::info!(took = ?started.elapsed(), "chaos run done");
     Ok(report)
+}
+
+/// A reason with what varies from saga to saga taken out, so that like reasons count
+/// together: a number becomes `N` (`attempt 3` is `attempt N`, `5s` is `Ns`), and a word
+/// mixing digits with letters (a saga or charge id, `customer-13`) becomes `<id>`. An
+/// HTTP status (`402 Payment Required`) is kept: it tells failures apart.
+pub fn reason_class(reason: &str) -> String {
+    let is_word = |c: char| c.is_alphanumeric() || c == '_' || c == '-';
+    let mut out = String::with_capacity(reason.len());
+    let mut rest = reason;
+    while let Some(c) = rest.chars().next() {
+        if !is_word(c) {
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        let end = rest.find(|c: char| !is_word(c)).unwrap_or(rest.len());
+        let (word, after) = rest.split_at(end);
+        rest = after;
+        if !word.contains(|c: char| c.is_ascii_digit()) {
+            out.push_str(word);
+            continue;
+        }
+        let digits = word.trim_end_matches(|c: char| c.is_ascii_lowercase());
+        let unit = &word[digits.len()..];
+        let numeric = !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit());
+        let http_status = numeric
+            && digits.len() == 3
+            && unit.is_empty()
+            && (100..600).contains(&digits.parse::<u32>().unwrap_or(0))
+            && after.starts_with(' ')
+            && after[1..].starts_with(|c: char| c.is_ascii_uppercase());
+        if http_status {
+            out.push_str(word);
+        } else if numeric && unit.len() <= 3 {
+            out.push('N');
+            out.push_str(unit);
+        } else {
+            out.push_str("<id>");
+        }
+    }
+    out
 }
 
 async fn post(
@@ -555,4 +613,39 @@ fn reconcile(p: &Providers, ids: &BTreeMap<u32, String>, status: &BTreeMap<u32, 
         }
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reason_class;
+
+    #[test]
+    fn like_reasons_count_together() {
+        let declined = |attempt: u32| {
+            reason_class(&format!(
+                "step `charge` failed permanently at attempt {attempt}: 402 Payment Required: \
+                 {{\"error\":\"card declined\"}}"
+            ))
+        };
+        assert_eq!(declined(1), declined(3));
+        assert_eq!(
+            declined(1),
+            "step `charge` failed permanently at attempt N: 402 Payment Required: \
+             {\"error\":\"card declined\"}"
+        );
+        assert_eq!(
+            reason_class("charge ch_01a21333e1c37cad for customer-13 timed out after 5s"),
+            "charge <id> for <id> timed out after Ns"
+        );
+        assert_eq!(
+            reason_class("saga 01a21333-e1ae-7dc5-a6f6-9eb571db4f2d: 503 Service Unavailable"),
+            "saga <id>: 503 Service Unavailable"
+        );
+        assert_eq!(
+            reason_class("sold-out is out of stock: 4213 cents, 500 of them"),
+            "sold-out is out of stock: N cents, N of them"
+        );
+        assert_eq!(reason_class(""), "");
+        assert_eq!(reason_class("é 12 ü"), "é N ü");
+    }
 }

@@ -330,6 +330,17 @@ async fn main() -> anyhow::Result<()> {
             println!("orders        {}", report.orders);
             println!("completed     {}", report.completed);
             println!("compensated   {}", report.compensated);
+            // Most frequent first.
+            let mut reasons: Vec<(&String, &u32)> = report.compensated_by_reason.iter().collect();
+            reasons.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            let width = reasons
+                .iter()
+                .map(|(_, n)| n.to_string().len())
+                .max()
+                .unwrap_or(0);
+            for (reason, n) in reasons {
+                println!("  {n:>width$}  {reason}");
+            }
             println!("parked        {}", report.parked);
             println!("kills         {}", report.kills);
             println!(

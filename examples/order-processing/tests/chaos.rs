@@ -32,4 +32,22 @@ async fn a_hundred_orders_survive_three_kills_with_nothing_double_charged() {
     assert_eq!(report.orders_created, report.completed as usize);
     assert_eq!(report.forged_webhooks_refused, 3);
     assert_eq!(report.idempotent_replays, 10);
+    // Every compensation is counted under its reason, with no saga's id in it: the
+    // declined cards (amounts ending in 13) all under one reason.
+    assert_eq!(
+        report.compensated_by_reason.values().sum::<u32>(),
+        report.compensated,
+        "{report:?}"
+    );
+    assert!(
+        report.compensated_by_reason.len() < report.compensated as usize,
+        "{report:?}"
+    );
+    let declined: Vec<_> = report
+        .compensated_by_reason
+        .keys()
+        .filter(|r| r.contains("card declined"))
+        .collect();
+    assert_eq!(declined.len(), 1, "{report:?}");
+    assert!(declined[0].contains("attempt N"), "{report:?}");
 }
