@@ -14,8 +14,8 @@ const READ: &str = "read-token-0123456789";
 
 async fn serve() -> (String, sagaflow::SagaId, Arc<Ledger>) {
     let ledger = Ledger::new();
-    ledger.script("order", Phase::Action, [Outcome::Permanent]);
-    ledger.script("inventory", Phase::Compensation, [Outcome::Permanent]);
+    ledger.script("order", Phase::Action, [Outcome::Rejected]);
+    ledger.script("inventory", Phase::Compensation, [Outcome::Rejected]);
     let engine = builder()
         .register(checkout(&ledger))
         .open_with(Arc::new(MemLog::new()))

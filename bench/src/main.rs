@@ -28,8 +28,8 @@ use std::time::Instant;
 use async_trait::async_trait;
 use sagaflow::store::{self, SagaLog, Write};
 use sagaflow::{
-    Engine, Lsn, SagaDefinition, SagaId, SagaMeta, SagaStatus, StartKey, Step, StepContext,
-    StepError, Timestamp,
+    Compensate, Engine, Lsn, SagaDefinition, SagaId, SagaMeta, SagaStatus, StartKey, Step,
+    StepContext, StepError, Timestamp,
 };
 use serde::de::IgnoredAny;
 use serde_json::json;
@@ -219,7 +219,10 @@ impl Step for Noop {
     async fn execute(&self, _: &StepContext, _: IgnoredAny) -> Result<(), StepError> {
         Ok(())
     }
+}
 
+#[async_trait]
+impl Compensate for Noop {
     async fn compensate(
         &self,
         _: &StepContext,
@@ -244,11 +247,14 @@ impl Step for Gate {
 
     async fn execute(&self, _: &StepContext, _: IgnoredAny) -> Result<(), StepError> {
         self.entered.fetch_add(1, Ordering::SeqCst);
-        let permit = self.open.acquire().await.map_err(StepError::permanent)?;
+        let permit = self.open.acquire().await.map_err(StepError::rejected)?;
         permit.forget();
         Ok(())
     }
+}
 
+#[async_trait]
+impl Compensate for Gate {
     async fn compensate(
         &self,
         _: &StepContext,

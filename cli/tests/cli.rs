@@ -50,13 +50,8 @@ fn assert_refusal(o: &Output, id: SagaId, why: &str) {
 /// completed; the engine is stopped when this returns.
 async fn directory(dir: &Path) -> (SagaId, SagaId, Arc<Ledger>) {
     let ledger = Ledger::new();
-    ledger.script_tagged("bad", "order", Phase::Action, [Outcome::Permanent]);
-    ledger.script_tagged(
-        "bad",
-        "inventory",
-        Phase::Compensation,
-        [Outcome::Permanent],
-    );
+    ledger.script_tagged("bad", "order", Phase::Action, [Outcome::Rejected]);
+    ledger.script_tagged("bad", "inventory", Phase::Compensation, [Outcome::Rejected]);
     let engine = builder()
         .register(checkout(&ledger))
         .open(dir)
@@ -171,6 +166,7 @@ async fn every_verb_works_on_a_stopped_engines_directory() {
         SagaOutcome::Compensated { .. }
     ));
     engine.shutdown().await.unwrap();
+    drop(engine); // lets go of the directory
 
     let o = run(&["resolve", &done.to_string(), "--reason", "x"]);
     assert_eq!(

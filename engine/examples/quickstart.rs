@@ -2,9 +2,9 @@
 //!
 //! The first saga's inventory call fails once with a 429, is retried after the hinted
 //! delay with the same idempotency key, and the saga completes. The second saga's
-//! shipping call is refused, so the shipping booking (which may have half happened), the
-//! inventory reservation and the payment are compensated, in reverse order. Every transition of both sagas is printed from the
-//! durable log.
+//! shipping call is rejected (no address: nothing was booked), so shipping is not
+//! compensated, and the inventory reservation and the payment are, in reverse order.
+//! Every transition of both sagas is printed from the durable log.
 //!
 //! Run it with:
 //!
@@ -28,11 +28,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sagaflow::machine::Event;
 use sagaflow::{
-    Engine, RetryPolicy, SagaDefinition, SagaId, Step, StepContext, StepError, StepKind,
-    StepOptions,
+    Compensate, Engine, RetryPolicy, SagaDefinition, SagaId, Step, StepContext, StepError,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Order {
@@ -76,7 +75,10 @@ impl Step for Payment {
             charge_id: format!("ch_{}_{}", order.customer, order.cents),
         })
     }
+}
 
+#[async_trait]
+impl Compensate for Payment {
     async fn compensate(
         &self,
         ctx: &StepContext,
@@ -111,7 +113,10 @@ impl Step for Inventory {
         self.0.apply(ctx);
         Ok(())
     }
+}
 
+#[async_trait]
+impl Compensate for Inventory {
     async fn compensate(
         &self,
         ctx: &StepContext,
@@ -130,13 +135,18 @@ impl Step for Shipping {
 
     async fn execute(&self, _ctx: &StepContext, order: Order) -> Result<String, StepError> {
         if order.address.is_empty() {
-            return Err(StepError::permanent("no shipping address"));
+            // Refused before anything was booked: rejected, so never compensated.
+            return Err(StepError::rejected("no shipping address"));
         }
         Ok(format!("parcel to {}", order.address))
     }
+}
 
-    /// A failed step is compensated too: a call that failed may still have taken effect
-    /// on the other side. Cancelling by idempotency key is a no-op if nothing was booked.
+#[async_trait]
+impl Compensate for Shipping {
+    /// A step that failed with an unknown outcome (a timeout, say) is compensated too: it
+    /// may have taken effect. Cancelling by the action's key is a no-op if nothing was
+    /// booked.
     async fn compensate(
         &self,
         _: &StepContext,
@@ -159,17 +169,7 @@ fn json_name(v: &impl Serialize) -> String {
 
 /// How a saga ended, as one line of JSON.
 fn outcome_json(outcome: &sagaflow::SagaOutcome) -> String {
-    use sagaflow::SagaOutcome::*;
-    let v = match outcome {
-        Completed { outputs } => json!({ "outcome": "completed", "outputs": outputs }),
-        Compensated { reason } => json!({ "outcome": "compensated", "reason": reason }),
-        Parked { reason } => json!({ "outcome": "parked", "reason": reason }),
-        Resolved { operator, reason } => {
-            json!({ "outcome": "resolved", "operator": operator, "reason": reason })
-        }
-        other => json!({ "outcome": format!("{other:?}") }),
-    };
-    v.to_string()
+    serde_json::to_string(outcome).unwrap_or_else(|e| format!("(does not serialize: {e})"))
 }
 
 fn describe(steps: &[String], event: &Event) -> String {
@@ -296,25 +296,16 @@ fn shell_word(path: &Path) -> String {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = Store::from_args()?;
     let service = Arc::new(Service::default());
-    let quick = StepOptions::default().with_retry(
-        RetryPolicy::default()
-            .with_initial_backoff(Duration::from_millis(50))
-            .with_attempt_timeout(Duration::from_secs(5)),
-    );
+    let quick = RetryPolicy::default()
+        .with_initial_backoff(Duration::from_millis(50))
+        .with_attempt_timeout(Duration::from_secs(5));
     let checkout = SagaDefinition::builder("checkout", 1)
-        .step_with(
-            "payment",
-            StepKind::Compensatable,
-            Payment(service.clone()),
-            quick.clone(),
-        )
-        .step_with(
-            "inventory",
-            StepKind::Compensatable,
-            Inventory(service.clone()),
-            quick.clone(),
-        )
-        .step_with("shipping", StepKind::Compensatable, Shipping, quick)
+        .step("payment", Payment(service.clone()))
+        .retry(quick.clone())
+        .step("inventory", Inventory(service.clone()))
+        .retry(quick.clone())
+        .step("shipping", Shipping)
+        .retry(quick)
         .build()?;
 
     let engine = Engine::builder()

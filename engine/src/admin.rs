@@ -427,6 +427,7 @@ fn resolve_unreadable(
         updated_at: now,
         last_lsn: lsn,
         due: None,
+        settling_until: None,
         reason: Some(format!("resolved by {operator}: {reason}")),
     };
     let write = Write {

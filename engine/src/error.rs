@@ -76,6 +76,15 @@ pub enum Error {
         /// The maximum.
         max: usize,
     },
+    /// A start key that names a saga started with another input (G6): the caller reused
+    /// a key for a different request. Nothing was started.
+    #[error("start key `{key}` was used for saga {existing} with another input")]
+    StartKeyConflict {
+        /// The key.
+        key: crate::ids::StartKey,
+        /// The saga it names.
+        existing: SagaId,
+    },
     /// No saga with this id.
     #[error("no saga with id {0}")]
     UnknownSaga(SagaId),
@@ -130,6 +139,7 @@ impl Error {
             Error::PayloadTooDeep { .. } => "SAGA-0013",
             Error::StoreDamaged(_) => "SAGA-0014",
             Error::NewerFormat { .. } => "SAGA-0015",
+            Error::StartKeyConflict { .. } => "SAGA-0016",
         }
     }
 }

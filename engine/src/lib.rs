@@ -6,15 +6,29 @@
 //! stable idempotency keys, and after a crash resumes or rolls back each saga
 //! deterministically.
 //!
+//! ## Add it
+//!
+//! ```toml
+//! [dependencies]
+//! sagaflow = "0.1"
+//! serde = { version = "1", features = ["derive"] }
+//! serde_json = "1"
+//! tokio = { version = "1", features = ["rt-multi-thread", "macros"] }
+//! ```
+//!
+//! `sagaflow::async_trait` is re-exported: no other dependency is needed to write steps.
+//!
 //! ## Define
 //!
-//! A step is a type implementing [`Step`]: an async `execute`, an async `compensate`.
-//! A [`SagaDefinition`] puts steps in order; one of them may be the *pivot*, the point
-//! of no return.
+//! A step is a type implementing [`Step`] (an async `execute`); a step that can be undone
+//! also implements [`Compensate`] (an async `compensate`), and only such a step can be
+//! placed before the pivot. A [`SagaDefinition`] puts steps in order; one of them may be
+//! the *pivot*, the point of no return. A step tells how it failed: retryable,
+//! rejected (no effect: it is not compensated) or unknown (it may have taken effect: it
+//! is compensated); see [`StepError`].
 //!
 //! ```
-//! use async_trait::async_trait;
-//! use sagaflow::{SagaDefinition, Step, StepContext, StepError};
+//! use sagaflow::{async_trait, Compensate, SagaDefinition, Step, StepContext, StepError};
 //! use serde::{Deserialize, Serialize};
 //!
 //! #[derive(Deserialize)]
@@ -31,13 +45,19 @@
 //!     type Output = Charge;
 //!     async fn execute(&self, ctx: &StepContext, order: Order) -> Result<Charge, StepError> {
 //!         if order.cents == 0 {
-//!             return Err(StepError::permanent("nothing to charge"));
+//!             // Refused before anything happened: nothing to undo.
+//!             return Err(StepError::rejected("nothing to charge"));
 //!         }
 //!         // Pass ctx.idempotency_key() to the payment API: a retry never charges twice.
 //!         Ok(Charge { id: format!("ch-{}", ctx.idempotency_key()) })
 //!     }
-//!     async fn compensate(&self, _ctx: &StepContext, _o: Order, _c: Option<Charge>) -> Result<(), StepError> {
-//!         Ok(()) // refund by idempotency key
+//! }
+//!
+//! #[async_trait]
+//! impl Compensate for ChargeCard {
+//!     async fn compensate(&self, ctx: &StepContext, _o: Order, _c: Option<Charge>) -> Result<(), StepError> {
+//!         let _refund_by = ctx.action_key(); // the key the charge was made with
+//!         Ok(())
 //!     }
 //! }
 //!
@@ -55,6 +75,7 @@
 //!
 //! let checkout = SagaDefinition::builder("checkout", 1)
 //!     .step("charge", ChargeCard)
+//!     .not_idempotent() // options chain onto the step added last
 //!     .pivot("create_order", CreateOrder)
 //!     .build()?;
 //! # Ok::<(), sagaflow::definition::Error>(())
@@ -65,8 +86,7 @@
 //! Register definitions, open the engine on a directory, start sagas and wait for them.
 //!
 //! ```
-//! # use async_trait::async_trait;
-//! # use sagaflow::{SagaDefinition, Step, StepContext, StepError};
+//! # use sagaflow::{async_trait, Compensate, SagaDefinition, Step, StepContext, StepError};
 //! # struct Hello;
 //! # #[async_trait]
 //! # impl Step for Hello {
@@ -75,6 +95,9 @@
 //! #     async fn execute(&self, _: &StepContext, who: String) -> Result<String, StepError> {
 //! #         Ok(format!("hello, {who}"))
 //! #     }
+//! # }
+//! # #[async_trait]
+//! # impl Compensate for Hello {
 //! #     async fn compensate(&self, _: &StepContext, _: String, _: Option<String>) -> Result<(), StepError> { Ok(()) }
 //! # }
 //! use sagaflow::{Engine, SagaOutcome, StartKey};
@@ -100,11 +123,53 @@
 //!
 //! ## Recover
 //!
-//! Open an engine on the same directory after a crash (or a drop, or a clean shutdown
-//! in the middle of a saga) and every saga that had not ended continues: a step whose
-//! attempt was started but has no result runs again with the same idempotency key, or,
-//! if it is declared [`Idempotence::NotIdempotent`], is treated as "may have happened"
-//! and compensated. [`Engine::recovery`] reports what was resumed and what was parked.
+//! Open an engine on the same store after a crash (or a drop, or a clean shutdown in the
+//! middle of a saga) and every saga that had not ended continues: a step whose attempt
+//! was started but has no result runs again with the same idempotency key, or, if it is
+//! declared not idempotent, is treated as "may have happened": compensated once that
+//! attempt's deadline has passed. [`Engine::recovery`] reports what was resumed and what
+//! was parked, by id.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicBool, Ordering};
+//! use sagaflow::{async_trait, Compensate, Engine, SagaDefinition, SagaOutcome, Step, StepContext, StepError};
+//! use sagaflow::store::MemLog;
+//!
+//! /// Hangs on its first call, as if the process died during it; succeeds afterwards.
+//! struct Flaky(Arc<AtomicBool>);
+//! #[async_trait]
+//! impl Step for Flaky {
+//!     type Input = serde_json::Value;
+//!     type Output = String;
+//!     async fn execute(&self, ctx: &StepContext, _: serde_json::Value) -> Result<String, StepError> {
+//!         if !self.0.swap(true, Ordering::SeqCst) {
+//!             std::future::pending::<()>().await;
+//!         }
+//!         Ok(format!("done with key {}", ctx.idempotency_key()))
+//!     }
+//! }
+//! #[async_trait]
+//! impl Compensate for Flaky {
+//!     async fn compensate(&self, _: &StepContext, _: serde_json::Value, _: Option<String>) -> Result<(), StepError> { Ok(()) }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let called = Arc::new(AtomicBool::new(false));
+//! let def = || SagaDefinition::builder("job", 1).step("work", Flaky(called.clone())).build();
+//! let store = Arc::new(MemLog::new()); // or a directory, with `open`
+//!
+//! let engine = Engine::builder().register(def()?).open_with(store.clone()).await?;
+//! let id = engine.start("job", serde_json::json!({}), None).await?;
+//! drop(engine); // a crash: the attempt of `work` is in the log, without a result
+//!
+//! let engine = Engine::builder().register(def()?).open_with(store).await?;
+//! assert_eq!(engine.recovery().resumed_ids, vec![id]);
+//! assert!(matches!(engine.wait(id).await?, SagaOutcome::Completed { .. }));
+//! engine.shutdown().await?;
+//! # Ok(()) }
+//! ```
 //!
 //! ## Layers
 //!
@@ -129,15 +194,20 @@ mod payload;
 mod recovery;
 pub mod store;
 
+/// Re-exported so that a step can be written with `#[sagaflow::async_trait]` without a
+/// dependency of its own.
+pub use async_trait::async_trait;
 pub use clock::{
     Clock, Entropy, OsEntropy, SeededEntropy, Sleep, SystemClock, Timestamp, TokioClock,
 };
 pub use definition::{
-    Idempotence, RetryPolicy, SagaDefinition, SagaDefinitionBuilder, Step, StepContext, StepError,
-    StepKind, StepOptions,
+    Compensate, Idempotence, RetryPolicy, SagaDefinition, SagaDefinitionBuilder, Step, StepContext,
+    StepError, StepKind, StepOptions,
 };
 pub use error::{Error, Result};
-pub use executor::{CommitMode, CommitStats, Engine, EngineBuilder, EngineOptions, SagaOutcome};
+pub use executor::{
+    CommitMode, CommitStats, Engine, EngineBuilder, EngineOptions, SagaOutcome, Started,
+};
 pub use ids::{Attempt, IdempotencyKey, Lsn, Phase, SagaId, StartKey};
 pub use machine::{FailureKind, LogRecord, ParkKind, ParkReason, SagaStatus};
 pub use payload::{bound_message, MAX_MESSAGE_BYTES, MAX_PAYLOAD_DEPTH};

@@ -33,8 +33,10 @@ pub struct RecoveryReport {
     /// Every inconsistency the store's consistency check found, and what it did: each
     /// is also logged at WARN.
     pub findings: Vec<Finding>,
-    /// Sagas handed back to a driver.
+    /// How many sagas were handed back to a driver.
     pub resumed: usize,
+    /// Which: the ids of the sagas resumed.
+    pub resumed_ids: Vec<SagaId>,
     /// Sagas parked at recovery, with the reason: damaged, unreadable, written by a
     /// newer engine, or whose definition is missing or no longer fits.
     pub parked: Vec<(SagaId, ParkReason)>,
@@ -137,6 +139,7 @@ async fn recover_one(inner: &Arc<Inner>, id: SagaId, report: &mut RecoveryReport
     // A summary the check could not rebuild is written afresh with the next transition.
     inner.spawn(Driver::new(inner.clone(), def, state, meta));
     report.resumed += 1;
+    report.resumed_ids.push(id);
     Ok(())
 }
 
@@ -180,6 +183,7 @@ async fn park(
         updated_at: now,
         last_lsn: lsn,
         due: None,
+        settling_until: None,
         reason: Some(reason.message.clone()),
     };
     let write = Write {

@@ -6,13 +6,15 @@
 //! `Idempotency-Key` and the saga id as `X-Correlation-Id`, and its outcome becomes the
 //! [`StepError`] the engine needs:
 //!
-//! | outcome | step error |
-//! | --- | --- |
-//! | connection error, timeout, 5xx, 408 | retryable |
-//! | 429, or 503 with `Retry-After` (seconds or HTTP-date) | retryable after that time, at most [`DEFAULT_MAX_RETRY_AFTER`] (one hour; [`Integration::with_max_retry_after`]); the integration pauses for everyone |
-//! | other 4xx | permanent, with the status and the start of the body |
-//! | 2xx whose body does not decode | permanent, saying what was expected |
-//! | 401 with a token source | one token refresh and one replay, then as above |
+//! | outcome | step error | why |
+//! | --- | --- | --- |
+//! | cannot connect | retryable | the request never left |
+//! | 408, 409, 425 | retryable | the service asks for another try |
+//! | 429, or 503 with `Retry-After` (seconds or HTTP-date) | retryable after that time, at most [`DEFAULT_MAX_RETRY_AFTER`] (one hour; [`Integration::with_max_retry_after`]); the integration pauses for everyone | |
+//! | other 4xx | rejected, with the status and the start of the body | the service refused: no effect, not compensated |
+//! | timeout, connection lost after sending, 5xx, an answer that cannot be read | unknown | it may have taken effect: compensated (a pivot parks), never before the attempt's deadline |
+//! | 2xx whose body does not decode | unknown, saying what was expected | it took effect, but its output cannot be recorded |
+//! | 401 with a token source | one token refresh and one replay, then as above | |
 //!
 //! A `Retry-After` is a number the server chose, so it is clamped before it becomes a
 //! step error or a pause: `Retry-After: 18446744073709551615`, `99999999999` or a date
@@ -23,7 +25,7 @@
 //! ```no_run
 //! use std::sync::Arc;
 //! use async_trait::async_trait;
-//! use sagaflow::{Step, StepContext, StepError};
+//! use sagaflow::{Compensate, Step, StepContext, StepError};
 //! use sagaflow_steps::http::Integration;
 //! use serde::{Deserialize, Serialize};
 //!
@@ -39,8 +41,13 @@
 //!     async fn execute(&self, ctx: &StepContext, order: serde_json::Value) -> Result<Charge, StepError> {
 //!         self.payments.post_json(ctx, "/charges", &order).await
 //!     }
+//! }
+//!
+//! #[async_trait]
+//! impl Compensate for ChargeCard {
 //!     async fn compensate(&self, ctx: &StepContext, _: serde_json::Value, charge: Option<Charge>) -> Result<(), StepError> {
-//!         let body = serde_json::json!({ "charge_id": charge.map(|c| c.charge_id), "key": ctx.idempotency_key().as_str() });
+//!         // Refund by the charge's own key when the charge's outcome is unknown.
+//!         let body = serde_json::json!({ "charge_id": charge.map(|c| c.charge_id), "charge_key": ctx.action_key().as_str() });
 //!         self.payments.post_json::<serde_json::Value>(ctx, "/refunds", &body).await.map(|_| ())
 //!     }
 //! }
@@ -148,10 +155,15 @@ pub fn classify_with(
             StepError::retry_after(h.unwrap_or(DEFAULT_RETRY_AFTER.min(max_retry_after)), what)
         }
         (StatusCode::SERVICE_UNAVAILABLE, Some(h)) => StepError::retry_after(h, what),
-        (s, _) if s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT => {
+        (StatusCode::REQUEST_TIMEOUT | StatusCode::CONFLICT | StatusCode::TOO_EARLY, _) => {
             StepError::retryable(what)
         }
-        _ => StepError::permanent(what),
+        // The server may have done the work before failing.
+        (s, _) if s.is_server_error() => StepError::unknown(what),
+        // It refused: nothing happened, and asking again will not change that.
+        (s, _) if s.is_client_error() => StepError::rejected(what),
+        // 1xx and 3xx that reqwest did not follow: not a refusal the service stated.
+        _ => StepError::unknown(what),
     })
 }
 
@@ -243,7 +255,7 @@ impl Integration {
         body: &impl Serialize,
     ) -> Result<T, StepError> {
         let body = serde_json::to_vec(body)
-            .map_err(|e| StepError::permanent(format!("request body does not serialize: {e}")))?;
+            .map_err(|e| StepError::rejected(format!("request body does not serialize: {e}")))?;
         self.call(ctx, Method::POST, path, Some(body)).await
     }
 
@@ -357,14 +369,24 @@ impl Integration {
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => {
-                let what = if e.is_timeout() {
-                    format!("`{}` timed out after {timeout:?}", self.name)
-                } else if e.is_connect() {
-                    format!("cannot connect to `{}`: {}", self.name, e.without_url())
+                // Only a failed connect is known to have sent nothing; a timeout or a
+                // connection lost later may have reached the service.
+                let err = if e.is_connect() {
+                    StepError::retryable(format!(
+                        "cannot connect to `{}`: {}",
+                        self.name,
+                        e.without_url()
+                    ))
+                } else if e.is_timeout() {
+                    StepError::unknown(format!("`{}` timed out after {timeout:?}", self.name))
                 } else {
-                    format!("call to `{}` failed: {}", self.name, e.without_url())
+                    StepError::unknown(format!(
+                        "call to `{}` failed after sending: {}",
+                        self.name,
+                        e.without_url()
+                    ))
                 };
-                return (Err(StepError::retryable(what)), FAILURE, None);
+                return (Err(err), FAILURE, None);
             }
         };
         let status = resp.status();
@@ -377,7 +399,7 @@ impl Integration {
                     self.name,
                     e.without_url()
                 );
-                return (Err(StepError::retryable(what)), FAILURE, Some(status));
+                return (Err(StepError::unknown(what)), FAILURE, Some(status));
             }
         };
         if let Some(err) = classify_with(status, &headers, &bytes, self.max_retry_after) {
@@ -393,8 +415,9 @@ impl Integration {
             tracing::debug!(integration = %self.name, %status, "call failed");
             return (Err(err), health, Some(status));
         }
+        // The service did the work; only its answer cannot be recorded.
         let decoded = serde_json::from_slice::<T>(&bytes).map_err(|e| {
-            StepError::permanent(format!(
+            StepError::unknown(format!(
                 "`{}` answered {status} with a body that does not decode as {}: {e}",
                 self.name,
                 std::any::type_name::<T>()

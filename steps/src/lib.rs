@@ -5,7 +5,7 @@
 //!
 //! | module | feature | answers |
 //! | --- | --- | --- |
-//! | [`http`] | `http` | calls without timeouts, idempotency keys or a correlation id; errors the engine cannot act on (it needs retryable, retry-after or permanent) |
+//! | [`http`] | `http` | calls without timeouts, idempotency keys or a correlation id; errors the engine cannot act on (it needs retryable, retry-after, rejected or unknown) |
 //! | [`rate_limit`] | `rate_limit` | 429 storms: one limiter and one concurrency cap per integration, shared by every saga; a server's Retry-After pauses the integration for everyone (at most an hour by default) |
 //! | [`circuit_breaker`] | `circuit_breaker` | retry storms against a dead service: fail fast as "retry after" while it is open |
 //! | [`oauth`] | `oauth` | expired tokens: cached client-credentials tokens (a day at most by default), refreshed before expiry by one caller, replayed once on a 401 |

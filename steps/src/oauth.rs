@@ -61,7 +61,8 @@ impl Error {
     pub fn to_step_error(&self) -> sagaflow::StepError {
         match self {
             Error::Unavailable(_) => sagaflow::StepError::retryable(self),
-            _ => sagaflow::StepError::permanent(self),
+            // The call itself was never sent: nothing happened downstream.
+            _ => sagaflow::StepError::rejected(self),
         }
     }
 }

@@ -66,7 +66,8 @@ async fn bursts_of_500s_open_the_breaker_and_recovery_closes_it() {
     let c = ctx(7, "charge");
     for _ in 0..5 {
         let e = api.get_json::<Value>(&c, "/pay").await.unwrap_err();
-        assert!(matches!(e, StepError::Retryable { .. }));
+        // A 5xx may have taken effect: unknown (the engine retries it with the same key).
+        assert!(matches!(e, StepError::Unknown { .. }), "{e}");
     }
     assert_eq!(breaker.state(), Breaker::Open);
     // Fails fast: the server sees nothing, the engine is told when to come back.

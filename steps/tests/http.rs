@@ -78,6 +78,9 @@ fn app() -> Router {
             "/422",
             get(|| async { (StatusCode::UNPROCESSABLE_ENTITY, "card declined") }),
         )
+        .route("/408", get(|| async { StatusCode::REQUEST_TIMEOUT }))
+        .route("/409", get(|| async { StatusCode::CONFLICT }))
+        .route("/425", get(|| async { StatusCode::TOO_EARLY }))
         .route(
             "/slow",
             get(|| async {
@@ -168,36 +171,45 @@ async fn answers_are_classified_for_the_engine() {
         Some(Duration::from_secs(7))
     );
 
+    // A 5xx may have done the work before failing: unknown.
     let e = err("/500").await;
-    assert!(matches!(e, StepError::Retryable { .. }), "{e}");
+    assert!(matches!(e, StepError::Unknown { .. }), "{e}");
+    // A refusal: rejected, not compensated.
     let e = err("/404").await;
     assert!(
-        matches!(&e, StepError::Permanent { message } if message.contains("404") && message.contains("no such order")),
+        matches!(&e, StepError::Rejected { message } if message.contains("404") && message.contains("no such order")),
         "{e}"
     );
     let e = err("/422").await;
-    assert!(matches!(e, StepError::Permanent { .. }), "{e}");
+    assert!(matches!(e, StepError::Rejected { .. }), "{e}");
+    // The 4xx that ask for another try.
+    for path in ["/408", "/409", "/425"] {
+        let e = err(path).await;
+        assert!(matches!(e, StepError::Retryable { .. }), "{path}: {e}");
+    }
+    // A 2xx whose answer cannot be recorded: it took effect, so unknown.
     let e = err("/not-json").await;
     assert!(
-        matches!(&e, StepError::Permanent { message } if message.contains("does not decode as")),
+        matches!(&e, StepError::Unknown { message } if message.contains("does not decode as")),
         "{e}"
     );
 }
 
 #[tokio::test]
-async fn a_slow_endpoint_is_a_retryable_timeout_and_a_dead_one_retryable_too() {
+async fn a_slow_endpoint_is_an_unknown_timeout_and_a_dead_one_retryable() {
     let base = serve(app()).await;
     let api = Integration::new("slow", base).with_timeout(SHORT);
     let e = api
         .get_json::<Value>(&ctx(3, "s"), "/slow")
         .await
         .unwrap_err();
+    // The request was sent; it may have taken effect.
     assert!(
-        matches!(&e, StepError::Retryable { message } if message.contains("timed out")),
+        matches!(&e, StepError::Unknown { message } if message.contains("timed out")),
         "{e}"
     );
 
-    // Nothing listens there.
+    // Nothing listens there: nothing was sent.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead = format!("http://{}", listener.local_addr().unwrap());
     drop(listener);

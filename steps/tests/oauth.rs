@@ -125,7 +125,7 @@ async fn refused_credentials_are_permanent() {
     ));
     let e = tokens.token().await.unwrap_err();
     assert!(
-        matches!(e.to_step_error(), sagaflow::StepError::Permanent { .. }),
+        matches!(e.to_step_error(), sagaflow::StepError::Rejected { .. }),
         "{e}"
     );
 }

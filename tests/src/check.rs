@@ -130,15 +130,32 @@ pub fn check_not_idempotent_once(s: &ObservedSaga) -> Result<(), String> {
     Ok(())
 }
 
-/// G5: compensations only for compensatable steps whose action started, in reverse
-/// order, and nothing forward once compensation began.
+/// Which steps' actions may have taken effect, as the log says (G5): an attempt was
+/// started and did not end rejected.
+fn may_have_taken_effect(s: &ObservedSaga) -> Result<Vec<bool>, String> {
+    let state = SagaState::fold(s.id, &s.history)
+        .map_err(|e| format!("saga {}: its log does not fold: {e}", s.id))?;
+    Ok(state
+        .steps
+        .iter()
+        .map(|st| st.may_have_taken_effect())
+        .collect())
+}
+
+/// G5: compensations only for compensatable steps that may have taken effect (started,
+/// and not only rejected), in reverse order, and nothing forward once compensation
+/// began.
 pub fn check_compensation_order(s: &ObservedSaga) -> Result<(), String> {
     let started = started_attempts(&s.history);
+    let effect = may_have_taken_effect(s)?;
     let mut last: Option<usize> = None;
     let mut compensating = false;
     for c in &s.calls {
         let i = step_index(s, &c.step)?;
         match c.phase {
+            // A request sent before compensation began may land during it; whether it
+            // landed before its own undo is `check_effects`' business.
+            Phase::Action if c.late => {}
             Phase::Action if compensating => {
                 return Err(format!(
                     "saga {}: step `{}` ran forward after compensation began",
@@ -163,6 +180,12 @@ pub fn check_compensation_order(s: &ObservedSaga) -> Result<(), String> {
                         s.id, c.step
                     ));
                 }
+                if !effect.get(i).copied().unwrap_or(true) {
+                    return Err(format!(
+                        "saga {}: step `{}` was compensated but every attempt of it was rejected",
+                        s.id, c.step
+                    ));
+                }
                 if last.is_some_and(|l| i > l) {
                     return Err(format!(
                         "saga {}: step `{}` was compensated after a step that started before it",
@@ -177,14 +200,16 @@ pub fn check_compensation_order(s: &ObservedSaga) -> Result<(), String> {
 }
 
 /// G3, G5 at the end: a completed saga took every effect and undid none; a compensated
-/// one undid every compensatable step whose action started, each under its one key.
+/// one undid every compensatable step that may have taken effect, each under its one
+/// key, and keeps no effect: every action that reached a service was followed there by
+/// its undo (an action landing after its undo, a request still on the wire when the
+/// engine compensated, is exactly what the settle window prevents).
 pub fn check_effects(s: &ObservedSaga) -> Result<(), String> {
     let applied = |name: &str, phase: Phase| {
         s.calls
             .iter()
             .any(|c| c.step == name && c.phase == phase && c.applied)
     };
-    let started = started_attempts(&s.history);
     match s.status {
         Some(SagaStatus::Completed) => {
             for st in &s.shape {
@@ -203,17 +228,34 @@ pub fn check_effects(s: &ObservedSaga) -> Result<(), String> {
             }
         }
         Some(SagaStatus::Compensated) => {
+            let effect = may_have_taken_effect(s)?;
             for (i, st) in s.shape.iter().enumerate() {
-                let was_started = started
-                    .iter()
-                    .any(|(x, p, _)| *x == i as u32 && *p == Phase::Action);
-                let must_undo = st.kind == StepKind::Compensatable
-                    && (was_started || applied(&st.name, Phase::Action));
+                if st.kind != StepKind::Compensatable {
+                    continue;
+                }
+                let took_effect = applied(&st.name, Phase::Action);
+                let must_undo = effect.get(i).copied().unwrap_or(false) || took_effect;
                 if must_undo && !applied(&st.name, Phase::Compensation) {
                     return Err(format!(
                         "saga {} is compensated but step `{}` was not undone",
                         s.id, st.name
                     ));
+                }
+                let last_effect = s
+                    .calls
+                    .iter()
+                    .rposition(|c| c.step == st.name && c.phase == Phase::Action && c.applied);
+                let last_undo = s.calls.iter().rposition(|c| {
+                    c.step == st.name && c.phase == Phase::Compensation && c.applied
+                });
+                if let Some(e) = last_effect {
+                    if last_undo.is_none_or(|u| u < e) {
+                        return Err(format!(
+                            "saga {} is compensated but keeps the effect of step `{}`: it landed \
+                             after its undo",
+                            s.id, st.name
+                        ));
+                    }
                 }
             }
         }

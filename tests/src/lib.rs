@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sagaflow::{
-    Engine, EngineBuilder, Idempotence, Phase, RetryPolicy, SagaDefinition, SagaId, Step,
-    StepContext, StepError, StepKind, StepOptions,
+    Compensate, Engine, EngineBuilder, Idempotence, Phase, RetryPolicy, SagaDefinition, SagaId,
+    Step, StepContext, StepError, StepKind, StepOptions,
 };
 use serde_json::{json, Value};
 
@@ -31,8 +31,18 @@ pub enum Outcome {
     Retryable,
     /// Fails transiently with a retry-after hint, without effect.
     RetryAfter(Duration),
-    /// Refuses, without effect.
-    Permanent,
+    /// Refuses, without effect (rejected).
+    Rejected,
+    /// Fails without effect, but says the outcome is unknown (a dropped connection
+    /// before the request was sent, as far as the caller can tell).
+    Unknown,
+    /// Takes effect, then says the outcome is unknown (the reply was lost).
+    ApplyThenUnknown,
+    /// The request is on the wire: the step says the outcome is unknown at once (the
+    /// connection dropped after sending), and the effect lands this long after the call,
+    /// even if the engine that sent it has crashed meanwhile. The delays used stay
+    /// inside the attempt's deadline, which is all the engine can promise about.
+    Late(Duration),
     /// Panics, without effect.
     Panic,
     /// Never returns (until the attempt times out or the engine is dropped).
@@ -45,7 +55,10 @@ pub enum Outcome {
 
 impl Outcome {
     fn applies(self) -> bool {
-        matches!(self, Outcome::Ok | Outcome::ApplyThenHang | Outcome::Big(_))
+        matches!(
+            self,
+            Outcome::Ok | Outcome::ApplyThenHang | Outcome::ApplyThenUnknown | Outcome::Big(_)
+        )
     }
 }
 
@@ -64,6 +77,9 @@ pub struct Call {
     pub attempt: u32,
     /// Whether it took effect.
     pub applied: bool,
+    /// Whether this is the late landing of a request sent earlier ([`Outcome::Late`]),
+    /// not a call the engine made at this point.
+    pub late: bool,
 }
 
 /// A fake downstream service: records every call and every effect by idempotency key.
@@ -141,7 +157,7 @@ impl Ledger {
         *self.crash.lock().unwrap() = plan;
     }
 
-    async fn perform(&self, ctx: &StepContext) -> Result<Value, StepError> {
+    async fn perform(self: &Arc<Self>, ctx: &StepContext) -> Result<Value, StepError> {
         let plan = self.crash.lock().unwrap().clone();
         let fate = plan.as_ref().map_or(EffectFate::Proceed, |p| p.on_effect());
         if fate == EffectFate::Dead || fate == EffectFate::CrashBefore {
@@ -172,6 +188,7 @@ impl Ledger {
                 key: key.clone(),
                 attempt: ctx.attempt().0,
                 applied,
+                late: false,
             });
             if applied {
                 let n = g.effects.entry(key.clone()).or_default();
@@ -183,6 +200,32 @@ impl Ledger {
             outcome
         };
         self.called.send_modify(|n| *n += 1);
+        if let Outcome::Late(after) = outcome {
+            // Lands later, on the runtime rather than in the engine's tasks: a crash of
+            // the engine does not stop a request already sent.
+            let ledger = self.clone();
+            let late = Call {
+                tag: ctx
+                    .saga_input()
+                    .get("tag")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                step: step.clone(),
+                phase,
+                key: key.clone(),
+                attempt: ctx.attempt().0,
+                applied: true,
+                late: true,
+            };
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                ledger.land(late);
+            });
+            return Err(StepError::unknown(format!(
+                "{step}: connection reset after sending"
+            )));
+        }
         if fate == EffectFate::CrashAfter {
             // The effect happened; the process died before hearing back.
             return std::future::pending().await;
@@ -191,11 +234,29 @@ impl Ledger {
             Outcome::Ok => Ok(json!({ "receipt": key })),
             Outcome::Retryable => Err(StepError::retryable("service unavailable")),
             Outcome::RetryAfter(d) => Err(StepError::retry_after(d, "429 too many requests")),
-            Outcome::Permanent => Err(StepError::permanent(format!("{step} refused"))),
+            Outcome::Rejected => Err(StepError::rejected(format!("{step} refused"))),
+            // `Late` was answered above; the arm keeps the match whole.
+            Outcome::Unknown | Outcome::ApplyThenUnknown | Outcome::Late(_) => {
+                Err(StepError::unknown(format!("{step}: connection reset")))
+            }
             Outcome::Panic => panic!("{step} blew up"),
             Outcome::Hang | Outcome::ApplyThenHang => std::future::pending().await,
             Outcome::Big(n) => Ok(json!({ "blob": "x".repeat(n) })),
         }
+    }
+
+    /// Records an effect that arrives now (a late request).
+    fn land(&self, call: Call) {
+        let mut g = self.inner.lock().unwrap();
+        let n = g.effects.entry(call.key.clone()).or_default();
+        *n += 1;
+        if *n == 1 {
+            g.order
+                .push((call.step.clone(), call.phase, call.key.clone()));
+        }
+        g.calls.push(call);
+        drop(g);
+        self.called.send_modify(|n| *n += 1);
     }
 
     /// Waits until some call of `step`'s `phase` in `saga` has been made.
@@ -262,7 +323,10 @@ impl Step for FakeStep {
         assert_eq!(ctx.step_name(), self.name);
         self.ledger.perform(ctx).await
     }
+}
 
+#[async_trait]
+impl Compensate for FakeStep {
     async fn compensate(
         &self,
         ctx: &StepContext,

@@ -66,7 +66,11 @@ fn action_outcome() -> impl Strategy<Value = Outcome> + Clone {
     prop_oneof![
         4 => Just(Outcome::Retryable),
         2 => (1u64..5_000).prop_map(|ms| Outcome::RetryAfter(Duration::from_millis(ms))),
-        1 => Just(Outcome::Permanent),
+        1 => Just(Outcome::Rejected),
+        1 => Just(Outcome::Unknown),
+        1 => Just(Outcome::ApplyThenUnknown),
+        // Inside the sims' 5 s attempt timeout.
+        1 => (1u64..4_999).prop_map(|ms| Outcome::Late(Duration::from_millis(ms))),
         1 => Just(Outcome::Hang),
         1 => Just(Outcome::Panic),
         1 => Just(Outcome::ApplyThenHang),
@@ -78,7 +82,7 @@ fn compensation_outcome() -> impl Strategy<Value = Outcome> + Clone {
         4 => Just(Outcome::Retryable),
         1 => Just(Outcome::Hang),
         1 => Just(Outcome::Panic),
-        1 => Just(Outcome::Permanent),
+        1 => Just(Outcome::Rejected),
     ]
 }
 
@@ -187,10 +191,13 @@ impl Case {
             } else {
                 quick(4)
             };
+            // Two interruptions in a row park: crashes that keep landing on one attempt
+            // make crash loops.
             let opts = StepOptions::default()
                 .with_idempotence(s.idempotence)
                 .with_retry(retry)
-                .with_compensation_retry(quick(5));
+                .with_compensation_retry(quick(5))
+                .with_max_interruptions(2);
             b = b.step_with(
                 NAMES[i],
                 s.kind,

@@ -9,11 +9,12 @@ use sagaflow_tests::crash::{Crash, CrashPoint};
 use sagaflow_tests::sim::{run_and_check, run_case, Case, SagaSpec, SimStore, StepSpec};
 use sagaflow_tests::Outcome;
 
-/// Three compensatable steps, one saga; `fail` fails that step permanently.
-fn case(fail: Option<usize>) -> Case {
+/// Three compensatable steps, one saga; `fail` fails that step with `how`.
+fn case_with(fail: Option<usize>, how: Outcome) -> Case {
     let mut action = vec![Vec::new(); 3];
     if let Some(i) = fail {
-        action[i] = vec![Outcome::Permanent];
+        // Unknown outcomes are retried (the steps are idempotent): one per attempt.
+        action[i] = vec![how; 4];
     }
     Case {
         seed: 1,
@@ -32,8 +33,17 @@ fn case(fail: Option<usize>) -> Case {
     }
 }
 
+/// `fail` fails with an unknown outcome: that step is compensated too.
+fn case(fail: Option<usize>) -> Case {
+    case_with(fail, Outcome::Unknown)
+}
+
 fn observe(fail: Option<usize>) -> ObservedSaga {
-    let report = run_case(&case(fail), &SimStore::Memory).expect("run");
+    observe_case(&case(fail))
+}
+
+fn observe_case(case: &Case) -> ObservedSaga {
+    let report = run_case(case, &SimStore::Memory).expect("run");
     report.check().expect("a clean run passes every check");
     report.sagas.into_iter().next().expect("one saga")
 }
@@ -118,6 +128,39 @@ fn compensating_a_step_that_never_started_is_rejected() {
     s.calls.insert(first_comp, ghost);
     let err = check::check_compensation_order(&s).unwrap_err();
     assert!(err.contains("never started"), "{err}");
+}
+
+#[test]
+fn compensating_a_rejected_step_is_rejected() {
+    let mut s = observe_case(&case_with(Some(2), Outcome::Rejected));
+    assert_eq!(s.status, Some(SagaStatus::Compensated));
+    assert_eq!(
+        comp_positions(&s).len(),
+        2,
+        "the rejected step is not undone"
+    );
+    let first_comp = comp_positions(&s)[0];
+    let mut undo = s.calls[first_comp].clone();
+    undo.step = "s2".into();
+    undo.key = format!("{}/s2/compensation", s.id);
+    s.calls.insert(first_comp, undo);
+    let err = check::check_compensation_order(&s).unwrap_err();
+    assert!(err.contains("every attempt of it was rejected"), "{err}");
+}
+
+#[test]
+fn an_effect_landing_after_its_undo_is_rejected() {
+    let mut s = compensated();
+    // The first step's charge arrives after its refund: a late request.
+    let effect = s
+        .calls
+        .iter()
+        .position(|c| c.step == "s0" && c.phase == Phase::Action && c.applied)
+        .unwrap();
+    let late = s.calls.remove(effect);
+    s.calls.push(late);
+    let err = check::check_effects(&s).unwrap_err();
+    assert!(err.contains("landed after its undo"), "{err}");
 }
 
 #[test]

@@ -21,7 +21,7 @@ use serde_json::json;
 /// undo of inventory hangs), 4 completed; then the engine is dropped, as a crash would.
 async fn thirteen_sagas(dir: &Path, ledger: &Arc<Ledger>) -> Vec<SagaId> {
     ledger.script_tagged("run", "inventory", Phase::Action, [Outcome::Hang; 7]);
-    ledger.script_tagged("comp", "order", Phase::Action, [Outcome::Permanent; 2]);
+    ledger.script_tagged("comp", "order", Phase::Action, [Outcome::Rejected; 2]);
     ledger.script_tagged("comp", "inventory", Phase::Compensation, [Outcome::Hang; 2]);
     let engine = builder()
         .register(checkout(ledger))

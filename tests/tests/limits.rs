@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use sagaflow::machine::{Event, Repair};
 use sagaflow::store::MemLog;
 use sagaflow::{
-    Error, FailureKind, SagaDefinition, SagaOutcome, Step, StepContext, StepError,
+    Compensate, Error, FailureKind, SagaDefinition, SagaOutcome, Step, StepContext, StepError,
     MAX_MESSAGE_BYTES,
 };
 use sagaflow_tests::*;
@@ -44,12 +44,15 @@ impl Step for Hostile {
     async fn execute(&self, _ctx: &StepContext, input: Value) -> Result<Value, StepError> {
         match input.get("do").and_then(Value::as_str) {
             Some("deep") => Ok(nested(120)),
-            Some("huge-error") => Err(StepError::permanent("e".repeat(20 << 20))),
+            Some("huge-error") => Err(StepError::rejected("e".repeat(20 << 20))),
             Some("huge-panic") => panic!("{}", "p".repeat(1 << 20)),
             _ => Ok(json!("ok")),
         }
     }
+}
 
+#[async_trait]
+impl Compensate for Hostile {
     async fn compensate(
         &self,
         _: &StepContext,
@@ -126,7 +129,8 @@ async fn an_output_too_deep_fails_its_attempt_and_the_saga_compensates() {
             _ => None,
         })
         .unwrap();
-    assert_eq!(failed.0, FailureKind::Permanent);
+    // The action ran; only its output cannot be recorded: unknown, so compensated.
+    assert_eq!(failed.0, FailureKind::Unknown);
     assert!(failed.1.contains("deeper than 100 levels"), "{}", failed.1);
     engine.shutdown().await.unwrap();
 }
@@ -162,11 +166,11 @@ async fn huge_error_and_panic_messages_are_stored_cut() {
 #[tokio::test]
 async fn an_operator_reason_longer_than_the_limit_is_refused() {
     let ledger = Ledger::new();
-    ledger.script("payment", sagaflow::Phase::Action, [Outcome::Permanent]);
+    ledger.script("payment", sagaflow::Phase::Action, [Outcome::Rejected]);
     ledger.script(
         "payment",
         sagaflow::Phase::Compensation,
-        [Outcome::Permanent; 10],
+        [Outcome::Rejected; 10],
     );
     let engine = memory_engine(checkout(&ledger)).await;
     let id = engine.start("checkout", json!({}), None).await.unwrap();

@@ -26,14 +26,9 @@ fn metric(text: &str, line_start: &str) -> f64 {
 async fn metrics_count_a_known_scenario() {
     let ledger = Ledger::new();
     ledger.script_tagged("ok", "payment", Phase::Action, [Outcome::Retryable]);
-    ledger.script_tagged("undo", "order", Phase::Action, [Outcome::Permanent]);
-    ledger.script_tagged("stuck", "order", Phase::Action, [Outcome::Permanent]);
-    ledger.script_tagged(
-        "stuck",
-        "payment",
-        Phase::Compensation,
-        [Outcome::Permanent],
-    );
+    ledger.script_tagged("undo", "order", Phase::Action, [Outcome::Rejected]);
+    ledger.script_tagged("stuck", "order", Phase::Action, [Outcome::Rejected]);
+    ledger.script_tagged("stuck", "payment", Phase::Compensation, [Outcome::Rejected]);
     let engine = memory_engine(checkout(&ledger)).await;
     for tag in ["ok", "undo", "stuck"] {
         let id = engine
@@ -63,11 +58,11 @@ async fn metrics_count_a_known_scenario() {
         1.0
     );
     assert_eq!(
-        c("sagaflow_step_failures_total{definition=\"checkout\",step=\"order\",phase=\"action\",kind=\"permanent\"}"),
+        c("sagaflow_step_failures_total{definition=\"checkout\",step=\"order\",phase=\"action\",kind=\"rejected\"}"),
         2.0
     );
     assert_eq!(
-        c("sagaflow_step_failures_total{definition=\"checkout\",step=\"payment\",phase=\"compensation\",kind=\"permanent\"}"),
+        c("sagaflow_step_failures_total{definition=\"checkout\",step=\"payment\",phase=\"compensation\",kind=\"rejected\"}"),
         1.0
     );
     // Durations are observed for the two sagas that ended for good.
@@ -173,8 +168,8 @@ async fn a_saga_without_progress_is_flagged_stuck_and_a_waiting_one_is_not() {
 async fn offline_admin_lists_and_repairs_a_stopped_engine_directory() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = Ledger::new();
-    ledger.script("order", Phase::Action, [Outcome::Permanent]);
-    ledger.script("inventory", Phase::Compensation, [Outcome::Permanent]);
+    ledger.script("order", Phase::Action, [Outcome::Rejected]);
+    ledger.script("inventory", Phase::Compensation, [Outcome::Rejected]);
     let engine = builder()
         .register(checkout(&ledger))
         .open(dir.path())
@@ -194,6 +189,7 @@ async fn offline_admin_lists_and_repairs_a_stopped_engine_directory() {
         .unwrap();
     assert!(matches!(locked, Err(Error::Store(_))), "{locked:?}");
     engine.shutdown().await.unwrap();
+    drop(engine); // lets go of the directory
 
     let path = dir.path().to_path_buf();
     let meta = tokio::task::spawn_blocking(move || {

@@ -33,8 +33,8 @@ fn operator_actions(
 #[tokio::test]
 async fn a_parked_compensation_is_resumed_and_finishes() {
     let ledger = Ledger::new();
-    ledger.script("order", Phase::Action, [Outcome::Permanent]);
-    ledger.script("inventory", Phase::Compensation, [Outcome::Permanent]);
+    ledger.script("order", Phase::Action, [Outcome::Rejected]);
+    ledger.script("inventory", Phase::Compensation, [Outcome::Rejected]);
     let engine = memory_engine(checkout(&ledger)).await;
     let id = engine.start("checkout", json!({}), None).await.unwrap();
     let SagaOutcome::Parked { reason } = engine.wait(id).await.unwrap() else {
@@ -69,7 +69,7 @@ async fn a_step_after_the_pivot_is_skipped_or_resumed() {
     ledger.script(
         "notify",
         Phase::Action,
-        [Outcome::Permanent, Outcome::Permanent],
+        [Outcome::Rejected, Outcome::Rejected],
     );
     let engine = memory_engine(checkout_with_pivot(&ledger)).await;
     // One saga is resumed (and fails again: parked again), then skipped.
@@ -121,7 +121,7 @@ async fn a_step_after_the_pivot_is_skipped_or_resumed() {
 #[tokio::test]
 async fn compensation_cannot_be_forced_after_the_pivot() {
     let ledger = Ledger::new();
-    ledger.script("notify", Phase::Action, [Outcome::Permanent]);
+    ledger.script("notify", Phase::Action, [Outcome::Rejected]);
     let engine = memory_engine(checkout_with_pivot(&ledger)).await;
     let id = engine
         .start("checkout-pivot", json!({}), None)
@@ -238,8 +238,8 @@ fn clock_now(clock: &TokioClock) -> Timestamp {
 #[tokio::test]
 async fn a_saga_marked_resolved_is_final_and_no_longer_driven() {
     let ledger = Ledger::new();
-    ledger.script("order", Phase::Action, [Outcome::Permanent]);
-    ledger.script("payment", Phase::Compensation, [Outcome::Permanent]);
+    ledger.script("order", Phase::Action, [Outcome::Rejected]);
+    ledger.script("payment", Phase::Compensation, [Outcome::Rejected]);
     let store = Arc::new(MemLog::new());
     let engine = builder()
         .register(checkout(&ledger))

@@ -3,10 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use sagaflow::machine::Event;
 use sagaflow::store::MemLog;
 use sagaflow::{
-    Error, FailureKind, Idempotence, ParkKind, Phase, SagaOutcome, SagaStatus, StartKey, Timestamp,
-    TokioClock,
+    Error, FailureKind, Idempotence, ParkKind, Phase, SagaOutcome, SagaStatus, StartKey, Started,
+    Timestamp, TokioClock,
 };
 use sagaflow_tests::*;
 use serde_json::json;
@@ -56,10 +57,10 @@ async fn all_steps_succeed() {
 }
 
 #[tokio::test]
-async fn each_step_failing_permanently_compensates_only_started_steps_in_reverse() {
+async fn a_rejected_step_is_not_compensated_the_steps_before_it_are_in_reverse() {
     for failing in 0..3 {
         let ledger = Ledger::new();
-        ledger.script(STEPS[failing], Phase::Action, [Outcome::Permanent]);
+        ledger.script(STEPS[failing], Phase::Action, [Outcome::Rejected]);
         let engine = memory_engine(checkout(&ledger)).await;
         let id = engine.start("checkout", json!({}), None).await.unwrap();
         let outcome = engine.wait(id).await.unwrap();
@@ -67,25 +68,83 @@ async fn each_step_failing_permanently_compensates_only_started_steps_in_reverse
             panic!("step {failing}: expected compensated, got {outcome:?}");
         };
         assert!(reason.contains(STEPS[failing]), "{reason}");
-        // Forward effects of the steps before the failing one, then compensations of
-        // every started step (the failing one included: it was started) in reverse.
+        assert!(reason.contains("rejected"), "{reason}");
+        // Forward effects of the steps before the failing one, then their compensations
+        // in reverse; the rejected step took no effect and is not compensated.
         let mut expected: Vec<(String, Phase)> = STEPS[..failing]
             .iter()
             .map(|s| (s.to_string(), Phase::Action))
             .collect();
         expected.extend(
-            STEPS[..=failing]
+            STEPS[..failing]
                 .iter()
                 .rev()
                 .map(|s| (s.to_string(), Phase::Compensation)),
         );
         assert_eq!(ledger.effects_of(id), expected, "failing step {failing}");
+        assert!(ledger
+            .calls_of(id, STEPS[failing], Phase::Compensation)
+            .is_empty());
         // Steps after the failing one were never called at all.
         for s in &STEPS[failing + 1..] {
             assert!(ledger.calls_of(id, s, Phase::Action).is_empty());
             assert!(ledger.calls_of(id, s, Phase::Compensation).is_empty());
         }
         assert_eq!(engine.status(id).unwrap().status, SagaStatus::Compensated);
+        engine.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_whose_outcome_stays_unknown_is_compensated_itself_after_its_deadline() {
+    for failing in 0..3 {
+        let ledger = Ledger::new();
+        // Four attempts (the policy's limit), each of unknown outcome.
+        ledger.script(STEPS[failing], Phase::Action, [Outcome::Unknown; 4]);
+        let clock = Arc::new(TokioClock::starting_at(Timestamp::from_millis(1_000_000)));
+        let engine = paused_builder(clock.clone())
+            .register(checkout(&ledger))
+            .open_with(Arc::new(MemLog::new()))
+            .await
+            .unwrap();
+        let id = engine.start("checkout", json!({}), None).await.unwrap();
+        let outcome = engine.wait(id).await.unwrap();
+        assert!(
+            matches!(outcome, SagaOutcome::Compensated { .. }),
+            "{outcome:?}"
+        );
+        // Every started step is undone, the failing one included, in reverse.
+        let undone: Vec<String> = ledger
+            .calls()
+            .into_iter()
+            .filter(|c| c.phase == Phase::Compensation)
+            .map(|c| c.step)
+            .collect();
+        let want: Vec<String> = STEPS[..=failing]
+            .iter()
+            .rev()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(undone, want, "failing step {failing}");
+        // Not before the last attempt's deadline: nothing it sent can land after its undo.
+        let history = engine.history(id).unwrap();
+        let deadline = history
+            .iter()
+            .rev()
+            .find_map(|r| match r.event {
+                Event::StepAttemptStarted { deadline, .. } => Some(deadline),
+                _ => None,
+            })
+            .unwrap();
+        let began = history
+            .iter()
+            .find(|r| matches!(r.event, Event::CompensationBegan { .. }))
+            .unwrap();
+        assert!(
+            began.at >= deadline,
+            "compensation began at {} before {deadline}",
+            began.at
+        );
         engine.shutdown().await.unwrap();
     }
 }
@@ -250,7 +309,7 @@ async fn after_the_pivot_failures_retry_forward_and_never_compensate() {
 #[tokio::test]
 async fn a_permanent_failure_after_the_pivot_parks_without_compensating() {
     let ledger = Ledger::new();
-    ledger.script("notify", Phase::Action, [Outcome::Permanent]);
+    ledger.script("notify", Phase::Action, [Outcome::Rejected]);
     let engine = memory_engine(checkout_with_pivot(&ledger)).await;
     let id = engine
         .start("checkout-pivot", json!({}), None)
@@ -272,7 +331,7 @@ async fn a_permanent_failure_after_the_pivot_parks_without_compensating() {
 #[tokio::test]
 async fn a_failed_pivot_compensates_the_steps_before_it_but_not_itself() {
     let ledger = Ledger::new();
-    ledger.script("order", Phase::Action, [Outcome::Permanent]);
+    ledger.script("order", Phase::Action, [Outcome::Rejected]);
     let engine = memory_engine(checkout_with_pivot(&ledger)).await;
     let id = engine
         .start("checkout-pivot", json!({}), None)
@@ -298,11 +357,11 @@ async fn a_failed_pivot_compensates_the_steps_before_it_but_not_itself() {
 #[tokio::test]
 async fn a_compensation_that_fails_permanently_parks_with_a_readable_reason() {
     let ledger = Ledger::new();
-    ledger.script("order", Phase::Action, [Outcome::Permanent]);
+    ledger.script("order", Phase::Action, [Outcome::Rejected]);
     ledger.script(
         "inventory",
         Phase::Compensation,
-        [Outcome::Retryable, Outcome::Permanent],
+        [Outcome::Retryable, Outcome::Rejected],
     );
     let engine = memory_engine(checkout(&ledger)).await;
     let id = engine.start("checkout", json!({}), None).await.unwrap();
@@ -348,6 +407,77 @@ async fn a_second_start_with_the_same_key_runs_nothing() {
     assert_eq!(ledger.calls().len(), 3, "one call per step, once");
     assert_eq!(engine.list(SagaStatus::Completed).unwrap().len(), 1);
     engine.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_start_key_reused_with_another_input_is_refused_and_the_caller_can_tell_new_from_existing(
+) {
+    let ledger = Ledger::new();
+    let engine = memory_engine(checkout(&ledger)).await;
+    let key = StartKey::new("order-7").unwrap();
+    let first = engine
+        .start_once("checkout", json!({"cents": 500, "sku": "a"}), key.clone())
+        .await
+        .unwrap();
+    assert!(first.is_new());
+    // The same input, keys in another order: the same request.
+    let again = engine
+        .start_once("checkout", json!({"sku": "a", "cents": 500}), key.clone())
+        .await
+        .unwrap();
+    assert_eq!(again, Started::Existing(first.id()));
+    let err = engine
+        .start_once("checkout", json!({"cents": 900, "sku": "a"}), key.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::StartKeyConflict { existing, .. } if *existing == first.id()),
+        "{err}"
+    );
+    assert_eq!(err.code(), "SAGA-0016");
+    // `start` refuses it the same way.
+    assert!(matches!(
+        engine
+            .start("checkout", json!({"cents": 900}), Some(key))
+            .await,
+        Err(Error::StartKeyConflict { .. })
+    ));
+    engine.wait(first.id()).await.unwrap();
+    assert_eq!(ledger.calls().len(), 3, "one saga ran, once");
+    assert_eq!(
+        serde_json::to_value(first).unwrap(),
+        json!({"started": "new", "id": first.id()})
+    );
+    engine.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_engine_is_cheap_to_clone_and_any_clone_shuts_it_down() {
+    let ledger = Ledger::new();
+    let engine = memory_engine(checkout(&ledger)).await;
+    let clones: Vec<_> = (0..4).map(|_| engine.clone()).collect();
+    let mut handles = Vec::new();
+    for (i, e) in clones.into_iter().enumerate() {
+        handles.push(tokio::spawn(async move {
+            let id = e.start("checkout", json!({ "n": i }), None).await.unwrap();
+            e.wait(id).await.unwrap()
+        }));
+    }
+    for h in handles {
+        let outcome = h.await.unwrap();
+        assert!(matches!(outcome, SagaOutcome::Completed { .. }));
+        // Outcomes serialize with their kind.
+        assert_eq!(
+            serde_json::to_value(&outcome).unwrap()["outcome"],
+            "completed"
+        );
+    }
+    let other = engine.clone();
+    other.shutdown().await.unwrap();
+    assert!(matches!(
+        engine.start("checkout", json!({}), None).await,
+        Err(Error::ShuttingDown)
+    ));
 }
 
 #[tokio::test]
@@ -479,7 +609,7 @@ async fn bad_starts_get_typed_errors_and_write_nothing() {
         .options(sagaflow::EngineOptions::default().with_max_payload_bytes(100))
         .register(
             SagaDefinition::builder("typed", 1)
-                .step("t", Typed)
+                .pivot("t", Typed)
                 .build()
                 .unwrap(),
         )

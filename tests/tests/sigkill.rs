@@ -102,6 +102,8 @@ fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
     let log = SledLog::open(&dir).expect("open the store");
     let text = std::fs::read_to_string(&ledger).expect("ledger");
     let mut applied: BTreeMap<String, BTreeSet<(String, char)>> = BTreeMap::new();
+    // Where each (saga, step, tag) last landed in the ledger, in arrival order.
+    let mut last_at: BTreeMap<(String, String, char), usize> = BTreeMap::new();
     let mut lines = 0;
     for line in text.lines() {
         let (tag, key) = line
@@ -119,6 +121,7 @@ fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
             .entry(saga.to_string())
             .or_default()
             .insert((step.to_string(), tag));
+        last_at.insert((saga.to_string(), step.to_string(), tag), lines);
         lines += 1;
     }
     let (mut completed, mut compensated) = (0, 0);
@@ -147,6 +150,13 @@ fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
                 for step in ["reserve", "charge"] {
                     if has(step, 'A') {
                         assert!(has(step, 'C'), "order-{n}: {step} was left applied");
+                        // No effect kept: the last charge landed before its refund, late
+                        // arrivals included (the ledger does not remember refunds).
+                        let at = |tag| last_at[&(id.to_string(), step.to_string(), tag)];
+                        assert!(
+                            at('A') < at('C'),
+                            "order-{n}: {step} landed after its undo (a request arrived late)"
+                        );
                     }
                 }
                 assert!(
@@ -173,4 +183,51 @@ fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
         lines - distinct
     );
     assert!(completed > 0 && compensated > 0);
+    let late = (0..sagas).filter(|n| n % 5 == 1).count();
+    eprintln!("sigkill test: {late} orders had their charge delivered late");
+}
+
+/// A step that kills its own process every time it runs must not crash-loop the engine:
+/// after 5 interruptions in a row the saga is parked with `crash_loop`, and the engine
+/// runs on (G4).
+#[test]
+fn a_step_that_aborts_its_process_parks_its_saga_as_a_crash_loop() {
+    let exe = env!("CARGO_BIN_EXE_sagaflow-crash-child");
+    let work = tempfile::tempdir().expect("temp dir");
+    let dir = work.path().join("data");
+    let ledger = work.path().join("ledger.txt");
+    let run = || {
+        Command::new(exe)
+            .arg(&dir)
+            .arg(&ledger)
+            .arg("1")
+            .arg("abort")
+            .stderr(Stdio::null())
+            .output()
+            .expect("run the child")
+    };
+    let mut aborted = 0;
+    let out = loop {
+        let out = run();
+        if out.status.success() {
+            break out;
+        }
+        aborted += 1;
+        assert!(aborted <= 5, "still crashing after {aborted} runs");
+    };
+    assert_eq!(
+        aborted, 5,
+        "parked after exactly five interruptions in a row"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.trim(), "DONE 0 0 1");
+    let log = SledLog::open(&dir).expect("open the store");
+    let id = log
+        .find_start_key(&StartKey::new("order-0").expect("key"))
+        .expect("index")
+        .expect("started");
+    let meta = log.meta(id).expect("meta").expect("summary");
+    assert_eq!(meta.status, SagaStatus::Parked);
+    let reason = meta.reason.unwrap_or_default();
+    assert!(reason.contains("5 attempts in a row"), "{reason}");
 }

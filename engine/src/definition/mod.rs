@@ -12,10 +12,12 @@ mod step;
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use retry::RetryPolicy;
-pub(crate) use step::{Erased, ErasedStep};
-pub use step::{Step, StepContext, StepError};
+pub(crate) use step::ErasedStep;
+pub use step::{Compensate, Step, StepContext, StepError};
+use step::{Forward, Undoable};
 
 /// The longest step or definition name accepted, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
@@ -38,6 +40,10 @@ pub enum Error {
     /// A name is empty, too long, or has characters outside `[A-Za-z0-9_.-]`.
     #[error("invalid name `{0}`: use 1 to 64 characters from A-Z, a-z, 0-9, `_`, `.`, `-`")]
     InvalidName(String),
+    /// A step option was set before any step was added (options apply to the step
+    /// added last).
+    #[error("saga `{0}`: a step option was set before any step")]
+    OptionWithoutStep(String),
     /// More than one pivot step.
     #[error("saga `{saga}` has a second pivot `{step}`; a saga has at most one")]
     SecondPivot {
@@ -122,6 +128,11 @@ pub struct StepOptions {
     pub retry: RetryPolicy,
     /// Retry policy of the compensation.
     pub compensation_retry: RetryPolicy,
+    /// How many times in a row an attempt of this step (or its compensation) may be
+    /// interrupted by a crash before the saga is parked with `crash_loop`: a step that
+    /// kills its process must not crash-loop the engine forever. Interruptions never use
+    /// up the retry budget (G4). Default 5.
+    pub max_interruptions: u32,
     explicit_retry: bool,
 }
 
@@ -131,6 +142,7 @@ impl Default for StepOptions {
             idempotence: Idempotence::default(),
             retry: RetryPolicy::default(),
             compensation_retry: RetryPolicy::compensation_default(),
+            max_interruptions: 5,
             explicit_retry: false,
         }
     }
@@ -153,6 +165,12 @@ impl StepOptions {
     /// Sets the compensation's retry policy.
     pub fn with_compensation_retry(mut self, policy: RetryPolicy) -> Self {
         self.compensation_retry = policy;
+        self
+    }
+
+    /// Sets [`StepOptions::max_interruptions`] (at least 1).
+    pub fn with_max_interruptions(mut self, n: u32) -> Self {
+        self.max_interruptions = n.max(1);
         self
     }
 }
@@ -178,8 +196,9 @@ impl fmt::Debug for StepDef {
 /// A validated saga definition.
 ///
 /// ```
+/// use std::time::Duration;
 /// use async_trait::async_trait;
-/// use sagaflow::{SagaDefinition, Step, StepContext, StepError};
+/// use sagaflow::{Compensate, RetryPolicy, SagaDefinition, Step, StepContext, StepError};
 ///
 /// struct Noop;
 /// #[async_trait]
@@ -187,13 +206,19 @@ impl fmt::Debug for StepDef {
 ///     type Input = serde_json::Value;
 ///     type Output = ();
 ///     async fn execute(&self, _: &StepContext, _: serde_json::Value) -> Result<(), StepError> { Ok(()) }
+/// }
+/// #[async_trait]
+/// impl Compensate for Noop {
 ///     async fn compensate(&self, _: &StepContext, _: serde_json::Value, _: Option<()>) -> Result<(), StepError> { Ok(()) }
 /// }
 ///
 /// let def = SagaDefinition::builder("checkout", 1)
-///     .step("charge", Noop)
+///     .step("charge", Noop)                        // compensatable: needs `Compensate`
+///     .not_idempotent()                            // options apply to the step added last
+///     .timeout(Duration::from_secs(10))
 ///     .step("reserve", Noop)
-///     .pivot("create_order", Noop)
+///     .retry(RetryPolicy::default().with_max_attempts(5))
+///     .pivot("create_order", Noop)                 // pivot and retriable: `Step` alone
 ///     .retriable("send_email", Noop)
 ///     .build()?;
 /// assert_eq!(def.step_names().collect::<Vec<_>>(), ["charge", "reserve", "create_order", "send_email"]);
@@ -216,6 +241,7 @@ impl SagaDefinition {
             name: name.into(),
             version,
             steps: Vec::new(),
+            error: None,
         }
     }
 
@@ -264,36 +290,68 @@ impl SagaDefinition {
 }
 
 /// Builds a [`SagaDefinition`]; see there for an example.
+///
+/// Steps are added in order; the option methods ([`SagaDefinitionBuilder::retry`],
+/// [`SagaDefinitionBuilder::not_idempotent`], ...) apply to the step added last.
 #[derive(Debug)]
 pub struct SagaDefinitionBuilder {
     name: String,
     version: u32,
     steps: Vec<StepDef>,
+    error: Option<Error>,
 }
 
 impl SagaDefinitionBuilder {
-    /// Adds a compensatable step with default options.
-    pub fn step(self, name: impl Into<String>, step: impl Step) -> Self {
-        self.step_with(name, StepKind::Compensatable, step, StepOptions::default())
+    /// Adds a compensatable step (before the pivot): it must say how it is undone.
+    pub fn step(self, name: impl Into<String>, step: impl Compensate) -> Self {
+        self.push(
+            name,
+            StepKind::Compensatable,
+            Arc::new(Undoable(step)),
+            StepOptions::default(),
+        )
     }
 
-    /// Adds the pivot step with default options.
+    /// Adds the pivot step, the point of no return: never compensated.
     pub fn pivot(self, name: impl Into<String>, step: impl Step) -> Self {
-        self.step_with(name, StepKind::Pivot, step, StepOptions::default())
+        self.push(
+            name,
+            StepKind::Pivot,
+            Arc::new(Forward(step)),
+            StepOptions::default(),
+        )
     }
 
-    /// Adds a retriable step (after the pivot) with default options: it retries
-    /// without limit.
+    /// Adds a retriable step (after the pivot): never compensated, and retried without
+    /// limit unless [`SagaDefinitionBuilder::retry`] says otherwise.
     pub fn retriable(self, name: impl Into<String>, step: impl Step) -> Self {
-        self.step_with(name, StepKind::Retriable, step, StepOptions::default())
+        self.push(
+            name,
+            StepKind::Retriable,
+            Arc::new(Forward(step)),
+            StepOptions::default(),
+        )
     }
 
-    /// Adds a step of `kind` with `options`.
+    /// Adds a step whose kind is chosen at run time, with `options`. The step must be
+    /// able to compensate, since `kind` may be compensatable; prefer
+    /// [`SagaDefinitionBuilder::step`], [`SagaDefinitionBuilder::pivot`] and
+    /// [`SagaDefinitionBuilder::retriable`], which check that in the types.
     pub fn step_with(
+        self,
+        name: impl Into<String>,
+        kind: StepKind,
+        step: impl Compensate,
+        options: StepOptions,
+    ) -> Self {
+        self.push(name, kind, Arc::new(Undoable(step)), options)
+    }
+
+    fn push(
         mut self,
         name: impl Into<String>,
         kind: StepKind,
-        step: impl Step,
+        code: Arc<dyn ErasedStep>,
         mut options: StepOptions,
     ) -> Self {
         if kind == StepKind::Retriable && !options.explicit_retry {
@@ -303,9 +361,58 @@ impl SagaDefinitionBuilder {
             name: Arc::from(name.into()),
             kind,
             options,
-            code: Arc::new(Erased(step)),
+            code,
         });
         self
+    }
+
+    /// Changes the options of the step added last.
+    fn last(mut self, change: impl FnOnce(&mut StepOptions)) -> Self {
+        match self.steps.last_mut() {
+            Some(s) => change(&mut s.options),
+            None => {
+                self.error
+                    .get_or_insert_with(|| Error::OptionWithoutStep(self.name.clone()));
+            }
+        }
+        self
+    }
+
+    /// Replaces the options of the step added last.
+    pub fn options(self, options: StepOptions) -> Self {
+        self.last(|o| *o = options)
+    }
+
+    /// Sets the action's retry policy of the step added last.
+    pub fn retry(self, policy: RetryPolicy) -> Self {
+        self.last(|o| {
+            o.retry = policy;
+            o.explicit_retry = true;
+        })
+    }
+
+    /// Sets the compensation's retry policy of the step added last.
+    pub fn compensation_retry(self, policy: RetryPolicy) -> Self {
+        self.last(|o| o.compensation_retry = policy)
+    }
+
+    /// Sets the per-attempt timeout of the step added last (action and compensation).
+    pub fn timeout(self, timeout: Duration) -> Self {
+        self.last(|o| {
+            o.retry.attempt_timeout = timeout;
+            o.compensation_retry.attempt_timeout = timeout;
+        })
+    }
+
+    /// Marks the step added last as not idempotent: it must not run twice, so an
+    /// attempt whose outcome is unknown is never retried (G4).
+    pub fn not_idempotent(self) -> Self {
+        self.last(|o| o.idempotence = Idempotence::NotIdempotent)
+    }
+
+    /// Sets [`StepOptions::max_interruptions`] of the step added last.
+    pub fn max_interruptions(self, n: u32) -> Self {
+        self.last(|o| o.max_interruptions = n.max(1))
     }
 
     /// Validates and returns the definition.
@@ -313,8 +420,12 @@ impl SagaDefinitionBuilder {
     /// # Errors
     ///
     /// [`Error`] if the saga is empty, a name is invalid or repeated, there are two
-    /// pivots, a compensatable step follows the pivot or a retriable step precedes it.
+    /// pivots, a compensatable step follows the pivot or a retriable step precedes it,
+    /// or an option was set before any step.
     pub fn build(self) -> Result<SagaDefinition, Error> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
         check_name(&self.name)?;
         if self.steps.is_empty() {
             return Err(Error::Empty(self.name));
@@ -387,6 +498,44 @@ pub(crate) mod tests {
         async fn execute(&self, _: &StepContext, _: Self::Input) -> Result<(), StepError> {
             Ok(())
         }
+    }
+
+    #[async_trait]
+    impl Compensate for Noop {
+        async fn compensate(
+            &self,
+            _: &StepContext,
+            _: Self::Input,
+            _: Option<()>,
+        ) -> Result<(), StepError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn options_chain_onto_the_step_added_last() {
+        let def = SagaDefinition::builder("s", 1)
+            .step("a", Noop)
+            .not_idempotent()
+            .max_interruptions(2)
+            .step("b", Noop)
+            .retry(RetryPolicy::default().with_max_attempts(7))
+            .build()
+            .unwrap();
+        let a = &def.step(0).unwrap().options;
+        let b = &def.step(1).unwrap().options;
+        assert_eq!(a.idempotence, Idempotence::NotIdempotent);
+        assert_eq!(a.max_interruptions, 2);
+        assert_eq!(b.idempotence, Idempotence::Idempotent);
+        assert_eq!(b.retry.max_attempts, Some(7));
+        assert_eq!(
+            SagaDefinition::builder("s", 1)
+                .not_idempotent()
+                .step("a", Noop)
+                .build()
+                .unwrap_err(),
+            Error::OptionWithoutStep("s".into())
+        );
     }
 
     #[test]

@@ -16,6 +16,14 @@ use crate::ids::{Attempt, IdempotencyKey, Phase, SagaId};
 /// How a step action or compensation failed. A failing step is an outcome the engine
 /// handles (retry, compensate, park), not an engine error.
 ///
+/// The kind says what the engine may assume about the effect (G5):
+///
+/// | kind | took effect? | the engine |
+/// | --- | --- | --- |
+/// | [`StepError::Retryable`], [`StepError::RetryAfter`] | no, try again | retries with the same key; out of attempts, it counts as unknown |
+/// | [`StepError::Rejected`] | no: the service refused | no retry; the step is **not** compensated (the steps before it are) |
+/// | [`StepError::Unknown`] | maybe | retries an idempotent step with the same key; then, once the attempt's deadline has passed, compensates the step (or parks the saga at a pivot or after it) |
+///
 /// ```
 /// use std::time::Duration;
 /// use sagaflow::StepError;
@@ -23,12 +31,13 @@ use crate::ids::{Attempt, IdempotencyKey, Phase, SagaId};
 /// let e = StepError::retry_after(Duration::from_secs(2), "429 from inventory");
 /// assert!(e.is_retryable());
 /// assert_eq!(e.retry_after_hint(), Some(Duration::from_secs(2)));
-/// assert!(!StepError::permanent("card declined").is_retryable());
+/// assert!(!StepError::rejected("card declined").is_retryable());
+/// assert!(StepError::unknown("connection reset after the request was sent").may_have_taken_effect());
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum StepError {
-    /// A transient failure: try again after the policy's backoff.
+    /// A transient failure without effect: try again after the policy's backoff.
     #[error("retryable: {message}")]
     Retryable {
         /// What went wrong.
@@ -43,10 +52,21 @@ pub enum StepError {
         /// The earliest the next attempt may start, from now.
         after: Duration,
     },
-    /// A failure that another attempt will not fix (a declined card, a 4xx): the saga
-    /// compensates (before the pivot) or parks (after it).
-    #[error("permanent: {message}")]
-    Permanent {
+    /// The service refused (a declined card, a 4xx other than 408, 409, 425 and 429): it
+    /// definitely took no effect, and another attempt will not change that. The step is
+    /// not compensated; the saga compensates the steps before it (or parks after the
+    /// pivot).
+    #[error("rejected: {message}")]
+    Rejected {
+        /// What went wrong.
+        message: String,
+    },
+    /// It may have taken effect (a timeout, a connection dropped after the request was
+    /// sent, a 5xx). An idempotent step is retried with the same key; when no attempt is
+    /// left, the step is compensated (a pivot parks the saga), never before the attempt's
+    /// deadline, so a request still on its way cannot land after its undo.
+    #[error("unknown: {message}")]
+    Unknown {
         /// What went wrong.
         message: String,
     },
@@ -68,16 +88,32 @@ impl StepError {
         }
     }
 
-    /// A failure that retrying will not fix.
-    pub fn permanent(message: impl fmt::Display) -> Self {
-        StepError::Permanent {
+    /// The service refused: no effect, and retrying will not help.
+    pub fn rejected(message: impl fmt::Display) -> Self {
+        StepError::Rejected {
             message: message.to_string(),
         }
     }
 
-    /// Whether the engine may try again.
+    /// The outcome is unknown: it may have taken effect.
+    pub fn unknown(message: impl fmt::Display) -> Self {
+        StepError::Unknown {
+            message: message.to_string(),
+        }
+    }
+
+    /// Whether the step asks to be tried again (retryable or retry-after). An unknown
+    /// failure of an idempotent step is retried too, at the engine's choice.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, StepError::Permanent { .. })
+        matches!(
+            self,
+            StepError::Retryable { .. } | StepError::RetryAfter { .. }
+        )
+    }
+
+    /// Whether the failed call may have taken effect.
+    pub fn may_have_taken_effect(&self) -> bool {
+        matches!(self, StepError::Unknown { .. })
     }
 
     /// The minimum wait before the next attempt, if the failure gave one.
@@ -93,7 +129,8 @@ impl StepError {
         match self {
             StepError::Retryable { message }
             | StepError::RetryAfter { message, .. }
-            | StepError::Permanent { message } => message,
+            | StepError::Rejected { message }
+            | StepError::Unknown { message } => message,
         }
     }
 }
@@ -179,6 +216,26 @@ impl StepContext {
         &self.key
     }
 
+    /// The idempotency key of the step's *action*, whatever the phase: what a
+    /// compensation undoes by ("refund the charge made with this key"). In the action
+    /// it equals [`StepContext::idempotency_key`].
+    ///
+    /// ```
+    /// use sagaflow::{Phase, SagaId, StepContext};
+    ///
+    /// let saga: SagaId = "0190b3c4-5d6e-7f80-9a1b-2c3d4e5f6071".parse()?;
+    /// let undo = StepContext::for_test(saga, "charge", Phase::Compensation, serde_json::json!({}));
+    /// assert!(undo.idempotency_key().as_str().ends_with("/charge/compensation"));
+    /// assert!(undo.action_key().as_str().ends_with("/charge/action"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn action_key(&self) -> IdempotencyKey {
+        match self.phase {
+            Phase::Action => self.key.clone(),
+            Phase::Compensation => IdempotencyKey::derive(self.saga_id, &self.step, Phase::Action),
+        }
+    }
+
     /// When the engine gives up on this attempt; pass it on as a request timeout.
     pub fn deadline(&self) -> Timestamp {
         self.deadline
@@ -195,12 +252,12 @@ impl StepContext {
     ///
     /// # Errors
     ///
-    /// A permanent [`StepError`] if the output does not decode as `T`.
+    /// A rejected [`StepError`] if the output does not decode as `T` (nothing was sent).
     pub fn output_of<T: DeserializeOwned>(&self, step: &str) -> Result<Option<T>, StepError> {
         match self.outputs.as_ref().and_then(|o| o.get(step)) {
             None => Ok(None),
             Some(v) => T::deserialize(v).map(Some).map_err(|e| {
-                StepError::permanent(format!(
+                StepError::rejected(format!(
                     "output of step `{step}` does not decode as {}: {e}",
                     std::any::type_name::<T>()
                 ))
@@ -209,16 +266,21 @@ impl StepContext {
     }
 }
 
-/// One step of a saga, written by the user: a forward action and its compensation.
+/// One step of a saga, written by the user: its forward action.
 ///
 /// `Input` is decoded from the saga's input (each step may take its own view of it);
 /// `Output` is recorded in the log and handed to the compensation and to later steps.
-/// Both methods must be safe to repeat with the same [`StepContext::idempotency_key`]:
-/// the engine runs them at least once, and the key makes the effect exactly-once.
+/// `execute` must be safe to repeat with the same [`StepContext::idempotency_key`]: the
+/// engine runs it at least once, and the key makes the effect exactly-once.
+///
+/// A step before the pivot is *compensatable* and must also implement [`Compensate`]:
+/// the builder's [`crate::SagaDefinitionBuilder::step`] asks for it, so a step that cannot
+/// be undone cannot be declared compensatable. A pivot or retriable step implements
+/// `Step` alone.
 ///
 /// ```
 /// use async_trait::async_trait;
-/// use sagaflow::{Step, StepContext, StepError};
+/// use sagaflow::{Compensate, Step, StepContext, StepError};
 /// use serde::{Deserialize, Serialize};
 ///
 /// #[derive(Deserialize)]
@@ -234,18 +296,24 @@ impl StepContext {
 ///     type Output = Charge;
 ///
 ///     async fn execute(&self, ctx: &StepContext, order: Order) -> Result<Charge, StepError> {
-///         // A real step sends ctx.idempotency_key() to the payment provider.
+///         // A real step sends ctx.idempotency_key() to the payment provider, and
+///         // classifies its failures: a declined card is `StepError::rejected`, a
+///         // timeout `StepError::unknown`.
 ///         Ok(Charge { charge_id: format!("ch_{}_{}", ctx.idempotency_key(), order.cents) })
 ///     }
+/// }
 ///
+/// #[async_trait]
+/// impl Compensate for ChargeCard {
 ///     async fn compensate(
 ///         &self,
-///         _ctx: &StepContext,
+///         ctx: &StepContext,
 ///         _order: Order,
 ///         charge: Option<Charge>,
 ///     ) -> Result<(), StepError> {
-///         // `None`: the charge may or may not have happened; refund by key.
-///         let _ = charge;
+///         // `None`: the charge may or may not have happened: refund by the key of the
+///         // action, `ctx.action_key()`.
+///         let _ = (charge, ctx.action_key());
 ///         Ok(())
 ///     }
 /// }
@@ -263,28 +331,27 @@ pub trait Step: Send + Sync + 'static {
         ctx: &StepContext,
         input: Self::Input,
     ) -> Result<Self::Output, StepError>;
+}
 
+/// How a compensatable step is undone: what every step before the pivot provides.
+///
+/// A compensation is always idempotent (it is re-run with its own key after a crash)
+/// and undoes by the action's key ([`StepContext::action_key`]) when `output` is `None`:
+/// the action failed or was interrupted but may have taken effect. See [`Step`] for an
+/// example.
+#[async_trait]
+pub trait Compensate: Step {
     /// Undo the action. `output` is the recorded output if the action succeeded, `None`
     /// if it failed or was interrupted (it may still have taken effect: undo by key).
-    ///
-    /// The default refuses permanently, which parks a saga that needed it: a
-    /// compensatable step must say how it is undone. Pivot and retriable steps are never
-    /// compensated and can keep the default.
     async fn compensate(
         &self,
         ctx: &StepContext,
         input: Self::Input,
         output: Option<Self::Output>,
-    ) -> Result<(), StepError> {
-        let _ = (input, output);
-        Err(StepError::permanent(format!(
-            "step `{}` has no compensation",
-            ctx.step_name()
-        )))
-    }
+    ) -> Result<(), StepError>;
 }
 
-/// The object-safe form of [`Step`] that the engine stores: JSON in, JSON out.
+/// The object-safe form of a step that the engine stores: JSON in, JSON out.
 #[async_trait]
 pub(crate) trait ErasedStep: Send + Sync {
     fn check_input(&self, input: &Value) -> Result<(), String>;
@@ -292,7 +359,11 @@ pub(crate) trait ErasedStep: Send + Sync {
     async fn compensate(&self, ctx: StepContext, output: Option<Value>) -> Result<(), StepError>;
 }
 
-pub(crate) struct Erased<S>(pub(crate) S);
+/// A pivot or retriable step: never compensated.
+pub(crate) struct Forward<S>(pub(crate) S);
+
+/// A compensatable step.
+pub(crate) struct Undoable<S>(pub(crate) S);
 
 fn decode<T: DeserializeOwned>(what: &str, v: &Value) -> Result<T, String> {
     serde_json::from_value(v.clone()).map_err(|e| {
@@ -303,37 +374,63 @@ fn decode<T: DeserializeOwned>(what: &str, v: &Value) -> Result<T, String> {
     })
 }
 
+async fn execute_erased<S: Step>(step: &S, ctx: StepContext) -> Result<Value, StepError> {
+    // An input that does not decode never reached the service.
+    let input = decode::<S::Input>("saga input", &ctx.input).map_err(StepError::rejected)?;
+    let out = step.execute(&ctx, input).await?;
+    // Serialized within the deepest nesting a record can be read back with, so a hostile
+    // output cannot overflow the stack here; the engine applies its own (smaller or
+    // equal) limits afterwards. The action did run: an output that cannot be recorded
+    // leaves its effect unknown.
+    crate::payload::to_value(&out, usize::MAX, crate::payload::MAX_PAYLOAD_DEPTH)
+        .map(|(v, _)| v)
+        .map_err(|e| match e {
+            crate::payload::Refused::Limit(_) => StepError::unknown(format!(
+                "step output nests deeper than {} levels",
+                crate::payload::MAX_PAYLOAD_DEPTH
+            )),
+            crate::payload::Refused::Invalid(e) => {
+                StepError::unknown(format!("step output does not serialize: {e}"))
+            }
+        })
+}
+
 #[async_trait]
-impl<S: Step> ErasedStep for Erased<S> {
+impl<S: Step> ErasedStep for Forward<S> {
     fn check_input(&self, input: &Value) -> Result<(), String> {
         decode::<S::Input>("saga input", input).map(|_| ())
     }
 
     async fn execute(&self, ctx: StepContext) -> Result<Value, StepError> {
-        let input = decode::<S::Input>("saga input", &ctx.input).map_err(StepError::permanent)?;
-        let out = self.0.execute(&ctx, input).await?;
-        // Serialized within the deepest nesting a record can be read back with, so a
-        // hostile output cannot overflow the stack here; the engine applies its own
-        // (smaller or equal) limits afterwards.
-        crate::payload::to_value(&out, usize::MAX, crate::payload::MAX_PAYLOAD_DEPTH)
-            .map(|(v, _)| v)
-            .map_err(|e| match e {
-                crate::payload::Refused::Limit(_) => StepError::permanent(format!(
-                    "step output nests deeper than {} levels",
-                    crate::payload::MAX_PAYLOAD_DEPTH
-                )),
-                crate::payload::Refused::Invalid(e) => {
-                    StepError::permanent(format!("step output does not serialize: {e}"))
-                }
-            })
+        execute_erased(&self.0, ctx).await
+    }
+
+    async fn compensate(&self, ctx: StepContext, _: Option<Value>) -> Result<(), StepError> {
+        // `decide` never compensates a pivot or retriable step; this answers a bug
+        // rather than panicking on it.
+        Err(StepError::rejected(format!(
+            "step `{}` is not compensatable",
+            ctx.step_name()
+        )))
+    }
+}
+
+#[async_trait]
+impl<S: Compensate> ErasedStep for Undoable<S> {
+    fn check_input(&self, input: &Value) -> Result<(), String> {
+        decode::<S::Input>("saga input", input).map(|_| ())
+    }
+
+    async fn execute(&self, ctx: StepContext) -> Result<Value, StepError> {
+        execute_erased(&self.0, ctx).await
     }
 
     async fn compensate(&self, ctx: StepContext, output: Option<Value>) -> Result<(), StepError> {
-        let input = decode::<S::Input>("saga input", &ctx.input).map_err(StepError::permanent)?;
+        let input = decode::<S::Input>("saga input", &ctx.input).map_err(StepError::rejected)?;
         let output = match output {
             None => None,
             Some(v) => {
-                Some(decode::<S::Output>("recorded output", &v).map_err(StepError::permanent)?)
+                Some(decode::<S::Output>("recorded output", &v).map_err(StepError::rejected)?)
             }
         };
         self.0.compensate(&ctx, input, output).await
@@ -350,8 +447,8 @@ mod tests {
     #[test]
     fn step_error_messages_are_lowercase_and_typed() {
         assert_eq!(
-            StepError::permanent("card declined").to_string(),
-            "permanent: card declined"
+            StepError::rejected("card declined").to_string(),
+            "rejected: card declined"
         );
         assert_eq!(StepError::retryable("x").retry_after_hint(), None);
     }

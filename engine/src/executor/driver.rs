@@ -30,7 +30,8 @@ impl From<StepError> for Failure {
         let kind = match &e {
             StepError::Retryable { .. } => FailureKind::Retryable,
             StepError::RetryAfter { .. } => FailureKind::RetryAfter,
-            StepError::Permanent { .. } => FailureKind::Permanent,
+            StepError::Rejected { .. } => FailureKind::Rejected,
+            StepError::Unknown { .. } => FailureKind::Unknown,
         };
         Failure {
             kind,
@@ -199,8 +200,8 @@ impl Driver {
                         attempt,
                         kind: FailureKind::Interrupted,
                         error: format!(
-                            "attempt {attempt} was interrupted by a restart and the step is \
-                             not idempotent, so it may have taken effect"
+                            "attempt {attempt} was interrupted by a crash and the step is not \
+                             idempotent, so it may have taken effect"
                         ),
                         retry_at: None,
                     })?;
@@ -295,6 +296,24 @@ impl Driver {
         }
     }
 
+    /// Whether a failure of `kind` may be followed by another attempt (budget
+    /// permitting): a rejected call will be rejected again; a call that may have taken
+    /// effect is repeated only with the same key by a step that allows it
+    /// (compensations always do).
+    fn may_retry(&self, step: usize, phase: Phase, kind: FailureKind) -> bool {
+        match kind {
+            FailureKind::Rejected | FailureKind::Permanent | FailureKind::OutputTooLarge => false,
+            FailureKind::Retryable | FailureKind::RetryAfter => true,
+            _ => {
+                phase == Phase::Compensation
+                    || self
+                        .def
+                        .step(step)
+                        .is_some_and(|s| s.options.idempotence == Idempotence::Idempotent)
+            }
+        }
+    }
+
     fn policy(&self, step: usize, phase: Phase) -> Option<&RetryPolicy> {
         let sd = self.def.step(step)?;
         Some(match phase {
@@ -316,7 +335,6 @@ impl Driver {
         let timeout = policy.attempt_timeout;
         let name = sd.name.clone();
         let code = sd.code.clone();
-        let idempotence = sd.options.idempotence;
         let deadline = self.inner.clock.now().saturating_add(timeout);
         self.record(match phase {
             Phase::Action => Event::StepAttemptStarted {
@@ -380,18 +398,17 @@ impl Driver {
             }
             (phase, Err(f)) => {
                 tracing::warn!(step = %name, %phase, attempt = attempt.0, kind = ?f.kind, error = %f.message, "attempt failed");
-                // An engine-observed failure of a step that must not run twice leaves its
-                // effect unknown: no retry.
-                let unknown_forbids_retry = phase == Phase::Action
-                    && idempotence == Idempotence::NotIdempotent
-                    && f.kind.outcome_unknown();
-                let retry_at = match (f.kind, unknown_forbids_retry) {
-                    (FailureKind::Permanent | FailureKind::OutputTooLarge, _) | (_, true) => None,
-                    _ => {
-                        let jitter = self.jitter(step, phase, attempt);
-                        self.policy(i, phase)
-                            .and_then(|p| p.next_attempt_at(attempt.0, now, jitter, f.hint))
-                    }
+                let retry_at = if self.may_retry(i, phase, f.kind) {
+                    // Interrupted attempts do not use up the budget (G4).
+                    let used = self.state.steps.get(i).map_or(attempt.0, |s| match phase {
+                        Phase::Action => s.attempts_used(),
+                        Phase::Compensation => s.compensation_attempts_used(),
+                    });
+                    let jitter = self.jitter(step, phase, attempt);
+                    self.policy(i, phase)
+                        .and_then(|p| p.next_attempt_at(used, now, jitter, f.hint))
+                } else {
+                    None
                 };
                 self.record(match phase {
                     Phase::Action => Event::StepFailed {

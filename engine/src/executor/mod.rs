@@ -29,10 +29,49 @@ use crate::ids::{Lsn, SagaId, StartKey};
 use crate::machine::{check_repair, Event, LogRecord, ParkReason, Repair, SagaState, SagaStatus};
 use crate::metrics::Metrics;
 use crate::recovery::{self, RecoveryReport};
-use crate::store::{SagaLog, SagaMeta, SledLog};
+use crate::store::{codec, SagaLog, SagaMeta, SledLog};
+
+/// What [`Engine::start_once`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(tag = "started", content = "id", rename_all = "snake_case")]
+pub enum Started {
+    /// A new saga was started.
+    New(SagaId),
+    /// A saga had been started under this key (with the same input) before; nothing new
+    /// runs.
+    Existing(SagaId),
+}
+
+impl Started {
+    /// The saga's id, either way.
+    pub fn id(&self) -> SagaId {
+        match self {
+            Started::New(id) | Started::Existing(id) => *id,
+        }
+    }
+
+    /// Whether this call started it.
+    pub fn is_new(&self) -> bool {
+        matches!(self, Started::New(_))
+    }
+}
 
 /// How a saga ended, as [`Engine::wait`] reports it.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// Serializes with its kind in `outcome`:
+///
+/// ```
+/// use sagaflow::SagaOutcome;
+///
+/// let o = SagaOutcome::Compensated { reason: "card declined".into() };
+/// assert_eq!(
+///     serde_json::to_string(&o)?,
+///     r#"{"outcome":"compensated","reason":"card declined"}"#
+/// );
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum SagaOutcome {
     /// Every step succeeded.
@@ -433,18 +472,44 @@ impl EngineBuilder {
             let watchdog = watchdog(inner.clone(), threshold);
             lock(&inner.tasks).spawn(watchdog);
         }
-        Ok(Engine { inner, report })
+        Ok(Engine {
+            _last: Arc::new(AbortOnDrop(inner.clone())),
+            inner,
+            report: Arc::new(report),
+        })
     }
 }
 
 /// A saga engine: starts sagas, drives them to their end, answers queries.
 ///
-/// Dropping an engine aborts its sagas where they stand, as a crash would: everything
+/// Cheap to clone: clones share one engine (hand one to each request handler). Dropping
+/// the last clone aborts its sagas where they stand, as a crash would: everything
 /// durable stays, and the next engine opened on the same store resumes it. Call
-/// [`Engine::shutdown`] to stop cleanly instead.
+/// [`Engine::shutdown`] (from any clone) to stop cleanly instead.
+///
+/// ```
+/// # async fn demo(engine: sagaflow::Engine) -> sagaflow::Result<()> {
+/// let for_handler = engine.clone();
+/// tokio::spawn(async move { for_handler.in_flight() });
+/// engine.shutdown().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
 pub struct Engine {
     inner: Arc<Inner>,
-    report: RecoveryReport,
+    report: Arc<RecoveryReport>,
+    /// Held by every clone; the last one dropped aborts the sagas.
+    _last: Arc<AbortOnDrop>,
+}
+
+/// Aborts an engine's tasks when the last [`Engine`] clone goes.
+struct AbortOnDrop(Arc<Inner>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        lock(&self.0.tasks).abort_all();
+        self.0.committer.close();
+    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -453,13 +518,6 @@ impl std::fmt::Debug for Engine {
             .field("store", &self.inner.store)
             .field("recovery", &self.report)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        lock(&self.inner.tasks).abort_all();
-        self.inner.committer.close();
     }
 }
 
@@ -473,20 +531,59 @@ impl Engine {
     /// `input`, and returns its id once its start is durable.
     ///
     /// With a `start_key`, starting is idempotent (G6): if a saga was already started
-    /// with that key, its id is returned and nothing new runs.
+    /// with that key and the same input, its id is returned and nothing new runs; with
+    /// another input, [`Error::StartKeyConflict`]. To tell "started" from "already
+    /// existed", use [`Engine::start_once`].
     ///
     /// # Errors
     ///
     /// [`Error::UnknownDefinition`], [`Error::InvalidInput`] if a step's input type
     /// rejects `input`, [`Error::PayloadTooLarge`], [`Error::PayloadTooDeep`],
-    /// [`Error::ShuttingDown`], or
-    /// [`Error::Store`].
+    /// [`Error::StartKeyConflict`], [`Error::ShuttingDown`], or [`Error::Store`].
     pub async fn start(
         &self,
         name: &str,
         input: impl Serialize,
         start_key: Option<StartKey>,
     ) -> Result<SagaId> {
+        self.begin(name, input, start_key).await.map(|s| s.id())
+    }
+
+    /// Starts a saga under `start_key` unless one was started under it before, and says
+    /// which happened (G6). The same key with another input is refused.
+    ///
+    /// ```
+    /// # async fn demo(engine: sagaflow::Engine) -> sagaflow::Result<()> {
+    /// use sagaflow::{Error, StartKey, Started};
+    ///
+    /// let key = StartKey::new("order-1042")?;
+    /// let first = engine.start_once("checkout", serde_json::json!({"cents": 500}), key.clone()).await?;
+    /// assert!(matches!(first, Started::New(_)));
+    /// let again = engine.start_once("checkout", serde_json::json!({"cents": 500}), key.clone()).await?;
+    /// assert_eq!(again, Started::Existing(first.id()));
+    /// let other = engine.start_once("checkout", serde_json::json!({"cents": 900}), key).await;
+    /// assert!(matches!(other, Err(Error::StartKeyConflict { .. })));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::start`].
+    pub async fn start_once(
+        &self,
+        name: &str,
+        input: impl Serialize,
+        start_key: StartKey,
+    ) -> Result<Started> {
+        self.begin(name, input, Some(start_key)).await
+    }
+
+    async fn begin(
+        &self,
+        name: &str,
+        input: impl Serialize,
+        start_key: Option<StartKey>,
+    ) -> Result<Started> {
         let inner = &self.inner;
         if *inner.stopping.borrow() {
             return Err(Error::ShuttingDown);
@@ -550,12 +647,14 @@ impl Engine {
         def: Arc<SagaDefinition>,
         input: Value,
         start_key: Option<StartKey>,
-    ) -> Result<SagaId> {
+    ) -> Result<Started> {
         let inner = &self.inner;
         if let Some(k) = &start_key {
             if let Some(existing) = inner.store.find_start_key(k)? {
                 tracing::debug!(saga_id = %existing, start_key = %k, "start key seen before");
-                return Ok(existing);
+                return self
+                    .same_input(existing, k, &input)
+                    .map(|()| Started::Existing(existing));
             }
         }
         let now = inner.clock.now();
@@ -590,11 +689,36 @@ impl Engine {
             Ok(Ok(())) => {
                 tracing::info!(saga_id = %id, "saga started");
                 inner.metrics.started(&definition);
-                Ok(id)
+                Ok(Started::New(id))
             }
             Ok(Err(e)) => Err(e),
             // The driver ended before writing anything: the engine is being dropped.
             Err(_) => Err(Error::ShuttingDown),
+        }
+    }
+
+    /// Refuses a start key reused with another input than the saga it names was started
+    /// with (G6): the input in that saga's `started` record is the digest kept with the
+    /// key, compared as JSON (so key order and spacing do not matter).
+    fn same_input(&self, existing: SagaId, key: &StartKey, input: &Value) -> Result<()> {
+        let values = self.inner.store.read(existing)?;
+        let first = values
+            .first()
+            .map(|(lsn, bytes)| codec::decode_value(existing, *lsn, bytes))
+            .transpose()?
+            .and_then(|records| records.into_iter().next());
+        match first.map(|r| r.event) {
+            Some(Event::Started { input: stored, .. }) if stored == *input => Ok(()),
+            Some(Event::Started { .. }) => Err(Error::StartKeyConflict {
+                key: key.clone(),
+                existing,
+            }),
+            _ => Err(Error::CorruptLog {
+                saga: existing,
+                reason: format!(
+                    "start key `{key}` names it, but its log does not begin with `started`"
+                ),
+            }),
         }
     }
 
@@ -858,13 +982,15 @@ impl Engine {
     }
 
     /// Stops cleanly: no new sagas or attempts start, attempts in flight finish and
-    /// their results are made durable, then the store is synced and closed. Sagas that
-    /// did not end resume when an engine opens the store again.
+    /// their results are made durable, then the store is synced. Sagas that did not end
+    /// resume when an engine opens the store again. Any clone may call it; every clone
+    /// refuses new work afterwards. The store itself (a sled directory's lock) is let go
+    /// when the last clone is dropped.
     ///
     /// # Errors
     ///
     /// [`Error::Store`] if the final sync fails.
-    pub async fn shutdown(self) -> Result<()> {
+    pub async fn shutdown(&self) -> Result<()> {
         self.inner.stopping.send_replace(true);
         let mut tasks = std::mem::take(&mut *lock(&self.inner.tasks));
         while tasks.join_next().await.is_some() {}

@@ -3,7 +3,7 @@
 use crate::clock::Timestamp;
 use crate::definition::{Idempotence, SagaDefinition, StepKind};
 use crate::ids::Attempt;
-use crate::machine::event::{ParkKind, ParkReason};
+use crate::machine::event::{FailureKind, ParkKind, ParkReason};
 use crate::machine::state::{Progress, SagaState, SagaStatus};
 
 /// The next thing to do for a saga.
@@ -120,18 +120,25 @@ fn decide_forward(def: &SagaDefinition, state: &SagaState, now: Timestamp) -> De
                 }
             }
             Progress::InFlight { attempt } => {
-                let rerun = sd.options.idempotence == Idempotence::Idempotent
-                    && sd.options.retry.allows_another(attempt.0);
-                return if rerun {
-                    Decision::RunStep {
-                        step,
-                        attempt: attempt.next(),
-                    }
-                } else {
-                    Decision::CloseInterrupted {
+                // Between attempts, an attempt in flight was interrupted by a crash. A
+                // crash is not a failed attempt (G4): an idempotent step runs again with
+                // the same key, whatever its retry budget, unless it keeps being
+                // interrupted (a step that kills the process).
+                if sd.options.idempotence == Idempotence::NotIdempotent {
+                    return Decision::CloseInterrupted {
                         step,
                         attempt: *attempt,
-                    }
+                    };
+                }
+                let in_a_row = s.interrupted.in_a_row.saturating_add(1);
+                if in_a_row >= sd.options.max_interruptions {
+                    return Decision::Park {
+                        reason: crash_loop(&s.name, "attempt", in_a_row),
+                    };
+                }
+                return Decision::RunStep {
+                    step,
+                    attempt: attempt.next(),
                 };
             }
             Progress::Failed {
@@ -154,31 +161,32 @@ fn decide_forward(def: &SagaDefinition, state: &SagaState, now: Timestamp) -> De
                 error,
                 retry_at: None,
             } => {
-                let unknown = kind.outcome_unknown();
+                // Settle before undo (G4): a request the attempt sent may land until its
+                // deadline; nothing is compensated or parked before then.
+                if let Some(until) = state.settling_until().filter(|t| now < *t) {
+                    return Decision::Wait { until };
+                }
+                let what = describe_failure(&s.name, *kind, *attempt, error);
                 return match sd.kind {
-                    StepKind::Pivot | StepKind::Retriable if unknown => Decision::Park {
-                        reason: ParkReason::new(
-                            ParkKind::OutcomeUnknown,
-                            format!(
-                                "step `{}` ({}) ended at attempt {attempt} without a known \
-                                 outcome ({error}); it cannot be compensated: check whether it \
-                                 took effect, then resolve the saga",
-                                s.name, sd.kind
+                    StepKind::Pivot | StepKind::Retriable if kind.outcome_unknown() => {
+                        Decision::Park {
+                            reason: ParkReason::new(
+                                ParkKind::OutcomeUnknown,
+                                format!(
+                                    "{what}; it is {} and cannot be compensated: check whether \
+                                     it took effect, then resolve the saga",
+                                    sd.kind
+                                ),
                             ),
-                        ),
-                    },
+                        }
+                    }
                     StepKind::Retriable => Decision::Park {
                         reason: ParkReason::new(
                             ParkKind::ForwardFailed,
-                            format!(
-                                "step `{}` after the pivot failed at attempt {attempt}: {error}",
-                                s.name
-                            ),
+                            format!("{what}; past the pivot the saga can only go forward"),
                         ),
                     },
-                    _ => Decision::BeginCompensation {
-                        reason: format!("step `{}` failed at attempt {attempt}: {error}", s.name),
-                    },
+                    _ => Decision::BeginCompensation { reason: what },
                 };
             }
         }
@@ -186,41 +194,77 @@ fn decide_forward(def: &SagaDefinition, state: &SagaState, now: Timestamp) -> De
     Decision::Complete
 }
 
+/// A sentence naming what happened to a step whose last attempt failed for good.
+fn describe_failure(name: &str, kind: FailureKind, attempt: Attempt, error: &str) -> String {
+    match kind {
+        FailureKind::Rejected => {
+            format!("step `{name}` was rejected at attempt {attempt} (no effect): {error}")
+        }
+        FailureKind::Permanent => {
+            format!("step `{name}` failed permanently at attempt {attempt}: {error}")
+        }
+        FailureKind::Retryable | FailureKind::RetryAfter => format!(
+            "step `{name}` failed at attempt {attempt} and has no attempt left, so it may have \
+             taken effect: {error}"
+        ),
+        FailureKind::Interrupted => format!(
+            "step `{name}` is not idempotent and its attempt {attempt} was interrupted by a \
+             crash, so it may have taken effect"
+        ),
+        FailureKind::Timeout => {
+            format!("step `{name}` timed out at attempt {attempt}, so it may have taken effect: {error}")
+        }
+        _ => format!(
+            "step `{name}` ended at attempt {attempt} without a known outcome, so it may have \
+             taken effect: {error}"
+        ),
+    }
+}
+
+fn crash_loop(name: &str, what: &str, times: u32) -> ParkReason {
+    ParkReason::new(
+        ParkKind::CrashLoop,
+        format!(
+            "step `{name}`: {times} {what}s in a row were interrupted by a crash; it may be \
+             what kills the process. Find out why, then resume (or resolve) the saga"
+        ),
+    )
+}
+
 fn decide_backward(def: &SagaDefinition, state: &SagaState, now: Timestamp) -> Decision {
     // Reverse order of start: steps run one after another, so that is reverse index order.
     for (i, (s, sd)) in state.steps.iter().zip(def.steps()).enumerate().rev() {
-        // Only compensatable steps whose action was ever started may have taken effect
-        // that can be undone (G5). A failed pivot took no effect by definition.
-        if sd.kind != StepKind::Compensatable || !s.action.started() {
+        // Only compensatable steps that may have taken effect are undone (G5): an action
+        // that never started, or whose every attempt was rejected, did nothing.
+        if sd.kind != StepKind::Compensatable || !s.may_have_taken_effect() {
             continue;
         }
         let step = i as u32;
         match &s.compensation {
             Progress::Succeeded { .. } => continue,
             Progress::NotStarted => {
+                // An earlier attempt of unknown outcome may still land (even if a later
+                // one succeeded): its undo waits for that attempt's deadline (G4).
+                if let Some(until) = s.unknown_until.filter(|t| now < *t) {
+                    return Decision::Wait { until };
+                }
                 return Decision::Compensate {
                     step,
                     attempt: Attempt::FIRST,
-                }
+                };
             }
             Progress::InFlight { attempt } => {
-                // Compensations are idempotent by contract: re-run with the same key.
-                return if sd.options.compensation_retry.allows_another(attempt.0) {
-                    Decision::Compensate {
-                        step,
-                        attempt: attempt.next(),
-                    }
-                } else {
-                    Decision::Park {
-                        reason: ParkReason::new(
-                            ParkKind::CompensationFailed,
-                            format!(
-                                "compensation of step `{}` was interrupted at its last allowed \
-                                 attempt ({attempt})",
-                                s.name
-                            ),
-                        ),
-                    }
+                // Compensations are idempotent by contract: re-run with the same key. An
+                // interruption does not use up the budget; a crash loop parks.
+                let in_a_row = s.compensation_interrupted.in_a_row.saturating_add(1);
+                if in_a_row >= sd.options.max_interruptions {
+                    return Decision::Park {
+                        reason: crash_loop(&s.name, "compensation attempt", in_a_row),
+                    };
+                }
+                return Decision::Compensate {
+                    step,
+                    attempt: attempt.next(),
                 };
             }
             Progress::Failed {

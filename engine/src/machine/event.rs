@@ -18,13 +18,19 @@ pub enum FailureKind {
     Retryable,
     /// The step reported a transient failure with a retry-after hint.
     RetryAfter,
-    /// The step reported a permanent failure.
+    /// Written by engines before `rejected` and `unknown` existed: a failure the step
+    /// called permanent. Read as before: no retry, and the step counts as possibly
+    /// effective (compensated); a pivot that failed so took no effect.
     Permanent,
+    /// The step reported that the service refused: no effect. Not compensated.
+    Rejected,
+    /// The step reported that the call may have taken effect.
+    Unknown,
     /// The attempt ran past its timeout.
     Timeout,
     /// The step panicked.
     Panic,
-    /// The step's output was larger than the engine accepts.
+    /// The step's output was larger (or deeper) than the engine accepts.
     OutputTooLarge,
     /// A crash interrupted the attempt and the step is not idempotent, so it may or may
     /// not have taken effect.
@@ -32,18 +38,38 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
-    /// Whether a failure of this kind leaves it unknown if the action took effect: the
-    /// engine, not the step, saw it fail (a timeout, a panic, a crash, an output it could
-    /// not record). A pivot or retriable step that ends on such a failure parks the saga
-    /// rather than compensating the steps before it.
+    /// Whether a failure of this kind, once no attempt is left, leaves it unknown if the
+    /// action took effect: the step said so, or the engine, not the step, saw it fail (a
+    /// timeout, a panic, a crash, an output it could not record), or retries of a
+    /// transient failure ran out (G4). Such a step is compensated, never before the
+    /// attempt's deadline; a pivot or retriable step parks the saga.
     pub fn outcome_unknown(self) -> bool {
+        !matches!(self, FailureKind::Rejected | FailureKind::Permanent)
+    }
+
+    /// Whether the failed attempt may have taken effect (anything but `rejected`).
+    pub fn may_have_taken_effect(self) -> bool {
+        self != FailureKind::Rejected
+    }
+
+    /// Whether the attempt itself may have taken effect, not as a consequence of running
+    /// out of retries: the step said so, or the engine saw it end without an answer (a
+    /// timeout, a panic, a crash, an output it could not record). A request of such an
+    /// attempt may still land until the attempt's deadline.
+    pub fn effect_unknown(self) -> bool {
         matches!(
             self,
-            FailureKind::Timeout
+            FailureKind::Unknown
+                | FailureKind::Timeout
                 | FailureKind::Panic
                 | FailureKind::OutputTooLarge
                 | FailureKind::Interrupted
         )
+    }
+
+    /// Whether the step asked to be tried again.
+    pub fn transient(self) -> bool {
+        matches!(self, FailureKind::Retryable | FailureKind::RetryAfter)
     }
 }
 
@@ -67,6 +93,9 @@ pub enum ParkKind {
     /// A log record did not decode or does not fit the log before it, or the store's
     /// consistency check found the saga damaged. Only `mark_resolved` applies.
     CorruptLog,
+    /// A step (or compensation) was interrupted by a crash too many times in a row
+    /// ([`crate::StepOptions::max_interruptions`]): it probably kills the process.
+    CrashLoop,
     /// A log record or summary was written by a newer engine (a format byte or event
     /// type this engine does not know). Open the store with that engine, or resolve.
     NewerFormat,

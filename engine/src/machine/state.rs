@@ -142,6 +142,23 @@ impl Progress {
     }
 }
 
+/// How often attempts of one half of a step were interrupted by a crash (an attempt
+/// started while the previous one had no result).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Interruptions {
+    /// In all: attempts that do not count against the retry budget (G4).
+    pub total: u32,
+    /// Since the last attempt that ended: the crash-loop counter.
+    pub in_a_row: u32,
+}
+
+impl Interruptions {
+    fn one_more(&mut self) {
+        self.total = self.total.saturating_add(1);
+        self.in_a_row = self.in_a_row.saturating_add(1);
+    }
+}
+
 /// One step's progress.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepState {
@@ -153,6 +170,43 @@ pub struct StepState {
     pub output: Option<Value>,
     /// The compensation.
     pub compensation: Progress,
+    /// The deadline of the action's latest attempt: before it has passed, a request
+    /// that attempt sent may still land.
+    pub deadline: Option<Timestamp>,
+    /// The latest deadline of an attempt of the action whose outcome is unknown (it
+    /// failed so, or was interrupted): until then a request it sent may still land, so
+    /// the step is not compensated before (G4), even if a later attempt succeeded.
+    pub unknown_until: Option<Timestamp>,
+    /// Whether an attempt of the action ended in a way that may have taken effect
+    /// (anything but `rejected`), or was interrupted.
+    pub effect_possible: bool,
+    /// Interrupted attempts of the action.
+    pub interrupted: Interruptions,
+    /// Interrupted attempts of the compensation.
+    pub compensation_interrupted: Interruptions,
+}
+
+impl StepState {
+    /// Whether the action may have taken effect, so that compensating it is owed (G5):
+    /// an attempt was started and did not end rejected.
+    pub fn may_have_taken_effect(&self) -> bool {
+        self.effect_possible || matches!(self.action, Progress::InFlight { .. })
+    }
+
+    /// The action's attempts that ended (succeeded or failed): what the retry budget
+    /// counts. Interrupted attempts are not among them.
+    pub fn attempts_used(&self) -> u32 {
+        self.action
+            .attempts()
+            .saturating_sub(self.interrupted.total)
+    }
+
+    /// The compensation's attempts that ended.
+    pub fn compensation_attempts_used(&self) -> u32 {
+        self.compensation
+            .attempts()
+            .saturating_sub(self.compensation_interrupted.total)
+    }
 }
 
 /// A log that cannot be folded: records out of order, or a transition that does not fit
@@ -241,6 +295,11 @@ impl SagaState {
                         action: Progress::NotStarted,
                         output: None,
                         compensation: Progress::NotStarted,
+                        deadline: None,
+                        unknown_until: None,
+                        effect_possible: false,
+                        interrupted: Interruptions::default(),
+                        compensation_interrupted: Interruptions::default(),
                     })
                     .collect(),
                 kinds: (0..steps.len())
@@ -323,16 +382,28 @@ impl SagaState {
         };
         match &record.event {
             Event::Started { .. } => return Err(err("a second `started`".into())),
-            Event::StepAttemptStarted { step, attempt, .. } => {
+            Event::StepAttemptStarted {
+                step,
+                attempt,
+                deadline,
+            } => {
                 let i = step_mut(*step)?;
                 self.expect_status(SagaStatus::Running, lsn)?;
                 let s = &mut self.steps[i];
                 if matches!(s.action, Progress::Succeeded { .. }) {
                     return Err(err(format!("step {step} already succeeded")));
                 }
-                if attempt.0 != s.action.attempts() + 1 {
+                if Some(attempt.0) != s.action.attempts().checked_add(1) {
                     return Err(err(format!("attempt {attempt} is not the next one")));
                 }
+                if matches!(s.action, Progress::InFlight { .. }) {
+                    // The previous attempt was interrupted: it may have taken effect, and
+                    // its request may land until its deadline.
+                    s.interrupted.one_more();
+                    s.effect_possible = true;
+                    s.unknown_until = s.unknown_until.max(s.deadline);
+                }
+                s.deadline = Some(*deadline);
                 s.action = Progress::InFlight { attempt: *attempt };
             }
             Event::StepSucceeded {
@@ -350,6 +421,8 @@ impl SagaState {
                 }
                 s.action = Progress::Succeeded { attempt: *attempt };
                 s.output = Some(output.clone());
+                s.effect_possible = true;
+                s.interrupted.in_a_row = 0;
             }
             Event::StepFailed {
                 step,
@@ -372,6 +445,11 @@ impl SagaState {
                     error: error.clone(),
                     retry_at: *retry_at,
                 };
+                s.effect_possible |= kind.may_have_taken_effect();
+                if kind.effect_unknown() {
+                    s.unknown_until = s.unknown_until.max(s.deadline);
+                }
+                s.interrupted.in_a_row = 0;
             }
             Event::CompensationBegan { reason } => {
                 self.expect_status(SagaStatus::Running, lsn)?;
@@ -390,8 +468,11 @@ impl SagaState {
                 if matches!(s.compensation, Progress::Succeeded { .. }) {
                     return Err(err(format!("step {step} is already compensated")));
                 }
-                if attempt.0 != s.compensation.attempts() + 1 {
+                if Some(attempt.0) != s.compensation.attempts().checked_add(1) {
                     return Err(err(format!("attempt {attempt} is not the next one")));
+                }
+                if matches!(s.compensation, Progress::InFlight { .. }) {
+                    s.compensation_interrupted.one_more();
                 }
                 s.compensation = Progress::InFlight { attempt: *attempt };
             }
@@ -405,6 +486,7 @@ impl SagaState {
                     )));
                 }
                 s.compensation = Progress::Succeeded { attempt: *attempt };
+                s.compensation_interrupted.in_a_row = 0;
             }
             Event::CompensationFailed {
                 step,
@@ -427,6 +509,7 @@ impl SagaState {
                     error: error.clone(),
                     retry_at: *retry_at,
                 };
+                s.compensation_interrupted.in_a_row = 0;
             }
             Event::Completed => {
                 self.expect_status(SagaStatus::Running, lsn)?;
@@ -477,15 +560,46 @@ impl SagaState {
             .position(|s| !matches!(s.action, Progress::Succeeded { .. }))
     }
 
-    /// The step compensation is at: the last compensatable step whose action started and
-    /// whose compensation has not succeeded.
+    /// The step compensation is at: the last compensatable step that may have taken
+    /// effect and whose compensation has not succeeded.
     pub fn current_compensation(&self) -> Option<usize> {
         (0..self.steps.len()).rev().find(|&i| {
             let s = &self.steps[i];
             self.kinds.get(i) == Some(&StepKind::Compensatable)
-                && s.action.started()
+                && s.may_have_taken_effect()
                 && !matches!(s.compensation, Progress::Succeeded { .. })
         })
+    }
+
+    /// When the settle window the saga waits in ends, if it waits in one: nothing may undo
+    /// a step (or park the saga) before the deadline of every attempt of it whose outcome
+    /// is unknown has passed, since a request such an attempt sent may still land (G4).
+    ///
+    /// Going forward, that is the deadline of the current step's last attempt once it
+    /// failed for good without a known outcome; compensating, the latest deadline of an
+    /// unknown attempt of the step about to be compensated.
+    pub fn settling_until(&self) -> Option<Timestamp> {
+        match self.status {
+            SagaStatus::Running => {
+                let s = &self.steps[self.current_step()?];
+                match &s.action {
+                    Progress::Failed {
+                        kind,
+                        retry_at: None,
+                        ..
+                    } if kind.outcome_unknown() => s.deadline.max(s.unknown_until),
+                    _ => None,
+                }
+            }
+            SagaStatus::Compensating => {
+                let s = &self.steps[self.current_compensation()?];
+                match s.compensation {
+                    Progress::NotStarted => s.unknown_until,
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
     }
 
     /// The status the saga is in, or was in before it was parked.
@@ -496,7 +610,8 @@ impl SagaState {
         }
     }
 
-    /// When the retry the saga waits for is due, if it waits for one.
+    /// When the retry (or the end of the settle window) the saga waits for is due, if it
+    /// waits for one.
     pub fn next_timer(&self) -> Option<Timestamp> {
         let progress = match self.status {
             SagaStatus::Running => self.current_step().map(|i| &self.steps[i].action),
@@ -506,8 +621,10 @@ impl SagaState {
             _ => None,
         };
         match progress {
-            Some(Progress::Failed { retry_at, .. }) => *retry_at,
-            _ => None,
+            Some(Progress::Failed {
+                retry_at: Some(at), ..
+            }) => Some(*at),
+            _ => self.settling_until(),
         }
     }
 
@@ -620,6 +737,12 @@ pub fn check_repair(state: &SagaState, action: &Repair) -> Result<(), Refusal> {
         Repair::RetryNow => {
             if parked {
                 return no("the saga is parked: resume it instead".into());
+            }
+            if let Some(t) = state.settling_until() {
+                return no(format!(
+                    "the saga is settling until {t}: its last attempt may still take effect, \
+                     and nothing is retried or undone before then"
+                ));
             }
             if state.next_timer().is_none() {
                 return no("the saga is not waiting for a retry".into());

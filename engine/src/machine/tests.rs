@@ -198,7 +198,7 @@ fn a_failure_without_retry_begins_compensation() {
     assert_eq!(
         d,
         Decision::BeginCompensation {
-            reason: "step `b` failed at attempt 1: boom".into()
+            reason: "step `b` failed permanently at attempt 1: boom".into()
         }
     );
 }
@@ -239,7 +239,7 @@ fn compensation_runs_started_steps_in_reverse_then_finishes() {
 }
 
 #[test]
-fn an_interrupted_idempotent_step_is_rerun_with_the_next_attempt() {
+fn an_interrupted_idempotent_step_is_rerun_whatever_its_budget() {
     let def = abc();
     assert_eq!(
         next(&def, vec![started(0, 1)], 0),
@@ -248,26 +248,70 @@ fn an_interrupted_idempotent_step_is_rerun_with_the_next_attempt() {
             attempt: a(2)
         }
     );
-    // ... unless that was its last allowed attempt.
+    // A crash is not a failed attempt (G4): the interrupted second attempt of a step
+    // allowed two is run again, and still has its second try.
+    let events = vec![
+        started(0, 1),
+        failed(0, 1, FailureKind::Retryable, Some(0)),
+        started(0, 2),
+    ];
     assert_eq!(
-        next(
-            &def,
-            vec![
-                started(0, 1),
-                failed(0, 1, FailureKind::Retryable, Some(0)),
-                started(0, 2)
-            ],
-            0
-        ),
-        Decision::CloseInterrupted {
+        next(&def, events.clone(), 0),
+        Decision::RunStep {
             step: 0,
-            attempt: a(2)
+            attempt: a(3)
         }
     );
+    let s = state(&def, [events, vec![started(0, 3)]].concat());
+    assert_eq!(s.steps[0].interrupted.total, 1);
+    assert_eq!(s.steps[0].attempts_used(), 2);
 }
 
 #[test]
-fn an_interrupted_non_idempotent_step_is_closed_then_compensated() {
+fn a_step_interrupted_again_and_again_parks_as_a_crash_loop() {
+    let def = abc();
+    // Four interrupted attempts and a fifth in flight: the fifth interruption in a row.
+    let events: Vec<Event> = (1..=5).map(|n| started(0, n)).collect();
+    match next(&def, events.clone(), 0) {
+        Decision::Park { reason } => {
+            assert_eq!(reason.kind, ParkKind::CrashLoop);
+            assert!(
+                reason.message.contains("5 attempts in a row"),
+                "{}",
+                reason.message
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // One fewer is still run again.
+    assert!(matches!(
+        next(&def, events[..4].to_vec(), 0),
+        Decision::RunStep { .. }
+    ));
+    // An attempt that ends resets the count.
+    let mut reset: Vec<Event> = (1..=4).map(|n| started(0, n)).collect();
+    reset.push(failed(0, 4, FailureKind::Retryable, Some(0)));
+    reset.extend((5..=8).map(|n| started(0, n)));
+    assert!(matches!(next(&def, reset, 0), Decision::RunStep { .. }));
+}
+
+#[test]
+fn an_interrupted_compensation_loop_parks_too() {
+    let def = abc();
+    let mut events = vec![
+        started(0, 1),
+        failed(0, 1, FailureKind::Unknown, None),
+        Event::CompensationBegan { reason: "x".into() },
+    ];
+    events.extend((1..=5).map(|n| comp_started(0, n)));
+    match next(&def, events, 2_000_000) {
+        Decision::Park { reason } => assert_eq!(reason.kind, ParkKind::CrashLoop),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_interrupted_non_idempotent_step_is_closed_then_settles_then_compensated() {
     let def = abc();
     let events = vec![started(0, 1), ok(0, 1), started(1, 1)];
     assert_eq!(
@@ -279,37 +323,212 @@ fn an_interrupted_non_idempotent_step_is_closed_then_compensated() {
     );
     let mut closed = events;
     closed.push(failed(1, 1, FailureKind::Interrupted, None));
-    assert!(matches!(
-        next(&def, closed, 0),
-        Decision::BeginCompensation { .. }
-    ));
+    // Its request may still land until the attempt's deadline: nothing is undone before.
+    assert_eq!(
+        next(&def, closed.clone(), 999_999),
+        Decision::Wait {
+            until: t(1_000_000)
+        }
+    );
+    let s = state(&def, closed.clone());
+    assert_eq!(s.settling_until(), Some(t(1_000_000)));
+    assert_eq!(s.next_timer(), Some(t(1_000_000)));
+    let d = next(&def, closed, 1_000_000);
+    let Decision::BeginCompensation { reason } = d else {
+        panic!("{d:?}");
+    };
+    assert!(reason.contains("interrupted by a crash"), "{reason}");
 }
 
 #[test]
-fn an_unknown_outcome_of_the_pivot_parks_but_a_refusal_compensates() {
-    let def = apr();
-    let base = vec![started(0, 1), ok(0, 1), started(1, 1)];
-    let mut interrupted = base.clone();
-    interrupted.push(failed(1, 1, FailureKind::Interrupted, None));
-    match next(&def, interrupted, 0) {
-        Decision::Park { reason } => assert_eq!(reason.kind, ParkKind::OutcomeUnknown),
-        other => panic!("{other:?}"),
-    }
-    let mut refused = base;
-    refused.push(failed(1, 1, FailureKind::Permanent, None));
-    assert!(matches!(
-        next(&def, refused.clone(), 0),
-        Decision::BeginCompensation { .. }
-    ));
-    // Compensation skips the pivot itself.
-    refused.push(Event::CompensationBegan { reason: "x".into() });
+fn a_rejected_step_is_not_compensated_but_the_steps_before_it_are() {
+    let def = abc();
+    let mut events = vec![
+        started(0, 1),
+        ok(0, 1),
+        started(1, 1),
+        failed(1, 1, FailureKind::Rejected, None),
+    ];
+    // No settle window: a rejection took no effect.
+    let d = next(&def, events.clone(), 0);
+    let Decision::BeginCompensation { reason } = d else {
+        panic!("{d:?}");
+    };
+    assert!(reason.contains("rejected"), "{reason}");
+    events.push(Event::CompensationBegan { reason });
     assert_eq!(
-        next(&def, refused, 0),
+        next(&def, events.clone(), 0),
         Decision::Compensate {
             step: 0,
             attempt: a(1)
         }
     );
+    events.extend([comp_started(0, 1), comp_ok(0, 1)]);
+    assert_eq!(next(&def, events, 0), Decision::FinishCompensation);
+}
+
+#[test]
+fn a_step_rejected_after_an_attempt_that_may_have_taken_effect_is_compensated() {
+    let def = abc();
+    let events = vec![
+        started(0, 1),
+        failed(0, 1, FailureKind::Timeout, Some(0)),
+        started(0, 2),
+        failed(0, 2, FailureKind::Rejected, None),
+        Event::CompensationBegan { reason: "x".into() },
+    ];
+    // Not before the timed-out attempt's deadline: its request may still land.
+    assert_eq!(
+        next(&def, events.clone(), 0),
+        Decision::Wait {
+            until: t(1_000_000)
+        }
+    );
+    assert_eq!(
+        next(&def, events, 1_000_000),
+        Decision::Compensate {
+            step: 0,
+            attempt: a(1)
+        }
+    );
+}
+
+#[test]
+fn a_step_that_succeeded_after_an_unknown_attempt_is_undone_only_after_that_deadline() {
+    let def = abc();
+    let early = |n| Event::StepAttemptStarted {
+        step: 0,
+        attempt: a(n),
+        deadline: t(500 * u64::from(n)),
+    };
+    let events = vec![
+        early(1),
+        failed(0, 1, FailureKind::Unknown, Some(0)),
+        early(2),
+        ok(0, 2),
+        started(1, 1),
+        failed(1, 1, FailureKind::Rejected, None),
+        Event::CompensationBegan { reason: "x".into() },
+    ];
+    // Attempt 1 (deadline 500) may land late; attempt 2 succeeded. Its undo waits for
+    // attempt 1's deadline, and the wait is the saga's durable timer.
+    assert_eq!(
+        next(&def, events.clone(), 100),
+        Decision::Wait { until: t(500) }
+    );
+    let s = state(&def, events.clone());
+    assert_eq!(s.settling_until(), Some(t(500)));
+    assert_eq!(s.next_timer(), Some(t(500)));
+    assert_eq!(
+        next(&def, events, 500),
+        Decision::Compensate {
+            step: 0,
+            attempt: a(1)
+        }
+    );
+}
+
+#[test]
+fn an_unknown_failure_settles_then_compensates_the_step_itself() {
+    let def = abc();
+    let mut events = vec![
+        started(0, 1),
+        ok(0, 1),
+        started(1, 1),
+        failed(1, 1, FailureKind::Unknown, None),
+    ];
+    assert_eq!(
+        next(&def, events.clone(), 10),
+        Decision::Wait {
+            until: t(1_000_000)
+        }
+    );
+    assert!(matches!(
+        next(&def, events.clone(), 1_000_000),
+        Decision::BeginCompensation { .. }
+    ));
+    events.push(Event::CompensationBegan { reason: "x".into() });
+    assert_eq!(
+        next(&def, events, 1_000_000),
+        Decision::Compensate {
+            step: 1,
+            attempt: a(1)
+        }
+    );
+}
+
+#[test]
+fn an_unknown_outcome_of_the_pivot_parks_after_settling_but_a_refusal_compensates() {
+    let def = apr();
+    let base = vec![started(0, 1), ok(0, 1), started(1, 1)];
+    for kind in [
+        FailureKind::Interrupted,
+        FailureKind::Unknown,
+        FailureKind::Timeout,
+        // Out of attempts on a transient failure: it may have taken effect.
+        FailureKind::Retryable,
+    ] {
+        let mut events = base.clone();
+        events.push(failed(1, 1, kind, None));
+        assert_eq!(
+            next(&def, events.clone(), 0),
+            Decision::Wait {
+                until: t(1_000_000)
+            },
+            "{kind:?}"
+        );
+        match next(&def, events, 1_000_000) {
+            Decision::Park { reason } => assert_eq!(reason.kind, ParkKind::OutcomeUnknown),
+            other => panic!("{kind:?}: {other:?}"),
+        }
+    }
+    for kind in [FailureKind::Rejected, FailureKind::Permanent] {
+        let mut refused = base.clone();
+        refused.push(failed(1, 1, kind, None));
+        assert!(matches!(
+            next(&def, refused.clone(), 0),
+            Decision::BeginCompensation { .. }
+        ));
+        // Compensation skips the pivot itself.
+        refused.push(Event::CompensationBegan { reason: "x".into() });
+        assert_eq!(
+            next(&def, refused, 0),
+            Decision::Compensate {
+                step: 0,
+                attempt: a(1)
+            }
+        );
+    }
+}
+
+#[test]
+fn a_logged_permanent_failure_keeps_its_old_meaning() {
+    // Logs written before `rejected` existed: the failing step counts as possibly
+    // effective and is compensated, without a settle window.
+    let def = abc();
+    let events = vec![
+        started(0, 1),
+        failed(0, 1, FailureKind::Permanent, None),
+        Event::CompensationBegan { reason: "x".into() },
+    ];
+    assert_eq!(
+        next(&def, events, 0),
+        Decision::Compensate {
+            step: 0,
+            attempt: a(1)
+        }
+    );
+}
+
+#[test]
+fn retry_now_is_refused_while_settling() {
+    let def = abc();
+    let s = state(
+        &def,
+        vec![started(0, 1), failed(0, 1, FailureKind::Unknown, None)],
+    );
+    let refusal = crate::machine::check_repair(&s, &crate::machine::Repair::RetryNow).unwrap_err();
+    assert!(refusal.0.contains("settling until"), "{}", refusal.0);
 }
 
 #[test]
@@ -321,14 +540,15 @@ fn a_retriable_step_that_gives_up_parks_instead_of_compensating() {
         started(1, 1),
         ok(1, 1),
         started(2, 1),
-        failed(2, 1, FailureKind::Permanent, None),
+        failed(2, 1, FailureKind::Rejected, None),
     ];
     match next(&def, events, 0) {
         Decision::Park { reason } => {
             assert_eq!(reason.kind, ParkKind::ForwardFailed);
             assert_eq!(
                 reason.message,
-                "step `r` after the pivot failed at attempt 1: boom"
+                "step `r` was rejected at attempt 1 (no effect): boom; past the pivot the saga \
+                 can only go forward"
             );
         }
         other => panic!("{other:?}"),

@@ -141,8 +141,13 @@ pub struct SagaMeta {
     pub updated_at: Timestamp,
     /// The latest record's lsn (likewise).
     pub last_lsn: Lsn,
-    /// When its next retry is due, while it waits for one.
+    /// When its next retry is due, while it waits for one (or when its settle window
+    /// ends, see `settling_until`).
     pub due: Option<Timestamp>,
+    /// While the saga waits for an attempt whose outcome is unknown to reach its
+    /// deadline before anything is undone (G4): until when. Shown as "settling until t".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settling_until: Option<Timestamp>,
     /// Why it was compensated or parked.
     pub reason: Option<String>,
 }
@@ -170,6 +175,7 @@ impl SagaMeta {
             updated_at: s.updated_at,
             last_lsn: Lsn(s.next_lsn.0.saturating_sub(1)),
             due: s.next_timer(),
+            settling_until: s.settling_until(),
             reason,
         }
     }

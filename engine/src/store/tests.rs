@@ -23,6 +23,7 @@ fn meta(saga: SagaId, status: SagaStatus, last: u64, due: Option<u64>) -> SagaMe
         updated_at: Timestamp::from_millis(last),
         last_lsn: Lsn(last),
         due: due.map(Timestamp::from_millis),
+        settling_until: None,
         reason: None,
     }
 }

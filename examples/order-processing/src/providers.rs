@@ -501,7 +501,10 @@ async fn reserve(
     let qty = body["quantity"].as_u64().unwrap_or(0);
     operate(&s.p, &headers, "reserve", |key| {
         if sku == "sold-out" {
-            return Err((StatusCode::CONFLICT, format!("{sku} is out of stock")));
+            return Err((
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{sku} is out of stock"),
+            ));
         }
         Ok(json!({ "reservation_id": format!("rs_{}", short(key)), "quantity": qty }))
     })

@@ -6,10 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sagaflow::{
-    IdempotencyKey, Phase, RetryPolicy, SagaDefinition, Step, StepContext, StepError, StepKind,
-    StepOptions,
-};
+use sagaflow::{Compensate, RetryPolicy, SagaDefinition, Step, StepContext, StepError};
 use sagaflow_steps::circuit_breaker::{BreakerConfig, CircuitBreaker};
 use sagaflow_steps::http::Integration;
 use sagaflow_steps::oauth::{ClientCredentials, TokenSource};
@@ -107,10 +104,6 @@ impl Integrations {
     }
 }
 
-fn key_of(ctx: &StepContext, step: &str) -> String {
-    IdempotencyKey::derive(ctx.saga_id(), step, Phase::Action).to_string()
-}
-
 struct Reserve(Arc<Integration>);
 struct Charge(Arc<Integration>);
 struct CreateOrder(Arc<Integration>);
@@ -130,14 +123,18 @@ impl Step for Reserve {
             )
             .await
     }
+}
 
+#[async_trait]
+impl Compensate for Reserve {
     async fn compensate(
         &self,
         ctx: &StepContext,
         _: OrderRequest,
         _: Option<Value>,
     ) -> Result<(), StepError> {
-        let body = json!({ "reservation_key": key_of(ctx, "reserve") });
+        // Release by the reservation's own key: a no-op if it never happened.
+        let body = json!({ "reservation_key": ctx.action_key() });
         self.0
             .post_json::<Value>(ctx, "/releases", &body)
             .await
@@ -159,7 +156,10 @@ impl Step for Charge {
             )
             .await
     }
+}
 
+#[async_trait]
+impl Compensate for Charge {
     async fn compensate(
         &self,
         ctx: &StepContext,
@@ -167,7 +167,7 @@ impl Step for Charge {
         _: Option<Value>,
     ) -> Result<(), StepError> {
         // Refund by the charge's key: a no-op if the charge never happened.
-        let body = json!({ "charge_key": key_of(ctx, "charge") });
+        let body = json!({ "charge_key": ctx.action_key() });
         self.0
             .post_json::<Value>(ctx, "/refunds", &body)
             .await
@@ -225,33 +225,16 @@ pub fn definition(i: &Integrations) -> Result<SagaDefinition, sagaflow::definiti
         .with_initial_backoff(Duration::from_millis(50))
         .with_max_backoff(Duration::from_secs(2))
         .with_attempt_timeout(Duration::from_secs(5));
-    let opts = StepOptions::default()
-        .with_retry(retry.clone())
-        .with_compensation_retry(retry.clone().with_unlimited_attempts());
     SagaDefinition::builder("order", 1)
-        .step_with(
-            "reserve",
-            StepKind::Compensatable,
-            Reserve(i.inventory.clone()),
-            opts.clone(),
-        )
-        .step_with(
-            "charge",
-            StepKind::Compensatable,
-            Charge(i.payments.clone()),
-            opts.clone(),
-        )
-        .step_with(
-            "create_order",
-            StepKind::Pivot,
-            CreateOrder(i.orders.clone()),
-            opts.clone(),
-        )
-        .step_with(
-            "book_shipping",
-            StepKind::Retriable,
-            BookShipping(i.orders.clone()),
-            opts.with_retry(retry.with_unlimited_attempts()),
-        )
+        .step("reserve", Reserve(i.inventory.clone()))
+        .retry(retry.clone())
+        .compensation_retry(retry.clone().with_unlimited_attempts())
+        .step("charge", Charge(i.payments.clone()))
+        .retry(retry.clone())
+        .compensation_retry(retry.clone().with_unlimited_attempts())
+        .pivot("create_order", CreateOrder(i.orders.clone()))
+        .retry(retry.clone())
+        .retriable("book_shipping", BookShipping(i.orders.clone()))
+        .retry(retry.with_unlimited_attempts())
         .build()
 }

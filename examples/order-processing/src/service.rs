@@ -370,26 +370,21 @@ async fn place(State(s): State<Arc<Service>>, headers: HeaderMap, body: Bytes) -
     if !problems.is_empty() {
         return refuse(StatusCode::BAD_REQUEST, problems.join("; "));
     }
-    let id = match s.engine.start("order", &order, Some(key)).await {
-        Ok(id) => id,
+    // The same key with another order is refused by the engine (G6): it never charges
+    // again.
+    let id = match s.engine.start_once("order", &order, key).await {
+        Ok(started) => started.id(),
         Err(e @ Error::ShuttingDown) => {
             return refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }
-        Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    };
-    // The same key with another order is refused: it never charges again.
-    let stored = s.engine.state(id).map(|st| (*st.input).clone());
-    let sent = serde_json::to_value(&order).unwrap_or(Value::Null);
-    match stored {
-        Ok(v) if v == sent => {}
-        Ok(_) => {
+        Err(Error::StartKeyConflict { .. }) => {
             return refuse(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "this Idempotency-Key was already used for a different order",
             )
         }
         Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+    };
     let status = s
         .engine
         .status(id)

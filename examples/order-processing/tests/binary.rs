@@ -19,12 +19,15 @@ const VARS: [&str; 4] = [
     "SAGAFLOW_READ_TOKEN",
 ];
 
-/// The binary with none of its secrets inherited from this environment.
+/// The binary with none of its secrets inherited from this environment (nor a backtrace
+/// setting, which would append a backtrace to the error text the tests compare).
 fn command(program: &str) -> Command {
     let mut c = Command::new(program);
     for v in VARS {
         c.env_remove(v);
     }
+    c.env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE");
     c.kill_on_drop(true);
     c
 }

@@ -1,12 +1,22 @@
 //! The child process of the SIGKILL test (`tests/tests/sigkill.rs`).
 //!
-//! `sagaflow-crash-child <data-dir> <ledger-file> <sagas>` opens an engine on the sled
-//! directory, starts (again) every saga `order-0 .. order-<sagas>` with its start key, and
-//! waits for all of them. Its steps write their effects to the ledger file, a service
-//! outside the process that survives the kills: `A <key>` for an action, `C <key>` for a
-//! compensation. The parent kills it with SIGKILL at random moments and restarts it on
-//! the same directory until a run finishes; it prints `DONE <completed> <compensated>
+//! `sagaflow-crash-child <data-dir> <ledger-file> <sagas> [abort]` opens an engine on the
+//! sled directory, starts (again) every saga `order-0 .. order-<sagas>` with its start
+//! key, and waits for all of them. Its steps write their effects to the ledger file, a
+//! service outside the process that survives the kills: `A <key>` for an action, `C <key>`
+//! for a compensation. The parent kills it with SIGKILL at random moments and restarts it
+//! on the same directory until a run finishes; it prints `DONE <completed> <compensated>
 //! <parked>` then.
+//!
+//! Late arrivals: for one order in five, the non-idempotent `charge` behaves like a
+//! request whose connection dropped after it was sent: the step answers "unknown" at
+//! once, and a separate process (which outlives this one if it is killed) writes the
+//! charge to the ledger up to a second later, well inside the attempt's 2 s deadline.
+//! The ledger does not remember refunds: only the engine's settle window (no undo before
+//! the attempt's deadline) keeps a refund from landing before its charge.
+//!
+//! With `abort`, the `reserve` step aborts the process (SIGABRT) every time it runs: a
+//! step that crash-loops the engine, which must park its saga after 5 interruptions.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -15,8 +25,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sagaflow::{
-    Engine, RetryPolicy, SagaDefinition, SagaOutcome, StartKey, Step, StepContext, StepError,
-    StepKind, StepOptions,
+    Compensate, Engine, RetryPolicy, SagaDefinition, SagaOutcome, StartKey, Step, StepContext,
+    StepError,
 };
 use serde::Deserialize;
 
@@ -51,6 +61,12 @@ fn pause(ctx: &StepContext) -> Duration {
 
 struct Call {
     service: Arc<Service>,
+    /// Where the ledger is, for late deliveries written by another process.
+    ledger: String,
+    /// Delivers one action in five late, from another process.
+    late: bool,
+    /// Aborts the process whenever it runs.
+    abort: bool,
     /// Fails permanently for orders with `n % fail_mod == fail_rem`.
     fail: Option<(u64, u64)>,
     /// Fails transiently on the first attempts for orders with `n % 4 == 0`.
@@ -63,10 +79,32 @@ impl Step for Call {
     type Output = ();
 
     async fn execute(&self, ctx: &StepContext, order: Order) -> Result<(), StepError> {
+        if self.abort {
+            std::process::abort();
+        }
         tokio::time::sleep(pause(ctx)).await;
+        if self.late && order.n % 5 == 1 && ctx.attempt().0 == 1 {
+            // The request is on the wire: it lands 0.1 to 1 s from now, whatever happens
+            // to this process; the caller only sees the connection drop.
+            let delay = 0.1 + (pause(ctx).as_millis() % 40) as f64 * 0.0225;
+            let script = format!(
+                "sleep {delay:.3}; printf 'A %s\\n' '{}' >> '{}'",
+                ctx.idempotency_key(),
+                self.ledger
+            );
+            std::process::Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| StepError::retryable(format!("cannot send: {e}")))?;
+            return Err(StepError::unknown(
+                "connection reset after the request was sent",
+            ));
+        }
         if let Some((m, r)) = self.fail {
             if order.n % m == r {
-                return Err(StepError::permanent("refused"));
+                return Err(StepError::rejected("refused"));
             }
         }
         if order.n.is_multiple_of(4) && ctx.attempt().0 <= self.flaky_attempts {
@@ -74,7 +112,10 @@ impl Step for Call {
         }
         self.service.record('A', ctx)
     }
+}
 
+#[async_trait]
+impl Compensate for Call {
     async fn compensate(
         &self,
         ctx: &StepContext,
@@ -86,46 +127,49 @@ impl Step for Call {
     }
 }
 
-fn definition(service: &Arc<Service>) -> Result<SagaDefinition, sagaflow::definition::Error> {
-    let opts = StepOptions::default().with_retry(
-        RetryPolicy::default()
-            .with_initial_backoff(Duration::from_millis(5))
-            .with_max_backoff(Duration::from_millis(50))
-            .with_attempt_timeout(Duration::from_secs(10)),
-    );
-    let call = |fail, flaky_attempts| Call {
+fn definition(
+    service: &Arc<Service>,
+    ledger: &str,
+    abort: bool,
+) -> Result<SagaDefinition, sagaflow::definition::Error> {
+    let retry = RetryPolicy::default()
+        .with_initial_backoff(Duration::from_millis(5))
+        .with_max_backoff(Duration::from_millis(50))
+        .with_attempt_timeout(Duration::from_secs(2));
+    let call = |fail, flaky_attempts, late, abort| Call {
         service: service.clone(),
+        ledger: ledger.to_string(),
+        late,
+        abort,
         fail,
         flaky_attempts,
     };
     SagaDefinition::builder("kill", 1)
-        .step_with(
-            "reserve",
-            StepKind::Compensatable,
-            call(None, 1),
-            opts.clone(),
-        )
-        .step_with(
-            "charge",
-            StepKind::Compensatable,
-            call(Some((7, 3)), 0),
-            opts.clone(),
-        )
-        .step_with(
-            "ship",
-            StepKind::Pivot,
-            call(Some((11, 5)), 0),
-            opts.clone(),
-        )
-        .step_with("notify", StepKind::Retriable, call(None, 2), opts)
+        .step("reserve", call(None, 1, false, abort))
+        .retry(retry.clone())
+        // A charge must not run twice: an attempt of unknown outcome is compensated, and
+        // only once its deadline has passed.
+        .step("charge", call(Some((7, 3)), 0, true, false))
+        .retry(retry.clone())
+        .not_idempotent()
+        .pivot("ship", call(Some((11, 5)), 0, false, false))
+        .retry(retry.clone())
+        .retriable("notify", call(None, 2, false, false))
+        .retry(retry)
         .build()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, dir, ledger, sagas] = args.as_slice() else {
-        return Err("usage: sagaflow-crash-child <data-dir> <ledger-file> <sagas>".into());
+    let (dir, ledger, sagas, abort) = match args.as_slice() {
+        [_, dir, ledger, sagas] => (dir, ledger, sagas, false),
+        [_, dir, ledger, sagas, mode] if mode == "abort" => (dir, ledger, sagas, true),
+        _ => {
+            return Err(
+                "usage: sagaflow-crash-child <data-dir> <ledger-file> <sagas> [abort]".into(),
+            )
+        }
     };
     let sagas: u64 = sagas.parse()?;
     let service = Arc::new(Service {
@@ -133,7 +177,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let engine = Arc::new(
         Engine::builder()
-            .register(definition(&service)?)
+            .register(definition(&service, ledger, abort)?)
             .open(dir)
             .await?,
     );
