@@ -339,6 +339,16 @@ fn step_label(names: &[String], i: u32) -> String {
     }
 }
 
+/// What an active saga waits for: a retry, or the end of a settle window (an attempt of
+/// unknown outcome whose request may still land before anything is undone).
+fn waiting(m: &SagaMeta) -> String {
+    match (m.settling_until, m.due) {
+        (Some(t), _) => format!("settling until {t}"),
+        (None, Some(d)) => format!("retry at {d}"),
+        (None, None) => "-".to_string(),
+    }
+}
+
 fn print_list(metas: &Vec<SagaMeta>) {
     let now = now();
     let mut rows = vec![[
@@ -347,7 +357,7 @@ fn print_list(metas: &Vec<SagaMeta>) {
         "DEFINITION",
         "AGE",
         "IDLE",
-        "NEXT RETRY",
+        "WAITING",
         "REASON",
     ]
     .map(String::from)
@@ -359,7 +369,7 @@ fn print_list(metas: &Vec<SagaMeta>) {
             format!("{} v{}", m.definition, m.version),
             human(now.duration_since(m.created_at)),
             human(now.duration_since(m.updated_at)),
-            m.due.map_or("-".to_string(), |d| d.to_string()),
+            waiting(m),
             m.reason.clone().unwrap_or_default(),
         ]);
     }
@@ -380,8 +390,10 @@ fn print_show(view: &SagaView) {
     }
     println!("started     {}", m.created_at);
     println!("updated     {}", m.updated_at);
-    if let Some(d) = m.due {
-        println!("next retry  {d}");
+    match (m.settling_until, m.due) {
+        (Some(t), _) => println!("waiting     settling until {t} (an attempt may still land)"),
+        (None, Some(d)) => println!("next retry  {d}"),
+        (None, None) => {}
     }
     if let Some(r) = &m.reason {
         println!("reason      {r}");

@@ -401,3 +401,52 @@ async fn skip_takes_a_step_name_or_its_number() {
     ));
     engine.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_waiting_for_an_attempt_to_settle_says_so_in_list_and_show() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ledger = Ledger::new();
+    // The charge's outcome is unknown and it must not run twice: nothing is undone
+    // before its attempt's deadline (5 s here).
+    ledger.script("payment", Phase::Action, [Outcome::Unknown]);
+    let engine = builder()
+        .register(checkout_with(
+            &ledger,
+            [sagaflow::Idempotence::NotIdempotent; 3],
+        ))
+        .open(tmp.path())
+        .await
+        .unwrap();
+    let id = engine
+        .start("checkout", serde_json::json!({}), None)
+        .await
+        .unwrap();
+    // Wait for the condition (the failure recorded with its settle window), not a time.
+    let mut settling = None;
+    for _ in 0..500 {
+        settling = engine.status(id).unwrap().settling_until;
+        if settling.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let until = settling.expect("the saga settles");
+    drop(engine); // a crash while settling: the wait is durable
+    let d = tmp.path().to_str().unwrap().to_string();
+    let o = sagaflow(&["--data-dir", &d, "list"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("settling until {until}")),
+        "{}",
+        text(&o)
+    );
+    let o = sagaflow(&["--data-dir", &d, "show", &id.to_string()], &[]);
+    assert!(
+        text(&o).contains(&format!("settling until {until}")),
+        "{}",
+        text(&o)
+    );
+    assert!(ledger
+        .calls_of(id, "payment", Phase::Compensation)
+        .is_empty());
+}
