@@ -431,7 +431,9 @@ async fn a_saga_waiting_for_an_attempt_to_settle_says_so_in_list_and_show() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     let until = settling.expect("the saga settles");
-    drop(engine); // a crash while settling: the wait is durable
+    // Stopped while settling: the wait is durable, and the CLI sees it.
+    engine.shutdown().await.unwrap();
+    drop(engine);
     let d = tmp.path().to_str().unwrap().to_string();
     let o = sagaflow(&["--data-dir", &d, "list"], &[]);
     assert!(o.status.success(), "{}", text(&o));
