@@ -258,6 +258,8 @@ pub fn router(engine: Arc<Engine>, auth: Auth) -> Router {
         .route("/v1/sagas/{id}", get(show))
         .route("/v1/stats", get(stats))
         .route("/v1/sagas/{id}/repair", post(repair))
+        .route("/v1/sagas/{id}/cancel", post(cancel))
+        .route("/v1/purge", post(purge))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
@@ -286,7 +288,7 @@ fn refuse(status: StatusCode, error: impl Into<String>, code: Option<&str>) -> R
 fn engine_error(e: Error) -> Response {
     let status = match &e {
         Error::UnknownSaga(_) => StatusCode::NOT_FOUND,
-        Error::RepairRefused { .. } => StatusCode::CONFLICT,
+        Error::RepairRefused { .. } | Error::CancelRefused { .. } => StatusCode::CONFLICT,
         Error::CorruptLog { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -502,6 +504,64 @@ async fn repair(
         .await
     {
         Ok(meta) => Json(meta).into_response(),
+        Err(e) => engine_error(e),
+    }
+}
+
+/// The body of `POST /v1/sagas/{id}/cancel`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CancelRequest {
+    /// Who.
+    pub operator: String,
+    /// Why.
+    pub reason: String,
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<Json<CancelRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e, None),
+    };
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.body_text(), None),
+    };
+    match state.engine.cancel(id, &req.operator, &req.reason).await {
+        Ok(meta) => Json(meta).into_response(),
+        Err(e) => engine_error(e),
+    }
+}
+
+/// The body of `POST /v1/purge`: delete finished sagas that finished at or before a
+/// time. A dry run (the default) only counts them.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PurgeRequest {
+    /// Milliseconds since the Unix epoch.
+    pub finished_before_ms: u64,
+    /// Count only (default `true`).
+    #[serde(default = "yes")]
+    pub dry_run: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn purge(
+    State(state): State<AppState>,
+    body: Result<Json<PurgeRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.body_text(), None),
+    };
+    let before = sagaflow::Timestamp::from_millis(req.finished_before_ms);
+    match state.engine.purge(before, req.dry_run).await {
+        Ok(p) => Json(p).into_response(),
         Err(e) => engine_error(e),
     }
 }

@@ -296,6 +296,14 @@ impl SagaLog for Discard {
     fn remove(&self, _: SagaId) -> store::Result<()> {
         Ok(())
     }
+    fn finished_before(
+        &self,
+        _: Timestamp,
+        _: Option<(Timestamp, SagaId)>,
+        _: usize,
+    ) -> store::Result<Vec<(Timestamp, SagaId)>> {
+        Ok(Vec::new())
+    }
     fn check(&self) -> store::Result<store::CheckReport> {
         Ok(store::CheckReport::default())
     }

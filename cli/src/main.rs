@@ -14,10 +14,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context};
 use clap::{Args, Parser, Subcommand};
-use sagaflow::admin::{Admin, Stats};
+use sagaflow::admin::{Admin, Purged, Stats};
 use sagaflow::machine::{Event, LogRecord};
 use sagaflow::{Error, IdempotencyKey, Lsn, Phase, SagaId, SagaMeta, Timestamp};
-use sagaflow_admin::{ApiError, ListQuery, RepairRequest, SagaView};
+use sagaflow_admin::{ApiError, CancelRequest, ListQuery, PurgeRequest, RepairRequest, SagaView};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -86,6 +86,18 @@ enum Command {
     },
     /// Mark a saga resolved by hand; the engine stops driving it.
     Resolve(Target),
+    /// Cancel a saga before its pivot: it compensates and ends cancelled.
+    Cancel(Target),
+    /// Delete finished sagas (completed, compensated, cancelled, resolved) that finished
+    /// before a time. Counts only, unless --yes.
+    Purge {
+        /// A time (2026-11-18T00:00:00Z) or an age (7d: finished more than 7 days ago).
+        #[arg(long)]
+        finished_before: String,
+        /// Delete them (without it: a dry run that only counts).
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -252,6 +264,93 @@ impl Backend {
             }
         }
     }
+}
+
+impl Backend {
+    async fn cancel(&self, id: SagaId, t: &Target) -> anyhow::Result<SagaMeta> {
+        match self {
+            Backend::Local(a) => a.cancel(id, &t.operator, &t.reason).map_err(|e| match e {
+                Error::CancelRefused { .. } | Error::RepairRefused { .. } => {
+                    anyhow!(Refused(e.to_string()))
+                }
+                other => anyhow!(other),
+            }),
+            Backend::Remote { client, url, token } => {
+                let resp = client
+                    .post(format!("{url}/v1/sagas/{id}/cancel"))
+                    .bearer_auth(token)
+                    .json(&CancelRequest {
+                        operator: t.operator.clone(),
+                        reason: t.reason.clone(),
+                    })
+                    .send()
+                    .await
+                    .with_context(|| format!("calling {url}"))?;
+                if resp.status() == reqwest::StatusCode::CONFLICT {
+                    let e: ApiError = resp.json().await?;
+                    return Err(anyhow!(Refused(e.error)));
+                }
+                decode(resp).await
+            }
+        }
+    }
+
+    async fn purge(&self, before: Timestamp, dry_run: bool) -> anyhow::Result<Purged> {
+        match self {
+            Backend::Local(a) => Ok(a.purge(before, dry_run)?),
+            Backend::Remote { client, url, token } => {
+                let resp = client
+                    .post(format!("{url}/v1/purge"))
+                    .bearer_auth(token)
+                    .json(&PurgeRequest {
+                        finished_before_ms: before.as_millis(),
+                        dry_run,
+                    })
+                    .send()
+                    .await
+                    .with_context(|| format!("calling {url}"))?;
+                decode(resp).await
+            }
+        }
+    }
+}
+
+/// A time given as an RFC 3339 UTC timestamp (`2026-11-18T00:00:00Z`, optionally with
+/// milliseconds) or as an age (`7d`: that long before now).
+fn parse_time(s: &str) -> anyhow::Result<Timestamp> {
+    if let Ok(ago) = parse_duration(s) {
+        let ms = u64::try_from(ago.as_millis()).unwrap_or(u64::MAX);
+        return Ok(Timestamp::from_millis(now().as_millis().saturating_sub(ms)));
+    }
+    let bad = || anyhow!("`{s}` is neither a time like 2026-11-18T00:00:00Z nor an age like 7d");
+    let t = s.trim().strip_suffix('Z').ok_or_else(bad)?;
+    let (date, time) = t.split_once('T').ok_or_else(bad)?;
+    let num = |x: &str| x.parse::<i64>().map_err(|_| bad());
+    let d: Vec<&str> = date.split('-').collect();
+    let (hms, millis) = match time.split_once('.') {
+        Some((hms, frac)) => (hms, num(&format!("{frac:0<3}")[..3])?),
+        None => (time, 0),
+    };
+    let h: Vec<&str> = hms.split(':').collect();
+    let ([y, mo, da], [hh, mi, ss]) = (d.as_slice(), h.as_slice()) else {
+        return Err(bad());
+    };
+    let (y, mo, da, hh, mi, ss) = (num(y)?, num(mo)?, num(da)?, num(hh)?, num(mi)?, num(ss)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&da) || hh > 23 || mi > 59 || ss > 60 {
+        return Err(bad());
+    }
+    // Days from the civil date (Howard Hinnant's algorithm), proleptic Gregorian.
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + da - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let ms = ((days * 86_400 + hh * 3600 + mi * 60 + ss) * 1000) + millis;
+    u64::try_from(ms)
+        .map(Timestamp::from_millis)
+        .map_err(|_| anyhow!("`{s}` is before 1970"))
 }
 
 async fn decode<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> anyhow::Result<T> {
@@ -657,6 +756,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             repair(target, "skip_step", Some(step))
         }
         Command::Resolve(t) => repair(t, "mark_resolved", None),
+        Command::Cancel(t) => {
+            let meta = backend.cancel(t.id, t).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&meta)?);
+            } else {
+                println!(
+                    "saga {}: cancellation recorded (by {}); it compensates and ends cancelled",
+                    t.id, t.operator
+                );
+            }
+            return Ok(());
+        }
+        Command::Purge {
+            finished_before,
+            yes,
+        } => {
+            let before = parse_time(finished_before)?;
+            let p = backend.purge(before, !*yes).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else if p.dry_run {
+                println!(
+                    "{} finished saga(s) finished before {before}; dry run, nothing deleted \
+                     (add --yes to delete them)",
+                    p.matched
+                );
+            } else {
+                println!(
+                    "deleted {} finished saga(s) finished before {before}",
+                    p.deleted
+                );
+            }
+            return Ok(());
+        }
     };
     let (id, req) = request;
     let meta = backend.repair(id, &req).await?;

@@ -104,6 +104,9 @@ pub fn list(store: &dyn SagaLog, filter: &ListFilter, now: Timestamp) -> Result<
     }
     ids.sort();
     let mut out = Vec::new();
+    if filter.limit == Some(0) {
+        return Ok(out);
+    }
     for id in ids {
         let meta = match store.meta(id) {
             Ok(Some(m)) => m,
@@ -296,6 +299,54 @@ pub fn state(store: &dyn SagaLog, id: SagaId) -> Result<SagaState> {
     })
 }
 
+/// What [`purge`] found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Purged {
+    /// Finished sagas that finished at or before the time given.
+    pub matched: u64,
+    /// Of those, deleted (0 in a dry run).
+    pub deleted: u64,
+    /// Whether this was a dry run.
+    pub dry_run: bool,
+}
+
+/// Deletes (or, with `dry_run`, counts) the finished sagas that finished at or before
+/// `finished_before`, in batches. Parked and active sagas are never deleted.
+///
+/// # Errors
+///
+/// [`Error::Store`].
+pub fn purge(store: &dyn SagaLog, finished_before: Timestamp, dry_run: bool) -> Result<Purged> {
+    let mut out = Purged {
+        dry_run,
+        ..Purged::default()
+    };
+    let mut cursor = None;
+    loop {
+        let batch = store.finished_before(finished_before, cursor, 1000)?;
+        let Some(last) = batch.last().copied() else {
+            break;
+        };
+        for (_, id) in &batch {
+            let final_status = store.meta(*id)?.is_some_and(|m| m.status.is_final());
+            if !final_status {
+                continue;
+            }
+            out.matched += 1;
+            if !dry_run {
+                store.remove(*id)?;
+                out.deleted += 1;
+            }
+        }
+        if !dry_run {
+            store.sync()?;
+        }
+        cursor = Some(last);
+    }
+    Ok(out)
+}
+
 /// A checked repair, ready to be written: the saga's state with the repair applied, and
 /// the atomic write that records it.
 pub(crate) struct PreparedRepair {
@@ -429,6 +480,7 @@ fn resolve_unreadable(
         due: None,
         settling_until: None,
         reason: Some(format!("resolved by {operator}: {reason}")),
+        finished_at: Some(now),
     };
     let write = Write {
         saga: id,
@@ -546,6 +598,54 @@ impl Admin {
     /// As [`history`].
     pub fn history(&self, id: SagaId) -> Result<Vec<LogRecord>> {
         history(&*self.store, id)
+    }
+
+    /// Records a cancellation in the stored saga (checked as [`crate::Engine::cancel`]
+    /// checks it): the engine that next opens the store compensates it and ends it
+    /// cancelled.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::CancelRefused`], [`Error::RepairRefused`] without who and why,
+    /// [`Error::UnknownSaga`], [`Error::CorruptLog`], [`Error::Store`].
+    pub fn cancel(&self, id: SagaId, operator: &str, reason: &str) -> Result<SagaMeta> {
+        check_who(id, operator, reason)?;
+        let mut state = state(&*self.store, id)?;
+        crate::machine::check_cancel(&state).map_err(|r| Error::CancelRefused {
+            saga: id,
+            reason: r.0,
+        })?;
+        let previous = self.store.meta(id)?;
+        let record = LogRecord {
+            lsn: state.next_lsn,
+            at: self.clock.now(),
+            event: Event::CancelRequested {
+                operator: operator.to_string(),
+                reason: reason.to_string(),
+            },
+        };
+        state.apply(&record).map_err(|e| Error::CorruptLog {
+            saga: id,
+            reason: e.to_string(),
+        })?;
+        let meta = SagaMeta::of(&state);
+        self.store.append(vec![Write {
+            saga: id,
+            records: vec![(record.lsn, codec::encode_record(&record)?)],
+            meta: meta.clone(),
+            previous,
+        }])?;
+        self.store.sync()?;
+        Ok(meta)
+    }
+
+    /// See [`purge`].
+    ///
+    /// # Errors
+    ///
+    /// As [`purge`].
+    pub fn purge(&self, finished_before: Timestamp, dry_run: bool) -> Result<Purged> {
+        purge(&*self.store, finished_before, dry_run)
     }
 
     /// See [`readable_log`].

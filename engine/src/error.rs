@@ -85,6 +85,15 @@ pub enum Error {
         /// The saga it names.
         existing: SagaId,
     },
+    /// A cancellation was refused: the saga is past its pivot (it can only go forward),
+    /// already compensating, parked, or ended. Nothing was written.
+    #[error("cancellation of saga {saga} refused: {reason}")]
+    CancelRefused {
+        /// The saga.
+        saga: SagaId,
+        /// Why.
+        reason: String,
+    },
     /// No saga with this id.
     #[error("no saga with id {0}")]
     UnknownSaga(SagaId),
@@ -140,6 +149,7 @@ impl Error {
             Error::StoreDamaged(_) => "SAGA-0014",
             Error::NewerFormat { .. } => "SAGA-0015",
             Error::StartKeyConflict { .. } => "SAGA-0016",
+            Error::CancelRefused { .. } => "SAGA-0017",
         }
     }
 }

@@ -201,12 +201,13 @@ pub use clock::{
     Clock, Entropy, OsEntropy, SeededEntropy, Sleep, SystemClock, Timestamp, TokioClock,
 };
 pub use definition::{
-    Compensate, Idempotence, RetryPolicy, SagaDefinition, SagaDefinitionBuilder, Step, StepContext,
-    StepError, StepKind, StepOptions,
+    Compensate, Idempotence, Retention, RetryPolicy, SagaDefinition, SagaDefinitionBuilder, Step,
+    StepContext, StepError, StepKind, StepOptions,
 };
 pub use error::{Error, Result};
 pub use executor::{
-    CommitMode, CommitStats, Engine, EngineBuilder, EngineOptions, SagaOutcome, Started,
+    CommitMode, CommitStats, Engine, EngineBuilder, EngineOptions, SagaOutcome, StartOptions,
+    Started,
 };
 pub use ids::{Attempt, IdempotencyKey, Lsn, Phase, SagaId, StartKey};
 pub use machine::{FailureKind, LogRecord, ParkKind, ParkReason, SagaStatus};

@@ -70,6 +70,7 @@ pub(crate) struct Metrics {
     pub(crate) stuck: Gauge,
     commits: Counter,
     durable_writes: Counter,
+    deleted: Counter,
     seen_commits: AtomicU64,
     seen_writes: AtomicU64,
 }
@@ -96,6 +97,7 @@ impl Metrics {
             stuck: Gauge::default(),
             commits: Counter::default(),
             durable_writes: Counter::default(),
+            deleted: Counter::default(),
             seen_commits: AtomicU64::new(0),
             seen_writes: AtomicU64::new(0),
             registry: Registry::default(),
@@ -156,7 +158,17 @@ impl Metrics {
             "Atomic saga writes made durable",
             m.durable_writes.clone(),
         );
+        registry.register(
+            "sagas_deleted",
+            "Finished sagas deleted by retention",
+            m.deleted.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Counts finished sagas deleted by the retention task.
+    pub(crate) fn deleted(&self, n: u64) {
+        self.deleted.inc_by(n);
     }
 
     pub(crate) fn started(&self, definition: &str) {

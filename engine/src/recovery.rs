@@ -185,6 +185,7 @@ async fn park(
         due: None,
         settling_until: None,
         reason: Some(reason.message.clone()),
+        finished_at: None,
     };
     let write = Write {
         saga: id,

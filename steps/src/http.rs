@@ -20,7 +20,7 @@
 //! step error or a pause: `Retry-After: 18446744073709551615`, `99999999999` or a date
 //! in the year 9999 all give "retry after one hour" (the configured maximum), with the
 //! clamp said in the error's message. The engine then bounds it again by the step's
-//! retry policy.
+//! retry policy (`RetryPolicy::max_retry_after`, one hour by default).
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -167,6 +167,9 @@ pub fn classify_with(
     })
 }
 
+/// The largest answer body read by default: 4 MiB.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 4 << 20;
+
 /// One downstream service, shared by every step that calls it.
 #[derive(Debug)]
 pub struct Integration {
@@ -175,6 +178,7 @@ pub struct Integration {
     client: reqwest::Client,
     timeout: Duration,
     max_retry_after: Duration,
+    max_response_bytes: usize,
     #[cfg(feature = "rate_limit")]
     limiter: Option<Arc<RateLimiter>>,
     #[cfg(feature = "circuit_breaker")]
@@ -193,6 +197,7 @@ impl Integration {
             client: reqwest::Client::new(),
             timeout: Duration::from_secs(10),
             max_retry_after: DEFAULT_MAX_RETRY_AFTER,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             #[cfg(feature = "rate_limit")]
             limiter: None,
             #[cfg(feature = "circuit_breaker")]
@@ -213,6 +218,14 @@ impl Integration {
     /// pause of the limiter for at most `max` (and at most the limiter's own bound).
     pub fn with_max_retry_after(mut self, max: Duration) -> Self {
         self.max_retry_after = max;
+        self
+    }
+
+    /// Bounds the body of an answer (default [`DEFAULT_MAX_RESPONSE_BYTES`]): a longer
+    /// one is not read further, and the call's outcome is unknown (the service did
+    /// answer, so the request may have taken effect).
+    pub fn with_max_response_bytes(mut self, max: usize) -> Self {
+        self.max_response_bytes = max;
         self
     }
 
@@ -391,17 +404,33 @@ impl Integration {
         };
         let status = resp.status();
         let headers = resp.headers().clone();
-        let bytes = match resp.bytes().await {
-            Ok(b) => b,
-            Err(e) => {
-                let what = format!(
-                    "reading the answer of `{}` failed: {}",
-                    self.name,
-                    e.without_url()
-                );
-                return (Err(StepError::unknown(what)), FAILURE, Some(status));
+        // Read in chunks, at most `max_response_bytes`: a server cannot make a step hold
+        // an answer of any size.
+        let mut resp = resp;
+        let mut bytes: Vec<u8> = Vec::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    if bytes.len().saturating_add(chunk.len()) > self.max_response_bytes {
+                        let what = format!(
+                            "`{}` answered {status} with a body over {} bytes",
+                            self.name, self.max_response_bytes
+                        );
+                        return (Err(StepError::unknown(what)), FAILURE, Some(status));
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let what = format!(
+                        "reading the answer of `{}` failed: {}",
+                        self.name,
+                        e.without_url()
+                    );
+                    return (Err(StepError::unknown(what)), FAILURE, Some(status));
+                }
             }
-        };
+        }
         if let Some(err) = classify_with(status, &headers, &bytes, self.max_retry_after) {
             #[cfg(feature = "rate_limit")]
             if let (Some(l), Some(hint)) = (&self.limiter, err.retry_after_hint()) {

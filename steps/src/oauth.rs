@@ -67,6 +67,12 @@ impl Error {
     }
 }
 
+/// How long a token request may take.
+const TOKEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The largest token answer read: 64 KiB.
+const MAX_TOKEN_RESPONSE_BYTES: usize = 64 << 10;
+
 /// Where and how to get tokens.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -243,20 +249,41 @@ impl TokenSource {
                 Some(self.creds.client_secret.expose()),
             )
             .form(&form)
+            .timeout(TOKEN_TIMEOUT)
             .send()
             .await
             .map_err(|e| Error::Unavailable(e.without_url().to_string()))?;
         let status = resp.status();
-        if status.is_server_error() {
+        // The token endpoint asking for another try, or failing: try again later.
+        let again = matches!(
+            status,
+            reqwest::StatusCode::REQUEST_TIMEOUT
+                | reqwest::StatusCode::TOO_EARLY
+                | reqwest::StatusCode::TOO_MANY_REQUESTS
+        );
+        if status.is_server_error() || again {
             return Err(Error::Unavailable(status.to_string()));
         }
         if !status.is_success() {
             return Err(Error::Refused(status.to_string()));
         }
-        let body: TokenResponse = resp
-            .json()
+        // A token answer is small: a larger one is not read.
+        let mut resp = resp;
+        let mut raw: Vec<u8> = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
             .await
-            .map_err(|e| Error::Malformed(e.without_url().to_string()))?;
+            .map_err(|e| Error::Unavailable(e.without_url().to_string()))?
+        {
+            if raw.len().saturating_add(chunk.len()) > MAX_TOKEN_RESPONSE_BYTES {
+                return Err(Error::Malformed(format!(
+                    "a token answer over {MAX_TOKEN_RESPONSE_BYTES} bytes"
+                )));
+            }
+            raw.extend_from_slice(&chunk);
+        }
+        let body: TokenResponse =
+            serde_json::from_slice(&raw).map_err(|e| Error::Malformed(e.to_string()))?;
         let asked = lifetime(body.expires_in.as_ref())?;
         if asked > self.creds.max_lifetime {
             tracing::warn!(client_id = %self.creds.client_id, expires_in = ?asked, max_lifetime = ?self.creds.max_lifetime, "token lifetime longer than the maximum: clamped");

@@ -79,6 +79,7 @@ fn app() -> Router {
             get(|| async { (StatusCode::UNPROCESSABLE_ENTITY, "card declined") }),
         )
         .route("/408", get(|| async { StatusCode::REQUEST_TIMEOUT }))
+        .route("/huge", get(|| async { "x".repeat(64 * 1024) }))
         .route("/409", get(|| async { StatusCode::CONFLICT }))
         .route("/425", get(|| async { StatusCode::TOO_EARLY }))
         .route(
@@ -146,7 +147,8 @@ async fn calls_carry_the_idempotency_key_and_the_correlation_id() {
 
 #[tokio::test]
 async fn answers_are_classified_for_the_engine() {
-    let api = Integration::new("svc", serve(app()).await);
+    let base = serve(app()).await;
+    let api = Integration::new("svc", base.clone());
     let c = ctx(2, "s");
     let err = |path: &'static str| {
         let api = &api;
@@ -182,6 +184,16 @@ async fn answers_are_classified_for_the_engine() {
     );
     let e = err("/422").await;
     assert!(matches!(e, StepError::Rejected { .. }), "{e}");
+    // An answer larger than the integration reads: not read further, outcome unknown.
+    let small = Integration::new("small", base.clone()).with_max_response_bytes(1024);
+    let e = small
+        .get_json::<Value>(&ctx(2, "s"), "/huge")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StepError::Unknown { message } if message.contains("over 1024 bytes")),
+        "{e}"
+    );
     // The 4xx that ask for another try.
     for path in ["/408", "/409", "/425"] {
         let e = err(path).await;

@@ -68,7 +68,7 @@ pub fn check_final(s: &ObservedSaga) -> Result<(), String> {
     let state = SagaState::fold(s.id, &s.history)
         .map_err(|e| format!("saga {}: its log does not fold: {e}", s.id))?;
     match s.status {
-        Some(SagaStatus::Completed | SagaStatus::Compensated) => {}
+        Some(SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Cancelled) => {}
         Some(SagaStatus::Parked) => {
             if s.reason.as_deref().unwrap_or("").is_empty() {
                 return Err(format!("saga {} is parked without a reason", s.id));
@@ -227,10 +227,18 @@ pub fn check_effects(s: &ObservedSaga) -> Result<(), String> {
                 ));
             }
         }
-        Some(SagaStatus::Compensated) => {
+        Some(SagaStatus::Compensated | SagaStatus::Cancelled) => {
             let effect = may_have_taken_effect(s)?;
             for (i, st) in s.shape.iter().enumerate() {
                 if st.kind != StepKind::Compensatable {
+                    // A step that cannot be undone took effect: the saga had to go
+                    // forward (or park), never compensate.
+                    if applied(&st.name, Phase::Action) {
+                        return Err(format!(
+                            "saga {} is compensated but keeps the effect of step `{}` ({:?})",
+                            s.id, st.name, st.kind
+                        ));
+                    }
                     continue;
                 }
                 let took_effect = applied(&st.name, Phase::Action);

@@ -211,6 +211,15 @@ impl SagaLog for CrashableStore {
         self.inner.due(until)
     }
 
+    fn finished_before(
+        &self,
+        until: Timestamp,
+        after: Option<(Timestamp, SagaId)>,
+        limit: usize,
+    ) -> store::Result<Vec<(Timestamp, SagaId)>> {
+        self.inner.finished_before(until, after, limit)
+    }
+
     fn check(&self) -> store::Result<store::CheckReport> {
         if self.plan.crashed() {
             return Err(dead());

@@ -180,6 +180,12 @@ impl Ledger {
                 .get_mut(&(tag.clone(), step.clone(), phase))
                 .and_then(VecDeque::pop_front)
                 .unwrap_or(Outcome::Ok);
+            // A service that honours idempotency keys cannot refuse a key it has already
+            // acted on: it answers with that key's result.
+            let outcome = match outcome {
+                Outcome::Rejected if g.effects.get(&key).is_some_and(|n| *n > 0) => Outcome::Ok,
+                other => other,
+            };
             let applied = outcome.applies();
             g.calls.push(Call {
                 tag,
@@ -218,9 +224,10 @@ impl Ledger {
                 applied: true,
                 late: true,
             };
+            let sent = self.inner.lock().unwrap().calls.len();
             tokio::spawn(async move {
                 tokio::time::sleep(after).await;
-                ledger.land(late);
+                ledger.land(late, sent);
             });
             return Err(StepError::unknown(format!(
                 "{step}: connection reset after sending"
@@ -245,9 +252,24 @@ impl Ledger {
         }
     }
 
-    /// Records an effect that arrives now (a late request).
-    fn land(&self, call: Call) {
+    /// Records a request that arrives now, sent when the ledger had seen `sent` calls (a
+    /// late request). Like a service that honours idempotency keys, it applies nothing
+    /// if a call with the same key has been answered since: the key's answer is given.
+    fn land(&self, mut call: Call, sent: usize) {
         let mut g = self.inner.lock().unwrap();
+        let answered = g
+            .calls
+            .get(sent..)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.key == call.key && !c.late);
+        if answered {
+            call.applied = false;
+            g.calls.push(call);
+            drop(g);
+            self.called.send_modify(|n| *n += 1);
+            return;
+        }
         let n = g.effects.entry(call.key.clone()).or_default();
         *n += 1;
         if *n == 1 {

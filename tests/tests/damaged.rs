@@ -609,3 +609,61 @@ async fn the_cli_read_only_open_of_a_damaged_index_repairs_only_its_copy() {
     assert_eq!(findings, 1);
     assert_eq!(snapshot(dir.path()), before, "the directory was changed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_tools_list_a_damaged_saga_whose_summary_and_log_are_both_unreadable() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::new();
+    ledger.script("inventory", Phase::Action, [Outcome::Hang]);
+    let engine = builder()
+        .register(checkout(&ledger))
+        .open(dir.path())
+        .await
+        .unwrap();
+    let id = engine.start("checkout", json!({}), None).await.unwrap();
+    ledger.wait_for_call(id, "inventory", Phase::Action).await;
+    drop(engine);
+    let d = dir.path().to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let log = SledLog::open_waiting(&d, Duration::from_secs(10)).unwrap();
+        let (lsn, _) = log.read(id).unwrap()[1].clone();
+        log.put_raw(&codec::log_key(id, lsn), b"\x01garbage")
+            .unwrap();
+        log.delete_raw(&codec::meta_key(id)).unwrap();
+    })
+    .await
+    .unwrap();
+    let d = dir.path().to_path_buf();
+    let listed = tokio::task::spawn_blocking(move || {
+        let admin = Admin::open_read_only(&d).unwrap();
+        (
+            admin.list(&ListFilter::default()).unwrap(),
+            admin.stats(Duration::from_secs(60)).unwrap().total,
+        )
+    })
+    .await
+    .unwrap();
+    let (list, total) = listed;
+    assert_eq!(total, 1, "stats count it");
+    assert_eq!(list.len(), 1, "list shows it");
+    assert_eq!(list[0].id, id);
+    assert_eq!(list[0].status, SagaStatus::Parked);
+    assert!(list[0]
+        .reason
+        .as_deref()
+        .unwrap_or("")
+        .contains("corrupt log"));
+    // The engine, opened afterwards, sees it parked and can resolve it.
+    let engine = builder()
+        .register(checkout(&ledger))
+        .open(dir.path())
+        .await
+        .unwrap();
+    assert_eq!(engine.status(id).unwrap().status, SagaStatus::Parked);
+    let meta = engine
+        .repair(id, Repair::MarkResolved, "ops", "checked by hand")
+        .await
+        .unwrap();
+    assert_eq!(meta.status, SagaStatus::Resolved);
+    engine.shutdown().await.unwrap();
+}

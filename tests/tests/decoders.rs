@@ -44,6 +44,8 @@ fn valid_records() -> Vec<LogRecord> {
             kinds: vec![],
             input: json!({"cents": 1200, "items": [1, 2, {"sku": "a"}]}),
             start_key: Some(StartKey::new("k-1").unwrap()),
+            deadline: Some(at),
+            not_before: None,
         },
         Event::StepAttemptStarted {
             step: 0,

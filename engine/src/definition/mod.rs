@@ -232,6 +232,26 @@ pub struct SagaDefinition {
     name: String,
     version: u32,
     steps: Vec<StepDef>,
+    deadline: Option<Duration>,
+    retention: Retention,
+}
+
+/// How long a finished saga (completed, compensated, cancelled or resolved) is kept
+/// before the engine deletes it. Parked sagas are never deleted automatically.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Retention {
+    /// Deleted once this long has passed since it finished.
+    For(Duration),
+    /// Never deleted.
+    Forever,
+}
+
+impl Default for Retention {
+    /// Seven days.
+    fn default() -> Self {
+        Retention::For(Duration::from_secs(7 * 24 * 3600))
+    }
 }
 
 impl SagaDefinition {
@@ -242,6 +262,8 @@ impl SagaDefinition {
             version,
             steps: Vec::new(),
             error: None,
+            deadline: None,
+            retention: Retention::default(),
         }
     }
 
@@ -253,6 +275,17 @@ impl SagaDefinition {
     /// The definition's version.
     pub fn version(&self) -> u32 {
         self.version
+    }
+
+    /// The total deadline of a saga of this definition, counted from when it begins,
+    /// if it has one.
+    pub fn deadline(&self) -> Option<Duration> {
+        self.deadline
+    }
+
+    /// How long a finished saga of this definition is kept.
+    pub fn retention(&self) -> Retention {
+        self.retention
     }
 
     /// The step kinds, in order.
@@ -299,6 +332,8 @@ pub struct SagaDefinitionBuilder {
     version: u32,
     steps: Vec<StepDef>,
     error: Option<Error>,
+    deadline: Option<Duration>,
+    retention: Retention,
 }
 
 impl SagaDefinitionBuilder {
@@ -410,6 +445,20 @@ impl SagaDefinitionBuilder {
         self.last(|o| o.idempotence = Idempotence::NotIdempotent)
     }
 
+    /// Gives every saga of this definition a total deadline, counted from when it
+    /// begins (a start may set its own): when it passes, the saga is cancelled, or
+    /// parked if its pivot has started.
+    pub fn deadline(mut self, total: Duration) -> Self {
+        self.deadline = Some(total);
+        self
+    }
+
+    /// Sets how long finished sagas of this definition are kept (default 7 days).
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
     /// Sets [`StepOptions::max_interruptions`] of the step added last.
     pub fn max_interruptions(self, n: u32) -> Self {
         self.last(|o| o.max_interruptions = n.max(1))
@@ -467,6 +516,8 @@ impl SagaDefinitionBuilder {
             name: self.name,
             version: self.version,
             steps: self.steps,
+            deadline: self.deadline,
+            retention: self.retention,
         })
     }
 }

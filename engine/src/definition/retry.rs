@@ -37,10 +37,14 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     /// How long one attempt may run before it counts as a retryable failure.
     pub attempt_timeout: Duration,
+    /// The longest "retry after" hint honoured (G7): a step (or a server behind it)
+    /// asking for more waits this long, not years.
+    pub max_retry_after: Duration,
 }
 
 impl Default for RetryPolicy {
-    /// Five attempts, 100 ms doubling to at most 30 s, 30 s per attempt.
+    /// Five attempts, 100 ms doubling to at most 30 s, 30 s per attempt, retry-after
+    /// hints honoured up to an hour.
     fn default() -> Self {
         RetryPolicy {
             max_attempts: Some(5),
@@ -48,6 +52,7 @@ impl Default for RetryPolicy {
             multiplier: 2.0,
             max_backoff: Duration::from_secs(30),
             attempt_timeout: Duration::from_secs(30),
+            max_retry_after: Duration::from_secs(3600),
         }
     }
 }
@@ -70,6 +75,12 @@ impl RetryPolicy {
             max_backoff: Duration::from_secs(300),
             ..RetryPolicy::default()
         }
+    }
+
+    /// Sets [`RetryPolicy::max_retry_after`].
+    pub fn with_max_retry_after(mut self, d: Duration) -> Self {
+        self.max_retry_after = d;
+        self
     }
 
     /// Sets [`RetryPolicy::max_attempts`] (at least 1).
@@ -153,7 +164,7 @@ impl RetryPolicy {
         let fraction = (jitter >> 11) as f64 / (1u64 << 53) as f64;
         let delay = Duration::from_secs_f64(bound.as_secs_f64() * fraction);
         let delay = match retry_after {
-            Some(hint) => delay.max(hint),
+            Some(hint) => delay.max(hint.min(self.max_retry_after)),
             None => delay,
         };
         Some(now.saturating_add(delay))
@@ -185,15 +196,24 @@ mod tests {
 
     proptest! {
         #[test]
-        fn delay_is_within_bound_or_hint(attempt in 1u32..40, jitter: u64, hint_ms in proptest::option::of(0u64..100_000)) {
+        fn delay_is_within_bound_or_hint(attempt in 1u32..40, jitter: u64, hint_ms in proptest::option::of(0u64..10_000_000)) {
             let p = RetryPolicy::default().with_unlimited_attempts();
             let now = Timestamp::from_millis(1_000);
             let hint = hint_ms.map(Duration::from_millis);
             let at = p.next_attempt_at(attempt, now, jitter, hint).expect("unlimited");
             let delay = at.duration_since(now);
+            let hint = hint.map(|h| h.min(p.max_retry_after));
             let bound = p.backoff_bound(attempt).max(hint.unwrap_or_default());
             prop_assert!(delay <= bound + Duration::from_millis(1));
             if let Some(h) = hint { prop_assert!(delay >= h); }
+        }
+
+        #[test]
+        fn a_hint_is_clamped_to_the_policy(hint_s in 3_601u64..u64::MAX / 2) {
+            let p = RetryPolicy::default();
+            let now = Timestamp::from_millis(1_000);
+            let at = p.next_attempt_at(1, now, 0, Some(Duration::from_secs(hint_s))).unwrap();
+            prop_assert_eq!(at.duration_since(now), p.max_retry_after);
         }
     }
 }

@@ -13,9 +13,11 @@ use tracing::Instrument;
 use crate::clock::Timestamp;
 use crate::definition::{Idempotence, RetryPolicy, SagaDefinition, StepContext, StepError};
 use crate::error::{Error, Result};
-use crate::executor::{lock, Inner, PendingRepair, RepairError, SagaOutcome};
+use crate::executor::{lock, Asked, Inner, PendingRepair, RepairError, SagaOutcome};
 use crate::ids::{Attempt, IdempotencyKey, Phase};
-use crate::machine::{check_repair, decide, Decision, Event, FailureKind, LogRecord, SagaState};
+use crate::machine::{
+    check_cancel, check_repair, decide, Decision, Event, FailureKind, LogRecord, SagaState,
+};
 use crate::store::{codec, SagaMeta, Write};
 
 /// Why an attempt failed, before it is written down.
@@ -200,8 +202,9 @@ impl Driver {
                         attempt,
                         kind: FailureKind::Interrupted,
                         error: format!(
-                            "attempt {attempt} was interrupted by a crash and the step is not \
-                             idempotent, so it may have taken effect"
+                            "attempt {attempt} was interrupted by a crash and will not run \
+                             again (the step is not idempotent, or the saga is cancelled), so \
+                             it may have taken effect"
                         ),
                         retry_at: None,
                     })?;
@@ -232,6 +235,15 @@ impl Driver {
                     self.flush().await?;
                     tracing::info!("saga compensated");
                 }
+                Decision::Cancel { operator, reason } => {
+                    tracing::info!(%reason, "saga cancelled by its deadline");
+                    self.record(Event::CancelRequested { operator, reason })?;
+                }
+                Decision::FinishCancellation => {
+                    self.record(Event::Cancelled)?;
+                    self.flush().await?;
+                    tracing::info!("saga cancelled");
+                }
                 Decision::Park { reason } => {
                     tracing::warn!(kind = ?reason.kind, reason = %reason.message, "saga parked");
                     self.record(Event::Parked { reason })?;
@@ -260,34 +272,53 @@ impl Driver {
             SagaOutcome::Compensated { .. } => ("compensated", Some(secs)),
             SagaOutcome::Parked { .. } => ("parked", None),
             SagaOutcome::Resolved { .. } => ("resolved", None),
+            SagaOutcome::Cancelled { .. } => ("cancelled", Some(secs)),
         };
         self.inner.metrics.ended(&self.state.definition, name, took);
     }
 
-    /// Applies an operator's repair, if the state allows it, and answers the operator.
+    /// Applies an operator's repair (or a cancellation), if the state allows it, and
+    /// answers the caller.
     async fn repair(&mut self, p: PendingRepair) -> Result<()> {
-        let answer = match check_repair(&self.state, &p.action) {
-            Err(refusal) => Err(Error::RepairRefused {
-                saga: self.state.id,
-                reason: refusal.0,
-            }),
-            Ok(()) => {
-                tracing::warn!(action = p.action.name(), operator = %p.operator, reason = %p.reason, "operator repair");
-                self.inner
-                    .metrics
-                    .repaired(&self.state.definition, p.action.name());
-                self.record(Event::OperatorAction {
-                    action: p.action,
-                    operator: p.operator,
-                    reason: p.reason,
-                })?;
-                self.flush().await.map(|()| self.meta())
-            }
+        let saga = self.state.id;
+        let answer = match p.action {
+            Asked::Repair(action) => match check_repair(&self.state, &action) {
+                Err(refusal) => Err(Error::RepairRefused {
+                    saga,
+                    reason: refusal.0,
+                }),
+                Ok(()) => {
+                    tracing::warn!(action = action.name(), operator = %p.operator, reason = %p.reason, "operator repair");
+                    self.inner
+                        .metrics
+                        .repaired(&self.state.definition, action.name());
+                    self.record(Event::OperatorAction {
+                        action,
+                        operator: p.operator,
+                        reason: p.reason,
+                    })?;
+                    self.flush().await.map(|()| self.meta())
+                }
+            },
+            Asked::Cancel => match check_cancel(&self.state) {
+                Err(refusal) => Err(Error::CancelRefused {
+                    saga,
+                    reason: refusal.0,
+                }),
+                Ok(()) => {
+                    tracing::warn!(operator = %p.operator, reason = %p.reason, "saga cancelled");
+                    self.record(Event::CancelRequested {
+                        operator: p.operator,
+                        reason: p.reason,
+                    })?;
+                    self.flush().await.map(|()| self.meta())
+                }
+            },
         };
         let failed = answer
             .as_ref()
             .err()
-            .filter(|e| !matches!(e, Error::RepairRefused { .. }))
+            .filter(|e| !matches!(e, Error::RepairRefused { .. } | Error::CancelRefused { .. }))
             .cloned();
         let _ = p.reply.send(answer.map_err(RepairError::Final));
         match failed {

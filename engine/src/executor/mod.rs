@@ -5,6 +5,7 @@
 
 mod commit;
 mod driver;
+mod retention;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -26,10 +27,45 @@ use crate::clock::{Clock, Entropy, OsEntropy, SeededEntropy, SystemClock, Timest
 use crate::definition::SagaDefinition;
 use crate::error::{Error, Result};
 use crate::ids::{Lsn, SagaId, StartKey};
-use crate::machine::{check_repair, Event, LogRecord, ParkReason, Repair, SagaState, SagaStatus};
+use crate::machine::{
+    check_cancel, check_repair, Event, LogRecord, ParkReason, Repair, SagaState, SagaStatus,
+};
 use crate::metrics::Metrics;
 use crate::recovery::{self, RecoveryReport};
 use crate::store::{codec, SagaLog, SagaMeta, SledLog};
+
+/// How to start a saga, beyond its input ([`Engine::start_with`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StartOptions {
+    /// The start key (G6).
+    pub key: Option<StartKey>,
+    /// Not before when the first step runs: a delayed start.
+    pub not_before: Option<Timestamp>,
+    /// When the saga must have ended; overrides the definition's deadline. When it
+    /// passes, the saga is cancelled, or parked if its pivot has started.
+    pub deadline: Option<Timestamp>,
+}
+
+impl StartOptions {
+    /// Sets [`StartOptions::key`].
+    pub fn key(mut self, key: StartKey) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// Sets [`StartOptions::not_before`].
+    pub fn not_before(mut self, at: Timestamp) -> Self {
+        self.not_before = Some(at);
+        self
+    }
+
+    /// Sets [`StartOptions::deadline`].
+    pub fn deadline(mut self, at: Timestamp) -> Self {
+        self.deadline = Some(at);
+        self
+    }
+}
 
 /// What [`Engine::start_once`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -96,6 +132,14 @@ pub enum SagaOutcome {
         /// Why.
         reason: String,
     },
+    /// It was cancelled (by a caller, or because its deadline passed) and everything
+    /// that may have taken effect was compensated.
+    Cancelled {
+        /// Who asked (`deadline` for a deadline).
+        operator: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl SagaOutcome {
@@ -116,6 +160,10 @@ impl SagaOutcome {
                 .resolution
                 .clone()
                 .map(|(operator, reason)| SagaOutcome::Resolved { operator, reason }),
+            SagaStatus::Cancelled => state
+                .cancellation
+                .clone()
+                .map(|(operator, reason)| SagaOutcome::Cancelled { operator, reason }),
             SagaStatus::Running | SagaStatus::Compensating => None,
         }
     }
@@ -141,6 +189,15 @@ pub struct EngineOptions {
     /// counted in `sagaflow_stuck_sagas`, listed by [`crate::admin::ListFilter::stuck_for`].
     /// `None` turns the watchdog off.
     pub stuck_after: Option<Duration>,
+    /// How often the retention task deletes finished sagas whose definition's
+    /// retention has passed; `None` turns it off (sagas are then deleted only by
+    /// [`Engine::purge`]).
+    pub retention_every: Option<Duration>,
+    /// At most this many finished sagas per retention pass (passes follow each other at
+    /// once while there is a backlog).
+    pub retention_batch: usize,
+    /// The retention of sagas whose definition is not registered with this engine.
+    pub default_retention: crate::Retention,
 }
 
 impl Default for EngineOptions {
@@ -152,6 +209,9 @@ impl Default for EngineOptions {
             lock_wait: Duration::from_secs(10),
             commit_mode: CommitMode::default(),
             stuck_after: Some(Duration::from_secs(15 * 60)),
+            retention_every: Some(Duration::from_secs(10)),
+            retention_batch: 1000,
+            default_retention: crate::Retention::default(),
         }
     }
 }
@@ -178,6 +238,19 @@ impl EngineOptions {
     /// Sets [`EngineOptions::stuck_after`].
     pub fn with_stuck_after(mut self, d: Option<Duration>) -> Self {
         self.stuck_after = d;
+        self
+    }
+
+    /// Sets [`EngineOptions::retention_every`] and [`EngineOptions::retention_batch`].
+    pub fn with_retention_task(mut self, every: Option<Duration>, batch: usize) -> Self {
+        self.retention_every = every;
+        self.retention_batch = batch.max(1);
+        self
+    }
+
+    /// Sets [`EngineOptions::default_retention`].
+    pub fn with_default_retention(mut self, r: crate::Retention) -> Self {
+        self.default_retention = r;
         self
     }
 
@@ -236,9 +309,17 @@ pub(crate) struct Inner {
     pub(crate) metrics: Metrics,
 }
 
-/// A repair waiting for the driver of a running saga to apply it.
+/// What an operator (or a caller) asks of a saga's driver.
+pub(crate) enum Asked {
+    /// A repair.
+    Repair(Repair),
+    /// A cancellation.
+    Cancel,
+}
+
+/// A repair (or cancellation) waiting for the driver of a running saga to apply it.
 pub(crate) struct PendingRepair {
-    pub(crate) action: Repair,
+    pub(crate) action: Asked,
     pub(crate) operator: String,
     pub(crate) reason: String,
     pub(crate) reply: tokio::sync::oneshot::Sender<std::result::Result<SagaMeta, RepairError>>,
@@ -261,6 +342,27 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Inner {
     pub(crate) fn definition(&self, name: &str, version: u32) -> Option<Arc<SagaDefinition>> {
         self.defs.get(name)?.get(&version).cloned()
+    }
+
+    /// How long a finished saga of this definition is kept.
+    pub(crate) fn retention_of(&self, name: &str, version: u32) -> crate::Retention {
+        self.definition(name, version)
+            .map_or(self.options.default_retention, |d| d.retention())
+    }
+
+    /// The shortest retention of any definition (and of unregistered ones), or `None`
+    /// if every one is forever: how far back the retention task must look.
+    pub(crate) fn shortest_retention(&self) -> Option<Duration> {
+        self.defs
+            .values()
+            .flat_map(|v| v.values())
+            .map(|d| d.retention())
+            .chain([self.options.default_retention])
+            .filter_map(|r| match r {
+                crate::Retention::For(d) => Some(d),
+                crate::Retention::Forever => None,
+            })
+            .min()
     }
 
     /// Spawns the task that drives a saga, and the cell its outcome is published in.
@@ -472,6 +574,10 @@ impl EngineBuilder {
             let watchdog = watchdog(inner.clone(), threshold);
             lock(&inner.tasks).spawn(watchdog);
         }
+        if let Some(every) = inner.options.retention_every {
+            let task = retention::run(inner.clone(), every, inner.options.retention_batch);
+            lock(&inner.tasks).spawn(task);
+        }
         Ok(Engine {
             _last: Arc::new(AbortOnDrop(inner.clone())),
             inner,
@@ -546,7 +652,11 @@ impl Engine {
         input: impl Serialize,
         start_key: Option<StartKey>,
     ) -> Result<SagaId> {
-        self.begin(name, input, start_key).await.map(|s| s.id())
+        let options = StartOptions {
+            key: start_key,
+            ..StartOptions::default()
+        };
+        self.begin(name, input, options).await.map(|s| s.id())
     }
 
     /// Starts a saga under `start_key` unless one was started under it before, and says
@@ -575,15 +685,114 @@ impl Engine {
         input: impl Serialize,
         start_key: StartKey,
     ) -> Result<Started> {
-        self.begin(name, input, Some(start_key)).await
+        self.begin(name, input, StartOptions::default().key(start_key))
+            .await
+    }
+
+    /// Starts a saga with options: a start key, a delayed start, a deadline. The saga is
+    /// stored at once (start-key dedup applies at once) and its first step runs not
+    /// before [`StartOptions::not_before`]; both times are in the log, so they hold
+    /// across a restart.
+    ///
+    /// ```
+    /// # async fn demo(engine: sagaflow::Engine) -> sagaflow::Result<()> {
+    /// use std::time::Duration;
+    /// use sagaflow::{Clock, StartKey, StartOptions, SystemClock};
+    ///
+    /// let now = SystemClock.now();
+    /// let started = engine
+    ///     .start_with(
+    ///         "checkout",
+    ///         serde_json::json!({"cents": 500}),
+    ///         StartOptions::default()
+    ///             .key(StartKey::new("order-1043")?)
+    ///             .not_before(now.saturating_add(Duration::from_secs(3600)))
+    ///             .deadline(now.saturating_add(Duration::from_secs(7200))),
+    ///     )
+    ///     .await?;
+    /// # let _ = started; Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::start`].
+    pub async fn start_with(
+        &self,
+        name: &str,
+        input: impl Serialize,
+        options: StartOptions,
+    ) -> Result<Started> {
+        self.begin(name, input, options).await
+    }
+
+    /// Asks a saga to stop going forward: no new attempt starts, the attempt in flight
+    /// settles, everything that may have taken effect is compensated, and the saga ends
+    /// [`SagaStatus::Cancelled`]. Recorded with who and why. Returns the summary once the
+    /// request is durable (not once the saga has ended: [`Engine::wait`] for that).
+    ///
+    /// ```
+    /// # async fn demo(engine: sagaflow::Engine, id: sagaflow::SagaId) -> sagaflow::Result<()> {
+    /// use sagaflow::{Error, SagaOutcome};
+    ///
+    /// match engine.cancel(id, "checkout-api", "customer cancelled the order").await {
+    ///     Ok(_) => assert!(matches!(engine.wait(id).await?, SagaOutcome::Cancelled { .. })),
+    ///     // Past the pivot a saga can only go forward.
+    ///     Err(Error::CancelRefused { reason, .. }) => println!("too late: {reason}"),
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::CancelRefused`] past the pivot (or if the saga is compensating, parked or
+    /// ended), [`Error::RepairRefused`] without who and why, [`Error::UnknownSaga`],
+    /// [`Error::NotRunning`] if this engine does not drive it, [`Error::Store`].
+    pub async fn cancel(&self, id: SagaId, operator: &str, reason: &str) -> Result<SagaMeta> {
+        admin::check_who(id, operator, reason)?;
+        let inner = &self.inner;
+        let _one_at_a_time = inner.repair_lock.lock().await;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let queued = {
+            let running = lock(&inner.running);
+            let driven = running.contains_key(&id);
+            if driven {
+                lock(&inner.repairs).insert(
+                    id,
+                    PendingRepair {
+                        action: Asked::Cancel,
+                        operator: operator.to_string(),
+                        reason: reason.to_string(),
+                        reply: tx,
+                    },
+                );
+            }
+            driven
+        };
+        if queued {
+            inner.repair_epoch.send_modify(|n| *n += 1);
+            match rx.await {
+                Ok(Ok(meta)) => return Ok(meta),
+                Ok(Err(RepairError::Final(e))) => return Err(e),
+                Ok(Err(RepairError::Gone)) | Err(_) => {}
+            }
+        }
+        // Not driven here: say why, from the stored saga.
+        let stored = self.state(id)?;
+        check_cancel(&stored).map_err(|r| Error::CancelRefused {
+            saga: id,
+            reason: r.0,
+        })?;
+        Err(Error::NotRunning(id))
     }
 
     async fn begin(
         &self,
         name: &str,
         input: impl Serialize,
-        start_key: Option<StartKey>,
+        options: StartOptions,
     ) -> Result<Started> {
+        let start_key = options.key.clone();
         let inner = &self.inner;
         if *inner.stopping.borrow() {
             return Err(Error::ShuttingDown);
@@ -630,7 +839,7 @@ impl Engine {
             Some(l) => Some(l.clone().lock_owned().await),
             None => None,
         };
-        let result = self.start_locked(def, input, start_key.clone()).await;
+        let result = self.start_locked(def, input, options).await;
         drop(guard);
         if let (Some(k), Some(l)) = (&start_key, key_lock) {
             let mut locks = lock(&inner.start_locks);
@@ -646,9 +855,10 @@ impl Engine {
         &self,
         def: Arc<SagaDefinition>,
         input: Value,
-        start_key: Option<StartKey>,
+        options: StartOptions,
     ) -> Result<Started> {
         let inner = &self.inner;
+        let start_key = options.key;
         if let Some(k) = &start_key {
             if let Some(existing) = inner.store.find_start_key(k)? {
                 tracing::debug!(saga_id = %existing, start_key = %k, "start key seen before");
@@ -674,6 +884,13 @@ impl Engine {
                 kinds: def.step_kinds().collect(),
                 input,
                 start_key,
+                // A deadline given at start wins; else the definition's, counted from
+                // when the saga begins.
+                deadline: options.deadline.or_else(|| {
+                    def.deadline()
+                        .map(|d| options.not_before.unwrap_or(now).max(now).saturating_add(d))
+                }),
+                not_before: options.not_before.filter(|t| *t > now),
             },
         };
         let state = SagaState::new(id, &first).map_err(|e| Error::CorruptLog {
@@ -798,7 +1015,7 @@ impl Engine {
                 lock(&inner.repairs).insert(
                     id,
                     PendingRepair {
-                        action: action.clone(),
+                        action: Asked::Repair(action.clone()),
                         operator: operator.to_string(),
                         reason: reason.to_string(),
                         reply: tx,
@@ -964,6 +1181,20 @@ impl Engine {
             }
         }
         m.render(inner.committer.stats())
+    }
+
+    /// Deletes the finished sagas (completed, compensated, cancelled, resolved) that
+    /// finished at or before `finished_before`, whatever their retention; with `dry_run`,
+    /// only counts them. Parked and active sagas are never deleted.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`].
+    pub async fn purge(&self, finished_before: Timestamp, dry_run: bool) -> Result<admin::Purged> {
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || admin::purge(&*store, finished_before, dry_run))
+            .await
+            .map_err(|e| Error::Store(Arc::new(crate::store::Error::Backend(e.to_string()))))?
     }
 
     /// What the engine found and did when it opened.

@@ -46,6 +46,15 @@ pub enum Decision {
     Complete,
     /// Record `compensated`.
     FinishCompensation,
+    /// Record `cancel_requested`: the saga's deadline passed before its pivot.
+    Cancel {
+        /// Who (`deadline`).
+        operator: String,
+        /// Why.
+        reason: String,
+    },
+    /// Record `cancelled`: a cancelled saga finished compensating.
+    FinishCancellation,
     /// Record `parked`.
     Park {
         /// Why.
@@ -103,8 +112,79 @@ pub fn decide(def: &SagaDefinition, state: &SagaState, now: Timestamp) -> Decisi
         return Decision::Park { reason };
     }
     match state.status {
-        SagaStatus::Running => decide_forward(def, state, now),
-        _ => decide_backward(def, state, now),
+        SagaStatus::Running => decide_running(def, state, now),
+        _ => match decide_backward(def, state, now) {
+            Decision::FinishCompensation if state.cancellation.is_some() => {
+                Decision::FinishCancellation
+            }
+            other => other,
+        },
+    }
+}
+
+/// Going forward: a cancellation asked for, a deadline passed, a delayed start, or the
+/// next step.
+fn decide_running(def: &SagaDefinition, state: &SagaState, now: Timestamp) -> Decision {
+    if let Some((who, why)) = &state.cancellation {
+        return decide_cancelling(state, now, who, why);
+    }
+    if let Some(deadline) = state.deadline.filter(|d| now >= *d) {
+        return match crate::machine::check_cancel(state) {
+            Ok(()) => Decision::Cancel {
+                operator: "deadline".into(),
+                reason: format!("the saga's deadline {deadline} passed"),
+            },
+            // Past the pivot: parked, but not before an attempt of the current step that
+            // may still land has reached its deadline.
+            Err(_) => match state
+                .current_step()
+                .and_then(|i| state.steps[i].undo_not_before())
+                .filter(|t| now < *t)
+            {
+                Some(until) => Decision::Wait { until },
+                None => Decision::Park {
+                    reason: ParkReason::new(
+                        ParkKind::DeadlinePassed,
+                        format!(
+                        "the saga's deadline {deadline} passed after its pivot had started: it \
+                         can only go forward; resume it, or resolve it by hand"
+                    ),
+                    ),
+                },
+            },
+        };
+    }
+    let nothing_started = state.steps.iter().all(|s| !s.action.started());
+    let decision = match state.not_before.filter(|t| now < *t && nothing_started) {
+        Some(until) => Decision::Wait { until },
+        None => decide_forward(def, state, now),
+    };
+    // A wait never sleeps through the deadline: it fires while the saga waits, and after
+    // a restart (recovery decides again).
+    match (decision, state.deadline) {
+        (Decision::Wait { until }, Some(d)) if d < until => Decision::Wait { until: d },
+        (other, _) => other,
+    }
+}
+
+/// A cancelled saga going forward: no new attempt; the attempt a crash interrupted is
+/// closed (its outcome is unknown); once every attempt of the current step that may
+/// still land has reached its deadline, compensation begins.
+fn decide_cancelling(state: &SagaState, now: Timestamp, who: &str, why: &str) -> Decision {
+    if let Some(i) = state.current_step() {
+        let s = &state.steps[i];
+        if let Progress::InFlight { attempt } = s.action {
+            return Decision::CloseInterrupted {
+                step: i as u32,
+                attempt,
+            };
+        }
+        if let Some(until) = s.unknown_until.filter(|t| now < *t) {
+            return Decision::Wait { until };
+        }
+    }
+    Decision::BeginCompensation {
+        reason: format!("cancelled by {who}: {why}"),
     }
 }
 
@@ -132,6 +212,10 @@ fn decide_forward(def: &SagaDefinition, state: &SagaState, now: Timestamp) -> De
                 }
                 let in_a_row = s.interrupted.in_a_row.saturating_add(1);
                 if in_a_row >= sd.options.max_interruptions {
+                    // Parked only once the interrupted attempt can no longer land.
+                    if let Some(until) = s.undo_not_before().filter(|t| now < *t) {
+                        return Decision::Wait { until };
+                    }
                     return Decision::Park {
                         reason: crash_loop(&s.name, "attempt", in_a_row),
                     };
@@ -167,19 +251,24 @@ fn decide_forward(def: &SagaDefinition, state: &SagaState, now: Timestamp) -> De
                     return Decision::Wait { until };
                 }
                 let what = describe_failure(&s.name, *kind, *attempt, error);
+                // Unknown if the last attempt's outcome is. An earlier attempt of unknown
+                // outcome matters only for a step that is not idempotent: an idempotent
+                // one's attempts share a key, so the service's last answer for that key
+                // (here a refusal) is its answer for all of them.
+                let unknown = kind.outcome_unknown()
+                    || (sd.options.idempotence == Idempotence::NotIdempotent
+                        && s.outcome_unknown());
                 return match sd.kind {
-                    StepKind::Pivot | StepKind::Retriable if kind.outcome_unknown() => {
-                        Decision::Park {
-                            reason: ParkReason::new(
-                                ParkKind::OutcomeUnknown,
-                                format!(
-                                    "{what}; it is {} and cannot be compensated: check whether \
+                    StepKind::Pivot | StepKind::Retriable if unknown => Decision::Park {
+                        reason: ParkReason::new(
+                            ParkKind::OutcomeUnknown,
+                            format!(
+                                "{what}; it is {} and cannot be compensated: check whether \
                                      it took effect, then resolve the saga",
-                                    sd.kind
-                                ),
+                                sd.kind
                             ),
-                        }
-                    }
+                        ),
+                    },
                     StepKind::Retriable => Decision::Park {
                         reason: ParkReason::new(
                             ParkKind::ForwardFailed,
@@ -243,9 +332,10 @@ fn decide_backward(def: &SagaDefinition, state: &SagaState, now: Timestamp) -> D
         match &s.compensation {
             Progress::Succeeded { .. } => continue,
             Progress::NotStarted => {
-                // An earlier attempt of unknown outcome may still land (even if a later
-                // one succeeded): its undo waits for that attempt's deadline (G4).
-                if let Some(until) = s.unknown_until.filter(|t| now < *t) {
+                // An earlier attempt of unknown outcome (or one still in flight, when
+                // compensation was forced) may still land, even if a later one
+                // succeeded: its undo waits for that attempt's deadline (G4).
+                if let Some(until) = s.undo_not_before().filter(|t| now < *t) {
                     return Decision::Wait { until };
                 }
                 return Decision::Compensate {

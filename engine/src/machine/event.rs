@@ -96,6 +96,9 @@ pub enum ParkKind {
     /// A step (or compensation) was interrupted by a crash too many times in a row
     /// ([`crate::StepOptions::max_interruptions`]): it probably kills the process.
     CrashLoop,
+    /// The saga's deadline passed after its pivot had started: it can only go forward,
+    /// and an operator decides.
+    DeadlinePassed,
     /// A log record or summary was written by a newer engine (a format byte or event
     /// type this engine does not know). Open the store with that engine, or resolve.
     NewerFormat,
@@ -151,6 +154,13 @@ pub enum Event {
         input: Value,
         /// The caller's start key, if any.
         start_key: Option<StartKey>,
+        /// When the saga must have ended: then it is cancelled (before the pivot) or
+        /// parked (after it). Absent in logs of earlier versions.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deadline: Option<Timestamp>,
+        /// Not before when its first step may run (a delayed start).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        not_before: Option<Timestamp>,
     },
     /// An attempt of a step action is about to run (durable before it runs: G1).
     StepAttemptStarted {
@@ -221,6 +231,17 @@ pub enum Event {
     Completed,
     /// Every step that may have taken effect was compensated.
     Compensated,
+    /// Somebody asked to cancel the saga (or its deadline passed, `operator`
+    /// "deadline"): no new attempt starts, the one in flight settles, and the saga
+    /// compensates, then ends `cancelled`.
+    CancelRequested {
+        /// Who.
+        operator: String,
+        /// Why.
+        reason: String,
+    },
+    /// A cancelled saga finished compensating.
+    Cancelled,
     /// The saga needs an operator.
     Parked {
         /// Why.
@@ -313,6 +334,8 @@ impl Event {
             Event::CompensationFailed { .. } => "compensation_failed",
             Event::Completed => "completed",
             Event::Compensated => "compensated",
+            Event::CancelRequested { .. } => "cancel_requested",
+            Event::Cancelled => "cancelled",
             Event::Parked { .. } => "parked",
             Event::OperatorAction { .. } => "operator_action",
         }

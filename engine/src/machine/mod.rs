@@ -13,5 +13,6 @@ mod tests;
 pub use decide::{decide, definition_mismatch, Decision};
 pub use event::{Event, FailureKind, LogRecord, ParkKind, ParkReason, Repair};
 pub use state::{
-    check_repair, FoldError, Interruptions, Progress, Refusal, SagaState, SagaStatus, StepState,
+    check_cancel, check_repair, FoldError, Interruptions, Progress, Refusal, SagaState, SagaStatus,
+    StepState,
 };

@@ -28,25 +28,33 @@ pub enum SagaStatus {
     Parked,
     /// Settled by hand by an operator.
     Resolved,
+    /// Compensated on a caller's request (or because its deadline passed) before the
+    /// pivot.
+    Cancelled,
 }
 
 impl SagaStatus {
     /// All statuses, in index order.
-    pub const ALL: [SagaStatus; 6] = [
+    pub const ALL: [SagaStatus; 7] = [
         SagaStatus::Running,
         SagaStatus::Compensating,
         SagaStatus::Completed,
         SagaStatus::Compensated,
         SagaStatus::Parked,
         SagaStatus::Resolved,
+        SagaStatus::Cancelled,
     ];
 
-    /// Whether the saga has ended for good (completed, compensated, or resolved by an
-    /// operator). A parked saga has stopped but is not final: an operator may move it on.
+    /// Whether the saga has ended for good (completed, compensated, cancelled, or
+    /// resolved by an operator). A parked saga has stopped but is not final: an operator
+    /// may move it on.
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Resolved
+            SagaStatus::Completed
+                | SagaStatus::Compensated
+                | SagaStatus::Resolved
+                | SagaStatus::Cancelled
         )
     }
 
@@ -64,6 +72,7 @@ impl SagaStatus {
             SagaStatus::Compensated => 4,
             SagaStatus::Parked => 5,
             SagaStatus::Resolved => 6,
+            SagaStatus::Cancelled => 7,
         }
     }
 
@@ -86,6 +95,7 @@ impl SagaStatus {
             SagaStatus::Compensated => "compensated",
             SagaStatus::Parked => "parked",
             SagaStatus::Resolved => "resolved",
+            SagaStatus::Cancelled => "cancelled",
         }
     }
 }
@@ -193,6 +203,23 @@ impl StepState {
         self.effect_possible || matches!(self.action, Progress::InFlight { .. })
     }
 
+    /// Not before when the action may be undone (or, for a step that cannot be undone,
+    /// the saga parked): the latest deadline of an attempt whose outcome is unknown,
+    /// including one still in flight (interrupted by a crash, not yet closed). A request
+    /// such an attempt sent may land until then (G4).
+    pub fn undo_not_before(&self) -> Option<Timestamp> {
+        match self.action {
+            Progress::InFlight { .. } => self.unknown_until.max(self.deadline),
+            _ => self.unknown_until,
+        }
+    }
+
+    /// Whether some attempt of the action may have taken effect without anyone knowing:
+    /// one failed with an unknown outcome or was interrupted.
+    pub fn outcome_unknown(&self) -> bool {
+        self.unknown_until.is_some() || matches!(self.action, Progress::InFlight { .. })
+    }
+
     /// The action's attempts that ended (succeeded or failed): what the retry budget
     /// counts. Interrupted attempts are not among them.
     pub fn attempts_used(&self) -> u32 {
@@ -251,6 +278,13 @@ pub struct SagaState {
     pub parked_from: Option<SagaStatus>,
     /// Who resolved it and why, once an operator has.
     pub resolution: Option<(String, String)>,
+    /// Who asked to cancel it and why, once somebody has (or its deadline passed).
+    pub cancellation: Option<(String, String)>,
+    /// When it must have ended, if it has a deadline: then it is cancelled (or parked,
+    /// past the pivot).
+    pub deadline: Option<Timestamp>,
+    /// Not before when its first step may run (a delayed start).
+    pub not_before: Option<Timestamp>,
     /// When the saga started.
     pub created_at: Timestamp,
     /// When the latest record was written.
@@ -281,6 +315,8 @@ impl SagaState {
                 kinds,
                 input,
                 start_key,
+                deadline,
+                not_before,
             } => Ok(SagaState {
                 id,
                 definition: definition.clone(),
@@ -310,6 +346,9 @@ impl SagaState {
                 parked: None,
                 parked_from: None,
                 resolution: None,
+                cancellation: None,
+                deadline: *deadline,
+                not_before: *not_before,
                 created_at: first.at,
                 updated_at: first.at,
                 next_lsn: Lsn(1),
@@ -527,7 +566,21 @@ impl SagaState {
             }
             Event::Compensated => {
                 self.expect_status(SagaStatus::Compensating, lsn)?;
+                if self.cancellation.is_some() {
+                    return Err(err("a cancelled saga ends `cancelled`".into()));
+                }
                 self.status = SagaStatus::Compensated;
+            }
+            Event::CancelRequested { operator, reason } => {
+                check_cancel(self).map_err(|e| err(e.to_string()))?;
+                self.cancellation = Some((operator.clone(), reason.clone()));
+            }
+            Event::Cancelled => {
+                self.expect_status(SagaStatus::Compensating, lsn)?;
+                if self.cancellation.is_none() {
+                    return Err(err("`cancelled` without a cancel request".into()));
+                }
+                self.status = SagaStatus::Cancelled;
             }
             Event::Parked { reason } => {
                 self.parked_from = Some(self.status);
@@ -583,18 +636,21 @@ impl SagaState {
             SagaStatus::Running => {
                 let s = &self.steps[self.current_step()?];
                 match &s.action {
+                    // Failed for good: settle until its last attempt's deadline if that
+                    // one's outcome is unknown, and until any earlier unknown one's.
                     Progress::Failed {
                         kind,
                         retry_at: None,
                         ..
                     } if kind.outcome_unknown() => s.deadline.max(s.unknown_until),
+                    Progress::Failed { retry_at: None, .. } => s.unknown_until,
                     _ => None,
                 }
             }
             SagaStatus::Compensating => {
                 let s = &self.steps[self.current_compensation()?];
                 match s.compensation {
-                    Progress::NotStarted => s.unknown_until,
+                    Progress::NotStarted => s.undo_not_before(),
                     _ => None,
                 }
             }
@@ -620,10 +676,14 @@ impl SagaState {
                 .map(|i| &self.steps[i].compensation),
             _ => None,
         };
+        let nothing_started = self.steps.iter().all(|s| !s.action.started());
         match progress {
             Some(Progress::Failed {
                 retry_at: Some(at), ..
             }) => Some(*at),
+            Some(Progress::NotStarted) if nothing_started && self.status == SagaStatus::Running => {
+                self.not_before
+            }
             _ => self.settling_until(),
         }
     }
@@ -662,6 +722,14 @@ impl SagaState {
             }
             Repair::Resume => {
                 unpark(self);
+                // An operator looked at a crash loop: count interruptions afresh.
+                if let Some(i) = match working {
+                    SagaStatus::Running => self.current_step(),
+                    _ => self.current_compensation(),
+                } {
+                    self.steps[i].interrupted.in_a_row = 0;
+                    self.steps[i].compensation_interrupted.in_a_row = 0;
+                }
                 // One more attempt for what had run out of them.
                 if let Some(Progress::Failed { retry_at, .. }) = self.current_progress_mut(working)
                 {
@@ -711,6 +779,37 @@ impl SagaState {
             })
         }
     }
+}
+
+/// Whether a saga may be cancelled now: it is going forward and no step at or after the
+/// pivot has started (past the pivot a saga can only go forward). A pure function of the
+/// log, like [`check_repair`].
+///
+/// # Errors
+///
+/// A [`Refusal`] saying why.
+pub fn check_cancel(state: &SagaState) -> Result<(), Refusal> {
+    let no = |why: String| Err(Refusal(why));
+    match state.status {
+        SagaStatus::Running => {}
+        SagaStatus::Compensating => return no("the saga is already compensating".into()),
+        SagaStatus::Parked => {
+            return no("the saga is parked: force compensation or resolve it instead".into())
+        }
+        ended => return no(format!("the saga has ended ({ended})")),
+    }
+    if state.cancellation.is_some() {
+        return no("the saga is already being cancelled".into());
+    }
+    if let Some(i) = (0..state.steps.len()).find(|&i| {
+        state.kinds.get(i) != Some(&StepKind::Compensatable) && state.steps[i].action.started()
+    }) {
+        return no(format!(
+            "step `{}` ({}) has started: past the pivot a saga can only go forward",
+            state.steps[i].name, state.kinds[i]
+        ));
+    }
+    Ok(())
 }
 
 /// Why a repair was refused: it would break a guarantee or does not fit the saga's state.

@@ -62,6 +62,8 @@ fn log(def: &SagaDefinition, events: Vec<Event>) -> Vec<LogRecord> {
         kinds: def.step_kinds().collect(),
         input: json!({}),
         start_key: None,
+        deadline: None,
+        not_before: None,
     }];
     all.extend(events);
     all.into_iter()
@@ -272,7 +274,7 @@ fn a_step_interrupted_again_and_again_parks_as_a_crash_loop() {
     let def = abc();
     // Four interrupted attempts and a fifth in flight: the fifth interruption in a row.
     let events: Vec<Event> = (1..=5).map(|n| started(0, n)).collect();
-    match next(&def, events.clone(), 0) {
+    match next(&def, events.clone(), 1_000_000) {
         Decision::Park { reason } => {
             assert_eq!(reason.kind, ParkKind::CrashLoop);
             assert!(
@@ -723,4 +725,128 @@ fn progress_reports_attempts() {
     assert_eq!(s.steps[0].action, Progress::InFlight { attempt: a(2) });
     assert_eq!(s.steps[0].action.attempts(), 2);
     assert!(!s.steps[1].action.started());
+}
+
+#[test]
+fn a_pivot_refused_after_an_attempt_of_unknown_outcome_settles_then_parks() {
+    let def = apr();
+    let events = vec![
+        started(0, 1),
+        ok(0, 1),
+        started(1, 1),
+        failed(1, 1, FailureKind::Timeout, Some(0)),
+        started(1, 2),
+        failed(1, 2, FailureKind::Rejected, None),
+    ];
+    // Attempt 1 may still land: nothing is decided before its deadline.
+    assert_eq!(
+        next(&def, events.clone(), 0),
+        Decision::Wait {
+            until: t(1_000_000)
+        }
+    );
+    // Then it parks: the pivot may have taken effect, so the steps before it must not be
+    // undone.
+    match next(&def, events, 1_000_000) {
+        Decision::Park { reason } => assert_eq!(reason.kind, ParkKind::OutcomeUnknown),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_idempotent_pivot_refused_after_an_unknown_attempt_compensates_after_settling() {
+    // The same key on both attempts: the refusal is the service's answer for the key.
+    let def = SagaDefinition::builder("ap", 1)
+        .step("a", Noop)
+        .pivot("p", Noop)
+        .build()
+        .unwrap();
+    let events = vec![
+        started(0, 1),
+        ok(0, 1),
+        started(1, 1),
+        failed(1, 1, FailureKind::Timeout, Some(0)),
+        started(1, 2),
+        failed(1, 2, FailureKind::Rejected, None),
+    ];
+    assert_eq!(
+        next(&def, events.clone(), 0),
+        Decision::Wait {
+            until: t(1_000_000)
+        }
+    );
+    assert!(matches!(
+        next(&def, events, 1_000_000),
+        Decision::BeginCompensation { .. }
+    ));
+}
+
+#[test]
+fn resume_after_a_crash_loop_runs_the_step_again() {
+    let def = abc();
+    let mut events: Vec<Event> = (1..=5).map(|n| started(0, n)).collect();
+    let Decision::Park { reason } = next(&def, events.clone(), 2_000_000) else {
+        panic!("expected a crash-loop park");
+    };
+    events.push(Event::Parked { reason });
+    events.push(Event::OperatorAction {
+        action: crate::machine::Repair::Resume,
+        operator: "ops".into(),
+        reason: "fixed the bug".into(),
+    });
+    assert_eq!(
+        next(&def, events, 2_000_000),
+        Decision::RunStep {
+            step: 0,
+            attempt: a(6)
+        }
+    );
+}
+
+#[test]
+fn a_crash_loop_parks_only_after_the_interrupted_attempt_s_deadline() {
+    let def = abc();
+    let events: Vec<Event> = (1..=5).map(|n| started(0, n)).collect();
+    assert_eq!(
+        next(&def, events.clone(), 10),
+        Decision::Wait {
+            until: t(1_000_000)
+        }
+    );
+    assert!(matches!(
+        next(&def, events, 1_000_000),
+        Decision::Park { .. }
+    ));
+}
+
+#[test]
+fn forced_compensation_waits_for_an_attempt_still_in_flight() {
+    let def = abc();
+    let events = vec![
+        started(0, 1),
+        ok(0, 1),
+        started(1, 1),
+        Event::Parked {
+            reason: crate::machine::ParkReason::new(ParkKind::UnknownDefinition, "x"),
+        },
+        Event::OperatorAction {
+            action: crate::machine::Repair::ForceCompensate,
+            operator: "ops".into(),
+            reason: "undo".into(),
+        },
+    ];
+    // Step b's attempt 1 was in flight when the saga was parked: it may still land.
+    assert_eq!(
+        next(&def, events.clone(), 5),
+        Decision::Wait {
+            until: t(1_000_000)
+        }
+    );
+    assert_eq!(
+        next(&def, events, 1_000_000),
+        Decision::Compensate {
+            step: 1,
+            attempt: a(1)
+        }
+    );
 }

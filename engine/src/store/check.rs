@@ -56,6 +56,7 @@ pub struct Report {
 struct Indexed {
     statuses: Vec<SagaStatus>,
     timers: Vec<Timestamp>,
+    finished: Vec<Timestamp>,
 }
 
 /// The part of a summary the indexes derive from.
@@ -63,6 +64,7 @@ struct Summary {
     status: SagaStatus,
     due: Option<Timestamp>,
     start_key: Option<StartKey>,
+    finished_at: Option<Timestamp>,
 }
 
 impl From<&SagaMeta> for Summary {
@@ -71,6 +73,7 @@ impl From<&SagaMeta> for Summary {
             status: m.status,
             due: m.due,
             start_key: m.start_key.clone(),
+            finished_at: m.finished_at,
         }
     }
 }
@@ -98,14 +101,14 @@ pub(crate) fn check(kv: &impl Kv) -> Result<(Report, Vec<Op>)> {
     let mut logs: BTreeSet<SagaId> = BTreeSet::new();
     let mut damaged: BTreeMap<SagaId, String> = BTreeMap::new();
     let mut odd_log_keys = Vec::new();
-    kv.visit(b"L", &mut |k, v| {
+    kv.visit(b"L", None, &mut |k, v| {
         match (k.len(), saga_at(k, 1)) {
             (25, Some(id)) => {
                 logs.insert(id);
             }
             _ => odd_log_keys.push((k.to_vec(), v.to_vec())),
         }
-        Ok(())
+        Ok(true)
     })?;
     for (k, v) in odd_log_keys {
         let saga = saga_at(&k, 1);
@@ -121,12 +124,19 @@ pub(crate) fn check(kv: &impl Kv) -> Result<(Report, Vec<Op>)> {
 
     // Summaries.
     let mut summaries: BTreeMap<SagaId, Summary> = BTreeMap::new();
+    let mut upgraded: Vec<SagaMeta> = Vec::new();
     let mut unreadable: BTreeMap<SagaId, (Vec<u8>, String)> = BTreeMap::new();
     let mut odd_meta_keys = Vec::new();
-    kv.visit(b"M", &mut |k, v| {
+    kv.visit(b"M", None, &mut |k, v| {
         match (k.len(), saga_at(k, 1)) {
             (17, Some(id)) => match codec::decode_meta(id, v) {
-                Ok(m) if m.id == id => {
+                Ok(mut m) if m.id == id => {
+                    // Written before finish times were kept: its final write is when it
+                    // finished (the summary is rewritten when the status changes).
+                    if m.status.is_final() && m.finished_at.is_none() {
+                        m.finished_at = Some(m.updated_at);
+                        upgraded.push(m.clone());
+                    }
                     summaries.insert(id, Summary::from(&m));
                 }
                 Ok(m) => {
@@ -138,8 +148,14 @@ pub(crate) fn check(kv: &impl Kv) -> Result<(Report, Vec<Op>)> {
             },
             _ => odd_meta_keys.push((k.to_vec(), v.to_vec())),
         }
-        Ok(())
+        Ok(true)
     })?;
+    let upgraded_ids: BTreeSet<SagaId> = upgraded.iter().map(|m| m.id).collect();
+    for m in upgraded {
+        // Not an inconsistency: summaries of an earlier version, brought up to date
+        // quietly (retention and purge walk the finish-time index).
+        ops.push(Op::Put(codec::meta_key(m.id), codec::encode_meta(&m)?));
+    }
     for (k, v) in odd_meta_keys {
         let problem = format!("summary key of {} bytes (expected 17)", k.len());
         note(&mut report, None, problem, "moved aside under Q");
@@ -150,30 +166,37 @@ pub(crate) fn check(kv: &impl Kv) -> Result<(Report, Vec<Op>)> {
     // Indexes.
     let mut indexed: BTreeMap<SagaId, Indexed> = BTreeMap::new();
     let mut bad_index = Vec::new();
-    kv.visit(b"S", &mut |k, _| {
+    kv.visit(b"S", None, &mut |k, _| {
         let status = k.get(1).copied().and_then(SagaStatus::from_code);
         match (k.len(), status, saga_at(k, 2)) {
             (18, Some(s), Some(id)) => indexed.entry(id).or_default().statuses.push(s),
             _ => bad_index.push((k.to_vec(), "status index key")),
         }
-        Ok(())
+        Ok(true)
     })?;
-    kv.visit(b"T", &mut |k, _| {
+    kv.visit(b"T", None, &mut |k, _| {
         match (codec::due_of_timer_key(k), saga_at(k, 9)) {
             (Ok(at), Some(id)) if k.len() == 25 => indexed.entry(id).or_default().timers.push(at),
             _ => bad_index.push((k.to_vec(), "timer index key")),
         }
-        Ok(())
+        Ok(true)
+    })?;
+    kv.visit(b"F", None, &mut |k, _| {
+        match (codec::due_of_timer_key(k), saga_at(k, 9)) {
+            (Ok(at), Some(id)) if k.len() == 25 => indexed.entry(id).or_default().finished.push(at),
+            _ => bad_index.push((k.to_vec(), "finish-time index key")),
+        }
+        Ok(true)
     })?;
     let mut start_keys: BTreeMap<Vec<u8>, SagaId> = BTreeMap::new();
-    kv.visit(b"K", &mut |k, v| {
+    kv.visit(b"K", None, &mut |k, v| {
         match codec::saga_of_start_key_value(v) {
             Ok(id) => {
                 start_keys.insert(k.to_vec(), id);
             }
             Err(_) => bad_index.push((k.to_vec(), "start key entry")),
         }
-        Ok(())
+        Ok(true)
     })?;
     for (k, what) in bad_index {
         note(
@@ -278,7 +301,29 @@ pub(crate) fn check(kv: &impl Kv) -> Result<(Report, Vec<Op>)> {
                 ops.push(Op::Delete(codec::timer_key(*t, id)));
             }
         }
+        for t in &have.finished {
+            if want.and_then(|w| w.finished_at) != Some(*t) {
+                let why = if known {
+                    format!("finish-time index entry at {t} that the summary does not hold")
+                } else {
+                    format!("finish-time index entry at {t} for a saga that does not exist")
+                };
+                note(&mut report, Some(id), why, "deleted");
+                ops.push(Op::Delete(codec::finished_key(*t, id)));
+            }
+        }
         let Some(want) = want else { continue };
+        if let Some(t) = want.finished_at.filter(|t| !have.finished.contains(t)) {
+            if !upgraded_ids.contains(&id) {
+                note(
+                    &mut report,
+                    Some(id),
+                    format!("missing from the finish-time index ({t})"),
+                    "rebuilt from the summary",
+                );
+            }
+            ops.push(Op::Put(codec::finished_key(t, id), Vec::new()));
+        }
         if !have.statuses.contains(&want.status) {
             note(
                 &mut report,
@@ -323,6 +368,22 @@ pub(crate) fn check(kv: &impl Kv) -> Result<(Report, Vec<Op>)> {
         }
     }
     for (key, owner) in &start_keys {
+        // The saga a key names must say it was started with that key: otherwise a start
+        // with the key would answer with somebody else's saga.
+        let claims = summaries.get(owner).and_then(|w| w.start_key.as_ref());
+        if let Some(claim) = claims.filter(|k| codec::start_key_key(k) != *key) {
+            note(
+                &mut report,
+                Some(*owner),
+                format!(
+                    "start key `{}` points at a saga started with `{claim}`",
+                    String::from_utf8_lossy(key.get(1..).unwrap_or_default())
+                ),
+                "deleted",
+            );
+            ops.push(Op::Delete(key.clone()));
+            continue;
+        }
         if !logs.contains(owner) && !summaries.contains_key(owner) {
             note(
                 &mut report,
@@ -335,6 +396,37 @@ pub(crate) fn check(kv: &impl Kv) -> Result<(Report, Vec<Op>)> {
             );
             ops.push(Op::Delete(key.clone()));
         }
+    }
+    // A damaged saga without a readable summary lost its index entries above; give it a
+    // summary that says so, parked, so that it stays in every list (also for the
+    // offline tools, which do not park). Recovery leaves a saga already parked alone.
+    for (id, why) in &damaged {
+        if summaries.contains_key(id) {
+            continue;
+        }
+        let t = Timestamp::EPOCH;
+        let placeholder = SagaMeta {
+            id: *id,
+            definition: "<unreadable>".into(),
+            version: 0,
+            status: SagaStatus::Parked,
+            start_key: None,
+            created_at: t,
+            updated_at: t,
+            last_lsn: crate::ids::Lsn(0),
+            due: None,
+            settling_until: None,
+            reason: Some(crate::bound_message(format!("corrupt log: {why}"))),
+            finished_at: None,
+        };
+        ops.push(Op::Put(
+            codec::meta_key(*id),
+            codec::encode_meta(&placeholder)?,
+        ));
+        ops.push(Op::Put(
+            codec::status_key(SagaStatus::Parked, *id),
+            Vec::new(),
+        ));
     }
     report.damaged = damaged.into_iter().collect();
     Ok((report, ops))

@@ -25,6 +25,7 @@ const META: u8 = b'M';
 const STATUS: u8 = b'S';
 const TIMER: u8 = b'T';
 const START_KEY: u8 = b'K';
+const FINISHED: u8 = b'F';
 /// Values moved aside by the consistency check (a malformed key, an unreadable summary
 /// without a log): kept, under `Q` + the original key, for an operator to inspect.
 const QUARANTINE: u8 = b'Q';
@@ -269,6 +270,20 @@ pub fn timer_key(due: Timestamp, saga: SagaId) -> Vec<u8> {
     k
 }
 
+/// The prefix of the finish-time index (what retention walks).
+pub fn finished_prefix() -> Vec<u8> {
+    vec![FINISHED]
+}
+
+/// The finish-time index key of `saga`, finished at `at`.
+pub fn finished_key(at: Timestamp, saga: SagaId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(25);
+    k.push(FINISHED);
+    k.extend_from_slice(&at.as_millis().to_be_bytes());
+    k.extend_from_slice(saga.as_bytes());
+    k
+}
+
 /// The key of a start-key index entry.
 pub fn start_key_key(key: &StartKey) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + key.as_str().len());
@@ -357,8 +372,13 @@ pub fn ops(write: Write) -> Result<Vec<Op>> {
     let prev = previous.as_ref();
     // The summary's times and last lsn are read from the log's tail (see
     // `with_log_tail`), so it is rewritten only when the rest of it changes.
-    let changed = prev
-        .is_none_or(|p| p.status != meta.status || p.due != meta.due || p.reason != meta.reason);
+    let changed = prev.is_none_or(|p| {
+        p.status != meta.status
+            || p.due != meta.due
+            || p.reason != meta.reason
+            || p.finished_at != meta.finished_at
+            || p.settling_until != meta.settling_until
+    });
     if prev.map(|p| p.status) != Some(meta.status) {
         if let Some(p) = prev {
             ops.push(Op::Delete(status_key(p.status, saga)));
@@ -372,6 +392,15 @@ pub fn ops(write: Write) -> Result<Vec<Op>> {
         }
         if let Some(d) = meta.due {
             ops.push(Op::Put(timer_key(d, saga), Vec::new()));
+        }
+    }
+    let old_finished = prev.and_then(|p| p.finished_at);
+    if old_finished != meta.finished_at {
+        if let Some(t) = old_finished {
+            ops.push(Op::Delete(finished_key(t, saga)));
+        }
+        if let Some(t) = meta.finished_at {
+            ops.push(Op::Put(finished_key(t, saga), Vec::new()));
         }
     }
     if prev.is_none() {
@@ -410,6 +439,9 @@ pub fn removal(meta: &SagaMeta, log_keys: impl IntoIterator<Item = Vec<u8>>) -> 
     }
     if let Some(k) = &meta.start_key {
         ops.push(Op::Delete(start_key_key(k)));
+    }
+    if let Some(t) = meta.finished_at {
+        ops.push(Op::Delete(finished_key(t, meta.id)));
     }
     ops
 }

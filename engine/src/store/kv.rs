@@ -6,8 +6,8 @@ use crate::machine::SagaStatus;
 use crate::store::codec::{self, Op};
 use crate::store::{Result, SagaMeta};
 
-/// What [`Kv::visit`] calls with each key and value.
-pub(crate) type Visitor<'a> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'a;
+/// What [`Kv::visit`] calls with each key and value; `Ok(false)` stops the walk.
+pub(crate) type Visitor<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool> + 'a;
 
 /// An ordered key-value map, as a store sees its own data.
 pub(crate) trait Kv {
@@ -16,9 +16,10 @@ pub(crate) trait Kv {
     fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
     /// The pair with the greatest key that starts with `prefix`.
     fn last(&self, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>>;
-    /// Calls `f` with every pair whose key starts with `prefix`, in key order, without
-    /// collecting them (the consistency check reads the whole store this way).
-    fn visit(&self, prefix: &[u8], f: &mut Visitor<'_>) -> Result<()>;
+    /// Calls `f` with every pair whose key starts with `prefix` (and is at least `from`,
+    /// if given), in key order, without collecting them, until `f` says stop (the
+    /// consistency check reads the whole store this way).
+    fn visit(&self, prefix: &[u8], from: Option<&[u8]>, f: &mut Visitor<'_>) -> Result<()>;
 }
 
 pub(crate) fn read(kv: &impl Kv, saga: SagaId) -> Result<Vec<(Lsn, Vec<u8>)>> {
@@ -62,6 +63,28 @@ pub(crate) fn due(kv: &impl Kv, until: Timestamp) -> Result<Vec<(Timestamp, Saga
         }
         out.push((at, codec::saga_of_index_key(&k)?));
     }
+    Ok(out)
+}
+
+pub(crate) fn finished_before(
+    kv: &impl Kv,
+    until: Timestamp,
+    after: Option<(Timestamp, SagaId)>,
+    limit: usize,
+) -> Result<Vec<(Timestamp, SagaId)>> {
+    let mut out = Vec::new();
+    let from = after.map(|(t, id)| codec::finished_key(t, id));
+    kv.visit(&codec::finished_prefix(), from.as_deref(), &mut |k, _| {
+        if from.as_deref() == Some(k) {
+            return Ok(true);
+        }
+        let at = codec::due_of_timer_key(k)?;
+        if at > until || out.len() >= limit {
+            return Ok(false);
+        }
+        out.push((at, codec::saga_of_index_key(k)?));
+        Ok(true)
+    })?;
     Ok(out)
 }
 

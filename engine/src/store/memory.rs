@@ -149,13 +149,16 @@ impl Kv for MutexGuard<'_, Inner> {
             .map(|(k, v)| (k.clone(), v.clone())))
     }
 
-    fn visit(&self, prefix: &[u8], f: &mut kv::Visitor<'_>) -> Result<()> {
+    fn visit(&self, prefix: &[u8], from: Option<&[u8]>, f: &mut kv::Visitor<'_>) -> Result<()> {
+        let start = from.filter(|s| *s > prefix).unwrap_or(prefix).to_vec();
         for (k, v) in self
             .visible
-            .range(prefix.to_vec()..)
+            .range(start..)
             .take_while(|(k, _)| k.starts_with(prefix))
         {
-            f(k, v)?;
+            if !f(k, v)? {
+                break;
+            }
         }
         Ok(())
     }
@@ -227,6 +230,15 @@ impl SagaLog for MemLog {
 
     fn find_start_key(&self, key: &StartKey) -> Result<Option<SagaId>> {
         kv::find_start_key(&self.lock(), key)
+    }
+
+    fn finished_before(
+        &self,
+        until: Timestamp,
+        after: Option<(Timestamp, SagaId)>,
+        limit: usize,
+    ) -> Result<Vec<(Timestamp, SagaId)>> {
+        kv::finished_before(&self.lock(), until, after, limit)
     }
 
     fn due(&self, until: Timestamp) -> Result<Vec<(Timestamp, SagaId)>> {

@@ -150,6 +150,10 @@ pub struct SagaMeta {
     pub settling_until: Option<Timestamp>,
     /// Why it was compensated or parked.
     pub reason: Option<String>,
+    /// When it finished (completed, compensated, cancelled or resolved): what retention
+    /// counts from. `None` while it has not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Timestamp>,
 }
 
 impl SagaMeta {
@@ -158,7 +162,9 @@ impl SagaMeta {
         let s = state;
         let reason = match s.status {
             SagaStatus::Parked => s.parked.as_ref().map(|p| p.message.clone()),
-            SagaStatus::Compensating | SagaStatus::Compensated => s.compensation_reason.clone(),
+            SagaStatus::Compensating | SagaStatus::Compensated | SagaStatus::Cancelled => {
+                s.compensation_reason.clone()
+            }
             SagaStatus::Resolved => s
                 .resolution
                 .as_ref()
@@ -177,6 +183,7 @@ impl SagaMeta {
             due: s.next_timer(),
             settling_until: s.settling_until(),
             reason,
+            finished_at: s.status.is_final().then_some(s.updated_at),
         }
     }
 }
@@ -254,6 +261,19 @@ pub trait SagaLog: Send + Sync + fmt::Debug + 'static {
     ///
     /// An I/O or backend error, or [`Error::CorruptIndex`].
     fn due(&self, until: Timestamp) -> Result<Vec<(Timestamp, SagaId)>>;
+
+    /// Up to `limit` finished sagas, by finish time, that finished at or before `until`
+    /// and after `after` (a cursor: the last one a previous call returned).
+    ///
+    /// # Errors
+    ///
+    /// An I/O or backend error, or [`Error::CorruptIndex`].
+    fn finished_before(
+        &self,
+        until: Timestamp,
+        after: Option<(Timestamp, SagaId)>,
+        limit: usize,
+    ) -> Result<Vec<(Timestamp, SagaId)>>;
 
     /// Deletes a saga: its log, summary and index entries. Durable after the next sync.
     ///

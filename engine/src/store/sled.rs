@@ -336,10 +336,13 @@ impl Kv for sled::Db {
             .map_err(backend)
     }
 
-    fn visit(&self, prefix: &[u8], f: &mut kv::Visitor<'_>) -> Result<()> {
-        for kv in self.scan_prefix(prefix) {
+    fn visit(&self, prefix: &[u8], from: Option<&[u8]>, f: &mut kv::Visitor<'_>) -> Result<()> {
+        let start = from.filter(|s| *s > prefix).unwrap_or(prefix).to_vec();
+        for kv in self.range(start..) {
             let (k, v) = kv.map_err(backend)?;
-            f(&k, &v)?;
+            if !k.starts_with(prefix) || !f(&k, &v)? {
+                break;
+            }
         }
         Ok(())
     }
@@ -404,6 +407,15 @@ impl SagaLog for SledLog {
 
     fn find_start_key(&self, key: &StartKey) -> Result<Option<SagaId>> {
         kv::find_start_key(&self.db, key)
+    }
+
+    fn finished_before(
+        &self,
+        until: Timestamp,
+        after: Option<(Timestamp, SagaId)>,
+        limit: usize,
+    ) -> Result<Vec<(Timestamp, SagaId)>> {
+        kv::finished_before(&self.db, until, after, limit)
     }
 
     fn due(&self, until: Timestamp) -> Result<Vec<(Timestamp, SagaId)>> {

@@ -25,6 +25,7 @@ fn meta(saga: SagaId, status: SagaStatus, last: u64, due: Option<u64>) -> SagaMe
         due: due.map(Timestamp::from_millis),
         settling_until: None,
         reason: None,
+        finished_at: None,
     }
 }
 
@@ -180,6 +181,8 @@ fn sled_blob_files_are_synced_too() {
             kinds: Vec::new(),
             input: json!({ "blob": "x".repeat(300 * 1024) }),
             start_key: None,
+            deadline: None,
+            not_before: None,
         },
     };
     w.records = vec![(Lsn(0), encode_record(&big).unwrap())];
@@ -239,6 +242,8 @@ fn records_round_trip_and_bad_bytes_are_typed_errors() {
             kinds: vec![crate::StepKind::Pivot],
             input: json!({"x": [1, 2]}),
             start_key: Some(StartKey::new("k").unwrap()),
+            deadline: Some(Timestamp::from_millis(9_000)),
+            not_before: Some(Timestamp::from_millis(100)),
         },
     };
     let bytes = encode_record(&r).unwrap();

@@ -94,7 +94,14 @@ pub(crate) fn read(dir: &Path) -> Result<Option<u64>> {
 /// witness says, and returns the witness to keep writing. A directory with neither (new,
 /// or written by an engine before witnesses existed) gets a witness at `found`.
 pub(crate) fn check_and_open(dir: &Path, found: Option<u64>) -> Result<Witness> {
-    let witnessed = read(dir)?;
+    let empty = std::fs::metadata(dir.join(FILE_NAME)).is_ok_and(|m| m.len() == 0);
+    let witnessed = if empty && found.unwrap_or(0) == 0 {
+        // Created but never written: a crash between the two, the first time this store
+        // was opened (nothing was committed yet). Written afresh below.
+        None
+    } else {
+        read(dir)?
+    };
     let path_str = || dir.display().to_string();
     match (witnessed, found) {
         (Some(w), found) if found.unwrap_or(0) < w => {
@@ -124,6 +131,7 @@ pub(crate) fn check_and_open(dir: &Path, found: Option<u64>) -> Result<Witness> 
     let mut w = Witness { file, written: 0 };
     match witnessed {
         Some(n) => w.written = n,
+        None if empty => w.write(found.unwrap_or(0))?,
         None => {
             // A new witness: its name must be durable before any commit relies on it.
             w.write(found.unwrap_or(0))?;
@@ -187,5 +195,14 @@ mod tests {
             check_and_open(dir.path(), Some(8)),
             Err(Error::WitnessDamaged { .. })
         ));
+        // An empty witness over a store with commits is damage; over an empty store, a
+        // crash right after creating it.
+        std::fs::write(dir.path().join(FILE_NAME), b"").unwrap();
+        assert!(matches!(
+            check_and_open(dir.path(), Some(8)),
+            Err(Error::WitnessDamaged { .. })
+        ));
+        assert!(check_and_open(dir.path(), None).is_ok());
+        assert_eq!(read(dir.path()).unwrap(), Some(0));
     }
 }

@@ -1,0 +1,130 @@
+//! Retention: finished sagas are deleted once their definition's retention has passed,
+//! by a background task, in bounded batches off the runtime's threads, so that a store
+//! stops growing without slowing the sagas that run.
+//!
+//! It walks the finish-time index (`F`), never the sagas themselves, and deletes only
+//! sagas whose summary says they ended for good (completed, compensated, cancelled,
+//! resolved): a parked or active saga is never deleted, whatever the index says.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::Timestamp;
+use crate::definition::Retention;
+use crate::executor::Inner;
+use crate::ids::SagaId;
+use crate::store::{Result, SagaLog};
+
+/// What one pass deleted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Pass {
+    /// Finished sagas looked at.
+    pub(crate) examined: usize,
+    /// Of those, deleted.
+    pub(crate) deleted: usize,
+    /// Where the next pass goes on (the last one looked at), if this one was full.
+    pub(crate) cursor: Option<(Timestamp, SagaId)>,
+}
+
+/// One bounded pass over the finish-time index: at most `batch` sagas finished at or
+/// before `until`, after `cursor`; each is deleted if `keep_for` (its definition's
+/// retention) has passed since it finished.
+pub(crate) fn pass(
+    store: &dyn SagaLog,
+    until: Timestamp,
+    cursor: Option<(Timestamp, SagaId)>,
+    batch: usize,
+    now: Timestamp,
+    keep_for: &dyn Fn(&str, u32) -> Retention,
+) -> Result<Pass> {
+    let found = store.finished_before(until, cursor, batch)?;
+    let mut pass = Pass {
+        examined: found.len(),
+        cursor: (found.len() >= batch)
+            .then(|| found.last().copied())
+            .flatten(),
+        ..Pass::default()
+    };
+    for (finished, id) in found {
+        let meta = match store.meta(id) {
+            Ok(Some(m)) => m,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(saga_id = %id, error = %e, "retention: summary unreadable, kept");
+                continue;
+            }
+        };
+        if !meta.status.is_final() {
+            continue;
+        }
+        if let Retention::For(d) = keep_for(&meta.definition, meta.version) {
+            if finished.saturating_add(d) <= now {
+                store.remove(id)?;
+                pass.deleted += 1;
+            }
+        }
+    }
+    if pass.deleted > 0 {
+        store.sync()?;
+    }
+    Ok(pass)
+}
+
+/// The background task: a pass every `every`, at once again while passes come back full
+/// (a backlog), until the engine stops.
+pub(crate) async fn run(inner: Arc<Inner>, every: Duration, batch: usize) {
+    let mut stopping = inner.stopping.subscribe();
+    let mut cursor = None;
+    let mut backlog = false;
+    loop {
+        if *stopping.borrow_and_update() {
+            return;
+        }
+        if !backlog {
+            let next = inner.clock.now().saturating_add(every);
+            tokio::select! {
+                biased;
+                _ = stopping.changed() => return,
+                () = inner.clock.sleep_until(next) => {}
+            }
+        }
+        let Some(shortest) = inner.shortest_retention() else {
+            continue;
+        };
+        let now = inner.clock.now();
+        let until = Timestamp::from_millis(
+            now.as_millis()
+                .saturating_sub(u64::try_from(shortest.as_millis()).unwrap_or(u64::MAX)),
+        );
+        let worker = inner.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            pass(
+                &*worker.store,
+                until,
+                cursor,
+                batch,
+                now,
+                &|name, version| worker.retention_of(name, version),
+            )
+        })
+        .await;
+        match done {
+            Ok(Ok(p)) => {
+                if p.deleted > 0 {
+                    tracing::debug!(deleted = p.deleted, examined = p.examined, "retention pass");
+                    inner.metrics.deleted(p.deleted as u64);
+                }
+                backlog = p.cursor.is_some();
+                cursor = p.cursor;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "retention pass failed; tried again later");
+                backlog = false;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "retention pass did not finish");
+                backlog = false;
+            }
+        }
+    }
+}
