@@ -18,8 +18,8 @@ use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use sagaflow::machine::LogRecord;
 use sagaflow::store::{codec, MemLog, SagaLog, SledLog};
 use sagaflow::{
-    CommitMode, Engine, EngineOptions, Idempotence, RetryPolicy, SagaDefinition, SagaId,
-    SagaStatus, StartKey, StepKind, StepOptions, Timestamp, TokioClock,
+    Clock, CommitMode, Engine, EngineOptions, Idempotence, Retention, RetryPolicy, SagaDefinition,
+    SagaId, SagaStatus, StartKey, StartOptions, StepKind, StepOptions, Timestamp, TokioClock,
 };
 use serde_json::json;
 
@@ -46,6 +46,11 @@ pub struct SagaSpec {
     pub action: Vec<Vec<Outcome>>,
     /// Per step, compensation outcomes.
     pub compensation: Vec<Vec<Outcome>>,
+    /// A cancellation this long (ms of virtual time) after the run began, racing
+    /// whatever the saga does then.
+    pub cancel_after: Option<u64>,
+    /// A deadline this long (ms) after the run began.
+    pub deadline_after: Option<u64>,
 }
 
 /// A whole simulated run.
@@ -118,11 +123,17 @@ pub fn case_strategy() -> impl Strategy<Value = Case> {
             let saga = (
                 prop::collection::vec(script(action_outcome(), 3), n),
                 prop::collection::vec(script(compensation_outcome(), 5), n),
+                prop::option::weighted(0.2, 0u64..10_000),
+                prop::option::weighted(0.15, 1_000u64..60_000),
             )
-                .prop_map(|(action, compensation)| SagaSpec {
-                    action,
-                    compensation,
-                });
+                .prop_map(
+                    |(action, compensation, cancel_after, deadline_after)| SagaSpec {
+                        action,
+                        compensation,
+                        cancel_after,
+                        deadline_after,
+                    },
+                );
             let sagas = prop::collection::vec(saga, sagas);
             (pivot, idem, sagas).prop_map(move |(pivot, idem, sagas)| Case {
                 seed,
@@ -184,7 +195,8 @@ impl Case {
                 .with_max_backoff(Duration::from_secs(1))
                 .with_attempt_timeout(Duration::from_secs(5))
         };
-        let mut b = SagaDefinition::builder("sim", 1);
+        let mut b =
+            SagaDefinition::builder("sim", 1).retention(Retention::For(Duration::from_secs(3600)));
         for (i, s) in self.steps.iter().enumerate() {
             let retry = if s.kind == StepKind::Retriable {
                 quick(6)
@@ -265,6 +277,9 @@ pub struct RunReport {
     pub incarnations: u32,
     /// The durable store, byte for byte (memory runs only).
     pub dump: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+    /// What retention did wrong once the run was over and two hours passed (a saga
+    /// that had not ended deleted, or a finished one kept past its retention).
+    pub retention: Vec<String>,
 }
 
 impl RunReport {
@@ -276,6 +291,9 @@ impl RunReport {
     pub fn check(&self) -> Result<(), String> {
         for s in &self.sagas {
             check::check_saga(s)?;
+        }
+        if let Some(v) = self.retention.first() {
+            return Err(v.clone());
         }
         check::check_start_keys(&self.start_keys)
     }
@@ -352,7 +370,11 @@ async fn engine(
     let builder = Engine::builder()
         .seed(case.seed)
         .clock(clock.unwrap_or_else(self::clock))
-        .options(EngineOptions::default().with_commit_mode(CommitMode::RuntimeTask))
+        .options(
+            EngineOptions::default()
+                .with_commit_mode(CommitMode::RuntimeTask)
+                .with_retention_task(Some(Duration::from_secs(600)), 50),
+        )
         .register(case.definition(ledger)?);
     builder.open_with(store).await.map_err(|e| e.to_string())
 }
@@ -370,17 +392,26 @@ async fn open_sled(dir: &Path) -> Result<Arc<SledLog>, String> {
 struct Run<'a> {
     case: &'a Case,
     ids: Vec<Option<SagaId>>,
+    /// When the run began (virtual time): cancellations and deadlines count from it.
+    began: Timestamp,
+    clock: Arc<TokioClock>,
 }
 
 impl Run<'_> {
     /// Starts (again) every saga and waits for them all. `Ok(false)`: something failed,
     /// which is only allowed if the process crashed.
     async fn drive(&mut self, engine: &Engine) -> Result<bool, String> {
+        let began = self.began;
         for i in 0..self.case.sagas.len() {
             let key = StartKey::new(format!("saga-{i}")).map_err(|e| e.to_string())?;
+            let mut options = StartOptions::default().key(key);
+            if let Some(d) = self.case.sagas[i].deadline_after {
+                options = options.deadline(began.saturating_add(Duration::from_millis(d)));
+            }
             match engine
-                .start("sim", json!({ "tag": i.to_string() }), Some(key))
+                .start_with("sim", json!({ "tag": i.to_string() }), options)
                 .await
+                .map(|s| s.id())
             {
                 Ok(id) => {
                     if let Some(prev) = self.ids[i] {
@@ -395,12 +426,34 @@ impl Run<'_> {
                 Err(_) => return Ok(false),
             }
         }
-        for id in self.ids.iter().flatten() {
-            if engine.wait(*id).await.is_err() {
-                return Ok(false);
+        // Cancellations race the sagas at their times (virtual, from the run's start);
+        // a refused one (the saga passed its pivot, or ended) is part of the race.
+        let mut cancels: Vec<(u64, SagaId)> = self
+            .case
+            .sagas
+            .iter()
+            .zip(&self.ids)
+            .filter_map(|(spec, id)| Some((spec.cancel_after?, (*id)?)))
+            .collect();
+        cancels.sort();
+        let clock = self.clock.clone();
+        let cancelling = async {
+            for (after, id) in cancels {
+                let at = began.saturating_add(Duration::from_millis(after));
+                clock.sleep_until(at).await;
+                let _ = engine.cancel(id, "sim", "cancel racing a step").await;
             }
-        }
-        Ok(true)
+        };
+        let waiting = async {
+            for id in self.ids.iter().flatten() {
+                if engine.wait(*id).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        };
+        let (done, ()) = tokio::join!(waiting, cancelling);
+        Ok(done)
     }
 }
 
@@ -417,6 +470,8 @@ async fn run(case: &Case, store: &SimStore, resume: Option<Resume>) -> Result<Ru
     let mut state = Run {
         case,
         ids: vec![None; case.sagas.len()],
+        began: clock.now(),
+        clock: clock.clone(),
     };
     let mut crashes = case.crashes.iter().copied();
     let (mut struck, mut incarnations) = (0u32, 0u32);
@@ -465,8 +520,37 @@ async fn run(case: &Case, store: &SimStore, resume: Option<Resume>) -> Result<Ru
         if !finished {
             return Err("a start or a wait failed without a crash".into());
         }
+        if matches!(store, SimStore::Sled(_)) {
+            // Observed below, once the directory is let go of.
+            engine.shutdown().await.map_err(|e| e.to_string())?;
+            drop(engine);
+            break;
+        }
+        // Observed before retention may delete anything (every write is synced, so the
+        // durable store is complete), then two hours pass with the engine open: every
+        // finished saga (retention 1 h) goes, nothing else does.
+        let mut report = observe(case, &state.ids, &*mem, &ledger, struck, incarnations)?;
+        report.dump = Some(mem.dump());
+        tokio::time::sleep(Duration::from_secs(2 * 3600)).await;
+        let mut retention = Vec::new();
+        for s in &report.sagas {
+            let gone = matches!(engine.status(s.id), Err(sagaflow::Error::UnknownSaga(_)));
+            let finished = s.status.is_some_and(SagaStatus::is_final);
+            if finished && !gone {
+                retention.push(format!("saga {} ended 2 h ago and was not deleted", s.id));
+            }
+            if !finished && gone {
+                retention.push(format!(
+                    "saga {} was deleted although it had not ended ({:?})",
+                    s.id, s.status
+                ));
+            }
+        }
         engine.shutdown().await.map_err(|e| e.to_string())?;
-        break;
+        ledger.set_crash_plan(None);
+        report.struck = points;
+        report.retention = retention;
+        return Ok(report);
     }
     ledger.set_crash_plan(None);
 
@@ -484,9 +568,6 @@ async fn run(case: &Case, store: &SimStore, resume: Option<Resume>) -> Result<Ru
     )
     .map(|mut r| {
         r.struck = points;
-        if matches!(store, SimStore::Memory) {
-            r.dump = Some(mem.dump());
-        }
         r
     })
 }
@@ -548,6 +629,7 @@ fn observe(
         struck: Vec::new(),
         incarnations,
         dump: None,
+        retention: Vec::new(),
     })
 }
 
@@ -575,17 +657,20 @@ pub fn run_to_first_crash(case: &Case) -> Result<Option<Crashed>, String> {
         let mem = Arc::new(MemLog::new());
         let plan = CrashPlan::new(Some(first));
         ledger.set_crash_plan(Some(plan.clone()));
+        let clock = clock();
         let engine = engine(
             case,
             &ledger,
             CrashableStore::new(mem.clone(), plan.clone()),
-            None,
+            Some(clock.clone()),
         )
         .await;
         if let Ok(engine) = engine {
             let mut state = Run {
                 case,
                 ids: vec![None; case.sagas.len()],
+                began: clock.now(),
+                clock,
             };
             tokio::select! {
                 biased;

@@ -28,6 +28,8 @@ fn case_with(fail: Option<usize>, how: Outcome) -> Case {
         sagas: vec![SagaSpec {
             action,
             compensation: vec![Vec::new(); 3],
+            cancel_after: None,
+            deadline_after: None,
         }],
         crashes: Vec::new(),
     }
