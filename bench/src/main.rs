@@ -23,13 +23,13 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use sagaflow::store::{self, SagaLog, Write};
 use sagaflow::{
-    Compensate, Engine, Lsn, SagaDefinition, SagaId, SagaMeta, SagaStatus, StartKey, Step,
-    StepContext, StepError, Timestamp,
+    Compensate, Engine, EngineOptions, Lsn, Retention, SagaDefinition, SagaId, SagaMeta,
+    SagaStatus, StartKey, Step, StepContext, StepError, Timestamp,
 };
 use serde::de::IgnoredAny;
 use serde_json::json;
@@ -87,6 +87,7 @@ struct Args {
     sagas: u64,
     raw_records: u64,
     concurrency: Vec<u64>,
+    retention_soak: u64,
 }
 
 fn args() -> Result<Args, String> {
@@ -94,6 +95,7 @@ fn args() -> Result<Args, String> {
         sagas: 20_000,
         raw_records: 2_000,
         concurrency: vec![1, 64, 1024],
+        retention_soak: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -111,9 +113,15 @@ fn args() -> Result<Args, String> {
                     .map(|c| c.trim().parse().map_err(|e| format!("--concurrency: {e}")))
                     .collect::<Result<_, _>>()?
             }
+            "--retention-soak" => {
+                a.retention_soak = value()?
+                    .parse()
+                    .map_err(|e| format!("--retention-soak: {e}"))?
+            }
             "-h" | "--help" => {
                 println!(
-                    "usage: sagaflow-bench [--sagas N] [--raw-records N] [--concurrency 1,64,1024]"
+                    "usage: sagaflow-bench [--sagas N] [--raw-records N] [--concurrency 1,64,1024] \
+                     [--retention-soak N]"
                 );
                 std::process::exit(0);
             }
@@ -490,6 +498,97 @@ fn run_engine(rt: &tokio::runtime::Runtime, steps: usize, concurrency: u64, saga
     }
 }
 
+/// A run of 3-step sagas at `concurrency` with every finished saga due for deletion
+/// `keep` after it finished and the retention task running beside them.
+struct RetentionRun {
+    sagas: u64,
+    secs: f64,
+    /// Sagas the retention task deleted while the sagas ran.
+    deleted: u64,
+    /// (sagas finished so far, bytes of the data directory) along the way.
+    disk: Vec<(u64, u64)>,
+}
+
+fn deleted_so_far(engine: &Engine) -> u64 {
+    engine
+        .metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix("sagaflow_sagas_deleted_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+fn run_with_retention(
+    rt: &tokio::runtime::Runtime,
+    concurrency: u64,
+    sagas: u64,
+    keep: Duration,
+    samples: u64,
+    max_per_sec: Option<u32>,
+) -> RetentionRun {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut b = SagaDefinition::builder("bench", 1).retention(Retention::For(keep));
+    for i in 0..3 {
+        b = b.step(format!("step{i}"), Noop);
+    }
+    let def = b.build().expect("definition");
+    let every = (sagas / samples.max(1)).max(1);
+    rt.block_on(async {
+        let engine = Engine::builder()
+            .seed(1)
+            .register(def)
+            .options(
+                EngineOptions::default()
+                    .with_retention_task(Some(Duration::from_millis(200)), 1000)
+                    .with_retention_max_per_sec(max_per_sec),
+            )
+            .open(dir.path())
+            .await
+            .expect("open");
+        let permits = Arc::new(tokio::sync::Semaphore::new(concurrency as usize));
+        let start = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut done = 0u64;
+        let mut disk = Vec::new();
+        let note = |done: u64, disk: &mut Vec<(u64, u64)>| {
+            if done.is_multiple_of(every) {
+                disk.push((done, dir_bytes(dir.path())));
+            }
+        };
+        for n in 0..sagas {
+            let permit = permits.clone().acquire_owned().await.expect("permit");
+            let e = engine.clone();
+            tasks.spawn(async move {
+                let id = e
+                    .start("bench", json!({ "n": n }), None)
+                    .await
+                    .expect("start");
+                e.wait(id).await.expect("wait");
+                drop(permit);
+            });
+            while let Some(r) = tasks.try_join_next() {
+                r.expect("task");
+                done += 1;
+                note(done, &mut disk);
+            }
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.expect("task");
+            done += 1;
+            note(done, &mut disk);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let deleted = deleted_so_far(&engine);
+        engine.shutdown().await.expect("shutdown");
+        RetentionRun {
+            sagas,
+            secs,
+            deleted,
+            disk,
+        }
+    })
+}
+
 fn main() {
     let a = match args() {
         Ok(a) => a,
@@ -517,6 +616,27 @@ fn main() {
         runs.push(run_engine(&rt, 3, c, n));
     }
     runs.push(run_engine(&rt, 10, 1024, a.sagas / 2));
+    // Retention deleting beside a c=1024 run: every saga is due 1 s after it finished;
+    // the default pace (at most 2,000 deletions/s).
+    let with_retention = run_with_retention(
+        &rt,
+        1024,
+        a.sagas,
+        Duration::from_secs(1),
+        10,
+        EngineOptions::default().retention_max_per_sec,
+    );
+    // The soak keeps up with the sagas it makes: unpaced.
+    let soak = (a.retention_soak > 0).then(|| {
+        run_with_retention(
+            &rt,
+            1024,
+            a.retention_soak,
+            Duration::from_secs(5),
+            20,
+            None,
+        )
+    });
     let limiter = limiter_rate(&rt, 1_000, 3_000);
     let probe = memory_probe(&rt, 1024, false);
     let probe_sled = memory_probe(&rt, 1024, true);
@@ -575,6 +695,26 @@ fn main() {
             r.p50_ms / durable_cost_ms
         );
     }
+    println!(
+        "3-step c=1024 with retention (due 1 s after finishing, at most 2,000 deletions/s): \
+         {:.0} sagas/s, {:.0} deleted/s meanwhile ({} of {})",
+        with_retention.sagas as f64 / with_retention.secs,
+        with_retention.deleted as f64 / with_retention.secs,
+        with_retention.deleted,
+        with_retention.sagas
+    );
+    if let Some(s) = &soak {
+        println!(
+            "retention soak: {} sagas at {:.0}/s, {} deleted meanwhile; data directory size \
+             along the way (sagas done: bytes):",
+            s.sagas,
+            s.sagas as f64 / s.secs,
+            s.deleted
+        );
+        for (n, bytes) in &s.disk {
+            println!("  {n:>9}: {:>8.1} MiB", *bytes as f64 / (1 << 20) as f64);
+        }
+    }
     let json = json!({
         "raw_fsync_per_sec": fsync.round(),
         "raw_group_commit_records_per_sec": group.round(),
@@ -595,6 +735,11 @@ fn main() {
         "mem_bytes_per_inflight_with_sled": probe_sled.round(),
         "disk_bytes_per_saga_c1024": c1024.map(|r| r.disk_per_saga.round()),
         "ratio_to_group_commit": c1024.map(|r| r.writes_per_sec() / group),
+        "sagas_per_sec_c1024_with_retention": (with_retention.sagas as f64 / with_retention.secs).round(),
+        "retention_deleted_per_sec": (with_retention.deleted as f64 / with_retention.secs).round(),
+        "retention_soak_sagas": soak.as_ref().map(|s| s.sagas),
+        "retention_soak_deleted": soak.as_ref().map(|s| s.deleted),
+        "retention_soak_disk_bytes": soak.as_ref().map(|s| s.disk.clone()),
     });
     println!("{json}");
 }

@@ -452,3 +452,104 @@ async fn a_saga_waiting_for_an_attempt_to_settle_says_so_in_list_and_show() {
         .calls_of(id, "payment", Phase::Compensation)
         .is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_purge_from_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ledger = Ledger::new();
+    // One saga waits an hour for a retry of its inventory step: cancellable.
+    ledger.script_tagged(
+        "wait",
+        "inventory",
+        Phase::Action,
+        [Outcome::RetryAfter(std::time::Duration::from_secs(3600))],
+    );
+    let engine = builder()
+        .register(checkout(&ledger))
+        .open(tmp.path())
+        .await
+        .unwrap();
+    let waiting = engine
+        .start("checkout", serde_json::json!({"tag": "wait"}), None)
+        .await
+        .unwrap();
+    let done = engine
+        .start("checkout", serde_json::json!({"tag": "done"}), None)
+        .await
+        .unwrap();
+    engine.wait(done).await.unwrap();
+    ledger
+        .wait_for_call(waiting, "inventory", Phase::Action)
+        .await;
+    engine.shutdown().await.unwrap();
+    drop(engine);
+    let d = tmp.path().to_str().unwrap().to_string();
+
+    // Recorded offline; the engine carries it out when it next opens the store.
+    let o = sagaflow(
+        &[
+            "--data-dir",
+            &d,
+            "cancel",
+            &waiting.to_string(),
+            "--reason",
+            "customer asked",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("cancellation recorded"), "{}", text(&o));
+    let o = sagaflow(
+        &[
+            "--data-dir",
+            &d,
+            "cancel",
+            &done.to_string(),
+            "--reason",
+            "too late",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(text(&o).contains("has ended"), "{}", text(&o));
+
+    let engine = builder()
+        .register(checkout(&ledger))
+        .open(tmp.path())
+        .await
+        .unwrap();
+    assert!(matches!(
+        engine.wait(waiting).await.unwrap(),
+        SagaOutcome::Cancelled { .. }
+    ));
+    engine.shutdown().await.unwrap();
+    drop(engine);
+
+    let o = sagaflow(&["--data-dir", &d, "list", "--status", "cancelled"], &[]);
+    assert!(text(&o).contains(&waiting.to_string()), "{}", text(&o));
+    // Purge: a dry run counts, --yes deletes.
+    let o = sagaflow(&["--data-dir", &d, "purge", "--finished-before", "0s"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("2 finished saga(s)"), "{}", text(&o));
+    assert!(text(&o).contains("dry run"), "{}", text(&o));
+    let o = sagaflow(
+        &[
+            "--data-dir",
+            &d,
+            "purge",
+            "--finished-before",
+            "2100-01-01T00:00:00Z",
+            "--yes",
+        ],
+        &[],
+    );
+    assert!(text(&o).contains("deleted 2"), "{}", text(&o));
+    let o = sagaflow(&["--data-dir", &d, "list", "--json"], &[]);
+    let left: Vec<SagaMeta> = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    let o = sagaflow(
+        &["--data-dir", &d, "purge", "--finished-before", "yesterday"],
+        &[],
+    );
+    assert!(!o.status.success());
+}

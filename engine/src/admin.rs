@@ -328,19 +328,17 @@ pub fn purge(store: &dyn SagaLog, finished_before: Timestamp, dry_run: bool) -> 
         let Some(last) = batch.last().copied() else {
             break;
         };
+        let mut finished = Vec::new();
         for (_, id) in &batch {
-            let final_status = store.meta(*id)?.is_some_and(|m| m.status.is_final());
-            if !final_status {
-                continue;
-            }
-            out.matched += 1;
-            if !dry_run {
-                store.remove(*id)?;
-                out.deleted += 1;
+            if store.meta(*id)?.is_some_and(|m| m.status.is_final()) {
+                finished.push(*id);
             }
         }
-        if !dry_run {
+        out.matched += finished.len() as u64;
+        if !dry_run && !finished.is_empty() {
+            store.remove_batch(&finished)?;
             store.sync()?;
+            out.deleted += finished.len() as u64;
         }
         cursor = Some(last);
     }

@@ -233,4 +233,11 @@ impl SagaLog for CrashableStore {
         }
         self.inner.remove(saga)
     }
+
+    fn remove_batch(&self, sagas: &[SagaId]) -> store::Result<()> {
+        if self.plan.crashed() {
+            return Err(dead());
+        }
+        self.inner.remove_batch(sagas)
+    }
 }

@@ -198,6 +198,10 @@ pub struct EngineOptions {
     pub retention_batch: usize,
     /// The retention of sagas whose definition is not registered with this engine.
     pub default_retention: crate::Retention,
+    /// At most this many deletions per second by the retention task, so that a backlog
+    /// of finished sagas is worked off without taking the store from the sagas that
+    /// run; `None`: as fast as passes go.
+    pub retention_max_per_sec: Option<u32>,
 }
 
 impl Default for EngineOptions {
@@ -212,6 +216,7 @@ impl Default for EngineOptions {
             retention_every: Some(Duration::from_secs(10)),
             retention_batch: 1000,
             default_retention: crate::Retention::default(),
+            retention_max_per_sec: Some(2000),
         }
     }
 }
@@ -245,6 +250,12 @@ impl EngineOptions {
     pub fn with_retention_task(mut self, every: Option<Duration>, batch: usize) -> Self {
         self.retention_every = every;
         self.retention_batch = batch.max(1);
+        self
+    }
+
+    /// Sets [`EngineOptions::retention_max_per_sec`].
+    pub fn with_retention_max_per_sec(mut self, n: Option<u32>) -> Self {
+        self.retention_max_per_sec = n;
         self
     }
 

@@ -45,6 +45,7 @@ pub(crate) fn pass(
             .flatten(),
         ..Pass::default()
     };
+    let mut due = Vec::new();
     for (finished, id) in found {
         let meta = match store.meta(id) {
             Ok(Some(m)) => m,
@@ -59,13 +60,14 @@ pub(crate) fn pass(
         }
         if let Retention::For(d) = keep_for(&meta.definition, meta.version) {
             if finished.saturating_add(d) <= now {
-                store.remove(id)?;
-                pass.deleted += 1;
+                due.push(id);
             }
         }
     }
-    if pass.deleted > 0 {
+    if !due.is_empty() {
+        store.remove_batch(&due)?;
         store.sync()?;
+        pass.deleted = due.len();
     }
     Ok(pass)
 }
@@ -113,6 +115,16 @@ pub(crate) async fn run(inner: Arc<Inner>, every: Duration, batch: usize) {
                 if p.deleted > 0 {
                     tracing::debug!(deleted = p.deleted, examined = p.examined, "retention pass");
                     inner.metrics.deleted(p.deleted as u64);
+                    // Paced: a backlog is worked off at the configured rate at most.
+                    if let Some(rate) = inner.options.retention_max_per_sec.filter(|r| *r > 0) {
+                        let pause = Duration::from_secs_f64(p.deleted as f64 / f64::from(rate));
+                        let until = inner.clock.now().saturating_add(pause);
+                        tokio::select! {
+                            biased;
+                            _ = stopping.changed() => return,
+                            () = inner.clock.sleep_until(until) => {}
+                        }
+                    }
                 }
                 backlog = p.cursor.is_some();
                 cursor = p.cursor;

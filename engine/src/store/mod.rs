@@ -292,6 +292,19 @@ pub trait SagaLog: Send + Sync + fmt::Debug + 'static {
     /// An I/O or backend error.
     fn check(&self) -> Result<CheckReport>;
 
+    /// Deletes several sagas, as [`SagaLog::remove`] does each, in as few store writes as
+    /// the store can (retention deletes in batches). Durable after the next sync.
+    ///
+    /// # Errors
+    ///
+    /// As [`SagaLog::remove`]; then some of them may be deleted.
+    fn remove_batch(&self, sagas: &[SagaId]) -> Result<()> {
+        for s in sagas {
+            self.remove(*s)?;
+        }
+        Ok(())
+    }
+
     /// The sagas the engine must drive: running or compensating.
     ///
     /// # Errors

@@ -426,6 +426,15 @@ impl SagaLog for SledLog {
         let ops = kv::removal(&self.db, saga)?;
         self.apply(ops)
     }
+
+    fn remove_batch(&self, sagas: &[SagaId]) -> Result<()> {
+        // One sled batch for all of them: retention deletes thousands at a time.
+        let mut ops = Vec::new();
+        for s in sagas {
+            ops.extend(kv::removal(&self.db, *s)?);
+        }
+        self.apply(ops)
+    }
 }
 
 /// A new, empty directory of this process's own under the system's temporary directory.
