@@ -237,15 +237,80 @@ async fn a_missing_or_damaged_witness_is_refused() {
     assert_eq!(open_damaged(dir.path(), &ids, &ledger).await, Opened::Whole);
 }
 
-// ---- Hostile keys and index entries, on the memory store (same code as sled's). ----
+// ---- Hostile keys and index entries, written raw into the memory store and into a ----
+// ---- real sled directory: every case runs on both.                                 ----
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Memory,
+    Sled,
+}
+
+const KINDS: [Kind; 2] = [Kind::Memory, Kind::Sled];
+
+/// A store the tests damage by hand.
+#[derive(Clone)]
+enum Raw {
+    Memory(Arc<MemLog>),
+    Sled(
+        Arc<SledLog>,
+        // Held for its drop: the directory goes with the last clone.
+        #[allow(dead_code)] Arc<tempfile::TempDir>,
+    ),
+}
+
+impl Raw {
+    fn new(kind: Kind) -> Raw {
+        match kind {
+            Kind::Memory => Raw::Memory(Arc::new(MemLog::new())),
+            Kind::Sled => {
+                let dir = tempfile::tempdir().unwrap();
+                let log = SledLog::open(dir.path()).unwrap();
+                Raw::Sled(Arc::new(log), Arc::new(dir))
+            }
+        }
+    }
+
+    fn store(&self) -> Arc<dyn SagaLog> {
+        match self {
+            Raw::Memory(m) => m.clone(),
+            Raw::Sled(s, _) => s.clone(),
+        }
+    }
+
+    fn put_raw(&self, key: &[u8], value: &[u8]) {
+        match self {
+            Raw::Memory(m) => m.put_raw(key, value),
+            Raw::Sled(s, _) => s.put_raw(key, value).unwrap(),
+        }
+    }
+
+    fn delete_raw(&self, key: &[u8]) {
+        match self {
+            Raw::Memory(m) => m.delete_raw(key),
+            Raw::Sled(s, _) => s.delete_raw(key).unwrap(),
+        }
+    }
+
+    fn read(&self, id: SagaId) -> sagaflow::store::Result<Vec<(Lsn, Vec<u8>)>> {
+        self.store().read(id)
+    }
+
+    fn dump(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        match self {
+            Raw::Memory(m) => m.dump(),
+            Raw::Sled(s, _) => s.dump().unwrap(),
+        }
+    }
+}
 
 /// A store holding one running saga (inventory hangs) and one completed one.
-async fn two_sagas(ledger: &Arc<Ledger>) -> (Arc<MemLog>, SagaId, SagaId) {
-    let store = Arc::new(MemLog::new());
+async fn two_sagas(ledger: &Arc<Ledger>, kind: Kind) -> (Raw, SagaId, SagaId) {
+    let store = Raw::new(kind);
     ledger.script_tagged("run", "inventory", Phase::Action, [Outcome::Hang]);
     let engine = builder()
         .register(checkout(ledger))
-        .open_with(store.clone())
+        .open_with(store.store())
         .await
         .unwrap();
     let running = engine
@@ -272,10 +337,10 @@ async fn two_sagas(ledger: &Arc<Ledger>) -> (Arc<MemLog>, SagaId, SagaId) {
     (store, running, done)
 }
 
-async fn reopen(store: &Arc<MemLog>, ledger: &Arc<Ledger>) -> Engine {
+async fn reopen(store: &Raw, ledger: &Arc<Ledger>) -> Engine {
     builder()
         .register(checkout(ledger))
-        .open_with(store.clone())
+        .open_with(store.store())
         .await
         .unwrap()
 }
@@ -300,176 +365,90 @@ fn record(lsn: u64, event: Event) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_log_key_at_lsn_max_parks_its_saga_and_overwrites_nothing() {
-    let garbage = b"\x01not json".to_vec();
-    let valid = record(u64::MAX, Event::Completed);
-    let mut group = vec![codec::FORMAT_V2];
-    group.extend_from_slice(
-        br#"[{"lsn":18446744073709551615,"at":1,"event":{"type":"completed"}}]"#,
-    );
-    for value in [garbage, valid, group] {
-        let ledger = Ledger::new();
-        let (store, running, done) = two_sagas(&ledger).await;
-        let started = store.read(running).unwrap()[0].clone();
-        store.put_raw(&codec::log_key(running, Lsn(u64::MAX)), &value);
-        let engine = reopen(&store, &ledger).await;
-        let SagaOutcome::Parked { reason } = engine.wait(running).await.unwrap() else {
-            panic!("expected parked");
-        };
-        assert_eq!(reason.kind, ParkKind::CorruptLog, "{}", reason.message);
-        // The `started` record is untouched; the park record went into the first free lsn.
-        assert_eq!(store.read(running).unwrap()[0], started);
-        let view = engine.readable_log(running).unwrap();
-        assert!(matches!(view.records[0].event, Event::Started { .. }));
-        assert!(view
-            .records
-            .iter()
-            .any(|r| matches!(r.event, Event::Parked { .. }) && r.lsn.0 < u64::MAX));
-        let mut ids = listed(&engine);
-        ids.sort();
-        let mut want = vec![running, done];
-        want.sort();
-        assert_eq!(ids, want);
-        let stats = engine.stats(Duration::from_secs(60)).unwrap();
-        assert_eq!(stats.total, 2);
-        // An operator can always resolve it.
-        let meta = engine
-            .repair(
-                running,
-                Repair::MarkResolved,
-                "ops",
-                "lsn max key inspected",
-            )
-            .await
-            .unwrap();
-        assert_eq!(meta.status, SagaStatus::Resolved);
-        engine.shutdown().await.unwrap();
+    for kind in KINDS {
+        let garbage = b"\x01not json".to_vec();
+        let valid = record(u64::MAX, Event::Completed);
+        let mut group = vec![codec::FORMAT_V2];
+        group.extend_from_slice(
+            br#"[{"lsn":18446744073709551615,"at":1,"event":{"type":"completed"}}]"#,
+        );
+        for value in [garbage, valid, group] {
+            let ledger = Ledger::new();
+            let (store, running, done) = two_sagas(&ledger, kind).await;
+            let started = store.read(running).unwrap()[0].clone();
+            store.put_raw(&codec::log_key(running, Lsn(u64::MAX)), &value);
+            let engine = reopen(&store, &ledger).await;
+            let SagaOutcome::Parked { reason } = engine.wait(running).await.unwrap() else {
+                panic!("expected parked");
+            };
+            assert_eq!(reason.kind, ParkKind::CorruptLog, "{}", reason.message);
+            // The `started` record is untouched; the park record went into the first free lsn.
+            assert_eq!(store.read(running).unwrap()[0], started);
+            let view = engine.readable_log(running).unwrap();
+            assert!(matches!(view.records[0].event, Event::Started { .. }));
+            assert!(view
+                .records
+                .iter()
+                .any(|r| matches!(r.event, Event::Parked { .. }) && r.lsn.0 < u64::MAX));
+            let mut ids = listed(&engine);
+            ids.sort();
+            let mut want = vec![running, done];
+            want.sort();
+            assert_eq!(ids, want);
+            let stats = engine.stats(Duration::from_secs(60)).unwrap();
+            assert_eq!(stats.total, 2);
+            // An operator can always resolve it.
+            let meta = engine
+                .repair(
+                    running,
+                    Repair::MarkResolved,
+                    "ops",
+                    "lsn max key inspected",
+                )
+                .await
+                .unwrap();
+            assert_eq!(meta.status, SagaStatus::Resolved);
+            engine.shutdown().await.unwrap();
+        }
     }
 }
 
 #[tokio::test]
 async fn a_malformed_status_key_is_deleted_and_nothing_else_changes() {
-    let ledger = Ledger::new();
-    let (store, running, done) = two_sagas(&ledger).await;
-    store.put_raw(b"S\x01short", b"");
-    store.put_raw(b"S\x09", b"");
-    let engine = reopen(&store, &ledger).await;
-    let report = engine.recovery();
-    assert_eq!(report.findings.len(), 2, "{:?}", report.findings);
-    assert_eq!(report.resumed, 1);
-    assert_eq!(listed(&engine).len(), 2);
-    assert!(store
-        .dump()
-        .iter()
-        .all(|(k, _)| k.as_slice() != b"S\x01short"));
-    let _ = (running, done);
-    engine.shutdown().await.unwrap();
+    for kind in KINDS {
+        let ledger = Ledger::new();
+        let (store, running, done) = two_sagas(&ledger, kind).await;
+        store.put_raw(b"S\x01short", b"");
+        store.put_raw(b"S\x09", b"");
+        let engine = reopen(&store, &ledger).await;
+        let report = engine.recovery();
+        assert_eq!(report.findings.len(), 2, "{:?}", report.findings);
+        assert_eq!(report.resumed, 1);
+        assert_eq!(listed(&engine).len(), 2);
+        assert!(store
+            .dump()
+            .iter()
+            .all(|(k, _)| k.as_slice() != b"S\x01short"));
+        let _ = (running, done);
+        engine.shutdown().await.unwrap();
+    }
 }
 
 #[tokio::test]
 async fn a_deleted_status_entry_is_rebuilt_and_the_saga_resumes() {
-    let ledger = Ledger::new();
-    let (store, running, _done) = two_sagas(&ledger).await;
-    store.delete_raw(&codec::status_key(SagaStatus::Running, running));
-    let engine = reopen(&store, &ledger).await;
-    assert_eq!(
-        engine.recovery().resumed,
-        1,
-        "the running saga was recovered"
-    );
-    assert!(engine
-        .recovery()
-        .findings
-        .iter()
-        .any(|f| f.saga == Some(running) && f.problem.contains("missing from the status index")));
-    assert!(matches!(
-        engine.wait(running).await.unwrap(),
-        SagaOutcome::Completed { .. }
-    ));
-    engine.shutdown().await.unwrap();
-}
-
-#[tokio::test]
-async fn a_log_key_of_the_wrong_length_is_moved_aside_and_its_saga_parked_and_listed() {
-    let ledger = Ledger::new();
-    let (store, running, _done) = two_sagas(&ledger).await;
-    let mut key = codec::log_prefix(running);
-    key.extend_from_slice(&[0, 9]);
-    assert_eq!(key.len(), 19);
-    store.put_raw(&key, b"\x01{}");
-    let engine = reopen(&store, &ledger).await;
-    let SagaOutcome::Parked { reason } = engine.wait(running).await.unwrap() else {
-        panic!("expected parked");
-    };
-    assert_eq!(reason.kind, ParkKind::CorruptLog);
-    assert!(reason.message.contains("19 bytes"), "{}", reason.message);
-    assert_eq!(engine.recovery().parked.len(), 1);
-    assert!(listed(&engine).contains(&running));
-    // Kept, not deleted: under `Q` + the original key.
-    let quarantined = codec::quarantine_key(&key);
-    assert!(store.dump().iter().any(|(k, _)| *k == quarantined));
-    engine.shutdown().await.unwrap();
-}
-
-#[tokio::test]
-async fn index_entries_pointing_at_no_saga_are_deleted() {
-    let ledger = Ledger::new();
-    let (store, _running, _done) = two_sagas(&ledger).await;
-    let ghost = SagaId::from_bytes([7; 16]);
-    store.put_raw(&codec::status_key(SagaStatus::Running, ghost), b"");
-    store.put_raw(
-        &codec::start_key_key(&StartKey::new("ghost-key").unwrap()),
-        ghost.as_bytes(),
-    );
-    let engine = reopen(&store, &ledger).await;
-    assert!(!listed(&engine).contains(&ghost), "a phantom saga");
-    assert_eq!(engine.recovery().findings.len(), 2);
-    // A start with the dangling key creates a saga that exists.
-    let id = engine
-        .start(
-            "checkout",
-            json!({}),
-            Some(StartKey::new("ghost-key").unwrap()),
-        )
-        .await
-        .unwrap();
-    assert_ne!(id, ghost);
-    assert!(engine.status(id).is_ok());
-    engine.wait(id).await.unwrap();
-    engine.shutdown().await.unwrap();
-}
-
-#[tokio::test]
-async fn a_missing_start_key_entry_is_rebuilt_so_a_retried_start_runs_nothing_twice() {
-    let ledger = Ledger::new();
-    let (store, _running, done) = two_sagas(&ledger).await;
-    store.delete_raw(&codec::start_key_key(&StartKey::new("done-key").unwrap()));
-    let engine = reopen(&store, &ledger).await;
-    let again = engine
-        .start(
-            "checkout",
-            json!({}),
-            Some(StartKey::new("done-key").unwrap()),
-        )
-        .await
-        .unwrap();
-    assert_eq!(again, done);
-    engine.shutdown().await.unwrap();
-}
-
-#[tokio::test]
-async fn a_corrupt_or_missing_summary_over_an_intact_log_is_rebuilt_not_parked() {
-    for damage in ["corrupt", "missing"] {
+    for kind in KINDS {
         let ledger = Ledger::new();
-        let (store, running, done) = two_sagas(&ledger).await;
-        for id in [running, done] {
-            match damage {
-                "corrupt" => store.put_raw(&codec::meta_key(id), b"\x01{\"id\":"),
-                _ => store.delete_raw(&codec::meta_key(id)),
-            }
-        }
+        let (store, running, _done) = two_sagas(&ledger, kind).await;
+        store.delete_raw(&codec::status_key(SagaStatus::Running, running));
         let engine = reopen(&store, &ledger).await;
-        assert!(engine.recovery().parked.is_empty(), "{damage}");
-        assert_eq!(engine.status(done).unwrap().status, SagaStatus::Completed);
+        assert_eq!(
+            engine.recovery().resumed,
+            1,
+            "the running saga was recovered"
+        );
+        assert!(engine.recovery().findings.iter().any(
+            |f| f.saga == Some(running) && f.problem.contains("missing from the status index")
+        ));
         assert!(matches!(
             engine.wait(running).await.unwrap(),
             SagaOutcome::Completed { .. }
@@ -479,95 +458,200 @@ async fn a_corrupt_or_missing_summary_over_an_intact_log_is_rebuilt_not_parked()
 }
 
 #[tokio::test]
-async fn a_summary_without_a_log_is_parked_and_stays_listed() {
-    let ledger = Ledger::new();
-    let (store, running, _done) = two_sagas(&ledger).await;
-    for (k, _) in store.read(running).unwrap() {
-        store.delete_raw(&codec::log_key(running, k));
-    }
-    let engine = reopen(&store, &ledger).await;
-    let meta = engine.status(running).unwrap();
-    assert_eq!(meta.status, SagaStatus::Parked);
-    assert!(meta.reason.unwrap().contains("log is missing"));
-    assert!(listed(&engine).contains(&running));
-    let meta = engine
-        .repair(running, Repair::MarkResolved, "ops", "restored by hand")
-        .await
-        .unwrap();
-    assert_eq!(meta.status, SagaStatus::Resolved);
-    engine.shutdown().await.unwrap();
-}
-
-#[tokio::test]
-async fn a_corrupt_log_can_be_read_up_to_the_damage_and_resolved() {
-    let ledger = Ledger::new();
-    let (store, running, _done) = two_sagas(&ledger).await;
-    let (lsn, _) = store.read(running).unwrap()[1].clone();
-    store.put_raw(&codec::log_key(running, lsn), b"\x01{\"lsn\":");
-    let engine = reopen(&store, &ledger).await;
-    let SagaOutcome::Parked { reason } = engine.wait(running).await.unwrap() else {
-        panic!("expected parked");
-    };
-    assert_eq!(reason.kind, ParkKind::CorruptLog);
-    let view = engine.readable_log(running).unwrap();
-    assert!(matches!(view.records[0].event, Event::Started { .. }));
-    assert_eq!(view.problems[0].lsn, lsn);
-    assert!(!view.problems[0].newer_format);
-    // Resume is refused (the log cannot be driven); resolve is not.
-    let refused = engine
-        .repair(running, Repair::Resume, "ops", "try")
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            refused,
-            Error::CorruptLog { .. } | Error::RepairRefused { .. }
-        ),
-        "{refused}"
-    );
-    let meta = engine
-        .repair(running, Repair::MarkResolved, "ops", "refunded by hand")
-        .await
-        .unwrap();
-    assert_eq!(meta.status, SagaStatus::Resolved);
-    assert_eq!(engine.status(running).unwrap().status, SagaStatus::Resolved);
-    engine.shutdown().await.unwrap();
-}
-
-#[tokio::test]
-async fn records_from_a_newer_engine_park_with_their_own_kind_and_can_be_resolved() {
-    let future_format = {
-        let mut v = vec![7u8];
-        v.extend_from_slice(br#"{"lsn":2,"at":1,"event":{"type":"completed"}}"#);
-        v
-    };
-    let unknown_event =
-        b"\x01{\"lsn\":2,\"at\":1,\"event\":{\"type\":\"teleported\",\"to\":\"mars\"}}".to_vec();
-    for value in [future_format, unknown_event] {
+async fn a_log_key_of_the_wrong_length_is_moved_aside_and_its_saga_parked_and_listed() {
+    for kind in KINDS {
         let ledger = Ledger::new();
-        let (store, running, _done) = two_sagas(&ledger).await;
-        let (lsn, _) = store.read(running).unwrap()[1].clone();
-        assert_eq!(lsn, Lsn(2));
-        store.put_raw(&codec::log_key(running, lsn), &value);
+        let (store, running, _done) = two_sagas(&ledger, kind).await;
+        let mut key = codec::log_prefix(running);
+        key.extend_from_slice(&[0, 9]);
+        assert_eq!(key.len(), 19);
+        store.put_raw(&key, b"\x01{}");
         let engine = reopen(&store, &ledger).await;
         let SagaOutcome::Parked { reason } = engine.wait(running).await.unwrap() else {
             panic!("expected parked");
         };
-        assert_eq!(reason.kind, ParkKind::NewerFormat, "{}", reason.message);
-        assert!(engine.readable_log(running).unwrap().problems[0].newer_format);
-        let err = engine.history(running).unwrap_err();
-        assert_eq!(err.code(), "SAGA-0015", "{err}");
-        let meta = engine
-            .repair(
-                running,
-                Repair::MarkResolved,
-                "ops",
-                "handled by the newer engine",
+        assert_eq!(reason.kind, ParkKind::CorruptLog);
+        assert!(reason.message.contains("19 bytes"), "{}", reason.message);
+        assert_eq!(engine.recovery().parked.len(), 1);
+        assert!(listed(&engine).contains(&running));
+        // Kept, not deleted: under `Q` + the original key.
+        let quarantined = codec::quarantine_key(&key);
+        assert!(store.dump().iter().any(|(k, _)| *k == quarantined));
+        engine.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn index_entries_pointing_at_no_saga_are_deleted() {
+    for kind in KINDS {
+        let ledger = Ledger::new();
+        let (store, _running, _done) = two_sagas(&ledger, kind).await;
+        let ghost = SagaId::from_bytes([7; 16]);
+        store.put_raw(&codec::status_key(SagaStatus::Running, ghost), b"");
+        store.put_raw(
+            &codec::start_key_key(&StartKey::new("ghost-key").unwrap()),
+            ghost.as_bytes(),
+        );
+        let engine = reopen(&store, &ledger).await;
+        assert!(!listed(&engine).contains(&ghost), "a phantom saga");
+        assert_eq!(engine.recovery().findings.len(), 2);
+        // A start with the dangling key creates a saga that exists.
+        let id = engine
+            .start(
+                "checkout",
+                json!({}),
+                Some(StartKey::new("ghost-key").unwrap()),
             )
+            .await
+            .unwrap();
+        assert_ne!(id, ghost);
+        assert!(engine.status(id).is_ok());
+        engine.wait(id).await.unwrap();
+        engine.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_missing_start_key_entry_is_rebuilt_so_a_retried_start_runs_nothing_twice() {
+    for kind in KINDS {
+        let ledger = Ledger::new();
+        let (store, _running, done) = two_sagas(&ledger, kind).await;
+        store.delete_raw(&codec::start_key_key(&StartKey::new("done-key").unwrap()));
+        let engine = reopen(&store, &ledger).await;
+        let again = engine
+            .start(
+                "checkout",
+                json!({}),
+                Some(StartKey::new("done-key").unwrap()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(again, done);
+        engine.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_corrupt_or_missing_summary_over_an_intact_log_is_rebuilt_not_parked() {
+    for kind in KINDS {
+        for damage in ["corrupt", "missing"] {
+            let ledger = Ledger::new();
+            let (store, running, done) = two_sagas(&ledger, kind).await;
+            for id in [running, done] {
+                match damage {
+                    "corrupt" => store.put_raw(&codec::meta_key(id), b"\x01{\"id\":"),
+                    _ => store.delete_raw(&codec::meta_key(id)),
+                }
+            }
+            let engine = reopen(&store, &ledger).await;
+            assert!(engine.recovery().parked.is_empty(), "{damage}");
+            assert_eq!(engine.status(done).unwrap().status, SagaStatus::Completed);
+            assert!(matches!(
+                engine.wait(running).await.unwrap(),
+                SagaOutcome::Completed { .. }
+            ));
+            engine.shutdown().await.unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_summary_without_a_log_is_parked_and_stays_listed() {
+    for kind in KINDS {
+        let ledger = Ledger::new();
+        let (store, running, _done) = two_sagas(&ledger, kind).await;
+        for (k, _) in store.read(running).unwrap() {
+            store.delete_raw(&codec::log_key(running, k));
+        }
+        let engine = reopen(&store, &ledger).await;
+        let meta = engine.status(running).unwrap();
+        assert_eq!(meta.status, SagaStatus::Parked);
+        assert!(meta.reason.unwrap().contains("log is missing"));
+        assert!(listed(&engine).contains(&running));
+        let meta = engine
+            .repair(running, Repair::MarkResolved, "ops", "restored by hand")
             .await
             .unwrap();
         assert_eq!(meta.status, SagaStatus::Resolved);
         engine.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_corrupt_log_can_be_read_up_to_the_damage_and_resolved() {
+    for kind in KINDS {
+        let ledger = Ledger::new();
+        let (store, running, _done) = two_sagas(&ledger, kind).await;
+        let (lsn, _) = store.read(running).unwrap()[1].clone();
+        store.put_raw(&codec::log_key(running, lsn), b"\x01{\"lsn\":");
+        let engine = reopen(&store, &ledger).await;
+        let SagaOutcome::Parked { reason } = engine.wait(running).await.unwrap() else {
+            panic!("expected parked");
+        };
+        assert_eq!(reason.kind, ParkKind::CorruptLog);
+        let view = engine.readable_log(running).unwrap();
+        assert!(matches!(view.records[0].event, Event::Started { .. }));
+        assert_eq!(view.problems[0].lsn, lsn);
+        assert!(!view.problems[0].newer_format);
+        // Resume is refused (the log cannot be driven); resolve is not.
+        let refused = engine
+            .repair(running, Repair::Resume, "ops", "try")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                Error::CorruptLog { .. } | Error::RepairRefused { .. }
+            ),
+            "{refused}"
+        );
+        let meta = engine
+            .repair(running, Repair::MarkResolved, "ops", "refunded by hand")
+            .await
+            .unwrap();
+        assert_eq!(meta.status, SagaStatus::Resolved);
+        assert_eq!(engine.status(running).unwrap().status, SagaStatus::Resolved);
+        engine.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn records_from_a_newer_engine_park_with_their_own_kind_and_can_be_resolved() {
+    for kind in KINDS {
+        let future_format = {
+            let mut v = vec![7u8];
+            v.extend_from_slice(br#"{"lsn":2,"at":1,"event":{"type":"completed"}}"#);
+            v
+        };
+        let unknown_event =
+            b"\x01{\"lsn\":2,\"at\":1,\"event\":{\"type\":\"teleported\",\"to\":\"mars\"}}"
+                .to_vec();
+        for value in [future_format, unknown_event] {
+            let ledger = Ledger::new();
+            let (store, running, _done) = two_sagas(&ledger, kind).await;
+            let (lsn, _) = store.read(running).unwrap()[1].clone();
+            assert_eq!(lsn, Lsn(2));
+            store.put_raw(&codec::log_key(running, lsn), &value);
+            let engine = reopen(&store, &ledger).await;
+            let SagaOutcome::Parked { reason } = engine.wait(running).await.unwrap() else {
+                panic!("expected parked");
+            };
+            assert_eq!(reason.kind, ParkKind::NewerFormat, "{}", reason.message);
+            assert!(engine.readable_log(running).unwrap().problems[0].newer_format);
+            let err = engine.history(running).unwrap_err();
+            assert_eq!(err.code(), "SAGA-0015", "{err}");
+            let meta = engine
+                .repair(
+                    running,
+                    Repair::MarkResolved,
+                    "ops",
+                    "handled by the newer engine",
+                )
+                .await
+                .unwrap();
+            assert_eq!(meta.status, SagaStatus::Resolved);
+            engine.shutdown().await.unwrap();
+        }
     }
 }
 

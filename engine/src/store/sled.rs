@@ -215,6 +215,18 @@ impl SledLog {
         self.sync()
     }
 
+    /// Every key and value, in key order: for tests of damaged stores.
+    ///
+    /// # Errors
+    ///
+    /// An I/O or backend error.
+    pub fn dump(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.db
+            .iter()
+            .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(backend))
+            .collect()
+    }
+
     /// Deletes a raw key, bypassing every check: for tests of damaged stores.
     ///
     /// # Errors
