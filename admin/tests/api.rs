@@ -242,3 +242,62 @@ fn tokens_from_the_environment_are_refused_when_short_and_optional_when_unset() 
     let shown = format!("{auth:?}");
     assert!(!shown.contains(ADMIN) && !shown.contains(READ), "{shown}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_purge_need_the_admin_token_and_answer_typed() {
+    let (url, id, _ledger) = serve().await;
+    let c = reqwest::Client::new();
+    let cancel = format!("{url}/v1/sagas/{id}/cancel");
+    let body = json!({"operator": "ana", "reason": "customer asked"});
+    // The read token cannot cancel.
+    let r = c
+        .post(&cancel)
+        .bearer_auth(READ)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // The saga is parked: a cancel is refused, typed, and writes nothing.
+    let r = c
+        .post(&cancel)
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let e: ApiError = r.json().await.unwrap();
+    assert_eq!(e.code.as_deref(), Some("SAGA-0017"));
+    assert!(e.error.contains("parked"), "{}", e.error);
+    // A malformed body is a 400.
+    let r = c
+        .post(&cancel)
+        .bearer_auth(ADMIN)
+        .json(&json!({"who": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // Purge: a dry run by default; the parked saga is never counted.
+    let purge = format!("{url}/v1/purge");
+    let r = c
+        .post(&purge)
+        .bearer_auth(ADMIN)
+        .json(&json!({"finished_before_ms": u64::MAX}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let p: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(p["dry_run"], true);
+    assert_eq!(p["matched"], 0);
+    let r = c
+        .post(&purge)
+        .bearer_auth(READ)
+        .json(&json!({"finished_before_ms": 0, "dry_run": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+}
