@@ -9,13 +9,15 @@
 //! | method and path | token | what |
 //! | --- | --- | --- |
 //! | `GET /v1/sagas?status=&definition=&older_than_secs=&stuck_for_secs=&limit=` | read | summaries, oldest first; `limit` is 1 or more (`limit=0` is a 400), absent for no limit |
-//! | `GET /v1/sagas/{id}` | read | `{ "summary": ..., "history": [...] }` |
+//! | `GET /v1/sagas/{id}` | read | `{ "summary": ..., "history": [...], "problems": [...] }` (problems: what of a damaged log could not be read) |
 //! | `GET /v1/stats?stuck_after_secs=` | read | counts by status and definition, oldest, stuck |
 //! | `POST /v1/sagas/{id}/repair` | admin | body `{ "action": "resume", "step": 2, "operator": "ana", "reason": "..." }` |
+//! | `POST /v1/sagas/{id}/cancel` | admin | body `{ "operator": "ana", "reason": "..." }` |
+//! | `POST /v1/purge` | admin | body `{ "finished_before_ms": 1763500000000, "dry_run": true }`: counts (or deletes) finished sagas |
 //! | `GET /metrics` | read | Prometheus text format |
 //!
 //! Errors are `{ "error": "...", "code": "SAGA-0012" }` with 400 (bad request), 401,
-//! 403, 404 (unknown saga), 409 (repair refused), 500 (store).
+//! 403, 404 (unknown saga), 409 (repair or cancellation refused), 500 (store).
 //!
 //! Serve the router on a listener of its own, bound to a loopback or internal address,
 //! never nested in a public application's routes. [`Auth::from_env`] reads the tokens

@@ -43,7 +43,7 @@ struct Cli {
 enum Command {
     /// List sagas, oldest first.
     List {
-        /// running, compensating, completed, compensated, parked or resolved.
+        /// running, compensating, completed, compensated, parked, resolved or cancelled.
         #[arg(long)]
         status: Option<String>,
         /// Only this definition.
@@ -441,10 +441,11 @@ fn step_label(names: &[String], i: u32) -> String {
 /// What an active saga waits for: a retry, or the end of a settle window (an attempt of
 /// unknown outcome whose request may still land before anything is undone).
 fn waiting(m: &SagaMeta) -> String {
-    match (m.settling_until, m.due) {
-        (Some(t), _) => format!("settling until {t}"),
-        (None, Some(d)) => format!("retry at {d}"),
-        (None, None) => "-".to_string(),
+    match (m.starts_at, m.settling_until, m.due) {
+        (Some(t), _, _) => format!("starts at {t}"),
+        (None, Some(t), _) => format!("settling until {t}"),
+        (None, None, Some(d)) => format!("retry at {d}"),
+        (None, None, None) => "-".to_string(),
     }
 }
 
@@ -489,10 +490,13 @@ fn print_show(view: &SagaView) {
     }
     println!("started     {}", m.created_at);
     println!("updated     {}", m.updated_at);
-    match (m.settling_until, m.due) {
-        (Some(t), _) => println!("waiting     settling until {t} (an attempt may still land)"),
-        (None, Some(d)) => println!("next retry  {d}"),
-        (None, None) => {}
+    match (m.starts_at, m.settling_until, m.due) {
+        (Some(t), _, _) => println!("starts at   {t} (a delayed start)"),
+        (None, Some(t), _) => {
+            println!("waiting     settling until {t} (an attempt may still land)")
+        }
+        (None, None, Some(d)) => println!("next retry  {d}"),
+        (None, None, None) => {}
     }
     if let Some(r) = &m.reason {
         println!("reason      {r}");
@@ -762,7 +766,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&meta)?);
             } else {
                 println!(
-                    "saga {}: cancellation recorded (by {}); it compensates and ends cancelled",
+                    "saga {}: cancellation recorded (by {}); it compensates and ends cancelled \
+                     (offline: once an engine next opens the store)",
                     t.id, t.operator
                 );
             }

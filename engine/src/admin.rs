@@ -477,6 +477,7 @@ fn resolve_unreadable(
         last_lsn: lsn,
         due: None,
         settling_until: None,
+        starts_at: None,
         reason: Some(format!("resolved by {operator}: {reason}")),
         finished_at: Some(now),
     };

@@ -184,6 +184,7 @@ async fn park(
         last_lsn: lsn,
         due: None,
         settling_until: None,
+        starts_at: None,
         reason: Some(reason.message.clone()),
         finished_at: None,
     };

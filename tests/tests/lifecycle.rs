@@ -229,6 +229,7 @@ async fn a_delayed_start_is_stored_at_once_and_begins_at_its_time_even_after_a_r
     let meta = engine.status(first.id()).unwrap();
     assert_eq!(meta.status, SagaStatus::Running);
     assert_eq!(meta.due, Some(at(3_600_000)), "its start time is its timer");
+    assert_eq!(meta.starts_at, Some(at(3_600_000)), "and shown as such");
     assert!(ledger.calls().is_empty());
     drop(engine);
 

@@ -706,6 +706,13 @@ impl SagaState {
 
     fn apply_repair(&mut self, action: &Repair, operator: &str, reason: &str, at: Timestamp) {
         let working = self.working_status();
+        // An operator who moves on a saga parked for its deadline overrides the deadline:
+        // otherwise the next decision would park it again at once.
+        if self.parked.as_ref().map(|p| p.kind) == Some(ParkKind::DeadlinePassed)
+            && matches!(action, Repair::Resume | Repair::SkipStep { .. })
+        {
+            self.deadline = None;
+        }
         let unpark = |s: &mut SagaState| {
             if s.status == SagaStatus::Parked {
                 s.status = working;

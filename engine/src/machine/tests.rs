@@ -850,3 +850,44 @@ fn forced_compensation_waits_for_an_attempt_still_in_flight() {
         }
     );
 }
+
+#[test]
+fn resume_after_a_deadline_park_lifts_the_deadline() {
+    let def = apr();
+    let deadline = t(50);
+    let mut records = log(&def, vec![started(0, 1), ok(0, 1), started(1, 1), ok(1, 1)]);
+    if let Event::Started { deadline: d, .. } = &mut records[0].event {
+        *d = Some(deadline);
+    }
+    let state = SagaState::fold(id(), &records).unwrap();
+    let Decision::Park { reason } = decide(&def, &state, t(100)) else {
+        panic!("expected a deadline park");
+    };
+    assert_eq!(reason.kind, ParkKind::DeadlinePassed);
+    let next_lsn = records.len() as u64;
+    for (i, event) in [
+        Event::Parked { reason },
+        Event::OperatorAction {
+            action: crate::machine::Repair::Resume,
+            operator: "ops".into(),
+            reason: "go on".into(),
+        },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        records.push(LogRecord {
+            lsn: Lsn(next_lsn + i as u64),
+            at: t(100),
+            event,
+        });
+    }
+    let state = SagaState::fold(id(), &records).unwrap();
+    assert_eq!(
+        decide(&def, &state, t(100)),
+        Decision::RunStep {
+            step: 2,
+            attempt: a(1)
+        }
+    );
+}

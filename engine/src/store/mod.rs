@@ -148,6 +148,9 @@ pub struct SagaMeta {
     /// deadline before anything is undone (G4): until when. Shown as "settling until t".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settling_until: Option<Timestamp>,
+    /// A delayed start not yet begun: when its first step runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starts_at: Option<Timestamp>,
     /// Why it was compensated or parked.
     pub reason: Option<String>,
     /// When it finished (completed, compensated, cancelled or resolved): what retention
@@ -182,6 +185,10 @@ impl SagaMeta {
             last_lsn: Lsn(s.next_lsn.0.saturating_sub(1)),
             due: s.next_timer(),
             settling_until: s.settling_until(),
+            starts_at: s
+                .not_before
+                .filter(|_| s.status == SagaStatus::Running)
+                .filter(|_| s.steps.iter().all(|st| !st.action.started())),
             reason,
             finished_at: s.status.is_final().then_some(s.updated_at),
         }
