@@ -384,3 +384,60 @@ async fn forever_means_forever_and_purge_counts_before_it_deletes() {
     assert_eq!(after.deleted, 1);
     engine.shutdown().await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cancel_wakes_a_saga_waiting_an_hour_for_its_retry_and_a_delayed_start_can_be_cancelled()
+{
+    let ledger = Ledger::new();
+    ledger.script_tagged(
+        "wait",
+        "inventory",
+        Phase::Action,
+        [Outcome::RetryAfter(Duration::from_secs(3600))],
+    );
+    let engine = engine_on(Arc::new(MemLog::new()), clock(), checkout(&ledger)).await;
+    let waiting = engine
+        .start("checkout", json!({"tag": "wait"}), None)
+        .await
+        .unwrap();
+    ledger
+        .wait_for_call(waiting, "inventory", Phase::Action)
+        .await;
+    let later = engine
+        .start_with(
+            "checkout",
+            json!({"tag": "later"}),
+            StartOptions::default().not_before(at(24 * 3600 * 1000)),
+        )
+        .await
+        .unwrap()
+        .id();
+    engine
+        .cancel(waiting, "api", "changed my mind")
+        .await
+        .unwrap();
+    engine.cancel(later, "api", "never mind").await.unwrap();
+    for id in [waiting, later] {
+        assert!(matches!(
+            engine.wait(id).await.unwrap(),
+            SagaOutcome::Cancelled { .. }
+        ));
+    }
+    // Neither waited for its timer: both ended within the first minute of virtual time.
+    for id in [waiting, later] {
+        let end = engine.history(id).unwrap().last().unwrap().at;
+        assert!(end < at(60_000), "ended at {end}");
+    }
+    // The waiting one had charged: undone. The delayed one never ran a step.
+    assert_eq!(
+        ledger
+            .calls_of(waiting, "payment", Phase::Compensation)
+            .len(),
+        1
+    );
+    assert!(ledger
+        .calls()
+        .iter()
+        .all(|c| !c.key.starts_with(&later.to_string())));
+    engine.shutdown().await.unwrap();
+}
