@@ -88,6 +88,9 @@ enum Command {
     Resolve(Target),
     /// Cancel a saga before its pivot: it compensates and ends cancelled.
     Cancel(Target),
+    /// Check a stopped engine's store (on a private copy): every index against the
+    /// summaries and logs, every log folding. Exit 1 if anything is wrong.
+    Verify,
     /// Delete finished sagas (completed, compensated, cancelled, resolved) that finished
     /// before a time. Counts only, unless --yes.
     Purge {
@@ -166,7 +169,10 @@ impl Backend {
                 // open). Repairs open the directory itself.
                 let read_only = matches!(
                     cli.command,
-                    Command::List { .. } | Command::Show { .. } | Command::Stats { .. }
+                    Command::List { .. }
+                        | Command::Show { .. }
+                        | Command::Stats { .. }
+                        | Command::Verify
                 );
                 let opened = if read_only {
                     Admin::open_read_only(dir)
@@ -760,6 +766,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             repair(target, "skip_step", Some(step))
         }
         Command::Resolve(t) => repair(t, "mark_resolved", None),
+        Command::Verify => {
+            let Backend::Local(admin) = &backend else {
+                return Err(anyhow!(
+                    "verify reads a stopped engine's store: give --data-dir, not --url"
+                ));
+            };
+            let v = admin.verify()?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for f in &v.findings {
+                    let saga = f.saga.map_or_else(|| "-".to_string(), |s| s.to_string());
+                    println!("index    {saga}: {} ({} in the copy)", f.problem, f.action);
+                }
+                for (id, why) in &v.unfoldable {
+                    println!("log      {id}: {why}");
+                }
+                println!(
+                    "{} saga(s): {} index finding(s), {} log(s) that do not fold",
+                    v.sagas,
+                    v.findings.len(),
+                    v.unfoldable.len()
+                );
+            }
+            if !v.is_sound() {
+                return Err(anyhow!("the store is not sound"));
+            }
+            return Ok(());
+        }
         Command::Cancel(t) => {
             let meta = backend.cancel(t.id, t).await?;
             if cli.json {

@@ -553,3 +553,38 @@ async fn cancel_and_purge_from_the_cli() {
     );
     assert!(!o.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_reports_a_sound_store_and_the_damage_of_a_damaged_one_without_changing_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (parked, done, _ledger) = directory(tmp.path()).await;
+    let d = tmp.path().to_str().unwrap().to_string();
+    let o = sagaflow(&["--data-dir", &d, "verify"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("2 saga(s): 0 index finding(s), 0 log(s) that do not fold"),
+        "{}",
+        text(&o)
+    );
+    let dir = tmp.path().to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use sagaflow::store::{codec, SagaLog, SledLog};
+        let log = SledLog::open(&dir).unwrap();
+        log.delete_raw(&codec::status_key(sagaflow::SagaStatus::Completed, done))
+            .unwrap();
+        let (lsn, _) = log.read(parked).unwrap()[1].clone();
+        log.put_raw(&codec::log_key(parked, lsn), b"\x01{").unwrap();
+    })
+    .await
+    .unwrap();
+    let before = std::fs::read(tmp.path().join("db")).unwrap();
+    let o = sagaflow(&["--data-dir", &d, "verify"], &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let out = text(&o);
+    assert!(
+        out.contains(&format!("index    {done}: missing from the status index")),
+        "{out}"
+    );
+    assert!(out.contains(&format!("log      {parked}:")), "{out}");
+    assert_eq!(std::fs::read(tmp.path().join("db")).unwrap(), before);
+}
