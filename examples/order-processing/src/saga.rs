@@ -225,16 +225,25 @@ pub fn definition(i: &Integrations) -> Result<SagaDefinition, sagaflow::definiti
         .with_initial_backoff(Duration::from_millis(50))
         .with_max_backoff(Duration::from_secs(2))
         .with_attempt_timeout(Duration::from_secs(5));
+    // The chaos run kills the service every couple of seconds while calls may wait that
+    // long in the inventory limiter: an attempt can be in flight across many kills that
+    // it did not cause. Crash-loop detection (a step that kills its own process) is
+    // therefore set far above the default of 5 here.
+    const KILLS_TOLERATED: u32 = 100;
     SagaDefinition::builder("order", 1)
         .step("reserve", Reserve(i.inventory.clone()))
         .retry(retry.clone())
         .compensation_retry(retry.clone().with_unlimited_attempts())
+        .max_interruptions(KILLS_TOLERATED)
         .step("charge", Charge(i.payments.clone()))
         .retry(retry.clone())
         .compensation_retry(retry.clone().with_unlimited_attempts())
+        .max_interruptions(KILLS_TOLERATED)
         .pivot("create_order", CreateOrder(i.orders.clone()))
         .retry(retry.clone())
+        .max_interruptions(KILLS_TOLERATED)
         .retriable("book_shipping", BookShipping(i.orders.clone()))
         .retry(retry.with_unlimited_attempts())
+        .max_interruptions(KILLS_TOLERATED)
         .build()
 }
