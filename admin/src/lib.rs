@@ -483,18 +483,25 @@ impl RepairRequest {
     }
 }
 
+/// The saga id of a path and the JSON body of a POST, or the 400 that refuses them.
+fn id_and_body<T>(
+    id: &str,
+    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<(SagaId, T), Box<Response>> {
+    let bad = |e: String| Box::new(refuse(StatusCode::BAD_REQUEST, e, None));
+    let id = parse_id(id).map_err(bad)?;
+    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    Ok((id, req))
+}
+
 async fn repair(
     State(state): State<AppState>,
     Path(id): Path<String>,
     body: Result<Json<RepairRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let id = match parse_id(&id) {
-        Ok(id) => id,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, e, None),
-    };
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.body_text(), None),
+    let (id, req) = match id_and_body(&id, body) {
+        Ok(x) => x,
+        Err(refused) => return *refused,
     };
     let action = match req.to_repair() {
         Ok(a) => a,
@@ -524,13 +531,9 @@ async fn cancel(
     Path(id): Path<String>,
     body: Result<Json<CancelRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let id = match parse_id(&id) {
-        Ok(id) => id,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, e, None),
-    };
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.body_text(), None),
+    let (id, req) = match id_and_body(&id, body) {
+        Ok(x) => x,
+        Err(refused) => return *refused,
     };
     match state.engine.cancel(id, &req.operator, &req.reason).await {
         Ok(meta) => Json(meta).into_response(),

@@ -763,30 +763,8 @@ impl Engine {
         admin::check_who(id, operator, reason)?;
         let inner = &self.inner;
         let _one_at_a_time = inner.repair_lock.lock().await;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let queued = {
-            let running = lock(&inner.running);
-            let driven = running.contains_key(&id);
-            if driven {
-                lock(&inner.repairs).insert(
-                    id,
-                    PendingRepair {
-                        action: Asked::Cancel,
-                        operator: operator.to_string(),
-                        reason: reason.to_string(),
-                        reply: tx,
-                    },
-                );
-            }
-            driven
-        };
-        if queued {
-            inner.repair_epoch.send_modify(|n| *n += 1);
-            match rx.await {
-                Ok(Ok(meta)) => return Ok(meta),
-                Ok(Err(RepairError::Final(e))) => return Err(e),
-                Ok(Err(RepairError::Gone)) | Err(_) => {}
-            }
+        if let Some(answer) = self.ask_driver(id, Asked::Cancel, operator, reason).await {
+            return answer;
         }
         // Not driven here: say why, from the stored saga.
         let stored = self.state(id)?;
@@ -795,6 +773,47 @@ impl Engine {
             reason: r.0,
         })?;
         Err(Error::NotRunning(id))
+    }
+
+    /// Hands a repair or a cancellation to the driver of `id`, if this engine drives it,
+    /// and waits for its answer. `None`: not driven here (or it ended meanwhile): the
+    /// caller deals with the stored saga.
+    async fn ask_driver(
+        &self,
+        id: SagaId,
+        action: Asked,
+        operator: &str,
+        reason: &str,
+    ) -> Option<Result<SagaMeta>> {
+        let inner = &self.inner;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let queued = {
+            // Checked and queued under the `running` lock: the driver's exit takes the
+            // same lock to collect what is queued, so nothing waits forever.
+            let running = lock(&inner.running);
+            let driven = running.contains_key(&id);
+            if driven {
+                lock(&inner.repairs).insert(
+                    id,
+                    PendingRepair {
+                        action,
+                        operator: operator.to_string(),
+                        reason: reason.to_string(),
+                        reply: tx,
+                    },
+                );
+            }
+            driven
+        };
+        if !queued {
+            return None;
+        }
+        inner.repair_epoch.send_modify(|n| *n += 1);
+        match rx.await {
+            Ok(Ok(meta)) => Some(Ok(meta)),
+            Ok(Err(RepairError::Final(e))) => Some(Err(e)),
+            Ok(Err(RepairError::Gone)) | Err(_) => None,
+        }
     }
 
     async fn begin(
@@ -1016,32 +1035,11 @@ impl Engine {
         admin::check_who(id, operator, reason)?;
         let inner = &self.inner;
         let _one_at_a_time = inner.repair_lock.lock().await;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let queued = {
-            // Checked and queued under the `running` lock: the driver's exit takes the
-            // same lock to collect what is queued, so nothing waits forever.
-            let running = lock(&inner.running);
-            let driven = running.contains_key(&id);
-            if driven {
-                lock(&inner.repairs).insert(
-                    id,
-                    PendingRepair {
-                        action: Asked::Repair(action.clone()),
-                        operator: operator.to_string(),
-                        reason: reason.to_string(),
-                        reply: tx,
-                    },
-                );
-            }
-            driven
-        };
-        if queued {
-            inner.repair_epoch.send_modify(|n| *n += 1);
-            match rx.await {
-                Ok(Ok(meta)) => return Ok(meta),
-                Ok(Err(RepairError::Final(e))) => return Err(e),
-                Ok(Err(RepairError::Gone)) | Err(_) => {}
-            }
+        if let Some(answer) = self
+            .ask_driver(id, Asked::Repair(action.clone()), operator, reason)
+            .await
+        {
+            return answer;
         }
         // Not driven (parked, or it ended meanwhile): repair the stored saga.
         let stored = match self.state(id) {
