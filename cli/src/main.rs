@@ -254,25 +254,33 @@ impl Backend {
                         other => anyhow!(other),
                     })
             }
-            Backend::Remote { client, url, token } => {
-                let resp = client
-                    .post(format!("{url}/v1/sagas/{id}/repair"))
-                    .bearer_auth(token)
-                    .json(req)
-                    .send()
-                    .await
-                    .with_context(|| format!("calling {url}"))?;
-                if resp.status() == reqwest::StatusCode::CONFLICT {
-                    let e: ApiError = resp.json().await?;
-                    return Err(anyhow!(Refused(e.error)));
-                }
-                decode(resp).await
-            }
+            Backend::Remote { .. } => self.post(&format!("/v1/sagas/{id}/repair"), req).await,
         }
     }
-}
 
-impl Backend {
+    /// POSTs `body` to the API; a 409 is a refusal (exit 3).
+    async fn post<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> anyhow::Result<T> {
+        let Backend::Remote { client, url, token } = self else {
+            return Err(anyhow!("not a remote backend"));
+        };
+        let resp = client
+            .post(format!("{url}{path}"))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("calling {url}"))?;
+        if resp.status() == reqwest::StatusCode::CONFLICT {
+            let e: ApiError = resp.json().await?;
+            return Err(anyhow!(Refused(e.error)));
+        }
+        decode(resp).await
+    }
+
     async fn cancel(&self, id: SagaId, t: &Target) -> anyhow::Result<SagaMeta> {
         match self {
             Backend::Local(a) => a.cancel(id, &t.operator, &t.reason).map_err(|e| match e {
@@ -281,22 +289,12 @@ impl Backend {
                 }
                 other => anyhow!(other),
             }),
-            Backend::Remote { client, url, token } => {
-                let resp = client
-                    .post(format!("{url}/v1/sagas/{id}/cancel"))
-                    .bearer_auth(token)
-                    .json(&CancelRequest {
-                        operator: t.operator.clone(),
-                        reason: t.reason.clone(),
-                    })
-                    .send()
-                    .await
-                    .with_context(|| format!("calling {url}"))?;
-                if resp.status() == reqwest::StatusCode::CONFLICT {
-                    let e: ApiError = resp.json().await?;
-                    return Err(anyhow!(Refused(e.error)));
-                }
-                decode(resp).await
+            Backend::Remote { .. } => {
+                let body = CancelRequest {
+                    operator: t.operator.clone(),
+                    reason: t.reason.clone(),
+                };
+                self.post(&format!("/v1/sagas/{id}/cancel"), &body).await
             }
         }
     }
@@ -304,18 +302,12 @@ impl Backend {
     async fn purge(&self, before: Timestamp, dry_run: bool) -> anyhow::Result<Purged> {
         match self {
             Backend::Local(a) => Ok(a.purge(before, dry_run)?),
-            Backend::Remote { client, url, token } => {
-                let resp = client
-                    .post(format!("{url}/v1/purge"))
-                    .bearer_auth(token)
-                    .json(&PurgeRequest {
-                        finished_before_ms: before.as_millis(),
-                        dry_run,
-                    })
-                    .send()
-                    .await
-                    .with_context(|| format!("calling {url}"))?;
-                decode(resp).await
+            Backend::Remote { .. } => {
+                let body = PurgeRequest {
+                    finished_before_ms: before.as_millis(),
+                    dry_run,
+                };
+                self.post("/v1/purge", &body).await
             }
         }
     }

@@ -513,23 +513,14 @@ fn resolve_unreadable(
             reason: reason.to_string(),
         },
     };
-    let meta = SagaMeta {
+    let meta = SagaMeta::over_unreadable_log(
         id,
-        definition: previous
-            .as_ref()
-            .map_or_else(|| "<unreadable>".to_string(), |m| m.definition.clone()),
-        version: previous.as_ref().map_or(0, |m| m.version),
-        status: SagaStatus::Resolved,
-        start_key: previous.as_ref().and_then(|m| m.start_key.clone()),
-        created_at: previous.as_ref().map_or(now, |m| m.created_at),
-        updated_at: now,
-        last_lsn: lsn,
-        due: None,
-        settling_until: None,
-        starts_at: None,
-        reason: Some(format!("resolved by {operator}: {reason}")),
-        finished_at: Some(now),
-    };
+        previous.as_ref(),
+        SagaStatus::Resolved,
+        lsn,
+        now,
+        format!("resolved by {operator}: {reason}"),
+    );
     let write = Write {
         saga: id,
         records: vec![(lsn, codec::encode_record(&record)?)],

@@ -170,24 +170,15 @@ async fn park(
     };
     // Without a readable summary, the consistency check has removed the saga's index
     // entries: this write creates them afresh, as for a saga's first write.
-    let definition = meta
-        .as_ref()
-        .map_or_else(|| String::from("<unreadable>"), |m| m.definition.clone());
-    let parked = SagaMeta {
+    let parked = SagaMeta::over_unreadable_log(
         id,
-        definition: definition.clone(),
-        version: meta.as_ref().map_or(0, |m| m.version),
-        status: SagaStatus::Parked,
-        start_key: meta.as_ref().and_then(|m| m.start_key.clone()),
-        created_at: meta.as_ref().map_or(now, |m| m.created_at),
-        updated_at: now,
-        last_lsn: lsn,
-        due: None,
-        settling_until: None,
-        starts_at: None,
-        reason: Some(reason.message.clone()),
-        finished_at: None,
-    };
+        meta.as_ref(),
+        SagaStatus::Parked,
+        lsn,
+        now,
+        reason.message.clone(),
+    );
+    let definition = parked.definition.clone();
     let write = Write {
         saga: id,
         records: vec![(lsn, codec::encode_record(&record)?)],

@@ -160,6 +160,35 @@ pub struct SagaMeta {
 }
 
 impl SagaMeta {
+    /// The summary after one record (written at `lsn`, `now`) that moves a saga whose log
+    /// cannot be folded to `status`: built from its stored summary `previous`, or from
+    /// nothing if that is unreadable too. For parking a damaged saga and resolving one.
+    pub(crate) fn over_unreadable_log(
+        id: SagaId,
+        previous: Option<&SagaMeta>,
+        status: SagaStatus,
+        lsn: Lsn,
+        now: Timestamp,
+        reason: String,
+    ) -> SagaMeta {
+        SagaMeta {
+            id,
+            definition: previous
+                .map_or_else(|| "<unreadable>".to_string(), |m| m.definition.clone()),
+            version: previous.map_or(0, |m| m.version),
+            status,
+            start_key: previous.and_then(|m| m.start_key.clone()),
+            created_at: previous.map_or(now, |m| m.created_at),
+            updated_at: now,
+            last_lsn: lsn,
+            due: None,
+            settling_until: None,
+            starts_at: None,
+            reason: Some(reason),
+            finished_at: status.is_final().then_some(now),
+        }
+    }
+
     /// The summary of `state`.
     pub fn of(state: &crate::machine::SagaState) -> SagaMeta {
         let s = state;
