@@ -471,6 +471,7 @@ pub(crate) fn prepare_repair(
         records: vec![(record.lsn, codec::encode_record(&record)?)],
         meta: meta.clone(),
         previous,
+        fence: None,
     };
     Ok(PreparedRepair {
         state: Some(state),
@@ -526,6 +527,7 @@ fn resolve_unreadable(
         records: vec![(lsn, codec::encode_record(&record)?)],
         meta: meta.clone(),
         previous,
+        fence: None,
     };
     Ok(PreparedRepair {
         state: None,
@@ -673,6 +675,7 @@ impl Admin {
             records: vec![(record.lsn, codec::encode_record(&record)?)],
             meta: meta.clone(),
             previous,
+            fence: None,
         }])?;
         self.store.sync()?;
         Ok(meta)

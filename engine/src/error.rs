@@ -121,6 +121,15 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// In a store several engine processes share: this process no longer holds the
+    /// saga's lease (it stalled past it, or lost the store for longer than the lease
+    /// lasts), so its write was refused and it stopped driving the saga. The process
+    /// that holds the lease now drives it; nothing is lost.
+    #[error("saga {saga} is fenced: another engine process holds its lease now")]
+    Fenced {
+        /// The saga.
+        saga: SagaId,
+    },
 }
 
 impl Error {
@@ -150,6 +159,7 @@ impl Error {
             Error::NewerFormat { .. } => "SAGA-0015",
             Error::StartKeyConflict { .. } => "SAGA-0016",
             Error::CancelRefused { .. } => "SAGA-0017",
+            Error::Fenced { .. } => "SAGA-0018",
         }
     }
 }

@@ -71,6 +71,8 @@ pub(crate) struct Metrics {
     commits: Counter,
     durable_writes: Counter,
     deleted: Counter,
+    claimed: Counter,
+    leases: Gauge,
     seen_commits: AtomicU64,
     seen_writes: AtomicU64,
 }
@@ -98,6 +100,8 @@ impl Metrics {
             commits: Counter::default(),
             durable_writes: Counter::default(),
             deleted: Counter::default(),
+            claimed: Counter::default(),
+            leases: Gauge::default(),
             seen_commits: AtomicU64::new(0),
             seen_writes: AtomicU64::new(0),
             registry: Registry::default(),
@@ -163,7 +167,27 @@ impl Metrics {
             "Finished sagas deleted by retention",
             m.deleted.clone(),
         );
+        registry.register(
+            "sagas_claimed",
+            "Sagas claimed from another engine process whose lease expired (shared store)",
+            m.claimed.clone(),
+        );
+        registry.register(
+            "leases_held",
+            "Saga leases this process held at its last renewal (shared store)",
+            m.leases.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Counts a saga claimed from another (dead or stalled) process, in a shared store.
+    pub(crate) fn claimed(&self) {
+        self.claimed.inc();
+    }
+
+    /// The number of leases this process held at its last renewal.
+    pub(crate) fn leases_held(&self, n: usize) {
+        self.leases.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Counts finished sagas deleted by the retention task.

@@ -6,6 +6,11 @@
 //! definition is not registered, or its log does not decode or does not fit together
 //! (G8). One bad saga never stops the others.
 //!
+//! In a store several engine processes share, recovery takes only what this process
+//! can claim: sagas whose lease expired (their process died) or that wait, handed back,
+//! for a timer now due. The lease task goes on claiming after open; a claimed saga
+//! goes through the same `recover_one` as at open, under its new epoch.
+//!
 //! Before any of that, the store checks itself (`SagaLog::check`): indexes that do not
 //! match the summaries and logs are repaired, and sagas found damaged are parked here,
 //! so that no saga with a log is missing from the list.
@@ -46,7 +51,7 @@ pub struct RecoveryReport {
 }
 
 pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<RecoveryReport> {
-    let check = inner.store.check()?;
+    let check = inner.io(|store| store.check()).await??;
     let mut report = RecoveryReport {
         checked: check.sagas,
         findings: check.findings,
@@ -55,13 +60,31 @@ pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<RecoveryReport> {
     let mut handled = HashSet::new();
     for (id, why) in check.damaged {
         handled.insert(id);
-        let meta = inner.store.meta(id).ok().flatten();
+        let meta = inner.io(move |store| store.meta(id)).await?.ok().flatten();
         // A saga that had ended, or was parked already, stays as it is: it is visible
         // in the list, and the finding says what is wrong with it.
         if meta.as_ref().is_some_and(|m| !m.status.is_active()) {
             continue;
         }
-        let lsn = match admin::readable_log(&*inner.store, id) {
+        // In a shared store, parked only under a lease of this process's.
+        let epoch = if inner.shared() {
+            let owner = inner.owner.clone();
+            let lease = inner
+                .io(move |store| store.leases().map(|l| l.acquire(&owner, id)))
+                .await?
+                .transpose()?
+                .flatten();
+            match lease {
+                Some(l) => Some(l.epoch),
+                None => continue,
+            }
+        } else {
+            None
+        };
+        let lsn = match inner
+            .io(move |store| admin::readable_log(store, id))
+            .await?
+        {
             Ok(view) => view.next_lsn,
             Err(_) => meta
                 .as_ref()
@@ -69,10 +92,16 @@ pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<RecoveryReport> {
                 .map(Lsn),
         };
         let reason = ParkReason::new(ParkKind::CorruptLog, bound_message(why));
-        if let Err(e) = park(inner, id, lsn, meta, reason, &mut report).await {
+        if let Err(e) = park(inner, id, lsn, meta, reason, &mut report, epoch).await {
             tracing::error!(saga_id = %id, error = %e, "could not park a damaged saga");
             report.failed.push((id, e.to_string()));
         }
+    }
+    if inner.shared() {
+        // Whatever can be claimed now; the lease task claims the rest as leases expire.
+        while crate::executor::claim_once(inner, &mut report).await? >= inner.options.claim_batch {}
+        log_report(&report);
+        return Ok(report);
     }
     // Both lists are read before any driver starts: a resumed saga that begins
     // compensating while recovery goes on moves from one index to the other, and must
@@ -88,11 +117,16 @@ pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<RecoveryReport> {
         );
     }
     for id in todo {
-        if let Err(e) = recover_one(inner, id, &mut report).await {
+        if let Err(e) = recover_one(inner, id, &mut report, None).await {
             tracing::error!(saga_id = %id, error = %e, "recovery failed for saga");
             report.failed.push((id, e.to_string()));
         }
     }
+    log_report(&report);
+    Ok(report)
+}
+
+fn log_report(report: &RecoveryReport) {
     tracing::info!(
         checked = report.checked,
         findings = report.findings.len(),
@@ -101,12 +135,19 @@ pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<RecoveryReport> {
         failed = report.failed.len(),
         "recovery done"
     );
-    Ok(report)
 }
 
-async fn recover_one(inner: &Arc<Inner>, id: SagaId, report: &mut RecoveryReport) -> Result<()> {
-    let view = admin::readable_log(&*inner.store, id)?;
-    let meta = inner.store.meta(id).ok().flatten();
+/// Reads one saga back and hands it to a driver (under lease `epoch` in a shared
+/// store), or parks it with the reason it cannot be driven.
+pub(crate) async fn recover_one(
+    inner: &Arc<Inner>,
+    id: SagaId,
+    report: &mut RecoveryReport,
+    epoch: Option<u64>,
+) -> Result<()> {
+    let (view, meta) = inner
+        .io(move |store| admin::readable_log(store, id).map(|v| (v, store.meta(id).ok().flatten())))
+        .await??;
     let lsn = view.next_lsn;
     if let Some(first) = view.problems.first() {
         let kind = if view.problems.iter().any(|p| p.newer_format) {
@@ -115,7 +156,7 @@ async fn recover_one(inner: &Arc<Inner>, id: SagaId, report: &mut RecoveryReport
             ParkKind::CorruptLog
         };
         let reason = ParkReason::new(kind, first.problem.clone());
-        return park(inner, id, lsn, meta, reason, report).await;
+        return park(inner, id, lsn, meta, reason, report, epoch).await;
     }
     // No problems: the records fold (readable_log checked).
     let state = SagaState::fold(id, &view.records).map_err(|e| Error::CorruptLog {
@@ -130,14 +171,19 @@ async fn recover_one(inner: &Arc<Inner>, id: SagaId, report: &mut RecoveryReport
                 state.definition, state.version
             ),
         );
-        return park(inner, id, lsn, meta, reason, report).await;
+        return park(inner, id, lsn, meta, reason, report, epoch).await;
     };
     if let Some(reason) = definition_mismatch(&def, &state) {
-        return park(inner, id, lsn, meta, reason, report).await;
+        return park(inner, id, lsn, meta, reason, report, epoch).await;
     }
     tracing::info!(saga_id = %id, status = %state.status, "resuming saga");
     // A summary the check could not rebuild is written afresh with the next transition.
-    inner.spawn(Driver::new(inner.clone(), def, state, meta));
+    let driver = Driver::new(inner.clone(), def, state, meta).with_epoch(epoch);
+    if !inner.spawn(driver) {
+        return Err(Error::Store(Arc::new(crate::store::Error::Backend(
+            "a driver for this saga runs here already".into(),
+        ))));
+    }
     report.resumed += 1;
     report.resumed_ids.push(id);
     Ok(())
@@ -152,6 +198,7 @@ async fn park(
     meta: Option<SagaMeta>,
     reason: ParkReason,
     report: &mut RecoveryReport,
+    epoch: Option<u64>,
 ) -> Result<()> {
     let Some(lsn) = lsn else {
         return Err(Error::CorruptLog {
@@ -184,6 +231,7 @@ async fn park(
         records: vec![(lsn, codec::encode_record(&record)?)],
         meta: parked,
         previous: meta,
+        fence: epoch.map(|e| inner.fence(e)),
     };
     inner.committer.commit(write).await?;
     inner.metrics.ended(&definition, "parked", None);

@@ -14,16 +14,18 @@ use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
-use crate::store::{self, SagaLog, Write};
+use crate::store::{self, Refused, SagaLog, Write, WriteResult};
 
 /// Upper bound on writes per batch, so one huge batch cannot delay its first writers
 /// without limit.
 const MAX_BATCH: usize = 4096;
 
-type Reply = std::result::Result<(), Arc<store::Error>>;
+/// A job's answer: the batch failed as a whole, or its write was applied or refused
+/// on its own.
+type Reply = std::result::Result<WriteResult, Arc<store::Error>>;
 
 struct Job {
-    writes: Vec<Write>,
+    write: Write,
     done: oneshot::Sender<Reply>,
 }
 
@@ -117,14 +119,16 @@ impl Committer {
     }
 
     /// Appends `write` and returns once it is durable.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] if the batch failed; in a shared store, [`Error::Fenced`] or
+    /// [`Error::StartKeyConflict`] if this write alone was refused.
     pub(crate) async fn commit(&self, write: Write) -> Result<()> {
         let (done, wait) = oneshot::channel();
         {
             let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-            let job = Job {
-                writes: vec![write],
-                done,
-            };
+            let job = Job { write, done };
             let sent = match tx.as_ref().ok_or(Error::ShuttingDown)? {
                 Sender::Thread(tx) => tx.send(job).is_ok(),
                 Sender::Task(tx) => tx.send(job).is_ok(),
@@ -134,7 +138,11 @@ impl Committer {
             }
         }
         match wait.await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(Refused::Fenced { saga, .. }))) => Err(Error::Fenced { saga }),
+            Ok(Ok(Err(Refused::StartKeyTaken { key, existing }))) => {
+                Err(Error::StartKeyConflict { key, existing })
+            }
             Ok(Err(e)) => Err(Error::Store(e)),
             Err(_) => Err(Error::ShuttingDown),
         }
@@ -162,14 +170,10 @@ impl Committer {
 
 /// Takes `first` and whatever else is queued, up to [`MAX_BATCH`] writes.
 fn gather(first: Job, mut next: impl FnMut() -> Option<Job>) -> Vec<Job> {
-    let mut n = first.writes.len();
     let mut jobs = vec![first];
-    while n < MAX_BATCH {
+    while jobs.len() < MAX_BATCH {
         match next() {
-            Some(job) => {
-                n += job.writes.len();
-                jobs.push(job);
-            }
+            Some(job) => jobs.push(job),
             None => break,
         }
     }
@@ -178,29 +182,42 @@ fn gather(first: Job, mut next: impl FnMut() -> Option<Job>) -> Vec<Job> {
 
 /// One group commit: append every write of `jobs`, sync once, answer every job.
 fn commit_batch(store: &dyn SagaLog, jobs: Vec<Job>, counters: &CommitCounters) {
-    let n: usize = jobs.iter().map(|j| j.writes.len()).sum();
+    let n = jobs.len();
     let mut writes: Vec<Write> = Vec::with_capacity(n);
-    let mut replies = Vec::with_capacity(jobs.len());
+    let mut replies = Vec::with_capacity(n);
     for job in jobs {
-        writes.extend(job.writes);
+        writes.push(job.write);
         replies.push(job.done);
     }
     let records: usize = writes.iter().map(|w| w.records.len()).sum();
-    let result: Reply = store
-        .append(writes)
-        .and_then(|()| store.sync())
-        .map_err(Arc::new);
-    if result.is_ok() {
-        counters.batches.fetch_add(1, Ordering::Relaxed);
-        counters.writes.fetch_add(n as u64, Ordering::Relaxed);
-        counters
-            .records
-            .fetch_add(records as u64, Ordering::Relaxed);
-    } else {
-        tracing::error!(error = ?result, writes = n, "group commit failed");
-    }
-    for r in replies {
-        // A caller that stopped waiting (its task was aborted) needs no reply.
-        let _ = r.send(result.clone());
+    let result = store
+        .append_each(writes)
+        .and_then(|each| store.sync().map(|()| each));
+    match result {
+        Ok(each) if each.len() == n => {
+            let applied = each.iter().filter(|r| r.is_ok()).count();
+            counters.batches.fetch_add(1, Ordering::Relaxed);
+            counters.writes.fetch_add(applied as u64, Ordering::Relaxed);
+            counters
+                .records
+                .fetch_add(records as u64, Ordering::Relaxed);
+            for (r, one) in replies.into_iter().zip(each) {
+                // A caller that stopped waiting (its task was aborted) needs no reply.
+                let _ = r.send(Ok(one));
+            }
+        }
+        other => {
+            let e = match other {
+                Err(e) => Arc::new(e),
+                Ok(each) => Arc::new(store::Error::Backend(format!(
+                    "the store answered {} of {n} writes",
+                    each.len()
+                ))),
+            };
+            tracing::error!(error = %e, writes = n, "group commit failed");
+            for r in replies {
+                let _ = r.send(Err(e.clone()));
+            }
+        }
     }
 }

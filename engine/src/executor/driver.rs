@@ -18,7 +18,7 @@ use crate::ids::{Attempt, IdempotencyKey, Phase};
 use crate::machine::{
     check_cancel, check_repair, decide, Decision, Event, FailureKind, LogRecord, SagaState,
 };
-use crate::store::{codec, SagaMeta, Write};
+use crate::store::{codec, Fence, Lease, SagaMeta, Write};
 
 /// Why an attempt failed, before it is written down.
 struct Failure {
@@ -79,6 +79,9 @@ pub(crate) struct Driver {
     /// Told how the first write went: `start` returns once the `started` record is
     /// durable, and that record travels with the first attempt's start.
     first_write: Option<tokio::sync::oneshot::Sender<Result<()>>>,
+    /// In a shared store, the epoch of the lease this driver holds: every write carries
+    /// it, and a write refused for it stops the driver.
+    epoch: Option<u64>,
 }
 
 impl Driver {
@@ -95,7 +98,14 @@ impl Driver {
             committed,
             pending: Vec::new(),
             first_write: None,
+            epoch: None,
         }
+    }
+
+    /// Drives under the lease epoch `epoch` (a shared store).
+    pub(crate) fn with_epoch(mut self, epoch: Option<u64>) -> Self {
+        self.epoch = epoch;
+        self
     }
 
     /// A driver for a saga that is not on disk yet: `record` is its `started` record,
@@ -151,6 +161,10 @@ impl Driver {
             records,
             meta: meta.clone(),
             previous: self.committed.clone(),
+            fence: self.epoch.map(|epoch| Fence {
+                owner: self.inner.owner.clone(),
+                epoch,
+            }),
         };
         let result = self.inner.committer.commit(write).await;
         if let Some(tx) = self.first_write.take() {
@@ -215,6 +229,9 @@ impl Driver {
                 }
                 Decision::Wait { until } => {
                     self.flush().await?;
+                    if self.hand_back(until).await? {
+                        return Err(Error::NotRunning(self.state.id));
+                    }
                     tokio::select! {
                         biased;
                         () = self.inner.clock.sleep_until(until) => {}
@@ -258,6 +275,36 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// In a shared store, a saga that has nothing to do for longer than a lease lasts
+    /// need not hold one: its lease is given back, to be claimed by whichever process
+    /// is there when its timer is due. Whether it was (the driver then ends).
+    async fn hand_back(&self, until: Timestamp) -> Result<bool> {
+        let Some(epoch) = self.epoch else {
+            return Ok(false);
+        };
+        let Some(ttl) = self.inner.store.leases().map(|l| l.ttl()) else {
+            return Ok(false);
+        };
+        if until <= self.inner.clock.now().saturating_add(ttl) {
+            return Ok(false);
+        }
+        let (owner, lease) = (
+            self.inner.owner.clone(),
+            Lease {
+                saga: self.state.id,
+                epoch,
+            },
+        );
+        self.inner
+            .io(move |store| match store.leases() {
+                Some(l) => l.release(&owner, lease, Some(until)),
+                None => Ok(()),
+            })
+            .await??;
+        tracing::debug!(until = %until, "lease handed back until the saga's timer");
+        Ok(true)
     }
 
     fn count_end(&self, outcome: &SagaOutcome) {

@@ -5,6 +5,7 @@
 
 mod commit;
 mod driver;
+mod ownership;
 mod retention;
 
 use std::collections::{BTreeMap, HashMap};
@@ -21,6 +22,7 @@ use tracing::Instrument;
 use commit::Committer;
 pub use commit::{CommitMode, CommitStats};
 pub(crate) use driver::Driver;
+pub(crate) use ownership::claim_once;
 
 use crate::admin::{self, ListFilter, Stats};
 use crate::clock::{Clock, Entropy, OsEntropy, SeededEntropy, SystemClock, Timestamp};
@@ -32,7 +34,7 @@ use crate::machine::{
 };
 use crate::metrics::Metrics;
 use crate::recovery::{self, RecoveryReport};
-use crate::store::{codec, SagaLog, SagaMeta, SledLog};
+use crate::store::{codec, Fence, Lease, OwnerId, SagaLog, SagaMeta, SledLog};
 
 /// How to start a saga, beyond its input ([`Engine::start_with`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -202,6 +204,13 @@ pub struct EngineOptions {
     /// of finished sagas is worked off without taking the store from the sagas that
     /// run; `None`: as fast as passes go.
     pub retention_max_per_sec: Option<u32>,
+    /// In a store several engine processes share: how often this process claims sagas
+    /// whose lease expired and picks up repairs asked of it by other processes (leases
+    /// are renewed every third of their time to live). A takeover after a crash happens
+    /// within the lease's time to live plus one tick.
+    pub lease_tick: Duration,
+    /// In a shared store: at most this many sagas claimed per store call.
+    pub claim_batch: usize,
 }
 
 impl Default for EngineOptions {
@@ -217,6 +226,8 @@ impl Default for EngineOptions {
             retention_batch: 1000,
             default_retention: crate::Retention::default(),
             retention_max_per_sec: Some(2000),
+            lease_tick: Duration::from_secs(1),
+            claim_batch: 1000,
         }
     }
 }
@@ -262,6 +273,12 @@ impl EngineOptions {
     /// Sets [`EngineOptions::default_retention`].
     pub fn with_default_retention(mut self, r: crate::Retention) -> Self {
         self.default_retention = r;
+        self
+    }
+
+    /// Sets [`EngineOptions::lease_tick`].
+    pub fn with_lease_tick(mut self, d: Duration) -> Self {
+        self.lease_tick = d;
         self
     }
 
@@ -316,16 +333,28 @@ pub(crate) struct Inner {
     /// Bumped when a repair is queued: waiting drivers wake and look.
     pub(crate) repair_epoch: watch::Sender<u64>,
     /// One repair at a time, engine-wide: repairs are rare and must not race.
-    repair_lock: tokio::sync::Mutex<()>,
+    pub(crate) repair_lock: tokio::sync::Mutex<()>,
     pub(crate) metrics: Metrics,
+    /// Who this process is among those sharing the store.
+    pub(crate) owner: OwnerId,
 }
 
 /// What an operator (or a caller) asks of a saga's driver.
+#[derive(Clone)]
 pub(crate) enum Asked {
     /// A repair.
     Repair(Repair),
     /// A cancellation.
     Cancel,
+}
+
+/// Where a repair asked of a saga that no local driver drives goes.
+enum Routed {
+    /// The saga's driver (here or in another process) applied or refused it.
+    Answered(Result<SagaMeta>),
+    /// The saga is not active: the caller applies it to the stored saga, under this
+    /// lease, which this process now holds.
+    Stored(Lease),
 }
 
 /// A repair (or cancellation) waiting for the driver of a running saga to apply it.
@@ -351,6 +380,75 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Inner {
+    /// Runs a store call: at once on a local store (so simulations stay deterministic),
+    /// on a thread of its own when the store is remote, so that a slow network never
+    /// blocks the async runtime.
+    pub(crate) async fn io<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn SagaLog) -> T + Send + 'static,
+    ) -> Result<T> {
+        if !self.store.remote() {
+            return Ok(f(&*self.store));
+        }
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&*store))
+            .await
+            .map_err(|e| Error::Store(Arc::new(crate::store::Error::Backend(e.to_string()))))
+    }
+
+    /// Whether several engine processes share the store (sagas are leased).
+    pub(crate) fn shared(&self) -> bool {
+        self.store.leases().is_some()
+    }
+
+    /// The fence a write under `epoch` carries.
+    pub(crate) fn fence(&self, epoch: u64) -> Fence {
+        Fence {
+            owner: self.owner.clone(),
+            epoch,
+        }
+    }
+
+    /// Hands a repair or a cancellation to the driver of `id`, if this engine drives it,
+    /// and waits for its answer. `None`: not driven here (or it ended meanwhile): the
+    /// caller deals with the stored saga.
+    pub(crate) async fn ask_driver(
+        &self,
+        id: SagaId,
+        action: Asked,
+        operator: &str,
+        reason: &str,
+    ) -> Option<Result<SagaMeta>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let queued = {
+            // Checked and queued under the `running` lock: the driver's exit takes the
+            // same lock to collect what is queued, so nothing waits forever.
+            let running = lock(&self.running);
+            let driven = running.contains_key(&id);
+            if driven {
+                lock(&self.repairs).insert(
+                    id,
+                    PendingRepair {
+                        action,
+                        operator: operator.to_string(),
+                        reason: reason.to_string(),
+                        reply: tx,
+                    },
+                );
+            }
+            driven
+        };
+        if !queued {
+            return None;
+        }
+        self.repair_epoch.send_modify(|n| *n += 1);
+        match rx.await {
+            Ok(Ok(meta)) => Some(Ok(meta)),
+            Ok(Err(RepairError::Final(e))) => Some(Err(e)),
+            Ok(Err(RepairError::Gone)) | Err(_) => None,
+        }
+    }
+
     pub(crate) fn definition(&self, name: &str, version: u32) -> Option<Arc<SagaDefinition>> {
         self.defs.get(name)?.get(&version).cloned()
     }
@@ -377,7 +475,8 @@ impl Inner {
     }
 
     /// Spawns the task that drives a saga, and the cell its outcome is published in.
-    pub(crate) fn spawn(self: &Arc<Self>, driver: Driver) {
+    /// `false` if a driver for the saga runs already (this one is dropped).
+    pub(crate) fn spawn(self: &Arc<Self>, driver: Driver) -> bool {
         let id = driver.state().id;
         let span = tracing::info_span!(
             "saga",
@@ -391,7 +490,7 @@ impl Inner {
                 // Two drivers for one saga would write two records with one lsn: the
                 // one already running keeps it.
                 tracing::error!(saga_id = %id, "a driver for this saga is already running");
-                return;
+                return false;
             }
             running.insert(id, None);
         }
@@ -401,6 +500,11 @@ impl Inner {
                 let outcome = driver.run().await;
                 match &outcome {
                     Ok(_) | Err(Error::ShuttingDown) => {}
+                    // Another process holds the saga now, or it was handed back to the
+                    // store to wait for its timer: nothing went wrong here.
+                    Err(e @ (Error::Fenced { .. } | Error::NotRunning(_))) if inner.shared() => {
+                        tracing::info!(reason = %e, "this process stopped driving the saga");
+                    }
                     Err(e) => tracing::error!(error = %e, code = e.code(), "saga stopped"),
                 }
                 // Both maps under the `running` lock (always taken first): a repair is
@@ -420,6 +524,7 @@ impl Inner {
             }
             .instrument(span),
         );
+        true
     }
 }
 
@@ -440,7 +545,10 @@ async fn watchdog(inner: Arc<Inner>, threshold: Duration) {
         }
         let now = inner.clock.now();
         let filter = ListFilter::default().stuck_for(threshold);
-        let Ok(stuck) = admin::list(&*inner.store, &filter, now) else {
+        let Ok(Ok(stuck)) = inner
+            .io(move |store| admin::list(store, &filter, now))
+            .await
+        else {
             continue;
         };
         inner.metrics.stuck.set(stuck.len() as i64);
@@ -478,6 +586,7 @@ pub struct EngineBuilder {
     clock: Option<Arc<dyn Clock>>,
     entropy: Option<Arc<dyn Entropy>>,
     options: EngineOptions,
+    owner: Option<OwnerId>,
 }
 
 impl EngineBuilder {
@@ -504,6 +613,12 @@ impl EngineBuilder {
     /// the engine uses [`OsEntropy`].
     pub fn seed(self, seed: u64) -> Self {
         self.entropy(Arc::new(SeededEntropy::new(seed)))
+    }
+
+    /// Names this process among those sharing a store (default: [`OwnerId::generate`]).
+    pub fn owner(mut self, owner: OwnerId) -> Self {
+        self.owner = Some(owner);
+        self
     }
 
     /// Sets the options.
@@ -579,8 +694,13 @@ impl EngineBuilder {
             repair_epoch: watch::channel(0).0,
             repair_lock: tokio::sync::Mutex::new(()),
             metrics: Metrics::new(),
+            owner: self.owner.unwrap_or_else(OwnerId::generate),
         });
         let report = recovery::recover(&inner).await?;
+        if inner.shared() {
+            tracing::info!(owner = %inner.owner, "sharing the store: leases on");
+            lock(&inner.tasks).spawn(ownership::run(inner.clone()));
+        }
         if let Some(threshold) = inner.options.stuck_after {
             let watchdog = watchdog(inner.clone(), threshold);
             lock(&inner.tasks).spawn(watchdog);
@@ -763,11 +883,21 @@ impl Engine {
         admin::check_who(id, operator, reason)?;
         let inner = &self.inner;
         let _one_at_a_time = inner.repair_lock.lock().await;
-        if let Some(answer) = self.ask_driver(id, Asked::Cancel, operator, reason).await {
+        if let Some(answer) = inner.ask_driver(id, Asked::Cancel, operator, reason).await {
             return answer;
         }
+        if inner.shared() {
+            match self
+                .ask_elsewhere(id, Asked::Cancel, operator, reason)
+                .await?
+            {
+                Routed::Answered(answer) => return answer,
+                // Nothing to write for a saga that is not active: only the refusal.
+                Routed::Stored(lease) => ownership::give_back(inner, lease).await,
+            }
+        }
         // Not driven here: say why, from the stored saga.
-        let stored = self.state(id)?;
+        let stored = self.state_io(id).await?;
         check_cancel(&stored).map_err(|r| Error::CancelRefused {
             saga: id,
             reason: r.0,
@@ -775,45 +905,53 @@ impl Engine {
         Err(Error::NotRunning(id))
     }
 
-    /// Hands a repair or a cancellation to the driver of `id`, if this engine drives it,
-    /// and waits for its answer. `None`: not driven here (or it ended meanwhile): the
-    /// caller deals with the stored saga.
-    async fn ask_driver(
+    /// In a shared store: gets `action` applied by the process that drives `id`, or
+    /// takes the saga's lease here and applies it through a local driver; or, if the
+    /// saga is not active, says under which epoch the caller applies it to the stored
+    /// saga.
+    async fn ask_elsewhere(
         &self,
         id: SagaId,
         action: Asked,
         operator: &str,
         reason: &str,
-    ) -> Option<Result<SagaMeta>> {
+    ) -> Result<Routed> {
         let inner = &self.inner;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let queued = {
-            // Checked and queued under the `running` lock: the driver's exit takes the
-            // same lock to collect what is queued, so nothing waits forever.
-            let running = lock(&inner.running);
-            let driven = running.contains_key(&id);
-            if driven {
-                lock(&inner.repairs).insert(
-                    id,
-                    PendingRepair {
-                        action,
-                        operator: operator.to_string(),
-                        reason: reason.to_string(),
-                        reply: tx,
-                    },
-                );
+        loop {
+            let epoch = match ownership::ask_elsewhere(inner, id, &action, operator, reason).await?
+            {
+                ownership::Elsewhere::Answered(answer) => return Ok(Routed::Answered(answer)),
+                ownership::Elsewhere::Adopted(epoch) => epoch,
+            };
+            let lease = Lease { saga: id, epoch };
+            let meta = match inner.io(move |store| store.meta(id)).await? {
+                Ok(m) => m,
+                Err(e) => {
+                    ownership::give_back(inner, lease).await;
+                    return Err(e.into());
+                }
+            };
+            if !meta.is_some_and(|m| m.status.is_active()) {
+                return Ok(Routed::Stored(lease));
             }
-            driven
-        };
-        if !queued {
-            return None;
+            // Active and nobody drives it: drive it here, and let the driver apply it.
+            let mut report = crate::recovery::RecoveryReport::default();
+            if let Err(e) = crate::recovery::recover_one(inner, id, &mut report, Some(epoch)).await
+            {
+                ownership::give_back(inner, lease).await;
+                return Err(e);
+            }
+            if let Some(answer) = inner.ask_driver(id, action.clone(), operator, reason).await {
+                return Ok(Routed::Answered(answer));
+            }
+            // The driver ended before it got to it (the saga parked at recovery, say):
+            // look again.
         }
-        inner.repair_epoch.send_modify(|n| *n += 1);
-        match rx.await {
-            Ok(Ok(meta)) => Some(Ok(meta)),
-            Ok(Err(RepairError::Final(e))) => Some(Err(e)),
-            Ok(Err(RepairError::Gone)) | Err(_) => None,
-        }
+    }
+
+    /// The saga's state, read off the runtime's threads when the store is remote.
+    async fn state_io(&self, id: SagaId) -> Result<SagaState> {
+        self.inner.io(move |store| admin::state(store, id)).await?
     }
 
     async fn begin(
@@ -890,20 +1028,28 @@ impl Engine {
         let inner = &self.inner;
         let start_key = options.key;
         if let Some(k) = &start_key {
-            if let Some(existing) = inner.store.find_start_key(k)? {
+            let key = k.clone();
+            if let Some(existing) = inner.io(move |store| store.find_start_key(&key)).await?? {
                 tracing::debug!(saga_id = %existing, start_key = %k, "start key seen before");
                 return self
                     .same_input(existing, k, &input)
+                    .await
                     .map(|()| Started::Existing(existing));
             }
         }
         let now = inner.clock.now();
         // An engine reopened with the same seed draws the same random bits again; within
         // the same millisecond that would reproduce an id already on disk. Draw again.
+        // (A shared store refuses a first write for an id it holds, so it needs no look.)
         let mut id = SagaId::generate(now, &*inner.entropy);
-        while inner.store.meta(id)?.is_some() || !inner.store.read(id)?.is_empty() {
+        while !inner.shared()
+            && (inner.store.meta(id)?.is_some() || !inner.store.read(id)?.is_empty())
+        {
             id = SagaId::generate(now, &*inner.entropy);
         }
+        // Kept only where another process can take the key between the look above and
+        // the write below: then the inputs are compared as if it had been first.
+        let input_copy = (inner.shared() && start_key.is_some()).then(|| input.clone());
         let first = LogRecord {
             lsn: Lsn(0),
             at: now,
@@ -931,12 +1077,21 @@ impl Engine {
         // instead of two. `start` still answers only once it is durable.
         let definition = def.name().to_string();
         let (driver, written) = Driver::starting(inner.clone(), def, state, first);
-        inner.spawn(driver);
+        // In a shared store the saga's first write creates its lease, at epoch 1.
+        inner.spawn(driver.with_epoch(inner.shared().then_some(1)));
         match written.await {
             Ok(Ok(())) => {
                 tracing::info!(saga_id = %id, "saga started");
                 inner.metrics.started(&definition);
                 Ok(Started::New(id))
+            }
+            // Another process started a saga under this key in the meantime (a shared
+            // store's constraint caught it): the same answer as if it had been first.
+            Ok(Err(Error::StartKeyConflict { key, existing })) => {
+                tracing::debug!(saga_id = %existing, start_key = %key, "start key taken meanwhile");
+                self.same_input(existing, &key, &input_copy.unwrap_or_default())
+                    .await
+                    .map(|()| Started::Existing(existing))
             }
             Ok(Err(e)) => Err(e),
             // The driver ended before writing anything: the engine is being dropped.
@@ -947,8 +1102,8 @@ impl Engine {
     /// Refuses a start key reused with another input than the saga it names was started
     /// with (G6): the input in that saga's `started` record is the digest kept with the
     /// key, compared as JSON (so key order and spacing do not matter).
-    fn same_input(&self, existing: SagaId, key: &StartKey, input: &Value) -> Result<()> {
-        let values = self.inner.store.read(existing)?;
+    async fn same_input(&self, existing: SagaId, key: &StartKey, input: &Value) -> Result<()> {
+        let values = self.inner.io(move |store| store.read(existing)).await??;
         let first = values
             .first()
             .map(|(lsn, bytes)| codec::decode_value(existing, *lsn, bytes))
@@ -977,18 +1132,35 @@ impl Engine {
     /// engine stopped driving it (after a store failure); [`Error::ShuttingDown`] if the
     /// engine stopped before the saga ended; [`Error::CorruptLog`]; [`Error::Store`].
     pub async fn wait(&self, id: SagaId) -> Result<SagaOutcome> {
-        let cell = lock(&self.inner.running)
-            .get_mut(&id)
-            .map(|slot| slot.get_or_insert_with(Default::default).clone());
-        if let Some(cell) = cell {
-            return cell.get().await;
+        let inner = &self.inner;
+        loop {
+            let cell = lock(&inner.running)
+                .get_mut(&id)
+                .map(|slot| slot.get_or_insert_with(Default::default).clone());
+            if let Some(cell) = cell {
+                match cell.get().await {
+                    // Another process drives it now, or it waits in the store for its
+                    // timer: its end is read from the store.
+                    Err(Error::Fenced { .. } | Error::NotRunning(_)) if inner.shared() => {}
+                    other => return other,
+                }
+            }
+            if !inner.shared() {
+                break;
+            }
+            if ownership::wait_in_store(inner, id).await? != SagaStatus::Running {
+                break;
+            }
+            // Adopted by this process meanwhile: its driver publishes the outcome.
         }
-        match self.state(id) {
+        match self.state_io(id).await {
             Ok(state) => SagaOutcome::of(&state).ok_or(Error::NotRunning(id)),
             // A log that does not fold was parked at recovery (or resolved since): the
             // readable records after the damage say how it ended.
             Err(e @ (Error::CorruptLog { .. } | Error::NewerFormat { .. })) => {
-                let view = admin::readable_log(&*self.inner.store, id)?;
+                let view = inner
+                    .io(move |store| admin::readable_log(store, id))
+                    .await??;
                 let last_word = view.records.iter().rev().find_map(|r| match &r.event {
                     Event::Parked { reason } => Some(SagaOutcome::Parked {
                         reason: reason.clone(),
@@ -1003,7 +1175,9 @@ impl Engine {
                     }),
                     _ => None,
                 });
-                let status = self.inner.store.meta(id).ok().flatten().map(|m| m.status);
+                let status = inner
+                    .io(move |store| store.meta(id).ok().flatten().map(|m| m.status))
+                    .await?;
                 match (status, last_word) {
                     (Some(SagaStatus::Parked | SagaStatus::Resolved), Some(outcome)) => Ok(outcome),
                     _ => Err(e),
@@ -1035,14 +1209,43 @@ impl Engine {
         admin::check_who(id, operator, reason)?;
         let inner = &self.inner;
         let _one_at_a_time = inner.repair_lock.lock().await;
-        if let Some(answer) = self
+        if let Some(answer) = inner
             .ask_driver(id, Asked::Repair(action.clone()), operator, reason)
             .await
         {
             return answer;
         }
-        // Not driven (parked, or it ended meanwhile): repair the stored saga.
-        let stored = match self.state(id) {
+        let mut lease = None;
+        if inner.shared() {
+            match self
+                .ask_elsewhere(id, Asked::Repair(action.clone()), operator, reason)
+                .await?
+            {
+                Routed::Answered(answer) => return answer,
+                Routed::Stored(l) => lease = Some(l),
+            }
+        }
+        let repaired = self
+            .repair_stored(id, action, operator, reason, lease)
+            .await;
+        if let (Some(l), Err(_)) = (lease, &repaired) {
+            ownership::give_back(inner, l).await;
+        }
+        repaired
+    }
+
+    /// Applies a repair to a saga no driver drives (parked, or it ended meanwhile), in a
+    /// shared store under `lease`.
+    async fn repair_stored(
+        &self,
+        id: SagaId,
+        action: Repair,
+        operator: &str,
+        reason: &str,
+        lease: Option<Lease>,
+    ) -> Result<SagaMeta> {
+        let inner = &self.inner;
+        let stored = match self.state_io(id).await {
             Ok(s) => Some(s),
             // Resolving is the one repair that applies to a log that cannot be read.
             Err(Error::CorruptLog { .. } | Error::NewerFormat { .. })
@@ -1072,14 +1275,11 @@ impl Engine {
         }
         let repair_name = action.name();
         tracing::warn!(saga_id = %id, action = repair_name, operator, reason, "operator repair");
-        let prepared = admin::prepare_repair(
-            &*inner.store,
-            id,
-            action,
-            operator,
-            reason,
-            inner.clock.now(),
-        )?;
+        let (op, why, now) = (operator.to_string(), reason.to_string(), inner.clock.now());
+        let mut prepared = inner
+            .io(move |store| admin::prepare_repair(store, id, action, &op, &why, now))
+            .await??;
+        prepared.write.fence = lease.map(|l| inner.fence(l.epoch));
         inner.committer.commit(prepared.write).await?;
         let meta = prepared.meta;
         inner.metrics.repaired(&meta.definition, repair_name);
@@ -1087,7 +1287,14 @@ impl Engine {
             inner.metrics.ended(&meta.definition, "resolved", None);
         }
         if let (true, Some(def), Some(state)) = (meta.status.is_active(), def, prepared.state) {
-            inner.spawn(Driver::new(inner.clone(), def, state, Some(meta.clone())));
+            let driver = Driver::new(inner.clone(), def, state, Some(meta.clone()))
+                .with_epoch(lease.map(|l| l.epoch));
+            match lease {
+                Some(l) => ownership::drive_adopted(inner, driver, l).await,
+                None => {
+                    inner.spawn(driver);
+                }
+            }
         }
         Ok(meta)
     }
@@ -1237,6 +1444,8 @@ impl Engine {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             inner.committer.close();
+            // The others take this process's sagas over at once, not a lease later.
+            ownership::release_all(&inner);
             inner.store.sync()
         })
         .await

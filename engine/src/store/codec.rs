@@ -347,6 +347,7 @@ pub fn ops(write: Write) -> Result<Vec<Op>> {
         records,
         meta,
         previous,
+        fence: _,
     } = write;
     let mut ops = Vec::with_capacity(5);
     let mut records = records.into_iter();

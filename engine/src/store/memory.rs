@@ -6,14 +6,17 @@
 //! engine on what is left.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-use crate::clock::Timestamp;
+use crate::clock::{Clock, Timestamp};
 use crate::ids::{Lsn, SagaId, StartKey};
 use crate::machine::SagaStatus;
 use crate::store::codec::{self, Op};
 use crate::store::kv::{self, Kv};
-use crate::store::{Error, Result, SagaLog, SagaMeta, Write};
+use crate::store::lease::{Answer, Lease, Leases, OwnerId, Request};
+use crate::store::lease_table::LeaseTable;
+use crate::store::{Error, Result, SagaLog, SagaMeta, Write, WriteResult};
 
 type Map = BTreeMap<Vec<u8>, Vec<u8>>;
 
@@ -24,6 +27,9 @@ struct Inner {
     pending: Vec<Op>,
     syncs: u64,
     fail_syncs: u32,
+    /// In a shared store: the leases (kept as a database keeps them: a process crash
+    /// does not touch them).
+    leases: Option<LeaseTable>,
 }
 
 /// An in-memory [`SagaLog`] with separate pending and durable writes.
@@ -58,6 +64,53 @@ impl MemLog {
         let mut inner = self.lock();
         inner.visible = inner.durable.clone();
         inner.pending.clear();
+    }
+
+    /// A store shared by several engines, as a database is: each active saga is leased
+    /// to one engine for `ttl`, measured by `clock` (the store's clock; give every engine
+    /// the same one in a simulation), and every write must carry the lease's epoch. For
+    /// simulations of several engine processes.
+    pub fn shared(clock: Arc<dyn Clock>, ttl: Duration) -> Self {
+        MemLog {
+            inner: Mutex::new(Inner {
+                leases: Some(LeaseTable::new(clock, ttl)),
+                ..Inner::default()
+            }),
+        }
+    }
+
+    /// Runs `f` on the lease table; `None` if the store is not shared.
+    fn table<T>(&self, f: impl FnOnce(&mut LeaseTable, &MutexGuard<'_, Inner>) -> T) -> Option<T> {
+        let mut inner = self.lock();
+        let mut table = inner.leases.take()?;
+        let out = f(&mut table, &inner);
+        inner.leases = Some(table);
+        Some(out)
+    }
+
+    /// Appends to a store one process owns: no lease, one result for the batch.
+    fn append_local(&self, writes: Vec<Write>) -> Result<()> {
+        let mut inner = self.lock();
+        // The log is append-only: a write that would replace a record is refused.
+        for w in &writes {
+            for (lsn, _) in &w.records {
+                if inner.visible.contains_key(&codec::log_key(w.saga, *lsn)) {
+                    return Err(Error::WouldOverwrite {
+                        saga: w.saga,
+                        lsn: *lsn,
+                    });
+                }
+            }
+        }
+        let mut all = Vec::new();
+        for w in writes {
+            all.extend(codec::ops(w)?);
+        }
+        for op in &all {
+            apply(&mut inner.visible, op);
+        }
+        inner.pending.extend(all);
+        Ok(())
     }
 
     /// The number of successful syncs so far.
@@ -179,27 +232,74 @@ impl SagaLog for MemLog {
     }
 
     fn append(&self, writes: Vec<Write>) -> Result<()> {
+        if self.lock().leases.is_some() {
+            // A shared store answers each write; refusals are errors here.
+            for r in self.append_each(writes)? {
+                r.map_err(|e| Error::Backend(e.to_string()))?;
+            }
+            return Ok(());
+        }
+        self.append_local(writes)
+    }
+
+    fn append_each(&self, writes: Vec<Write>) -> Result<Vec<WriteResult>> {
         let mut inner = self.lock();
-        // The log is append-only: a write that would replace a record is refused.
-        for w in &writes {
-            for (lsn, _) in &w.records {
-                if inner.visible.contains_key(&codec::log_key(w.saga, *lsn)) {
-                    return Err(Error::WouldOverwrite {
-                        saga: w.saga,
-                        lsn: *lsn,
-                    });
+        let Some(mut table) = inner.leases.take() else {
+            drop(inner);
+            let n = writes.len();
+            self.append_local(writes)?;
+            return Ok(vec![Ok(()); n]);
+        };
+        let mut results = Vec::with_capacity(writes.len());
+        let mut outcome = Ok(());
+        for w in writes {
+            let holder = match &w.meta.start_key {
+                Some(k) if w.previous.is_none() => kv::find_start_key(&inner, k),
+                _ => Ok(None),
+            };
+            let admitted = holder.map(|h| table.admit(&w, h));
+            match admitted {
+                Ok(Ok(())) => {}
+                Ok(Err(refused)) => {
+                    results.push(Err(refused));
+                    continue;
+                }
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
                 }
             }
+            if let Some((lsn, _)) = w
+                .records
+                .iter()
+                .find(|(lsn, _)| inner.visible.contains_key(&codec::log_key(w.saga, *lsn)))
+            {
+                outcome = Err(Error::WouldOverwrite {
+                    saga: w.saga,
+                    lsn: *lsn,
+                });
+                break;
+            }
+            table.applied(&w);
+            let ops = match codec::ops(w) {
+                Ok(ops) => ops,
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            };
+            for op in &ops {
+                apply(&mut inner.visible, op);
+            }
+            inner.pending.extend(ops);
+            results.push(Ok(()));
         }
-        let mut all = Vec::new();
-        for w in writes {
-            all.extend(codec::ops(w)?);
-        }
-        for op in &all {
-            apply(&mut inner.visible, op);
-        }
-        inner.pending.extend(all);
-        Ok(())
+        inner.leases = Some(table);
+        outcome.map(|()| results)
+    }
+
+    fn leases(&self) -> Option<&dyn Leases> {
+        self.lock().leases.is_some().then_some(self as &dyn Leases)
     }
 
     fn sync(&self) -> Result<()> {
@@ -248,10 +348,58 @@ impl SagaLog for MemLog {
     fn remove(&self, saga: SagaId) -> Result<()> {
         let mut inner = self.lock();
         let ops = kv::removal(&inner, saga)?;
+        if let Some(t) = inner.leases.as_mut() {
+            t.removed(saga);
+        }
         for op in &ops {
             apply(&mut inner.visible, op);
         }
         inner.pending.extend(ops);
         Ok(())
+    }
+}
+
+impl Leases for MemLog {
+    fn ttl(&self) -> Duration {
+        self.table(|t, _| t.ttl()).unwrap_or_default()
+    }
+
+    fn claim(&self, owner: &OwnerId, limit: usize) -> Result<Vec<Lease>> {
+        Ok(self.table(|t, _| t.claim(owner, limit)).unwrap_or_default())
+    }
+
+    fn acquire(&self, owner: &OwnerId, saga: SagaId) -> Result<Option<Lease>> {
+        let exists = self.meta(saga)?.is_some();
+        Ok(self.table(|t, _| t.acquire(owner, saga, exists)).flatten())
+    }
+
+    fn renew(&self, owner: &OwnerId) -> Result<Vec<Lease>> {
+        Ok(self.table(|t, _| t.renew(owner)).unwrap_or_default())
+    }
+
+    fn release(&self, owner: &OwnerId, lease: Lease, wake_at: Option<Timestamp>) -> Result<()> {
+        self.table(|t, _| t.release(owner, lease, wake_at));
+        Ok(())
+    }
+
+    fn holder(&self, saga: SagaId) -> Result<Option<(OwnerId, u64)>> {
+        Ok(self.table(|t, _| t.holder(saga)).flatten())
+    }
+
+    fn request(&self, saga: SagaId, action: &str, operator: &str, reason: &str) -> Result<u64> {
+        self.table(|t, _| t.request(saga, action, operator, reason))
+            .ok_or_else(|| Error::Backend("not a shared store".into()))
+    }
+
+    fn requests_for(&self, owner: &OwnerId) -> Result<Vec<Request>> {
+        Ok(self.table(|t, _| t.requests_for(owner)).unwrap_or_default())
+    }
+
+    fn answer(&self, id: u64, answer: &Answer) -> Result<bool> {
+        Ok(self.table(|t, _| t.answer(id, answer)).unwrap_or(false))
+    }
+
+    fn answer_of(&self, id: u64) -> Result<Option<Answer>> {
+        Ok(self.table(|t, _| t.answer_of(id)).flatten())
     }
 }

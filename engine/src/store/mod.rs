@@ -19,6 +19,8 @@
 mod check;
 pub mod codec;
 mod kv;
+mod lease;
+mod lease_table;
 mod memory;
 mod sled;
 #[cfg(test)]
@@ -34,6 +36,7 @@ use crate::ids::{Lsn, SagaId, StartKey};
 use crate::machine::SagaStatus;
 
 pub use check::{Finding, Report as CheckReport};
+pub use lease::{Answer, Fence, Lease, Leases, OwnerId, Refused, Request};
 pub use memory::MemLog;
 pub use sled::SledLog;
 
@@ -236,7 +239,14 @@ pub struct Write {
     /// The summary before them (`None` for the saga's first write), so the store can
     /// drop index entries that no longer hold.
     pub previous: Option<SagaMeta>,
+    /// In a shared store, the writer's lease: the write is refused unless the saga is
+    /// still at this epoch under this owner ([`Refused::Fenced`]). `None` in a store one
+    /// process owns alone.
+    pub fence: Option<Fence>,
 }
+
+/// What became of one write of a batch given to [`SagaLog::append_each`].
+pub type WriteResult = std::result::Result<(), Refused>;
 
 /// The storage of saga logs.
 ///
@@ -252,6 +262,31 @@ pub trait SagaLog: Send + Sync + fmt::Debug + 'static {
     /// An I/O or backend error; then none, some or all of `writes` may be applied, each
     /// whole or not at all.
     fn append(&self, writes: Vec<Write>) -> Result<()>;
+
+    /// As [`SagaLog::append`], with a result per write: in a shared store a write can be
+    /// refused on its own (a stale epoch, a start key taken) while its batch-mates are
+    /// applied. A store that refuses no single write uses this default.
+    ///
+    /// # Errors
+    ///
+    /// As [`SagaLog::append`]: then the whole batch failed.
+    fn append_each(&self, writes: Vec<Write>) -> Result<Vec<WriteResult>> {
+        let n = writes.len();
+        self.append(writes)?;
+        Ok(vec![Ok(()); n])
+    }
+
+    /// The lease operations, in a store several engine processes share; `None` in a
+    /// store one process owns alone.
+    fn leases(&self) -> Option<&dyn Leases> {
+        None
+    }
+
+    /// Whether calls cross a network (and may take milliseconds): the engine then makes
+    /// them from threads of their own, never from its async runtime's.
+    fn remote(&self) -> bool {
+        false
+    }
 
     /// Makes every appended write durable: on stable storage, across a power loss.
     ///

@@ -49,6 +49,7 @@ fn first(saga: SagaId) -> Write {
         records: vec![rec(0)],
         meta: meta(saga, SagaStatus::Running, 0, None),
         previous: None,
+        fence: None,
     }
 }
 
@@ -78,12 +79,14 @@ fn conformance(log: &dyn SagaLog) {
             records: vec![rec(1), rec(2)],
             meta: a1.clone(),
             previous: Some(meta(a, SagaStatus::Running, 0, None)),
+            fence: None,
         },
         Write {
             saga: b,
             records: vec![rec(1)],
             meta: b1.clone(),
             previous: Some(meta(b, SagaStatus::Running, 0, None)),
+            fence: None,
         },
     ])
     .unwrap();
@@ -115,6 +118,7 @@ fn conformance(log: &dyn SagaLog) {
         records: vec![rec(3)],
         meta: a2,
         previous: Some(a1),
+        fence: None,
     }])
     .unwrap();
     log.sync().unwrap();

@@ -1,0 +1,368 @@
+//! Sharing a store with other engine processes (G9): the lease task, adopting a saga
+//! nobody drives, and asking another process's driver for a repair.
+//!
+//! One task per engine renews every lease this process holds in one store call, claims
+//! sagas whose lease expired (or whose timer is due after they were handed back), and
+//! picks up the repairs other processes recorded for its sagas. Its calls per tick do
+//! not depend on the number of sagas or definitions: an idle engine makes at most three
+//! store calls a tick, plus one renewal every third of a lease.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::executor::{lock, Asked, Driver, Inner};
+use crate::ids::SagaId;
+use crate::machine::{Repair, SagaStatus};
+use crate::recovery::{self, RecoveryReport};
+use crate::store::{Answer, Lease, OwnerId, SagaMeta};
+
+/// A request as stored for another process: the repair or the cancellation.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Stored {
+    Repair(Repair),
+    Cancel,
+}
+
+impl From<&Asked> for Stored {
+    fn from(a: &Asked) -> Self {
+        match a {
+            Asked::Repair(r) => Stored::Repair(r.clone()),
+            Asked::Cancel => Stored::Cancel,
+        }
+    }
+}
+
+impl From<Stored> for Asked {
+    fn from(s: Stored) -> Self {
+        match s {
+            Stored::Repair(r) => Asked::Repair(r),
+            Stored::Cancel => Asked::Cancel,
+        }
+    }
+}
+
+/// Claims up to a batch of claimable sagas and hands each to a driver, as recovery
+/// does at open. Returns how many were claimed.
+pub(crate) async fn claim_once(inner: &Arc<Inner>, report: &mut RecoveryReport) -> Result<usize> {
+    let owner = inner.owner.clone();
+    let batch = inner.options.claim_batch;
+    let leases = inner
+        .io(move |store| match store.leases() {
+            Some(l) => l.claim(&owner, batch),
+            None => Ok(Vec::new()),
+        })
+        .await??;
+    let n = leases.len();
+    for lease in leases {
+        tracing::info!(saga_id = %lease.saga, epoch = lease.epoch, "claimed saga");
+        inner.metrics.claimed();
+        if let Err(e) = recovery::recover_one(inner, lease.saga, report, Some(lease.epoch)).await {
+            tracing::error!(saga_id = %lease.saga, error = %e, "recovery of a claimed saga failed");
+            report.failed.push((lease.saga, e.to_string()));
+            give_back(inner, lease).await;
+        }
+    }
+    Ok(n)
+}
+
+/// Lets a lease go at once (a driver could not be started for it): it is claimed again
+/// at a later tick.
+pub(crate) async fn give_back(inner: &Arc<Inner>, lease: Lease) {
+    let owner = inner.owner.clone();
+    let released = inner
+        .io(move |store| match store.leases() {
+            Some(l) => l.release(&owner, lease, None),
+            None => Ok(()),
+        })
+        .await;
+    if let Err(e) | Ok(Err(e)) = released.map(|r| r.map_err(Error::from)) {
+        tracing::warn!(saga_id = %lease.saga, error = %e, "could not give a lease back");
+    }
+}
+
+/// The lease task: renew, claim, answer requests; every `lease_tick`.
+pub(crate) async fn run(inner: Arc<Inner>) {
+    let Some(ttl) = inner.store.leases().map(|l| l.ttl()) else {
+        return;
+    };
+    let tick = inner.options.lease_tick.max(Duration::from_millis(10));
+    // Renewed three times a lease, so that one missed renewal costs nothing.
+    let renew_every = (ttl / 3).max(tick);
+    let mut stopping = inner.stopping.subscribe();
+    let mut next_renewal = inner.clock.now();
+    loop {
+        if *stopping.borrow_and_update() {
+            return;
+        }
+        let now = inner.clock.now();
+        if now >= next_renewal {
+            next_renewal = now.saturating_add(renew_every);
+            let owner = inner.owner.clone();
+            match inner
+                .io(move |store| store.leases().map(|l| l.renew(&owner)))
+                .await
+            {
+                Ok(Some(Ok(held))) => inner.metrics.leases_held(held.len()),
+                Ok(Some(Err(e))) => tracing::warn!(error = %e, "lease renewal failed"),
+                Ok(None) => return,
+                Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
+            }
+        }
+        // Claims in batches while there are more, so a dead process's sagas are taken
+        // over at once rather than a batch per tick.
+        let mut report = RecoveryReport::default();
+        loop {
+            match claim_once(&inner, &mut report).await {
+                Ok(n) if n >= inner.options.claim_batch && !*stopping.borrow() => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming sagas failed");
+                    break;
+                }
+            }
+        }
+        answer_requests(&inner).await;
+        let next = inner.clock.now().saturating_add(tick);
+        tokio::select! {
+            biased;
+            _ = stopping.changed() => return,
+            () = inner.clock.sleep_until(next) => {}
+        }
+    }
+}
+
+/// Applies the requests other processes recorded for sagas this one drives.
+async fn answer_requests(inner: &Arc<Inner>) {
+    let owner = inner.owner.clone();
+    let requests = match inner
+        .io(move |store| store.leases().map(|l| l.requests_for(&owner)))
+        .await
+    {
+        Ok(Some(Ok(r))) => r,
+        Ok(None) => return,
+        Ok(Some(Err(e))) => {
+            tracing::warn!(error = %e, "reading requests failed");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "reading requests failed");
+            return;
+        }
+    };
+    for r in requests {
+        let answer = match serde_json::from_str::<Stored>(&r.action) {
+            Err(e) => Answer::Refused(format!("request not understood: {e}")),
+            Ok(action) => {
+                let _one_at_a_time = inner.repair_lock.lock().await;
+                match inner
+                    .ask_driver(r.saga, action.into(), &r.operator, &r.reason)
+                    .await
+                {
+                    Some(Ok(meta)) => match serde_json::to_string(&meta) {
+                        Ok(json) => Answer::Applied(json),
+                        Err(e) => Answer::Refused(e.to_string()),
+                    },
+                    Some(Err(e)) => Answer::Refused(e.to_string()),
+                    None => Answer::NotDriven,
+                }
+            }
+        };
+        let id = r.id;
+        if let Err(e) = inner
+            .io(move |store| match store.leases() {
+                Some(l) => l.answer(id, &answer).map(|_| ()),
+                None => Ok(()),
+            })
+            .await
+            .and_then(|r| r.map_err(Error::from))
+        {
+            tracing::warn!(request = id, error = %e, "recording an answer failed");
+        }
+    }
+}
+
+/// What [`ask_elsewhere`] came to.
+pub(crate) enum Elsewhere {
+    /// The owner applied or refused it: its answer.
+    Answered(Result<SagaMeta>),
+    /// Nobody else drives the saga: this process holds its lease now, under this epoch,
+    /// and drives it if it is active.
+    Adopted(u64),
+}
+
+/// Gets a repair or cancellation applied to a saga this process does not drive: by its
+/// owner, through a request in the store, or, if no live process holds it, by taking
+/// its lease here.
+pub(crate) async fn ask_elsewhere(
+    inner: &Arc<Inner>,
+    id: SagaId,
+    action: &Asked,
+    operator: &str,
+    reason: &str,
+) -> Result<Elsewhere> {
+    let me = inner.owner.clone();
+    let ttl = inner
+        .store
+        .leases()
+        .map_or(Duration::from_secs(10), |l| l.ttl());
+    loop {
+        let holder = inner
+            .io(move |store| store.leases().map(|l| l.holder(id)))
+            .await?
+            .transpose()?
+            .flatten();
+        match holder {
+            Some((owner, _)) if owner != me => {
+                if let Some(answer) = ask_owner(inner, id, action, operator, reason, ttl).await? {
+                    return Ok(Elsewhere::Answered(answer));
+                }
+            }
+            _ => {
+                let owner = me.clone();
+                let lease = inner
+                    .io(move |store| store.leases().map(|l| l.acquire(&owner, id)))
+                    .await?
+                    .transpose()?
+                    .flatten();
+                if let Some(lease) = lease {
+                    return Ok(Elsewhere::Adopted(lease.epoch));
+                }
+                // Somebody took it between the two calls: ask them.
+            }
+        }
+        if *inner.stopping.borrow() {
+            return Err(Error::ShuttingDown);
+        }
+    }
+}
+
+/// Records a request for the saga's owner and waits for its answer, for at most two
+/// leases (an owner that dies meanwhile loses the saga within one). `None`: nobody
+/// answered, or the owner does not drive it; the caller tries again.
+async fn ask_owner(
+    inner: &Arc<Inner>,
+    id: SagaId,
+    action: &Asked,
+    operator: &str,
+    reason: &str,
+    ttl: Duration,
+) -> Result<Option<Result<SagaMeta>>> {
+    let json = serde_json::to_string(&Stored::from(action))
+        .map_err(|e| Error::Store(Arc::new(crate::store::Error::Backend(e.to_string()))))?;
+    let (op, why) = (operator.to_string(), reason.to_string());
+    let request = inner
+        .io(move |store| store.leases().map(|l| l.request(id, &json, &op, &why)))
+        .await?
+        .transpose()?;
+    let Some(request) = request else {
+        return Ok(None);
+    };
+    let give_up = inner.clock.now().saturating_add(ttl.saturating_mul(2));
+    let poll = (inner.options.lease_tick / 4).max(Duration::from_millis(5));
+    loop {
+        let answer = inner
+            .io(move |store| store.leases().map(|l| l.answer_of(request)))
+            .await?
+            .transpose()?
+            .flatten();
+        let answer = match answer {
+            Some(a) => a,
+            None if inner.clock.now() >= give_up => {
+                // Withdraw it; if the owner answered meanwhile, that answer stands.
+                let recorded = inner
+                    .io(move |store| {
+                        store
+                            .leases()
+                            .map(|l| l.answer(request, &Answer::NotDriven))
+                    })
+                    .await?
+                    .transpose()?
+                    .unwrap_or(false);
+                if recorded {
+                    return Ok(None);
+                }
+                continue;
+            }
+            None => {
+                if *inner.stopping.borrow() {
+                    return Err(Error::ShuttingDown);
+                }
+                let next = inner.clock.now().saturating_add(poll);
+                inner.clock.sleep_until(next).await;
+                continue;
+            }
+        };
+        return Ok(match answer {
+            Answer::Applied(json) => Some(serde_json::from_str::<SagaMeta>(&json).map_err(|e| {
+                Error::Store(Arc::new(crate::store::Error::Backend(format!(
+                    "the owner's answer does not decode: {e}"
+                ))))
+            })),
+            Answer::Refused(why) => Some(Err(match action {
+                Asked::Cancel => Error::CancelRefused {
+                    saga: id,
+                    reason: why,
+                },
+                Asked::Repair(_) => Error::RepairRefused {
+                    saga: id,
+                    reason: why,
+                },
+            })),
+            Answer::NotDriven => None,
+        });
+    }
+}
+
+/// Waits, by reading the store, until a saga driven by another process (or by nobody
+/// for now) is no longer active.
+pub(crate) async fn wait_in_store(inner: &Arc<Inner>, id: SagaId) -> Result<SagaStatus> {
+    let poll = (inner.options.lease_tick / 4).max(Duration::from_millis(5));
+    loop {
+        let meta = inner.io(move |store| store.meta(id)).await??;
+        match meta {
+            None => return Err(Error::UnknownSaga(id)),
+            Some(m) if !m.status.is_active() => return Ok(m.status),
+            Some(_) => {}
+        }
+        // Adopted here meanwhile: the local driver will publish.
+        if lock(&inner.running).contains_key(&id) {
+            return Ok(SagaStatus::Running);
+        }
+        if *inner.stopping.borrow() {
+            return Err(Error::ShuttingDown);
+        }
+        let next = inner.clock.now().saturating_add(poll);
+        inner.clock.sleep_until(next).await;
+    }
+}
+
+/// Gives back every lease this process holds, so that the others take its sagas over at
+/// once rather than a lease later (a clean shutdown).
+pub(crate) fn release_all(inner: &Inner) {
+    let Some(leases) = inner.store.leases() else {
+        return;
+    };
+    let owner: &OwnerId = &inner.owner;
+    match leases.renew(owner) {
+        Ok(held) => {
+            for lease in held {
+                if let Err(e) = leases.release(owner, lease, None) {
+                    tracing::warn!(saga_id = %lease.saga, error = %e, "could not release a lease");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not list leases to release"),
+    }
+}
+
+/// Starts a driver for an adopted saga, or gives its lease back if one runs here
+/// already (it is stale and will be fenced).
+pub(crate) async fn drive_adopted(inner: &Arc<Inner>, driver: Driver, lease: Lease) {
+    if !inner.spawn(driver) {
+        give_back(inner, lease).await;
+    }
+}
