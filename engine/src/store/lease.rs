@@ -51,13 +51,13 @@ impl OwnerId {
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "host".to_string());
         let mut b = [0u8; 6];
-        // Without randomness, fall back to the time: the id must only differ from the
-        // previous process's, which the pid and time already almost guarantee.
+        // Without randomness, fall back to the address of a fresh allocation: the id
+        // must only differ from the previous process's, which the pid almost
+        // guarantees already.
         if getrandom::fill(&mut b).is_err() {
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            b.copy_from_slice(&t.to_le_bytes()[..6]);
+            let probe = Box::new(0u8);
+            let addr = std::ptr::addr_of!(*probe) as usize as u64;
+            b.copy_from_slice(&addr.to_le_bytes()[..6]);
         }
         let suffix: String = b.iter().map(|x| format!("{x:02x}")).collect();
         OwnerId::new(format!("{host}:{}:{suffix}", std::process::id()))

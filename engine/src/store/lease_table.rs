@@ -29,6 +29,9 @@ pub(crate) struct LeaseTable {
     ttl: Duration,
     rows: BTreeMap<SagaId, Row>,
     requests: Vec<(Request, Option<Answer>)>,
+    /// Every fenced write accepted, in order: what the simulations check fencing by.
+    accepted: Vec<(SagaId, Option<crate::ids::Lsn>, OwnerId, u64)>,
+    refused: Vec<Refused>,
 }
 
 impl LeaseTable {
@@ -38,6 +41,8 @@ impl LeaseTable {
             ttl,
             rows: BTreeMap::new(),
             requests: Vec::new(),
+            accepted: Vec::new(),
+            refused: Vec::new(),
         }
     }
 
@@ -49,9 +54,27 @@ impl LeaseTable {
         self.clock.now().saturating_add(self.ttl)
     }
 
+    /// Every fenced write accepted so far: (saga, its first lsn, owner, epoch).
+    pub(crate) fn accepted(&self) -> Vec<(SagaId, Option<crate::ids::Lsn>, OwnerId, u64)> {
+        self.accepted.clone()
+    }
+
+    /// Every write refused so far, in order.
+    pub(crate) fn refused(&self) -> Vec<Refused> {
+        self.refused.clone()
+    }
+
     /// Whether `write` may be applied, given `key_holder`, the saga already holding its
     /// start key (for a first write).
-    pub(crate) fn admit(&self, w: &Write, key_holder: Option<SagaId>) -> Result<(), Refused> {
+    pub(crate) fn admit(&mut self, w: &Write, key_holder: Option<SagaId>) -> Result<(), Refused> {
+        let verdict = self.verdict(w, key_holder);
+        if let Err(r) = &verdict {
+            self.refused.push(r.clone());
+        }
+        verdict
+    }
+
+    fn verdict(&self, w: &Write, key_holder: Option<SagaId>) -> Result<(), Refused> {
         let carried = w.fence.as_ref().map_or(0, |f| f.epoch);
         let current = self.rows.get(&w.saga).map_or(0, |r| r.epoch);
         let fenced = Refused::Fenced {
@@ -84,6 +107,12 @@ impl LeaseTable {
         let until = self.until();
         let active = w.meta.status.is_active();
         if let Some(Fence { owner, epoch }) = &w.fence {
+            self.accepted.push((
+                w.saga,
+                w.records.first().map(|(l, _)| *l),
+                owner.clone(),
+                *epoch,
+            ));
             let row = self.rows.entry(w.saga).or_insert_with(|| Row {
                 owner: Some(owner.clone()),
                 epoch: *epoch,

@@ -113,6 +113,17 @@ impl MemLog {
         Ok(())
     }
 
+    /// In a shared store, every fenced write accepted so far, in order: (saga, the lsn of
+    /// its first record, owner, epoch). Simulations check fencing against it.
+    pub fn accepted_fences(&self) -> Vec<(SagaId, Option<Lsn>, OwnerId, u64)> {
+        self.table(|t, _| t.accepted()).unwrap_or_default()
+    }
+
+    /// In a shared store, every write refused so far (fenced, or a start key taken).
+    pub fn refused_writes(&self) -> Vec<crate::store::Refused> {
+        self.table(|t, _| t.refused()).unwrap_or_default()
+    }
+
     /// The number of successful syncs so far.
     pub fn syncs(&self) -> u64 {
         self.lock().syncs
