@@ -646,6 +646,30 @@ impl EngineBuilder {
         self.open_with(Arc::new(store)).await
     }
 
+    /// Opens the engine on a PostgreSQL database shared with other engine processes
+    /// (`url` as in `DATABASE_URL`, e.g. `postgres://user@host/db`): creates or
+    /// migrates the schema, then claims the sagas no live process holds. Each active
+    /// saga is leased to one process; see `docs/operations.md`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] if the database cannot be reached or its schema is newer than
+    /// this engine knows; as [`EngineBuilder::open_with`].
+    #[cfg(feature = "postgres")]
+    pub async fn open_postgres(
+        self,
+        url: &str,
+        options: crate::store::PgOptions,
+    ) -> Result<Engine> {
+        let url = url.to_string();
+        let store =
+            tokio::task::spawn_blocking(move || crate::store::PgLog::connect(&url, options))
+                .await
+                .map_err(|e| Error::Store(Arc::new(crate::store::Error::Backend(e.to_string()))))?
+                .map_err(|e| Error::Store(Arc::new(e)))?;
+        self.open_with(Arc::new(store)).await
+    }
+
     /// Opens the engine on `store` and resumes every saga in it that is not finished.
     ///
     /// # Errors

@@ -22,6 +22,8 @@ mod kv;
 mod lease;
 mod lease_table;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod sled;
 #[cfg(test)]
 mod tests;
@@ -38,6 +40,8 @@ use crate::machine::SagaStatus;
 pub use check::{Finding, Report as CheckReport};
 pub use lease::{Answer, Fence, Lease, Leases, OwnerId, Refused, Request};
 pub use memory::MemLog;
+#[cfg(feature = "postgres")]
+pub use postgres::{PgLog, PgOptions, SCHEMA_VERSION};
 pub use sled::SledLog;
 
 /// Errors from a store.

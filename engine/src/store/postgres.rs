@@ -1,0 +1,969 @@
+//! The PostgreSQL store: several engine processes share one database (G9).
+//!
+//! Built on tokio-postgres with a deadpool pool rather than sqlx: no query macros that
+//! need a database at build time, explicit control over transactions and pipelining
+//! (one group commit is one transaction whose statements go out back to back), and a
+//! smaller dependency tree. The store runs its own small tokio runtime, so its
+//! synchronous [`SagaLog`] calls can be made from any thread; the engine makes them off
+//! its runtime's threads ([`SagaLog::remote`]).
+//!
+//! One row per saga in `sagas` holds its summary and every index the other stores keep
+//! as separate keys (status, timer, start key, finish time), plus its lease (owner,
+//! epoch, expiry by the database's clock). Log records are rows of `log`. Since a
+//! summary and its indexes are columns of one row, they cannot disagree; the check at
+//! open looks only for logs without a summary.
+//!
+//! Every write is one statement that updates the saga's row only if the writer holds its
+//! epoch, and inserts the log rows only if it did: a fenced write changes nothing and is
+//! answered [`Refused::Fenced`] while the rest of its batch commits. A commit is durable
+//! when `COMMIT` returns (PostgreSQL's default `synchronous_commit = on`), so
+//! [`SagaLog::sync`] has nothing left to do.
+
+use std::future::Future;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::NoTls;
+
+use crate::clock::Timestamp;
+use crate::ids::{Lsn, SagaId, StartKey};
+use crate::machine::SagaStatus;
+use crate::store::check::{Finding, Report};
+use crate::store::codec;
+use crate::store::lease::{Answer, Lease, Leases, OwnerId, Refused, Request};
+use crate::store::{Error, Result, SagaLog, SagaMeta, Write, WriteResult};
+
+/// The newest schema version this engine knows.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// How to open a [`PgLog`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct PgOptions {
+    /// The schema the engine's tables live in (created if missing).
+    pub schema: String,
+    /// How long a lease lasts after it is taken or renewed.
+    pub lease_ttl: Duration,
+    /// Connections in the pool.
+    pub pool_size: usize,
+}
+
+impl Default for PgOptions {
+    /// Schema `sagaflow`, 10 s leases, 8 connections.
+    fn default() -> Self {
+        PgOptions {
+            schema: "sagaflow".into(),
+            lease_ttl: Duration::from_secs(10),
+            pool_size: 8,
+        }
+    }
+}
+
+impl PgOptions {
+    /// Sets [`PgOptions::schema`].
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// Sets [`PgOptions::lease_ttl`].
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// Sets [`PgOptions::pool_size`].
+    pub fn pool_size(mut self, n: usize) -> Self {
+        self.pool_size = n.max(1);
+        self
+    }
+}
+
+/// A [`SagaLog`] on PostgreSQL, shared by every engine process opened on the same
+/// database and schema.
+pub struct PgLog {
+    pool: Pool,
+    runtime: Option<tokio::runtime::Runtime>,
+    schema: String,
+    ttl: Duration,
+    sql: Sql,
+}
+
+impl std::fmt::Debug for PgLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgLog")
+            .field("schema", &self.schema)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PgLog {
+    fn drop(&mut self) {
+        // Never blocks: the store may be dropped on an async runtime's thread.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> Error {
+    Error::Backend(e.to_string())
+}
+
+/// A schema name is put into SQL text: only plain identifiers are accepted.
+fn valid_schema(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !s.as_bytes()[0].is_ascii_digit()
+}
+
+fn lsn_param(saga: SagaId, lsn: Lsn) -> Result<i64> {
+    i64::try_from(lsn.0).map_err(|_| Error::Corrupt {
+        saga,
+        what: format!("log record {}", lsn.0),
+        reason: "lsn beyond what the PostgreSQL store can hold (2^63 - 1)".into(),
+    })
+}
+
+fn millis_param(t: Timestamp) -> i64 {
+    i64::try_from(t.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn millis_of(v: i64) -> Timestamp {
+    Timestamp::from_millis(u64::try_from(v).unwrap_or(0))
+}
+
+fn saga_of(bytes: &[u8]) -> Result<SagaId> {
+    <[u8; 16]>::try_from(bytes)
+        .map(SagaId::from_bytes)
+        .map_err(|_| Error::CorruptIndex(format!("a saga id of {} bytes", bytes.len())))
+}
+
+fn epoch_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// The SQL texts, with the schema filled in.
+struct Sql {
+    insert_first: String,
+    update: String,
+    why_refused: String,
+    read: String,
+    meta: String,
+    with_status: String,
+    find_key: String,
+    due: String,
+    finished: String,
+    claim: String,
+    acquire: String,
+    renew: String,
+    release: String,
+    holder: String,
+    request: String,
+    requests_for: String,
+    answer: String,
+    answer_of: String,
+}
+
+impl Sql {
+    fn new(s: &str) -> Sql {
+        let active = format!(
+            "({}, {})",
+            SagaStatus::Running.code(),
+            SagaStatus::Compensating.code()
+        );
+        // $1 id, $2 owner, $3 epoch, $4 status, $5 due, $6 finished_at, $7 meta,
+        // $8 active, $9 lsns, $10 values; a first write also $11 start key, $12 lease
+        // in milliseconds.
+        let log_rows = format!(
+            "ins AS (INSERT INTO {s}.log (saga, lsn, value) \
+             SELECT ok.id, t.l, t.v FROM ok, unnest($9::bigint[], $10::bytea[]) AS t(l, v) RETURNING 1) \
+             SELECT (SELECT count(*) FROM ok)::bigint"
+        );
+        Sql {
+            insert_first: format!(
+                "WITH ok AS (INSERT INTO {s}.sagas \
+                 (id, status, start_key, due, finished_at, meta, owner, epoch, lease_until) \
+                 VALUES ($1, $4, $11, $5, $6, $7, CASE WHEN $8 THEN $2 END, $3, \
+                 now() + $12 * interval '1 millisecond') \
+                 ON CONFLICT DO NOTHING RETURNING id), {log_rows}"
+            ),
+            update: format!(
+                "WITH ok AS (UPDATE {s}.sagas SET status = $4, due = $5, finished_at = $6, \
+                 meta = $7, owner = CASE WHEN $8 THEN owner END \
+                 WHERE id = $1 AND owner = $2 AND epoch = $3 RETURNING id), {log_rows}"
+            ),
+            why_refused: format!(
+                "SELECT (SELECT id FROM {s}.sagas WHERE start_key = $2 AND $2 IS NOT NULL), \
+                 (SELECT epoch FROM {s}.sagas WHERE id = $1)"
+            ),
+            read: format!("SELECT lsn, value FROM {s}.log WHERE saga = $1 ORDER BY lsn"),
+            meta: format!("SELECT meta FROM {s}.sagas WHERE id = $1"),
+            with_status: format!("SELECT id FROM {s}.sagas WHERE status = $1 ORDER BY id"),
+            find_key: format!("SELECT id FROM {s}.sagas WHERE start_key = $1"),
+            due: format!(
+                "SELECT due, id FROM {s}.sagas WHERE due IS NOT NULL AND due <= $1 ORDER BY due, id"
+            ),
+            finished: format!(
+                "SELECT finished_at, id FROM {s}.sagas WHERE finished_at IS NOT NULL \
+                 AND finished_at <= $1 AND (finished_at, id) > ($2, $3) \
+                 ORDER BY finished_at, id LIMIT $4"
+            ),
+            claim: format!(
+                "UPDATE {s}.sagas SET owner = $1, epoch = epoch + 1, \
+                 lease_until = now() + $3 * interval '1 millisecond', wake_at = NULL \
+                 WHERE id IN (SELECT id FROM {s}.sagas WHERE status IN {active} AND \
+                 ((owner IS NULL AND (wake_at IS NULL OR wake_at <= (extract(epoch FROM now()) * 1000)::bigint)) \
+                 OR (owner <> $1 AND lease_until < now())) \
+                 ORDER BY lease_until NULLS FIRST LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                 RETURNING id, epoch"
+            ),
+            acquire: format!(
+                "UPDATE {s}.sagas SET owner = $1, epoch = epoch + 1, \
+                 lease_until = now() + $3 * interval '1 millisecond', wake_at = NULL \
+                 WHERE id = $2 AND (owner IS NULL OR owner = $1 OR lease_until < now()) \
+                 RETURNING epoch"
+            ),
+            renew: format!(
+                "UPDATE {s}.sagas SET lease_until = now() + $2 * interval '1 millisecond' \
+                 WHERE owner = $1 RETURNING id, epoch"
+            ),
+            release: format!(
+                "UPDATE {s}.sagas SET owner = NULL, wake_at = $4 \
+                 WHERE id = $2 AND owner = $1 AND epoch = $3"
+            ),
+            holder: format!(
+                "SELECT owner, epoch FROM {s}.sagas WHERE id = $1 AND owner IS NOT NULL \
+                 AND lease_until >= now()"
+            ),
+            request: format!(
+                "INSERT INTO {s}.requests (saga, action, operator, reason) \
+                 VALUES ($1, $2, $3, $4) RETURNING id"
+            ),
+            requests_for: format!(
+                "SELECT r.id, r.saga, r.action, r.operator, r.reason FROM {s}.requests r \
+                 JOIN {s}.sagas g ON g.id = r.saga WHERE r.answer IS NULL AND g.owner = $1 \
+                 ORDER BY r.id"
+            ),
+            answer: format!(
+                "UPDATE {s}.requests SET answer = $2 WHERE id = $1 AND answer IS NULL"
+            ),
+            answer_of: format!("SELECT answer FROM {s}.requests WHERE id = $1"),
+        }
+    }
+}
+
+/// The migrations, in order: migration `i` brings the schema to version `i + 1`.
+fn migrations(s: &str) -> Vec<String> {
+    let active = format!(
+        "({}, {})",
+        SagaStatus::Running.code(),
+        SagaStatus::Compensating.code()
+    );
+    vec![format!(
+        "CREATE TABLE {s}.sagas (
+            id bytea PRIMARY KEY,
+            status smallint NOT NULL,
+            start_key text UNIQUE,
+            due bigint,
+            finished_at bigint,
+            meta bytea NOT NULL,
+            owner text,
+            epoch bigint NOT NULL DEFAULT 0,
+            lease_until timestamptz,
+            wake_at bigint
+        );
+        CREATE TABLE {s}.log (
+            saga bytea NOT NULL,
+            lsn bigint NOT NULL,
+            value bytea NOT NULL,
+            PRIMARY KEY (saga, lsn)
+        );
+        CREATE TABLE {s}.requests (
+            id bigserial PRIMARY KEY,
+            saga bytea NOT NULL,
+            action text NOT NULL,
+            operator text NOT NULL,
+            reason text NOT NULL,
+            answer text,
+            asked_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX sagas_status ON {s}.sagas (status, id);
+        CREATE INDEX sagas_due ON {s}.sagas (due, id) WHERE due IS NOT NULL;
+        CREATE INDEX sagas_finished ON {s}.sagas (finished_at, id) WHERE finished_at IS NOT NULL;
+        CREATE INDEX sagas_claimable ON {s}.sagas (lease_until NULLS FIRST) WHERE status IN {active};
+        CREATE INDEX sagas_owner ON {s}.sagas (owner) WHERE owner IS NOT NULL;
+        CREATE INDEX requests_open ON {s}.requests (saga) WHERE answer IS NULL;"
+    )]
+}
+
+impl PgLog {
+    /// Connects to the database at `url` (a `postgres://` URL or a key-value string),
+    /// creates or migrates the schema, and returns the store. Blocks; call it from a
+    /// blocking context (the engine builder's `open_postgres` does).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] if the database cannot be reached, the schema name is not a
+    /// plain identifier, or the schema was written by a newer engine (its version is
+    /// higher than [`SCHEMA_VERSION`]).
+    pub fn connect(url: &str, options: PgOptions) -> Result<PgLog> {
+        if !valid_schema(&options.schema) {
+            return Err(Error::Backend(format!(
+                "schema name `{}`: use lowercase letters, digits and underscores",
+                options.schema
+            )));
+        }
+        let config: tokio_postgres::Config = url.parse().map_err(backend)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("sagaflow-pg")
+            .enable_all()
+            .build()?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = {
+            let _guard = runtime.enter();
+            Pool::builder(manager)
+                .max_size(options.pool_size)
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .wait_timeout(Some(Duration::from_secs(30)))
+                .create_timeout(Some(Duration::from_secs(10)))
+                .build()
+                .map_err(backend)?
+        };
+        let store = PgLog {
+            pool,
+            runtime: Some(runtime),
+            sql: Sql::new(&options.schema),
+            schema: options.schema,
+            ttl: options.lease_ttl,
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Runs `fut` on the store's runtime and waits for it.
+    fn run<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        let rt = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| Error::Backend("store closed".into()))?;
+        let (tx, rx) = mpsc::sync_channel(1);
+        rt.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv()
+            .map_err(|_| Error::Backend("the store's runtime stopped".into()))?
+    }
+
+    fn migrate(&self) -> Result<()> {
+        let pool = self.pool.clone();
+        let s = self.schema.clone();
+        self.run(async move {
+            let mut client = pool.get().await.map_err(backend)?;
+            let tx = client.transaction().await.map_err(backend)?;
+            // One migrator at a time across processes.
+            tx.execute("SELECT pg_advisory_xact_lock(7244011)", &[])
+                .await
+                .map_err(backend)?;
+            tx.batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {s};
+                 CREATE TABLE IF NOT EXISTS {s}.schema_version (version integer NOT NULL);"
+            ))
+            .await
+            .map_err(backend)?;
+            let row = tx
+                .query_opt(&format!("SELECT max(version) FROM {s}.schema_version"), &[])
+                .await
+                .map_err(backend)?;
+            let current: i32 = row.and_then(|r| r.get::<_, Option<i32>>(0)).unwrap_or(0);
+            if current > SCHEMA_VERSION {
+                return Err(Error::Backend(format!(
+                    "schema `{s}` is at version {current}, written by a newer engine; this one \
+                     knows up to {SCHEMA_VERSION} and will not touch it"
+                )));
+            }
+            for (i, m) in migrations(&s)
+                .iter()
+                .enumerate()
+                .skip(current.max(0) as usize)
+            {
+                tx.batch_execute(m).await.map_err(backend)?;
+                let v = i32::try_from(i + 1).unwrap_or(i32::MAX);
+                tx.execute(
+                    &format!("INSERT INTO {s}.schema_version (version) VALUES ($1)"),
+                    &[&v],
+                )
+                .await
+                .map_err(backend)?;
+                tracing::info!(schema = %s, version = v, "PostgreSQL schema migrated");
+            }
+            tx.commit().await.map_err(backend)
+        })
+    }
+
+    /// The schema's version, as stored.
+    ///
+    /// # Errors
+    ///
+    /// A backend error.
+    pub fn schema_version(&self) -> Result<i32> {
+        let pool = self.pool.clone();
+        let q = format!("SELECT max(version) FROM {}.schema_version", self.schema);
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            let row = client.query_one(&q, &[]).await.map_err(backend)?;
+            Ok(row.get::<_, Option<i32>>(0).unwrap_or(0))
+        })
+    }
+
+    /// The schema this store's tables live in.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// Deletes the schema and everything in it: for tests that made one of their own.
+    ///
+    /// # Errors
+    ///
+    /// A backend error.
+    pub fn drop_schema(&self) -> Result<()> {
+        let pool = self.pool.clone();
+        let q = format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema);
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            client.batch_execute(&q).await.map_err(backend)
+        })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn bump_schema_version_for_test(&self, v: i32) -> Result<()> {
+        let pool = self.pool.clone();
+        let q = format!(
+            "INSERT INTO {}.schema_version (version) VALUES ($1)",
+            self.schema
+        );
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            client.execute(&q, &[&v]).await.map(|_| ()).map_err(backend)
+        })
+    }
+
+    fn query_ids(&self, q: &str, params: Vec<Box<dyn ToSql + Send + Sync>>) -> Result<Vec<SagaId>> {
+        let pool = self.pool.clone();
+        let q = q.to_string();
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            let refs: Vec<&(dyn ToSql + Sync)> =
+                params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
+            let rows = client.query(&q, &refs).await.map_err(backend)?;
+            rows.iter().map(|r| saga_of(r.get::<_, &[u8]>(0))).collect()
+        })
+    }
+
+    fn timed(
+        &self,
+        q: &str,
+        params: Vec<Box<dyn ToSql + Send + Sync>>,
+    ) -> Result<Vec<(Timestamp, SagaId)>> {
+        let pool = self.pool.clone();
+        let q = q.to_string();
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            let refs: Vec<&(dyn ToSql + Sync)> =
+                params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
+            let rows = client.query(&q, &refs).await.map_err(backend)?;
+            rows.iter()
+                .map(|r| Ok((millis_of(r.get(0)), saga_of(r.get::<_, &[u8]>(1))?)))
+                .collect()
+        })
+    }
+
+    fn ttl_ms(&self) -> f64 {
+        self.ttl.as_millis() as f64
+    }
+}
+
+/// One write, as the parameters of its statement.
+struct Prepared {
+    saga: SagaId,
+    first: bool,
+    owner: String,
+    epoch: i64,
+    status: i16,
+    due: Option<i64>,
+    finished: Option<i64>,
+    meta: Vec<u8>,
+    active: bool,
+    lsns: Vec<i64>,
+    values: Vec<Vec<u8>>,
+    start_key: Option<String>,
+}
+
+fn prepare(w: Write) -> Result<std::result::Result<Prepared, Refused>> {
+    let Some(fence) = w.fence else {
+        // A shared store takes no write from outside the lease protocol.
+        return Ok(Err(Refused::Fenced {
+            saga: w.saga,
+            carried: 0,
+            current: 0,
+        }));
+    };
+    let mut lsns = Vec::with_capacity(w.records.len());
+    let mut values = Vec::with_capacity(w.records.len());
+    for (lsn, v) in w.records {
+        lsns.push(lsn_param(w.saga, lsn)?);
+        values.push(v);
+    }
+    Ok(Ok(Prepared {
+        saga: w.saga,
+        first: w.previous.is_none(),
+        owner: fence.owner.as_str().to_string(),
+        epoch: i64::try_from(fence.epoch).unwrap_or(i64::MAX),
+        status: i16::from(w.meta.status.code()),
+        due: w.meta.due.map(millis_param),
+        finished: w.meta.finished_at.map(millis_param),
+        meta: codec::encode_meta(&w.meta)?,
+        active: w.meta.status.is_active(),
+        lsns,
+        values,
+        start_key: w.meta.start_key.as_ref().map(|k| k.to_string()),
+    }))
+}
+
+impl SagaLog for PgLog {
+    fn append(&self, writes: Vec<Write>) -> Result<()> {
+        for r in self.append_each(writes)? {
+            r.map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    fn append_each(&self, writes: Vec<Write>) -> Result<Vec<WriteResult>> {
+        let mut prepared = Vec::with_capacity(writes.len());
+        for w in writes {
+            prepared.push(prepare(w)?);
+        }
+        let pool = self.pool.clone();
+        let (insert, update, why) = (
+            self.sql.insert_first.clone(),
+            self.sql.update.clone(),
+            self.sql.why_refused.clone(),
+        );
+        let ttl = self.ttl_ms();
+        self.run(async move {
+            let mut client = pool.get().await.map_err(backend)?;
+            let insert = client.prepare_cached(&insert).await.map_err(backend)?;
+            let update = client.prepare_cached(&update).await.map_err(backend)?;
+            let tx = client.transaction().await.map_err(backend)?;
+            // Every statement of the batch goes out at once (tokio-postgres pipelines
+            // them); none can fail on its own, since a fenced write matches no row.
+            let futures = prepared.iter().map(|p| {
+                let tx = &tx;
+                let (insert, update) = (&insert, &update);
+                async move {
+                    let Ok(p) = p else {
+                        return Ok(0);
+                    };
+                    let key: Option<&str> = p.start_key.as_deref();
+                    let params: [&(dyn ToSql + Sync); 12] = [
+                        &p.saga.as_bytes().as_slice(),
+                        &p.owner,
+                        &p.epoch,
+                        &p.status,
+                        &p.due,
+                        &p.finished,
+                        &p.meta,
+                        &p.active,
+                        &p.lsns,
+                        &p.values,
+                        &key,
+                        &ttl,
+                    ];
+                    // A first write creates the row (and its lease); a later one updates
+                    // it, which takes only the first ten parameters.
+                    let row = if p.first {
+                        tx.query_one(insert, &params).await?
+                    } else {
+                        tx.query_one(update, &params[..10]).await?
+                    };
+                    Ok::<i64, tokio_postgres::Error>(row.get(0))
+                }
+            });
+            let counts = futures_util::future::join_all(futures).await;
+            let mut results = Vec::with_capacity(prepared.len());
+            for (p, n) in prepared.iter().zip(counts) {
+                let n = n.map_err(|e| match e.code() {
+                    Some(c) if *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION => {
+                        Error::Backend(format!("refusing to overwrite a log record: {e}"))
+                    }
+                    _ => backend(e),
+                })?;
+                results.push(match p {
+                    Err(refused) => Err(refused.clone()),
+                    Ok(_) if n == 1 => Ok(()),
+                    Ok(p) => {
+                        let row = tx
+                            .query_one(&why, &[&p.saga.as_bytes().as_slice(), &p.start_key])
+                            .await
+                            .map_err(backend)?;
+                        let holder: Option<Vec<u8>> = row.get(0);
+                        let current: Option<i64> = row.get(1);
+                        match (holder, &p.start_key, p.first) {
+                            (Some(h), Some(k), true) if h.as_slice() != p.saga.as_bytes() => {
+                                Err(Refused::StartKeyTaken {
+                                    key: StartKey::new(k.clone()).map_err(backend)?,
+                                    existing: saga_of(&h)?,
+                                })
+                            }
+                            _ => Err(Refused::Fenced {
+                                saga: p.saga,
+                                carried: epoch_of(p.epoch),
+                                current: current.map_or(0, epoch_of),
+                            }),
+                        }
+                    }
+                });
+            }
+            tx.commit().await.map_err(backend)?;
+            Ok(results)
+        })
+    }
+
+    fn sync(&self) -> Result<()> {
+        // Each append commits its transaction, durable once COMMIT returns.
+        Ok(())
+    }
+
+    fn read(&self, saga: SagaId) -> Result<Vec<(Lsn, Vec<u8>)>> {
+        let pool = self.pool.clone();
+        let q = self.sql.read.clone();
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            let rows = client
+                .query(&q, &[&saga.as_bytes().as_slice()])
+                .await
+                .map_err(backend)?;
+            rows.into_iter()
+                .map(|r| {
+                    let lsn: i64 = r.get(0);
+                    let lsn = u64::try_from(lsn).map_err(|_| Error::Corrupt {
+                        saga,
+                        what: "log key".into(),
+                        reason: format!("negative lsn {lsn}"),
+                    })?;
+                    Ok((Lsn(lsn), r.get::<_, Vec<u8>>(1)))
+                })
+                .collect()
+        })
+    }
+
+    fn meta(&self, saga: SagaId) -> Result<Option<SagaMeta>> {
+        let pool = self.pool.clone();
+        let q = self.sql.meta.clone();
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            let row = client
+                .query_opt(&q, &[&saga.as_bytes().as_slice()])
+                .await
+                .map_err(backend)?;
+            row.map(|r| codec::decode_meta(saga, r.get::<_, &[u8]>(0)))
+                .transpose()
+        })
+    }
+
+    fn with_status(&self, status: SagaStatus) -> Result<Vec<SagaId>> {
+        self.query_ids(
+            &self.sql.with_status,
+            vec![Box::new(i16::from(status.code()))],
+        )
+    }
+
+    fn find_start_key(&self, key: &StartKey) -> Result<Option<SagaId>> {
+        Ok(self
+            .query_ids(&self.sql.find_key, vec![Box::new(key.to_string())])?
+            .into_iter()
+            .next())
+    }
+
+    fn due(&self, until: Timestamp) -> Result<Vec<(Timestamp, SagaId)>> {
+        self.timed(&self.sql.due, vec![Box::new(millis_param(until))])
+    }
+
+    fn finished_before(
+        &self,
+        until: Timestamp,
+        after: Option<(Timestamp, SagaId)>,
+        limit: usize,
+    ) -> Result<Vec<(Timestamp, SagaId)>> {
+        let (t, id) = after.map_or((i64::MIN, Vec::new()), |(t, id)| {
+            (millis_param(t), id.as_bytes().to_vec())
+        });
+        self.timed(
+            &self.sql.finished,
+            vec![
+                Box::new(millis_param(until)),
+                Box::new(t),
+                Box::new(id),
+                Box::new(i64::try_from(limit).unwrap_or(i64::MAX)),
+            ],
+        )
+    }
+
+    fn remove(&self, saga: SagaId) -> Result<()> {
+        self.remove_batch(&[saga])
+    }
+
+    fn remove_batch(&self, sagas: &[SagaId]) -> Result<()> {
+        let ids: Vec<Vec<u8>> = sagas.iter().map(|s| s.as_bytes().to_vec()).collect();
+        let pool = self.pool.clone();
+        let s = self.schema.clone();
+        self.run(async move {
+            let mut client = pool.get().await.map_err(backend)?;
+            let tx = client.transaction().await.map_err(backend)?;
+            tx.execute(
+                &format!("DELETE FROM {s}.log WHERE saga = ANY($1)"),
+                &[&ids],
+            )
+            .await
+            .map_err(backend)?;
+            tx.execute(
+                &format!("DELETE FROM {s}.requests WHERE saga = ANY($1)"),
+                &[&ids],
+            )
+            .await
+            .map_err(backend)?;
+            tx.execute(
+                &format!("DELETE FROM {s}.sagas WHERE id = ANY($1)"),
+                &[&ids],
+            )
+            .await
+            .map_err(backend)?;
+            tx.commit().await.map_err(backend)
+        })
+    }
+
+    fn check(&self) -> Result<Report> {
+        // A summary and its index entries are one row, so they cannot disagree; what can
+        // go wrong is a log whose summary row is missing (a partial restore).
+        let pool = self.pool.clone();
+        let s = self.schema.clone();
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            let sagas: i64 = client
+                .query_one(&format!("SELECT count(*) FROM {s}.sagas"), &[])
+                .await
+                .map_err(backend)?
+                .get(0);
+            let orphans = client
+                .query(
+                    &format!(
+                        "SELECT DISTINCT l.saga FROM {s}.log l \
+                         WHERE NOT EXISTS (SELECT 1 FROM {s}.sagas g WHERE g.id = l.saga)"
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(backend)?;
+            let mut report = Report {
+                sagas: usize::try_from(sagas).unwrap_or(0),
+                ..Report::default()
+            };
+            for r in orphans {
+                let id = saga_of(r.get::<_, &[u8]>(0))?;
+                let problem = "a log without a summary row".to_string();
+                tracing::warn!(saga_id = %id, %problem, "store check");
+                report.findings.push(Finding {
+                    saga: Some(id),
+                    problem: problem.clone(),
+                    action: "left for an operator: resolve or restore it".into(),
+                });
+                report.damaged.push((id, problem));
+            }
+            Ok(report)
+        })
+    }
+
+    fn leases(&self) -> Option<&dyn Leases> {
+        Some(self)
+    }
+
+    fn remote(&self) -> bool {
+        true
+    }
+}
+
+impl Leases for PgLog {
+    fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn claim(&self, owner: &OwnerId, limit: usize) -> Result<Vec<Lease>> {
+        let pool = self.pool.clone();
+        let q = self.sql.claim.clone();
+        let (owner, limit, ttl) = (
+            owner.as_str().to_string(),
+            i64::try_from(limit).unwrap_or(i64::MAX),
+            self.ttl_ms(),
+        );
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            let rows = client
+                .query(&q, &[&owner, &limit, &ttl])
+                .await
+                .map_err(backend)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(Lease {
+                        saga: saga_of(r.get::<_, &[u8]>(0))?,
+                        epoch: epoch_of(r.get(1)),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn acquire(&self, owner: &OwnerId, saga: SagaId) -> Result<Option<Lease>> {
+        let pool = self.pool.clone();
+        let q = self.sql.acquire.clone();
+        let (owner, ttl) = (owner.as_str().to_string(), self.ttl_ms());
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            let row = client
+                .query_opt(&q, &[&owner, &saga.as_bytes().as_slice(), &ttl])
+                .await
+                .map_err(backend)?;
+            Ok(row.map(|r| Lease {
+                saga,
+                epoch: epoch_of(r.get(0)),
+            }))
+        })
+    }
+
+    fn renew(&self, owner: &OwnerId) -> Result<Vec<Lease>> {
+        let pool = self.pool.clone();
+        let q = self.sql.renew.clone();
+        let (owner, ttl) = (owner.as_str().to_string(), self.ttl_ms());
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            let rows = client.query(&q, &[&owner, &ttl]).await.map_err(backend)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(Lease {
+                        saga: saga_of(r.get::<_, &[u8]>(0))?,
+                        epoch: epoch_of(r.get(1)),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn release(&self, owner: &OwnerId, lease: Lease, wake_at: Option<Timestamp>) -> Result<()> {
+        let pool = self.pool.clone();
+        let q = self.sql.release.clone();
+        let owner = owner.as_str().to_string();
+        let epoch = i64::try_from(lease.epoch).unwrap_or(i64::MAX);
+        let wake = wake_at.map(millis_param);
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            client
+                .execute(
+                    &q,
+                    &[&owner, &lease.saga.as_bytes().as_slice(), &epoch, &wake],
+                )
+                .await
+                .map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    fn holder(&self, saga: SagaId) -> Result<Option<(OwnerId, u64)>> {
+        let pool = self.pool.clone();
+        let q = self.sql.holder.clone();
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            let row = client
+                .query_opt(&q, &[&saga.as_bytes().as_slice()])
+                .await
+                .map_err(backend)?;
+            Ok(row.map(|r| (OwnerId::new(r.get::<_, String>(0)), epoch_of(r.get(1)))))
+        })
+    }
+
+    fn request(&self, saga: SagaId, action: &str, operator: &str, reason: &str) -> Result<u64> {
+        let pool = self.pool.clone();
+        let q = self.sql.request.clone();
+        let (a, o, r) = (action.to_string(), operator.to_string(), reason.to_string());
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            let row = client
+                .query_one(&q, &[&saga.as_bytes().as_slice(), &a, &o, &r])
+                .await
+                .map_err(backend)?;
+            Ok(epoch_of(row.get(0)))
+        })
+    }
+
+    fn requests_for(&self, owner: &OwnerId) -> Result<Vec<Request>> {
+        let pool = self.pool.clone();
+        let q = self.sql.requests_for.clone();
+        let owner = owner.as_str().to_string();
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            let rows = client.query(&q, &[&owner]).await.map_err(backend)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(Request {
+                        id: epoch_of(r.get(0)),
+                        saga: saga_of(r.get::<_, &[u8]>(1))?,
+                        action: r.get(2),
+                        operator: r.get(3),
+                        reason: r.get(4),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn answer(&self, id: u64, answer: &Answer) -> Result<bool> {
+        let pool = self.pool.clone();
+        let q = self.sql.answer.clone();
+        let json = serde_json::to_string(answer).map_err(backend)?;
+        let id = i64::try_from(id).unwrap_or(i64::MAX);
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            let n = client.execute(&q, &[&id, &json]).await.map_err(backend)?;
+            Ok(n == 1)
+        })
+    }
+
+    fn answer_of(&self, id: u64) -> Result<Option<Answer>> {
+        let pool = self.pool.clone();
+        let q = self.sql.answer_of.clone();
+        let id = i64::try_from(id).unwrap_or(i64::MAX);
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            let row = client.query_opt(&q, &[&id]).await.map_err(backend)?;
+            match row.and_then(|r| r.get::<_, Option<String>>(0)) {
+                None => Ok(None),
+                Some(json) => serde_json::from_str(&json)
+                    .map(Some)
+                    .map_err(|e| Error::Backend(format!("a stored answer does not decode: {e}"))),
+            }
+        })
+    }
+}
