@@ -94,6 +94,9 @@ pub(crate) async fn run(inner: Arc<Inner>) {
     let renew_every = (ttl / 3).max(tick);
     let mut stopping = inner.stopping.subscribe();
     let mut next_renewal = inner.clock.now();
+    // Requests being applied: each waits for its saga's attempt to settle, on a task of
+    // its own, so that the renewals here never wait for an attempt.
+    let in_hand: Arc<std::sync::Mutex<std::collections::HashSet<u64>>> = Arc::default();
     loop {
         if *stopping.borrow_and_update() {
             return;
@@ -125,7 +128,7 @@ pub(crate) async fn run(inner: Arc<Inner>) {
                 }
             }
         }
-        answer_requests(&inner).await;
+        answer_requests(&inner, &in_hand).await;
         let next = inner.clock.now().saturating_add(tick);
         tokio::select! {
             biased;
@@ -135,8 +138,12 @@ pub(crate) async fn run(inner: Arc<Inner>) {
     }
 }
 
-/// Applies the requests other processes recorded for sagas this one drives.
-async fn answer_requests(inner: &Arc<Inner>) {
+/// Hands the requests other processes recorded for sagas this one drives to their
+/// drivers, each on a task of its own that records the answer.
+async fn answer_requests(
+    inner: &Arc<Inner>,
+    in_hand: &Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
+) {
     let owner = inner.owner.clone();
     let requests = match inner
         .io(move |store| store.leases().map(|l| l.requests_for(&owner)))
@@ -154,6 +161,20 @@ async fn answer_requests(inner: &Arc<Inner>) {
         }
     };
     for r in requests {
+        if !lock(in_hand).insert(r.id) {
+            continue;
+        }
+        let (inner, in_hand) = (inner.clone(), in_hand.clone());
+        lock(&inner.clone().tasks).spawn(async move {
+            let id = r.id;
+            answer_one(&inner, r).await;
+            lock(&in_hand).remove(&id);
+        });
+    }
+}
+
+async fn answer_one(inner: &Arc<Inner>, r: crate::store::Request) {
+    {
         let answer = match serde_json::from_str::<Stored>(&r.action) {
             Err(e) => Answer::Refused(format!("request not understood: {e}")),
             Ok(action) => {
@@ -240,9 +261,10 @@ pub(crate) async fn ask_elsewhere(
     }
 }
 
-/// Records a request for the saga's owner and waits for its answer, for at most two
-/// leases (an owner that dies meanwhile loses the saga within one). `None`: nobody
-/// answered, or the owner does not drive it; the caller tries again.
+/// Records a request for the saga's owner and waits for its answer, as long as that
+/// owner holds the saga (it answers once the attempt in flight settles, as a local
+/// driver would). `None`: the owner lost the saga or does not drive it; the caller
+/// tries again.
 async fn ask_owner(
     inner: &Arc<Inner>,
     id: SagaId,
@@ -261,7 +283,13 @@ async fn ask_owner(
     let Some(request) = request else {
         return Ok(None);
     };
-    let give_up = inner.clock.now().saturating_add(ttl.saturating_mul(2));
+    let owner = inner
+        .io(move |store| store.leases().map(|l| l.holder(id)))
+        .await?
+        .transpose()?
+        .flatten()
+        .map(|(o, _)| o);
+    let mut next_look = inner.clock.now().saturating_add(ttl);
     let poll = (inner.options.lease_tick / 4).max(Duration::from_millis(5));
     loop {
         let answer = inner
@@ -269,9 +297,21 @@ async fn ask_owner(
             .await?
             .transpose()?
             .flatten();
+        let gone = if answer.is_none() && inner.clock.now() >= next_look {
+            next_look = inner.clock.now().saturating_add(ttl);
+            let now_held = inner
+                .io(move |store| store.leases().map(|l| l.holder(id)))
+                .await?
+                .transpose()?
+                .flatten()
+                .map(|(o, _)| o);
+            now_held.is_none() || now_held != owner
+        } else {
+            false
+        };
         let answer = match answer {
             Some(a) => a,
-            None if inner.clock.now() >= give_up => {
+            None if gone => {
                 // Withdraw it; if the owner answered meanwhile, that answer stands.
                 let recorded = inner
                     .io(move |store| {

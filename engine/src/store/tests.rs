@@ -344,10 +344,7 @@ fn lease_conformance(log: &dyn SagaLog, ttl: std::time::Duration) {
         .unwrap();
     assert_eq!(results[0], Ok(()));
     assert!(matches!(results[1], Err(Refused::Fenced { .. })));
-    assert_eq!(
-        leases.holder(s).unwrap(),
-        Some((a_owner.clone(), 1))
-    );
+    assert_eq!(leases.holder(s).unwrap(), Some((a_owner.clone(), 1)));
     // Another owner's write under the same epoch is refused; A's goes through.
     let r = log
         .append_each(vec![under(next(s, 1, SagaStatus::Running), &b_owner, 1)])

@@ -1,0 +1,183 @@
+//! Several engines on one real PostgreSQL database (G9): takeover after a crash, wait
+//! and cancel from a process that does not drive the saga, one start key across
+//! processes. Skipped with a message when no server answers, unless `CI` is set.
+#![cfg(feature = "postgres")]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use sagaflow::store::{OwnerId, PgLog, PgOptions};
+use sagaflow::{CommitMode, Engine, EngineOptions, Phase, SagaOutcome, StartKey};
+use sagaflow_tests::{checkout, Ledger, Outcome};
+
+const TTL: Duration = Duration::from_secs(1);
+
+fn url() -> String {
+    std::env::var("SAGAFLOW_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into())
+}
+
+/// A fresh schema of this test's own, or `None` if no server answers (and `CI` is not
+/// set).
+fn schema() -> Option<String> {
+    let name = format!(
+        "e_{}_{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos() % 1_000_000 + u128::from(rand_suffix())
+    );
+    match PgLog::connect(&url(), PgOptions::default().schema(name.clone())) {
+        Ok(_) => Some(name),
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!(
+                "skipping: no PostgreSQL at `{}` ({e}); set SAGAFLOW_TEST_DATABASE_URL",
+                url()
+            );
+            None
+        }
+        Err(e) => panic!("CI is set and PostgreSQL at `{}` is not usable: {e}", url()),
+    }
+}
+
+fn rand_suffix() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u8(1);
+    (h.finish() % 1_000_000) as u32
+}
+
+async fn open(name: &str, schema: &str, ledger: &Arc<Ledger>) -> Engine {
+    Engine::builder()
+        .register(checkout(ledger))
+        .owner(OwnerId::new(name))
+        .options(
+            EngineOptions::default()
+                .with_commit_mode(CommitMode::Thread)
+                .with_lease_tick(Duration::from_millis(100)),
+        )
+        .open_postgres(&url(), PgOptions::default().schema(schema).lease_ttl(TTL))
+        .await
+        .expect("engine opens on PostgreSQL")
+}
+
+fn cleanup(schema: &str) {
+    if let Ok(pg) = PgLog::connect(&url(), PgOptions::default().schema(schema)) {
+        let _ = pg.drop_schema();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_engines_sagas_are_taken_over_and_seen_from_everywhere() {
+    let Some(schema) = schema() else { return };
+    let ledger = Ledger::new();
+    let a = open("A", &schema, &ledger).await;
+    let b = open("B", &schema, &ledger).await;
+
+    // A's first five sagas hang in their payment; A dies with them in flight.
+    for i in 0..5 {
+        ledger.script_tagged(&format!("h{i}"), "payment", Phase::Action, [Outcome::Hang]);
+    }
+    let mut hung = Vec::new();
+    for i in 0..5 {
+        hung.push(
+            a.start("checkout", json!({"tag": format!("h{i}")}), None)
+                .await
+                .unwrap(),
+        );
+    }
+    let mut fine = Vec::new();
+    for i in 0..10 {
+        fine.push(
+            b.start("checkout", json!({"tag": format!("f{i}")}), None)
+                .await
+                .unwrap(),
+        );
+    }
+    for id in &hung {
+        ledger.wait_for_call(*id, "payment", Phase::Action).await;
+    }
+    // The same start key from both processes: one saga.
+    let key = StartKey::new("order-9").unwrap();
+    let (x, y) = tokio::join!(
+        a.start_once("checkout", json!({"tag": "k"}), key.clone()),
+        b.start_once("checkout", json!({"tag": "k"}), key.clone()),
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert_eq!(x.id(), y.id());
+    assert_ne!(x.is_new(), y.is_new());
+    let other = b.start_once("checkout", json!({"tag": "other"}), key).await;
+    assert!(other.is_err(), "the key with another input is refused");
+
+    let killed = Instant::now();
+    drop(a);
+    // B claims A's sagas once their leases expire and drives them to the end.
+    for id in &hung {
+        let outcome = tokio::time::timeout(Duration::from_secs(30), b.wait(*id))
+            .await
+            .expect("taken over in time")
+            .unwrap();
+        assert!(
+            matches!(outcome, SagaOutcome::Completed { .. }),
+            "{outcome:?}"
+        );
+    }
+    eprintln!(
+        "takeover: A's 5 sagas completed by B {:?} after the kill (lease {TTL:?})",
+        killed.elapsed()
+    );
+    // A new process sees and waits on sagas B drove.
+    let c = open("C", &schema, &ledger).await;
+    for id in fine.iter().chain(&hung) {
+        let outcome = c.wait(*id).await.unwrap();
+        assert!(
+            matches!(outcome, SagaOutcome::Completed { .. }),
+            "{outcome:?}"
+        );
+        // Each payment took effect under one key, whoever drove it.
+        let keys: std::collections::BTreeSet<_> = ledger
+            .calls_of(*id, "payment", Phase::Action)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys.len(), 1);
+    }
+    b.shutdown().await.unwrap();
+    c.shutdown().await.unwrap();
+    drop((b, c));
+    cleanup(&schema);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_asked_of_another_process_is_applied_by_its_owner() {
+    let Some(schema) = schema() else { return };
+    let ledger = Ledger::new();
+    let a = open("A", &schema, &ledger).await;
+    let b = open("B", &schema, &ledger).await;
+    // The payment hangs until its 5 s attempt timeout: the saga is in flight on A.
+    ledger.script_tagged("x", "payment", Phase::Action, [Outcome::Hang]);
+    let id = a
+        .start("checkout", json!({"tag": "x"}), None)
+        .await
+        .unwrap();
+    ledger.wait_for_call(id, "payment", Phase::Action).await;
+    let meta = b.cancel(id, "ops@example", "customer asked").await.unwrap();
+    assert!(
+        meta.status.is_active(),
+        "recorded; the attempt still settles"
+    );
+    let outcome = b.wait(id).await.unwrap();
+    assert!(
+        matches!(&outcome, SagaOutcome::Cancelled { operator, .. } if operator == "ops@example"),
+        "{outcome:?}"
+    );
+    // Recorded in the saga's log, by its owner.
+    let history = a.history(id).unwrap();
+    assert!(history
+        .iter()
+        .any(|r| matches!(&r.event, sagaflow::machine::Event::CancelRequested { reason, .. } if reason == "customer asked")));
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    drop((a, b));
+    cleanup(&schema);
+}
