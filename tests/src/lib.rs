@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 
 pub mod check;
 pub mod crash;
+pub mod kill_ledger;
 pub mod sim;
 
 use crash::{CrashPlan, EffectFate};

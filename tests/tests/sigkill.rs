@@ -6,13 +6,13 @@
 //! `SAGA_KILLS` (default 20) sets the number of kills, `SAGA_KILL_SAGAS` (default 300)
 //! the number of sagas, `SAGA_SEED` the kill schedule.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sagaflow::store::{SagaLog, SledLog};
 use sagaflow::{SagaStatus, StartKey};
+use sagaflow_tests::kill_ledger::reconcile;
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -101,88 +101,24 @@ fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
     // Reconcile the ledger against the store.
     let log = SledLog::open(&dir).expect("open the store");
     let text = std::fs::read_to_string(&ledger).expect("ledger");
-    let mut applied: BTreeMap<String, BTreeSet<(String, char)>> = BTreeMap::new();
-    // Where each (saga, step, tag) last landed in the ledger, in arrival order.
-    let mut last_at: BTreeMap<(String, String, char), usize> = BTreeMap::new();
-    let mut lines = 0;
-    for line in text.lines() {
-        let (tag, key) = line
-            .split_once(' ')
-            .expect("a ledger line is `<A|C> <key>`");
-        let tag = tag.chars().next().expect("a tag");
-        let mut parts = key.split('/');
-        let (saga, step, phase) = (parts.next(), parts.next(), parts.next());
-        let (Some(saga), Some(step), Some(phase)) = (saga, step, phase) else {
-            panic!("malformed key {key}");
-        };
-        let want_phase = if tag == 'A' { "action" } else { "compensation" };
-        assert_eq!(phase, want_phase, "{line}");
-        applied
-            .entry(saga.to_string())
-            .or_default()
-            .insert((step.to_string(), tag));
-        last_at.insert((saga.to_string(), step.to_string(), tag), lines);
-        lines += 1;
-    }
-    let (mut completed, mut compensated) = (0, 0);
-    let mut known = BTreeSet::new();
-    for n in 0..sagas {
-        let key = StartKey::new(format!("order-{n}")).expect("key");
-        let id = log
-            .find_start_key(&key)
-            .expect("index")
-            .unwrap_or_else(|| panic!("order-{n} was never started"));
-        known.insert(id.to_string());
-        let meta = log.meta(id).expect("meta").expect("a summary");
-        let did: BTreeSet<(String, char)> =
-            applied.get(&id.to_string()).cloned().unwrap_or_default();
-        let has = |step: &str, tag: char| did.contains(&(step.to_string(), tag));
-        match meta.status {
-            SagaStatus::Completed => {
-                completed += 1;
-                for step in ["reserve", "charge", "ship", "notify"] {
-                    assert!(has(step, 'A'), "order-{n} completed without {step}");
-                    assert!(!has(step, 'C'), "order-{n} completed but {step} was undone");
-                }
-            }
-            SagaStatus::Compensated => {
-                compensated += 1;
-                for step in ["reserve", "charge"] {
-                    if has(step, 'A') {
-                        assert!(has(step, 'C'), "order-{n}: {step} was left applied");
-                        // No effect kept: the last charge landed before its refund, late
-                        // arrivals included (the ledger does not remember refunds).
-                        let at = |tag| last_at[&(id.to_string(), step.to_string(), tag)];
-                        assert!(
-                            at('A') < at('C'),
-                            "order-{n}: {step} landed after its undo (a request arrived late)"
-                        );
-                    }
-                }
-                assert!(
-                    !has("ship", 'A') && !has("notify", 'A'),
-                    "order-{n} passed the pivot"
-                );
-            }
-            other => panic!("order-{n} ended {other}: {:?}", meta.reason),
-        }
-    }
-    // One saga per start key: every saga in the store is one of ours.
-    let mut in_store = 0;
-    for status in SagaStatus::ALL {
-        in_store += log.with_status(status).expect("index").len();
-    }
-    assert_eq!(in_store as u64, sagas, "a start key made two sagas");
-    for saga in applied.keys() {
-        assert!(known.contains(saga), "an effect for unknown saga {saga}");
-    }
-    let distinct: usize = applied.values().map(BTreeSet::len).sum();
-    eprintln!(
-        "sigkill test: {completed} completed, {compensated} compensated; {lines} calls took \
-         effect under {distinct} keys ({} repeats of a key after a kill, absorbed by it)",
-        lines - distinct
+    let r = reconcile(&log, &text, sagas).expect("the ledger reconciles");
+    assert!(
+        r.lost == 0 && r.doubled == 0,
+        "{} lost, {} doubled: {:#?}",
+        r.lost,
+        r.doubled,
+        r.problems
     );
-    assert!(completed > 0 && compensated > 0);
+    eprintln!(
+        "sigkill test: {} completed, {} compensated; {} calls took effect under {} keys ({} \
+         repeats of a key after a kill, absorbed by it)",
+        r.completed,
+        r.compensated,
+        r.lines,
+        r.distinct,
+        r.lines - r.distinct
+    );
+    assert!(r.completed > 0 && r.compensated > 0);
     let late = (0..sagas).filter(|n| n % 5 == 1).count();
     eprintln!("sigkill test: {late} orders had their charge delivered late");
 }

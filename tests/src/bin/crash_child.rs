@@ -17,6 +17,11 @@
 //!
 //! With `abort`, the `reserve` step aborts the process (SIGABRT) every time it runs: a
 //! step that crash-loops the engine, which must park its saga after 5 interruptions.
+//!
+//! With `SAGAFLOW_CHILD_DATABASE_URL` set (and the `postgres` feature), the engine opens
+//! on that PostgreSQL database instead, in schema `SAGAFLOW_CHILD_SCHEMA`, as owner
+//! `SAGAFLOW_CHILD_OWNER`, with leases of `SAGAFLOW_CHILD_LEASE_MS`: several children then
+//! share the sagas (`tests/tests/pg_processes.rs`); `<data-dir>` is ignored.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -175,12 +180,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let service = Arc::new(Service {
         ledger: Mutex::new(OpenOptions::new().create(true).append(true).open(ledger)?),
     });
-    let engine = Arc::new(
-        Engine::builder()
-            .register(definition(&service, ledger, abort)?)
-            .open(dir)
-            .await?,
-    );
+    let builder = Engine::builder().register(definition(&service, ledger, abort)?);
+    let engine = Arc::new(match std::env::var("SAGAFLOW_CHILD_DATABASE_URL") {
+        #[cfg(feature = "postgres")]
+        Ok(url) => {
+            let env = |k: &str| std::env::var(k).unwrap_or_default();
+            let lease = env("SAGAFLOW_CHILD_LEASE_MS").parse().unwrap_or(1000);
+            builder
+                .owner(sagaflow::store::OwnerId::new(env("SAGAFLOW_CHILD_OWNER")))
+                .options(
+                    sagaflow::EngineOptions::default().with_lease_tick(Duration::from_millis(100)),
+                )
+                .open_postgres(
+                    &url,
+                    sagaflow::store::PgOptions::default()
+                        .schema(env("SAGAFLOW_CHILD_SCHEMA"))
+                        .lease_ttl(Duration::from_millis(lease)),
+                )
+                .await?
+        }
+        #[cfg(not(feature = "postgres"))]
+        Ok(_) => return Err("built without the postgres feature".into()),
+        Err(_) => builder.open(dir).await?,
+    });
     // At most 16 new sagas at a time, so a run lasts long enough to be killed often.
     let permits = Arc::new(tokio::sync::Semaphore::new(16));
     let mut waits = Vec::new();
