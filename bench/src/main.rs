@@ -16,6 +16,10 @@
 //!    limits; and a memory probe: live heap per in-flight saga, with 1024 sagas held
 //!    inside their first step (counted by a counting allocator).
 //!
+//! With the `postgres` feature and `--database-url` (or `DATABASE_URL`), it also runs
+//! 3-step sagas on PostgreSQL with one and two engine processes beside the server's raw
+//! commit rate (see `pg.rs`).
+//!
 //! The last line of output is one JSON object. Absolute figures drift on shared
 //! machines; the ratios to the raw limits measured in the same run are what to compare.
 
@@ -33,6 +37,9 @@ use sagaflow::{
 };
 use serde::de::IgnoredAny;
 use serde_json::json;
+
+#[cfg(feature = "postgres")]
+mod pg;
 
 /// Counts live heap bytes, so the memory probe can measure what in-flight sagas hold
 /// rather than what the process's resident set happens to be.
@@ -88,6 +95,8 @@ struct Args {
     raw_records: u64,
     concurrency: Vec<u64>,
     retention_soak: u64,
+    database_url: Option<String>,
+    pg_sagas: u64,
 }
 
 fn args() -> Result<Args, String> {
@@ -96,6 +105,8 @@ fn args() -> Result<Args, String> {
         raw_records: 2_000,
         concurrency: vec![1, 64, 1024],
         retention_soak: 0,
+        database_url: std::env::var("DATABASE_URL").ok(),
+        pg_sagas: 20_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -118,10 +129,14 @@ fn args() -> Result<Args, String> {
                     .parse()
                     .map_err(|e| format!("--retention-soak: {e}"))?
             }
+            "--database-url" => a.database_url = Some(value()?),
+            "--pg-sagas" => {
+                a.pg_sagas = value()?.parse().map_err(|e| format!("--pg-sagas: {e}"))?
+            }
             "-h" | "--help" => {
                 println!(
                     "usage: sagaflow-bench [--sagas N] [--raw-records N] [--concurrency 1,64,1024] \
-                     [--retention-soak N]"
+                     [--retention-soak N] [--database-url URL] [--pg-sagas N]"
                 );
                 std::process::exit(0);
             }
@@ -590,6 +605,17 @@ fn run_with_retention(
 }
 
 fn main() {
+    #[cfg(feature = "postgres")]
+    {
+        let argv: Vec<String> = std::env::args().collect();
+        if argv.get(1).map(String::as_str) == Some("--pg-worker") {
+            if let Err(e) = pg::worker(&argv[2..]) {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+            return;
+        }
+    }
     let a = match args() {
         Ok(a) => a,
         Err(e) => {
@@ -715,7 +741,69 @@ fn main() {
             println!("  {n:>9}: {:>8.1} MiB", *bytes as f64 / (1 << 20) as f64);
         }
     }
+    #[cfg(feature = "postgres")]
+    let pgf = a
+        .database_url
+        .as_deref()
+        .and_then(|url| pg::measure(&rt, url, a.pg_sagas));
+    #[cfg(not(feature = "postgres"))]
+    let pgf: Option<()> = {
+        if a.database_url.is_some() {
+            println!("built without the `postgres` feature: no PostgreSQL figures");
+        }
+        None
+    };
+    #[cfg(feature = "postgres")]
+    if let Some(f) = &pgf {
+        println!(
+            "{:<22} {:>8} {:>10} {:>8} {:>8} {:>16}",
+            "PostgreSQL run", "sagas", "sagas/s", "p50 ms", "p99 ms", "vs raw commits"
+        );
+        for r in &f.runs {
+            println!(
+                "{:<22} {:>8} {:>10.0} {:>8.2} {:>8.2} {:>16.3}",
+                format!("3-step p={} c={}", r.processes, r.concurrency),
+                r.sagas,
+                r.sagas_per_sec(),
+                r.p50_ms,
+                r.p99_ms,
+                r.sagas_per_sec() / f.raw_commits_c64
+            );
+        }
+    }
+    #[cfg(feature = "postgres")]
+    let pg_key = |p: u32, c: u64, what: &str| -> Option<f64> {
+        let r = pgf
+            .as_ref()?
+            .runs
+            .iter()
+            .find(|r| r.processes == p && r.concurrency == c)?;
+        Some(match what {
+            "rate" => r.sagas_per_sec().round(),
+            "p50" => r.p50_ms,
+            _ => r.p99_ms,
+        })
+    };
+    #[cfg(not(feature = "postgres"))]
+    let pg_key = |_: u32, _: u64, _: &str| -> Option<f64> { pgf.map(|()| 0.0) };
+    #[cfg(feature = "postgres")]
+    let pg_raw = pgf
+        .as_ref()
+        .map(|f| (f.raw_commits_c1.round(), f.raw_commits_c64.round()));
+    #[cfg(not(feature = "postgres"))]
+    let pg_raw: Option<(f64, f64)> = None;
     let json = json!({
+        "pg_sagas_per_sec_c1024_1proc": pg_key(1, 1024, "rate"),
+        "pg_sagas_per_sec_c1024_2proc": pg_key(2, 1024, "rate"),
+        "pg_sagas_per_sec_c64_1proc": pg_key(1, 64, "rate"),
+        "pg_sagas_per_sec_c64_2proc": pg_key(2, 64, "rate"),
+        "pg_sagas_per_sec_c1": pg_key(1, 1, "rate"),
+        "pg_p50_ms_c1": pg_key(1, 1, "p50"),
+        "pg_p99_ms_c1": pg_key(1, 1, "p99"),
+        "pg_p50_ms_c1024_2proc": pg_key(2, 1024, "p50"),
+        "pg_p99_ms_c1024_2proc": pg_key(2, 1024, "p99"),
+        "pg_raw_commits_per_sec_c1": pg_raw.map(|r| r.0),
+        "pg_raw_commits_per_sec_c64": pg_raw.map(|r| r.1),
         "raw_fsync_per_sec": fsync.round(),
         "raw_group_commit_records_per_sec": group.round(),
         "sagas_per_sec_c1": c1.map(|r| r.sagas_per_sec().round()),

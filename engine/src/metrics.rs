@@ -169,7 +169,7 @@ impl Metrics {
         );
         registry.register(
             "sagas_claimed",
-            "Sagas claimed from another engine process whose lease expired (shared store)",
+            "Sagas claimed by this process in a shared store: at open, from a process whose lease expired, or handed back and now due",
             m.claimed.clone(),
         );
         registry.register(

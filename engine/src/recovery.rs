@@ -99,7 +99,9 @@ pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<RecoveryReport> {
     }
     if inner.shared() {
         // Whatever can be claimed now; the lease task claims the rest as leases expire.
-        while crate::executor::claim_once(inner, &mut report).await? >= inner.options.claim_batch {}
+        while crate::executor::claim_once(inner, &mut report).await?
+            >= inner.options.claim_batch.max(1)
+        {}
         log_report(&report);
         return Ok(report);
     }

@@ -379,3 +379,43 @@ fn the_same_seed_gives_the_same_log() {
         "two runs of one seed wrote different stores"
     );
 }
+
+/// A driver that stops on a store error (a failed commit) leaves its lease held by a
+/// live process; the renewal task gives such a lease back, and the saga is claimed and
+/// finished rather than stranded until the process restarts.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_saga_whose_driver_stopped_on_a_store_error_is_not_stranded() {
+    let clock: Arc<dyn Clock> = Arc::new(TokioClock::starting_at(Timestamp::from_millis(
+        1_700_000_000_000,
+    )));
+    let store = Arc::new(MemLog::shared(clock.clone(), TTL));
+    let ledger = Ledger::new();
+    let a = open("A", store.clone(), &clock, &ledger, 5).await;
+    ledger.script_tagged("s", "payment", Phase::Action, [Outcome::Hang]);
+    let id = a
+        .start("checkout", json!({"tag": "s"}), None)
+        .await
+        .unwrap();
+    ledger.wait_for_call(id, "payment", Phase::Action).await;
+    // The commit after the hung attempt times out fails: the driver stops.
+    store.fail_next_syncs(1);
+    let outcome = tokio::time::timeout(Duration::from_secs(60), a.wait(id))
+        .await
+        .expect("the saga was not stranded")
+        .unwrap();
+    assert!(
+        matches!(outcome, sagaflow::SagaOutcome::Completed { .. }),
+        "{outcome:?}"
+    );
+    let epochs: Vec<u64> = store
+        .accepted_fences()
+        .iter()
+        .filter(|(s, ..)| *s == id)
+        .map(|(.., e)| *e)
+        .collect();
+    assert!(
+        epochs.last() > Some(&1),
+        "finished under a new epoch: {epochs:?}"
+    );
+    a.shutdown().await.unwrap();
+}

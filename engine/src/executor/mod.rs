@@ -209,7 +209,8 @@ pub struct EngineOptions {
     /// are renewed every third of their time to live). A takeover after a crash happens
     /// within the lease's time to live plus one tick.
     pub lease_tick: Duration,
-    /// In a shared store: at most this many sagas claimed per store call.
+    /// In a shared store: at most this many sagas claimed per store call (at least 1
+    /// is used).
     pub claim_batch: usize,
 }
 
@@ -503,7 +504,12 @@ impl Inner {
                     // Another process holds the saga now, or it was handed back to the
                     // store to wait for its timer: nothing went wrong here.
                     Err(e @ (Error::Fenced { .. } | Error::NotRunning(_))) if inner.shared() => {
-                        tracing::info!(reason = %e, "this process stopped driving the saga");
+                        tracing::info!(reason = %e, code = e.code(), "this process stopped driving the saga");
+                    }
+                    // Another process started a saga under the same key first: this
+                    // one was never written, and `start` answers with the other.
+                    Err(e @ Error::StartKeyConflict { .. }) if inner.shared() => {
+                        tracing::debug!(reason = %e, "start key taken by another process");
                     }
                     Err(e) => tracing::error!(error = %e, code = e.code(), "saga stopped"),
                 }
@@ -723,6 +729,7 @@ impl EngineBuilder {
         let report = recovery::recover(&inner).await?;
         if inner.shared() {
             tracing::info!(owner = %inner.owner, "sharing the store: leases on");
+            lock(&inner.tasks).spawn(ownership::renew(inner.clone()));
             lock(&inner.tasks).spawn(ownership::run(inner.clone()));
         }
         if let Some(threshold) = inner.options.stuck_after {
@@ -1163,9 +1170,11 @@ impl Engine {
                 .map(|slot| slot.get_or_insert_with(Default::default).clone());
             if let Some(cell) = cell {
                 match cell.get().await {
-                    // Another process drives it now, or it waits in the store for its
-                    // timer: its end is read from the store.
-                    Err(Error::Fenced { .. } | Error::NotRunning(_)) if inner.shared() => {}
+                    // Another process drives it now, it waits in the store for its
+                    // timer, or its driver stopped on a store error and its lease goes
+                    // back to be claimed: its end is read from the store.
+                    Err(Error::Fenced { .. } | Error::NotRunning(_) | Error::Store(_))
+                        if inner.shared() => {}
                     other => return other,
                 }
             }

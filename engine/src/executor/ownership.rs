@@ -1,11 +1,14 @@
 //! Sharing a store with other engine processes (G9): the lease task, adopting a saga
 //! nobody drives, and asking another process's driver for a repair.
 //!
-//! One task per engine renews every lease this process holds in one store call, claims
-//! sagas whose lease expired (or whose timer is due after they were handed back), and
-//! picks up the repairs other processes recorded for its sagas. Its calls per tick do
-//! not depend on the number of sagas or definitions: an idle engine makes at most three
-//! store calls a tick, plus one renewal every third of a lease.
+//! One task per engine renews every lease this process holds, in one store call every
+//! third of a lease, and gives back leases it holds without driving the saga (a driver
+//! that stopped on a store error). Another claims sagas whose lease expired (or whose
+//! timer is due after they were handed back) and picks up the repairs other processes
+//! recorded for its sagas, every `lease_tick`. Renewals have their own task so that a
+//! large takeover, which reads every claimed saga's log, never delays them. Neither
+//! task's calls depend on the number of sagas or definitions: an idle engine makes two
+//! store calls a tick plus one renewal every third of a lease.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,7 +55,7 @@ pub(crate) async fn claim_once(inner: &Arc<Inner>, report: &mut RecoveryReport) 
     let batch = inner.options.claim_batch;
     let leases = inner
         .io(move |store| match store.leases() {
-            Some(l) => l.claim(&owner, batch),
+            Some(l) => l.claim(&owner, batch.max(1)),
             None => Ok(Vec::new()),
         })
         .await??;
@@ -84,43 +87,75 @@ pub(crate) async fn give_back(inner: &Arc<Inner>, lease: Lease) {
     }
 }
 
-/// The lease task: renew, claim, answer requests; every `lease_tick`.
-pub(crate) async fn run(inner: Arc<Inner>) {
+/// Renews this process's leases every third of a lease, and gives back those it holds
+/// without a driver here (seen so at two renewals in a row, so that a saga being
+/// claimed and started meanwhile is not given back).
+pub(crate) async fn renew(inner: Arc<Inner>) {
     let Some(ttl) = inner.store.leases().map(|l| l.ttl()) else {
         return;
     };
-    let tick = inner.options.lease_tick.max(Duration::from_millis(10));
-    // Renewed three times a lease, so that one missed renewal costs nothing.
-    let renew_every = (ttl / 3).max(tick);
+    let every = (ttl / 3).max(Duration::from_millis(10));
     let mut stopping = inner.stopping.subscribe();
-    let mut next_renewal = inner.clock.now();
-    // Requests being applied: each waits for its saga's attempt to settle, on a task of
-    // its own, so that the renewals here never wait for an attempt.
-    let in_hand: Arc<std::sync::Mutex<std::collections::HashSet<u64>>> = Arc::default();
+    let mut orphans: std::collections::HashSet<SagaId> = std::collections::HashSet::new();
     loop {
         if *stopping.borrow_and_update() {
             return;
         }
-        let now = inner.clock.now();
-        if now >= next_renewal {
-            next_renewal = now.saturating_add(renew_every);
-            let owner = inner.owner.clone();
-            match inner
-                .io(move |store| store.leases().map(|l| l.renew(&owner)))
-                .await
-            {
-                Ok(Some(Ok(held))) => inner.metrics.leases_held(held.len()),
-                Ok(Some(Err(e))) => tracing::warn!(error = %e, "lease renewal failed"),
-                Ok(None) => return,
-                Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
+        let owner = inner.owner.clone();
+        match inner
+            .io(move |store| store.leases().map(|l| l.renew(&owner)))
+            .await
+        {
+            Ok(Some(Ok(held))) => {
+                inner.metrics.leases_held(held.len());
+                let undriven: std::collections::HashSet<SagaId> = {
+                    let running = lock(&inner.running);
+                    held.iter()
+                        .map(|l| l.saga)
+                        .filter(|id| !running.contains_key(id))
+                        .collect()
+                };
+                for lease in held.iter().filter(|l| orphans.contains(&l.saga)) {
+                    if undriven.contains(&lease.saga) {
+                        tracing::info!(saga_id = %lease.saga, "giving back a lease no driver here uses");
+                        give_back(&inner, *lease).await;
+                    }
+                }
+                orphans = undriven;
             }
+            Ok(Some(Err(e))) => tracing::warn!(error = %e, "lease renewal failed"),
+            Ok(None) => return,
+            Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
+        }
+        let next = inner.clock.now().saturating_add(every);
+        tokio::select! {
+            biased;
+            _ = stopping.changed() => return,
+            () = inner.clock.sleep_until(next) => {}
+        }
+    }
+}
+
+/// Claims expired leases and answers requests, every `lease_tick`.
+pub(crate) async fn run(inner: Arc<Inner>) {
+    if inner.store.leases().is_none() {
+        return;
+    }
+    let tick = inner.options.lease_tick.max(Duration::from_millis(10));
+    let mut stopping = inner.stopping.subscribe();
+    // Requests being applied: each waits for its saga's attempt to settle, on a task of
+    // its own, so that claims here never wait for an attempt.
+    let in_hand: Arc<std::sync::Mutex<std::collections::HashSet<u64>>> = Arc::default();
+    loop {
+        if *stopping.borrow_and_update() {
+            return;
         }
         // Claims in batches while there are more, so a dead process's sagas are taken
         // over at once rather than a batch per tick.
         let mut report = RecoveryReport::default();
         loop {
             match claim_once(&inner, &mut report).await {
-                Ok(n) if n >= inner.options.claim_batch && !*stopping.borrow() => continue,
+                Ok(n) if n >= inner.options.claim_batch.max(1) && !*stopping.borrow() => continue,
                 Ok(_) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "claiming sagas failed");

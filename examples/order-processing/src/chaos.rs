@@ -39,6 +39,9 @@ pub struct ChaosConfig {
     pub exe: PathBuf,
     /// Show a progress bar on standard error.
     pub progress: bool,
+    /// Run two replicas of the service on this PostgreSQL database (in a fresh schema),
+    /// spread the clients across both, and kill only the first.
+    pub database_url: Option<String>,
 }
 
 /// The reconciliation report.
@@ -163,33 +166,68 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
         secrets,
     )
     .await?;
-    // A free port for the service, kept across restarts.
-    let port = {
+    // One replica on sled; two on PostgreSQL, sharing the sagas. Free ports, kept
+    // across restarts.
+    let replicas = if cfg.database_url.is_some() { 2 } else { 1 };
+    let mut ports = Vec::new();
+    for _ in 0..replicas {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?.port()
-    };
-    let base = format!("http://127.0.0.1:{port}");
+        ports.push(l.local_addr()?.port());
+    }
+    let bases: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let base = bases[0].clone();
     *webhook_url.lock().unwrap_or_else(|p| p.into_inner()) =
         Some(format!("{base}/webhooks/payments"));
     let addresses = cfg.dir.join("addresses.json");
     std::fs::write(&addresses, serde_json::to_vec_pretty(&providers.addresses)?)?;
-    let service = Arc::new(Supervisor {
-        exe: cfg.exe.clone(),
-        args: vec![
+    let schema = format!(
+        "chaos_{}_{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() % 1_000_000)
+    );
+    let mut supervisors = Vec::new();
+    for (k, port) in ports.iter().enumerate() {
+        let data = if replicas == 1 {
+            cfg.dir.join("data")
+        } else {
+            cfg.dir.join(format!("data-{k}"))
+        };
+        let mut args = vec![
             "serve".into(),
             "--data-dir".into(),
-            cfg.dir.join("data").display().to_string(),
+            data.display().to_string(),
             "--addresses".into(),
             addresses.display().to_string(),
             "--env-file".into(),
             env_file.display().to_string(),
             "--listen".into(),
             format!("127.0.0.1:{port}"),
-        ],
-        log: cfg.dir.join("service.log"),
-        child: tokio::sync::Mutex::new(None),
-    });
-    service.start().await?;
+        ];
+        if let Some(url) = &cfg.database_url {
+            args.extend(["--database-url".into(), url.clone()]);
+            args.extend(["--pg-schema".into(), schema.clone()]);
+        }
+        supervisors.push(Arc::new(Supervisor {
+            exe: cfg.exe.clone(),
+            args,
+            log: cfg.dir.join(format!("service-{k}.log")),
+            child: tokio::sync::Mutex::new(None),
+        }));
+    }
+    // The first starts alone, so that it creates the schema before the second opens.
+    for (s, base) in supervisors.iter().zip(&bases) {
+        s.start().await?;
+        if replicas > 1 {
+            wait_until_up(base).await;
+        }
+    }
+    // Only the first replica is killed: on PostgreSQL the second takes its sagas over.
+    let service = supervisors[0].clone();
 
     let kills = Arc::new(AtomicU32::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -252,9 +290,9 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..cfg.orders {
         let permit = permits.clone().acquire_owned().await?;
-        let (client, base, ids, problems, submitted, replays) = (
+        let (client, bases, ids, problems, submitted, replays) = (
             client.clone(),
-            base.clone(),
+            bases.clone(),
             ids.clone(),
             problems.clone(),
             submitted.clone(),
@@ -263,7 +301,7 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
         tasks.spawn(async move {
             let order = order_for(i);
             let key = format!("order-{i}");
-            let id = place(&client, &base, &key, &order).await;
+            let id = place(&client, &bases, i as usize, &key, &order).await;
             match &id {
                 Ok(id) => {
                     ids.lock()
@@ -271,7 +309,7 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
                         .insert(i, id.clone());
                     // Every tenth client retries as if it never heard back: same order.
                     if i % 10 == 0 {
-                        match place(&client, &base, &key, &order).await {
+                        match place(&client, &bases, i as usize + 1, &key, &order).await {
                             Ok(again) if &again == id => {
                                 replays.fetch_add(1, Ordering::Relaxed);
                             }
@@ -310,7 +348,9 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
             )),
     }
 
-    // Wait until every saga has ended.
+    // Wait until every saga has ended (asking the last replica, never killed, when
+    // there are two: any replica answers for every saga).
+    let base = bases[bases.len() - 1].clone();
     let ids = ids.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut status: BTreeMap<u32, String> = BTreeMap::new();
     let mut parked_reasons: BTreeMap<u32, String> = BTreeMap::new();
@@ -401,7 +441,22 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
     {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    service.kill().await?;
+    for s in &supervisors {
+        s.kill().await?;
+    }
+    // The run's schema goes with it (the reconciliation below reads the providers).
+    #[cfg(feature = "postgres")]
+    if let Some(url) = &cfg.database_url {
+        let options = sagaflow::store::PgOptions::default().schema(schema.clone());
+        let url = url.clone();
+        let dropped = tokio::task::spawn_blocking(move || {
+            sagaflow::store::PgLog::connect(&url, options).and_then(|pg| pg.drop_schema())
+        })
+        .await;
+        if !matches!(dropped, Ok(Ok(()))) {
+            tracing::warn!(%schema, "could not drop the run's schema");
+        }
+    }
     if let Some(p) = progress {
         ended.store(u64::from(cfg.orders), Ordering::Relaxed);
         let _ = p.await;
@@ -505,14 +560,17 @@ async fn post(
     Ok((status, r.json().await.unwrap_or(Value::Null)))
 }
 
-/// Places an order, retrying with the same key while the service is down or busy.
+/// Places an order, retrying with the same key while the service is down or busy: at
+/// replica `first` of `bases`, then at the next one after each failure.
 async fn place(
     client: &reqwest::Client,
-    base: &str,
+    bases: &[String],
+    first: usize,
     key: &str,
     order: &OrderRequest,
 ) -> Result<String, String> {
-    for _ in 0..2_000 {
+    for n in 0..2_000 {
+        let base = &bases[(first + n) % bases.len()];
         match post(client, base, key, order).await {
             Ok((202, v)) => {
                 return v["order_id"]
@@ -613,6 +671,19 @@ fn reconcile(p: &Providers, ids: &BTreeMap<u32, String>, status: &BTreeMap<u32, 
         }
     }
     r
+}
+
+/// Waits (at most 30 s) until a replica answers HTTP at `base` (any answer, a 404 for
+/// this path included: it listens, so its engine is open).
+async fn wait_until_up(base: &str) {
+    let client = reqwest::Client::new();
+    let until = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < until {
+        if client.get(format!("{base}/healthz")).send().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,10 @@
 //! # everything at once: providers, the service killed with SIGKILL every 2 s, a report
 //! cargo run --release -p example-order-processing -- chaos --orders 2000 --concurrency 64 --fail-rate 0.2 --kill-every 2s
 //!
+//! # two replicas on one PostgreSQL database, the first killed again and again
+//! cargo run --release -p example-order-processing --features postgres -- chaos --orders 2000 \
+//!     --database-url postgres://postgres@127.0.0.1/test
+//!
 //! # or by hand (see README.md's walkthrough)
 //! cargo run -p example-order-processing -- providers --dir /tmp/shop/providers --webhook-url http://127.0.0.1:8080/webhooks/payments
 //! cargo run -p example-order-processing -- serve --data-dir /tmp/shop/data --addresses /tmp/shop/providers/addresses.json \
@@ -95,9 +99,17 @@ enum Cmd {
     /// secret is rotated without downtime), and SAGAFLOW_ADMIN_TOKEN /
     /// SAGAFLOW_READ_TOKEN (at least 16 bytes; unset: no admin API).
     Serve {
-        /// The engine's sled directory.
+        /// The engine's sled directory (with --database-url: only the service's own
+        /// files, such as its memory of settled webhooks).
         #[arg(long)]
         data_dir: PathBuf,
+        /// A PostgreSQL database shared with other replicas, instead of the sled
+        /// directory (needs the `postgres` feature).
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
+        /// The schema the engine's tables live in, with --database-url.
+        #[arg(long, default_value = "sagaflow")]
+        pg_schema: String,
         /// The providers' addresses.json.
         #[arg(long)]
         addresses: PathBuf,
@@ -145,12 +157,19 @@ enum Cmd {
         /// Working directory (a temporary one if not given).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Run two service replicas on this PostgreSQL database (a fresh schema),
+        /// clients spread across both, and kill only the first (needs the `postgres`
+        /// feature).
+        #[arg(long)]
+        database_url: Option<String>,
     },
 }
 
 #[derive(Debug)]
 struct ServeArgs {
     data_dir: PathBuf,
+    database_url: Option<String>,
+    pg_schema: String,
     addresses: PathBuf,
     env_file: Option<PathBuf>,
     listen: String,
@@ -201,12 +220,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&args.data_dir)?;
     let integrations = saga::Integrations::new(&a, &secrets.client_secret);
-    let engine = Arc::new(
-        Engine::builder()
-            .register(saga::definition(&integrations)?)
-            .open(&args.data_dir)
-            .await?,
-    );
+    let builder = Engine::builder().register(saga::definition(&integrations)?);
+    let engine = Arc::new(match &args.database_url {
+        None => builder.open(&args.data_dir).await?,
+        #[cfg(feature = "postgres")]
+        Some(url) => {
+            builder
+                .open_postgres(
+                    url,
+                    sagaflow::store::PgOptions::default().schema(args.pg_schema.clone()),
+                )
+                .await?
+        }
+        #[cfg(not(feature = "postgres"))]
+        Some(_) => anyhow::bail!(
+            "--database-url needs the `postgres` feature: cargo run --features postgres ..."
+        ),
+    });
     tracing::info!(recovered = ?engine.recovery(), "engine open");
     let svc = service::Service::new(engine.clone(), secrets.webhook_secrets, &args.data_dir)?;
     tracing::info!(listen = %public.local_addr()?, limits = ?args.limits, "order service listening");
@@ -282,6 +312,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Serve {
             data_dir,
+            database_url,
+            pg_schema,
             addresses,
             env_file,
             listen,
@@ -292,6 +324,8 @@ async fn main() -> anyhow::Result<()> {
         } => {
             serve(ServeArgs {
                 data_dir,
+                database_url,
+                pg_schema,
                 addresses,
                 env_file,
                 listen,
@@ -312,6 +346,7 @@ async fn main() -> anyhow::Result<()> {
             kill_every,
             kills,
             dir,
+            database_url,
         } => {
             let tmp = tempfile::tempdir()?;
             let dir = dir.unwrap_or_else(|| tmp.path().to_path_buf());
@@ -325,6 +360,7 @@ async fn main() -> anyhow::Result<()> {
                 dir,
                 exe: std::env::current_exe()?,
                 progress: true,
+                database_url,
             })
             .await?;
             println!("orders        {}", report.orders);

@@ -19,6 +19,7 @@ async fn a_hundred_orders_survive_three_kills_with_nothing_double_charged() {
         dir: dir.path().to_path_buf(),
         exe: env!("CARGO_BIN_EXE_order-processing").into(),
         progress: false,
+        database_url: None,
     })
     .await
     .unwrap();
@@ -50,4 +51,46 @@ async fn a_hundred_orders_survive_three_kills_with_nothing_double_charged() {
         .collect();
     assert_eq!(declined.len(), 1, "{report:?}");
     assert!(declined[0].contains("attempt N"), "{report:?}");
+}
+
+/// Two replicas on one PostgreSQL database, clients spread across both, the first
+/// killed again and again: the second takes its sagas over, and everything reconciles.
+/// Skipped without a server (`SAGAFLOW_TEST_DATABASE_URL`), unless `CI` is set.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_postgres_survive_kills_of_one() {
+    let url = std::env::var("SAGAFLOW_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into());
+    if let Err(e) = sagaflow::store::PgLog::connect(
+        &url,
+        sagaflow::store::PgOptions::default().schema("chaos_probe"),
+    ) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set and PostgreSQL is not usable: {e}"
+        );
+        eprintln!("skipping: no PostgreSQL at `{url}` ({e})");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let report = run(ChaosConfig {
+        orders: 100,
+        concurrency: 8,
+        fail_rate: 0.2,
+        latency_ms: 60,
+        kill_every: Duration::from_millis(400),
+        max_kills: 3,
+        dir: dir.path().to_path_buf(),
+        exe: env!("CARGO_BIN_EXE_order-processing").into(),
+        progress: false,
+        database_url: Some(url),
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.problems, Vec::<String>::new());
+    assert_eq!(report.mismatches, 0);
+    assert_eq!(report.kills, 3, "{report:?}");
+    assert_eq!(report.completed + report.compensated + report.parked, 100);
+    assert!(report.completed > 0 && report.compensated > 0, "{report:?}");
+    assert_eq!(report.charges, report.completed as usize + report.refunds);
 }
