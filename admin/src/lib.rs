@@ -287,6 +287,18 @@ fn refuse(status: StatusCode, error: impl Into<String>, code: Option<&str>) -> R
         .into_response()
 }
 
+/// Runs a query of the engine's on a blocking thread: with a networked store (PostgreSQL)
+/// a read takes a round trip, which must not hold up the runtime's other requests.
+async fn off_runtime<T: Send + 'static>(
+    engine: &Arc<Engine>,
+    f: impl FnOnce(&Engine) -> T + Send + 'static,
+) -> Result<T, Response> {
+    let engine = engine.clone();
+    tokio::task::spawn_blocking(move || f(&engine))
+        .await
+        .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None))
+}
+
 fn engine_error(e: Error) -> Response {
     let status = match &e {
         Error::UnknownSaga(_) => StatusCode::NOT_FOUND,
@@ -354,6 +366,11 @@ pub struct ListQuery {
     pub stuck_for_secs: Option<u64>,
     /// At most this many (1 or more); absent for no limit.
     pub limit: Option<usize>,
+    /// A cursor: only sagas after this saga id (the last of the previous page), or
+    /// before it with `newest_first`.
+    pub after: Option<String>,
+    /// Newest first instead of oldest first.
+    pub newest_first: Option<bool>,
 }
 
 impl ListQuery {
@@ -383,6 +400,12 @@ impl ListQuery {
             }
             f = f.limit(n);
         }
+        if let Some(a) = &self.after {
+            f = f.after(parse_id(a)?);
+        }
+        if self.newest_first == Some(true) {
+            f = f.newest_first();
+        }
         Ok(f)
     }
 }
@@ -392,9 +415,10 @@ async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Resp
         Ok(f) => f,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, e, None),
     };
-    match state.engine.find(&filter) {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => engine_error(e),
+    match off_runtime(&state.engine, move |e| e.find(&filter)).await {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(e)) => engine_error(e),
+        Err(r) => r,
     }
 }
 
@@ -420,20 +444,21 @@ async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Response
         Ok(id) => id,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, e, None),
     };
-    let summary = match state.engine.status(id) {
-        Ok(s) => s,
-        Err(e) => return engine_error(e),
-    };
     // As far as it can be read: an operator must be able to see a corrupt saga's log
     // up to the damage before resolving it.
-    match state.engine.readable_log(id) {
-        Ok(log) => Json(SagaView {
+    let read = off_runtime(&state.engine, move |e| {
+        e.status(id)
+            .and_then(|summary| e.readable_log(id).map(|log| (summary, log)))
+    });
+    match read.await {
+        Ok(Ok((summary, log))) => Json(SagaView {
             summary,
             history: log.records,
             problems: log.problems,
         })
         .into_response(),
-        Err(e) => engine_error(e),
+        Ok(Err(e)) => engine_error(e),
+        Err(r) => r,
     }
 }
 
@@ -444,9 +469,10 @@ struct StatsQuery {
 
 async fn stats(State(state): State<AppState>, Query(q): Query<StatsQuery>) -> Response {
     let after = Duration::from_secs(q.stuck_after_secs.unwrap_or(900));
-    match state.engine.stats(after) {
-        Ok(s) => Json::<Stats>(s).into_response(),
-        Err(e) => engine_error(e),
+    match off_runtime(&state.engine, move |e| e.stats(after)).await {
+        Ok(Ok(s)) => Json::<Stats>(s).into_response(),
+        Ok(Err(e)) => engine_error(e),
+        Err(r) => r,
     }
 }
 
@@ -572,12 +598,16 @@ async fn purge(
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    let text = match off_runtime(&state.engine, |e| e.metrics_text()).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.engine.metrics_text(),
+        text,
     )
         .into_response()
 }

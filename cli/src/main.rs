@@ -58,6 +58,13 @@ enum Command {
         /// At most this many.
         #[arg(long)]
         limit: Option<usize>,
+        /// Only sagas after this one: the last id of the previous page (before it with
+        /// --newest-first).
+        #[arg(long)]
+        after: Option<SagaId>,
+        /// Newest first.
+        #[arg(long)]
+        newest_first: bool,
     },
     /// Show one saga's timeline: every transition with its time, attempt, error and key.
     Show {
@@ -731,6 +738,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             older_than,
             stuck_for,
             limit,
+            after,
+            newest_first,
         } => {
             let q = ListQuery {
                 status: status.clone(),
@@ -738,6 +747,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 older_than_secs: older_than.map(|d| d.as_secs()),
                 stuck_for_secs: stuck_for.map(|d| d.as_secs()),
                 limit: *limit,
+                after: after.map(|id| id.to_string()),
+                newest_first: newest_first.then_some(true),
             };
             let metas = backend.list(&q).await?;
             return emit(cli.json, &metas, print_list);

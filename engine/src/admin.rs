@@ -40,8 +40,13 @@ pub struct ListFilter {
     pub older_than: Option<Duration>,
     /// Only sagas stuck for at least this long (see [`is_stuck`]).
     pub stuck_for: Option<Duration>,
-    /// At most this many, oldest first.
+    /// At most this many.
     pub limit: Option<usize>,
+    /// Only sagas after this one (a cursor: the last id of the previous page), or
+    /// before it with [`ListFilter::newest_first`].
+    pub after: Option<SagaId>,
+    /// Newest first instead of oldest first.
+    pub newest_first: bool,
 }
 
 impl ListFilter {
@@ -74,7 +79,22 @@ impl ListFilter {
         self.limit = Some(n);
         self
     }
+
+    /// Sets [`ListFilter::after`].
+    pub fn after(mut self, id: SagaId) -> Self {
+        self.after = Some(id);
+        self
+    }
+
+    /// Sets [`ListFilter::newest_first`].
+    pub fn newest_first(mut self) -> Self {
+        self.newest_first = true;
+        self
+    }
 }
+
+/// Summaries read per store call while listing.
+const PAGE: usize = 500;
 
 /// Whether a saga is stuck at `now`: running or compensating, with no transition for
 /// longer than `threshold`, and not waiting for a retry that is still to come (a saga
@@ -86,51 +106,62 @@ pub fn is_stuck(meta: &SagaMeta, now: Timestamp, threshold: Duration) -> bool {
         && meta.due.is_none_or(|due| due <= now)
 }
 
-/// The sagas in `store` that pass `filter`, oldest first. A summary that does not
-/// decode is skipped with a warning, so one bad saga does not hide the others.
+/// The sagas in `store` that pass `filter`, oldest first (or newest first), from its
+/// cursor on. Pages through an index ([`SagaLog::page`]): a page of a status costs the
+/// same in a store of a million sagas as in one of ten; a filter on definition or age
+/// reads on until it has `limit` matches. A summary that does not decode is skipped
+/// with a warning, so one bad saga does not hide the others.
 ///
 /// # Errors
 ///
 /// [`Error::Store`] if an index cannot be read.
 pub fn list(store: &dyn SagaLog, filter: &ListFilter, now: Timestamp) -> Result<Vec<SagaMeta>> {
-    let statuses: Vec<SagaStatus> = match (filter.status, filter.stuck_for) {
-        (Some(s), _) => vec![s],
-        (None, Some(_)) => vec![SagaStatus::Running, SagaStatus::Compensating],
-        (None, None) => SagaStatus::ALL.to_vec(),
-    };
-    let mut ids = Vec::new();
-    for s in statuses {
-        ids.extend(store.with_status(s)?);
-    }
-    ids.sort();
+    let want = filter.limit.unwrap_or(usize::MAX);
     let mut out = Vec::new();
-    if filter.limit == Some(0) {
+    if want == 0 {
         return Ok(out);
     }
-    for id in ids {
-        let meta = match store.meta(id) {
-            Ok(Some(m)) => m,
-            Ok(None) => continue,
-            Err(e) => {
-                tracing::warn!(saga_id = %id, error = %e, "summary does not decode");
-                continue;
-            }
-        };
-        let keep = filter
+    let keep = |meta: &SagaMeta| {
+        filter
             .definition
             .as_ref()
             .is_none_or(|d| *d == meta.definition)
             && filter
                 .older_than
                 .is_none_or(|d| now.duration_since(meta.created_at) >= d)
-            && filter.stuck_for.is_none_or(|d| is_stuck(&meta, now, d));
-        if keep {
-            out.push(meta);
-            if filter.limit.is_some_and(|n| out.len() >= n) {
+            && filter.stuck_for.is_none_or(|d| is_stuck(meta, now, d))
+    };
+    let statuses: Vec<Option<SagaStatus>> = match (filter.status, filter.stuck_for) {
+        (Some(s), _) => vec![Some(s)],
+        // Stuck means active: the two active statuses, merged in id order below.
+        (None, Some(_)) => vec![Some(SagaStatus::Running), Some(SagaStatus::Compensating)],
+        (None, None) => vec![None],
+    };
+    let single = statuses.len() == 1;
+    for status in statuses {
+        let mut cursor = filter.after;
+        loop {
+            let page = store.page(status, cursor, PAGE, filter.newest_first)?;
+            let full = page.len() == PAGE;
+            for meta in page {
+                cursor = Some(meta.id);
+                if keep(&meta) {
+                    out.push(meta);
+                    if single && out.len() >= want {
+                        return Ok(out);
+                    }
+                }
+            }
+            if !full {
                 break;
             }
         }
     }
+    out.sort_by_key(|m| m.id);
+    if filter.newest_first {
+        out.reverse();
+    }
+    out.truncate(want);
     Ok(out)
 }
 
@@ -152,22 +183,28 @@ pub struct Stats {
     pub waiting_for_retry: u64,
 }
 
-/// Counts the sagas in `store`.
+/// Counts the sagas in `store`: totals from the store's counters ([`SagaLog::counts`]),
+/// the rest from the active sagas alone, never from every summary.
 ///
 /// # Errors
 ///
 /// [`Error::Store`] if an index cannot be read.
 pub fn stats(store: &dyn SagaLog, now: Timestamp, stuck_after: Duration) -> Result<Stats> {
     let mut s = Stats::default();
-    for meta in list(store, &ListFilter::default(), now)? {
-        s.total += 1;
-        *s.by_status.entry(meta.status.to_string()).or_default() += 1;
-        *s.by_definition
-            .entry(meta.definition.clone())
-            .or_default()
-            .entry(meta.status.to_string())
-            .or_default() += 1;
-        if meta.status.is_active() {
+    let counts = store.counts()?;
+    for (status, n) in &counts.by_status {
+        s.total += n;
+        *s.by_status.entry(status.to_string()).or_default() += n;
+    }
+    for (definition, by) in counts.by_definition {
+        let d = s.by_definition.entry(definition).or_default();
+        for (status, n) in by {
+            *d.entry(status.to_string()).or_default() += n;
+        }
+    }
+    for status in [SagaStatus::Running, SagaStatus::Compensating] {
+        let filter = ListFilter::default().status(status);
+        for meta in list(store, &filter, now)? {
             let age = now.duration_since(meta.created_at).as_secs();
             if s.oldest_active.is_none_or(|(_, a)| age > a) {
                 s.oldest_active = Some((meta.id, age));

@@ -96,8 +96,16 @@ fn three_processes_share_postgres_through_kills_and_a_stall() {
             .env("SAGAFLOW_CHILD_OWNER", owner)
             .env("SAGAFLOW_CHILD_LEASE_MS", LEASE.as_millis().to_string())
             .env_remove("RUST_BACKTRACE")
+            // Each process draws its own saga ids, as in production.
+            .env_remove("SAGA_SEED")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(work.path().join(format!("{owner}.err")))
+                    .expect("stderr file"),
+            )
             .spawn()
             .expect("spawn a child")
     };
@@ -160,7 +168,19 @@ fn three_processes_share_postgres_through_kills_and_a_stall() {
             .expect("stdout")
             .read_to_string(&mut out)
             .expect("read stdout");
-        assert!(status.success(), "process {name} failed: {status:?} {out}");
+        let err = std::fs::read_to_string(work.path().join(format!(
+            "{}.err",
+            if name == "A" {
+                format!("A-{}", takeovers.len())
+            } else {
+                name.to_string()
+            }
+        )))
+        .unwrap_or_default();
+        assert!(
+            status.success(),
+            "process {name} failed: {status:?} {out} {err}"
+        );
         assert!(out.starts_with("DONE "), "{name}: {out}");
         outs.push(format!("{name}: {}", out.trim()));
     }

@@ -514,11 +514,17 @@ impl Driver {
         deadline: Timestamp,
         timeout: Duration,
     ) -> std::result::Result<Value, Failure> {
-        // `biased`: a result that is ready wins over a deadline reached in the same
-        // instant, and the choice never depends on tokio's random branch order (which
-        // would make simulations irreproducible).
+        // `biased`, deadline first: once the deadline has passed the step is not polled
+        // again, so it cannot start an effect late. A process that stalled past the
+        // deadline (stopped, frozen, cut off) would otherwise resume inside the step and
+        // call the service after other processes settled the attempt at its deadline and
+        // perhaps undid it. A fixed order also keeps simulations reproducible (tokio's
+        // default order is random).
         tokio::select! {
             biased;
+            () = self.inner.clock.sleep_until(deadline) => {
+                Err(Failure { kind: FailureKind::Timeout, message: format!("attempt timed out after {timeout:?}"), hint: None })
+            }
             done = attempt => match done {
                 Ok(Ok(v)) => Ok(v),
                 Ok(Err(e)) => Err(e.into()),
@@ -532,9 +538,6 @@ impl Driver {
                     Err(Failure { kind: FailureKind::Panic, message, hint: None })
                 }
             },
-            () = self.inner.clock.sleep_until(deadline) => {
-                Err(Failure { kind: FailureKind::Timeout, message: format!("attempt timed out after {timeout:?}"), hint: None })
-            }
         }
     }
 

@@ -1068,65 +1068,85 @@ impl Engine {
                     .map(|()| Started::Existing(existing));
             }
         }
-        let now = inner.clock.now();
-        // An engine reopened with the same seed draws the same random bits again; within
-        // the same millisecond that would reproduce an id already on disk. Draw again.
-        // (A shared store refuses a first write for an id it holds, so it needs no look.)
-        let mut id = SagaId::generate(now, &*inner.entropy);
-        while !inner.shared()
-            && (inner.store.meta(id)?.is_some() || !inner.store.read(id)?.is_empty())
-        {
-            id = SagaId::generate(now, &*inner.entropy);
-        }
-        // Kept only where another process can take the key between the look above and
-        // the write below: then the inputs are compared as if it had been first.
-        let input_copy = (inner.shared() && start_key.is_some()).then(|| input.clone());
-        let first = LogRecord {
-            lsn: Lsn(0),
-            at: now,
-            event: Event::Started {
-                definition: def.name().to_string(),
-                version: def.version(),
-                steps: def.step_names().map(str::to_string).collect(),
-                kinds: def.step_kinds().collect(),
-                input,
-                start_key,
-                // A deadline given at start wins; else the definition's, counted from
-                // when the saga begins.
-                deadline: options.deadline.or_else(|| {
-                    def.deadline()
-                        .map(|d| options.not_before.unwrap_or(now).max(now).saturating_add(d))
-                }),
-                not_before: options.not_before.filter(|t| *t > now),
-            },
-        };
-        let state = SagaState::new(id, &first).map_err(|e| Error::CorruptLog {
-            saga: id,
-            reason: e.to_string(),
-        })?;
-        // The `started` record rides with the first attempt's start: one durable write
-        // instead of two. `start` still answers only once it is durable.
-        let definition = def.name().to_string();
-        let (driver, written) = Driver::starting(inner.clone(), def, state, first);
-        // In a shared store the saga's first write creates its lease, at epoch 1.
-        inner.spawn(driver.with_epoch(inner.shared().then_some(1)));
-        match written.await {
-            Ok(Ok(())) => {
-                tracing::info!(saga_id = %id, "saga started");
-                inner.metrics.started(&definition);
-                Ok(Started::New(id))
+        // Kept only where another process can take the key or the id between the look
+        // above and the write below: then the inputs are compared as if it had been
+        // first, or the start is made again under a new id.
+        let input_copy = inner.shared().then(|| input.clone());
+        let mut input = Some(input);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let now = inner.clock.now();
+            // An engine reopened with the same seed draws the same random bits again;
+            // within the same millisecond that would reproduce an id already on disk.
+            // Draw again. (A shared store refuses a first write for an id it holds,
+            // which is answered below.)
+            let mut id = SagaId::generate(now, &*inner.entropy);
+            while !inner.shared()
+                && (inner.store.meta(id)?.is_some() || !inner.store.read(id)?.is_empty())
+            {
+                id = SagaId::generate(now, &*inner.entropy);
             }
-            // Another process started a saga under this key in the meantime (a shared
-            // store's constraint caught it): the same answer as if it had been first.
-            Ok(Err(Error::StartKeyConflict { key, existing })) => {
-                tracing::debug!(saga_id = %existing, start_key = %key, "start key taken meanwhile");
-                self.same_input(existing, &key, &input_copy.unwrap_or_default())
-                    .await
-                    .map(|()| Started::Existing(existing))
-            }
-            Ok(Err(e)) => Err(e),
-            // The driver ended before writing anything: the engine is being dropped.
-            Err(_) => Err(Error::ShuttingDown),
+            let this_input = input
+                .take()
+                .or_else(|| input_copy.clone())
+                .unwrap_or_default();
+            let first = LogRecord {
+                lsn: Lsn(0),
+                at: now,
+                event: Event::Started {
+                    definition: def.name().to_string(),
+                    version: def.version(),
+                    steps: def.step_names().map(str::to_string).collect(),
+                    kinds: def.step_kinds().collect(),
+                    input: this_input,
+                    start_key: start_key.clone(),
+                    // A deadline given at start wins; else the definition's, counted
+                    // from when the saga begins.
+                    deadline: options.deadline.or_else(|| {
+                        def.deadline()
+                            .map(|d| options.not_before.unwrap_or(now).max(now).saturating_add(d))
+                    }),
+                    not_before: options.not_before.filter(|t| *t > now),
+                },
+            };
+            let state = SagaState::new(id, &first).map_err(|e| Error::CorruptLog {
+                saga: id,
+                reason: e.to_string(),
+            })?;
+            // The `started` record rides with the first attempt's start: one durable
+            // write instead of two. `start` still answers only once it is durable.
+            let definition = def.name().to_string();
+            let (driver, written) = Driver::starting(inner.clone(), def.clone(), state, first);
+            // In a shared store the saga's first write creates its lease, at epoch 1.
+            inner.spawn(driver.with_epoch(inner.shared().then_some(1)));
+            return match written.await {
+                Ok(Ok(())) => {
+                    tracing::info!(saga_id = %id, "saga started");
+                    inner.metrics.started(&definition);
+                    Ok(Started::New(id))
+                }
+                // Another process started a saga under this key in the meantime (a
+                // shared store's constraint caught it): the same answer as if it had
+                // been first.
+                Ok(Err(Error::StartKeyConflict { key, existing })) => {
+                    tracing::debug!(saga_id = %existing, start_key = %key, "start key taken meanwhile");
+                    let input = input_copy.unwrap_or_default();
+                    self.same_input(existing, &key, &input)
+                        .await
+                        .map(|()| Started::Existing(existing))
+                }
+                // A first write refused for its lease: a saga with this id exists (in a
+                // shared store, engines that share a `SAGA_SEED` draw the same ids).
+                // Nothing was written: start again under another id.
+                Ok(Err(Error::Fenced { .. })) if inner.shared() && tries < 5 => {
+                    tracing::warn!(saga_id = %id, "saga id taken in the shared store; drawing another");
+                    continue;
+                }
+                Ok(Err(e)) => Err(e),
+                // The driver ended before writing anything: the engine is being dropped.
+                Err(_) => Err(Error::ShuttingDown),
+            };
         }
     }
 

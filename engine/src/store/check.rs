@@ -62,6 +62,7 @@ struct Indexed {
 /// The part of a summary the indexes derive from.
 struct Summary {
     status: SagaStatus,
+    definition: String,
     due: Option<Timestamp>,
     start_key: Option<StartKey>,
     finished_at: Option<Timestamp>,
@@ -71,6 +72,7 @@ impl From<&SagaMeta> for Summary {
     fn from(m: &SagaMeta) -> Self {
         Summary {
             status: m.status,
+            definition: m.definition.clone(),
             due: m.due,
             start_key: m.start_key.clone(),
             finished_at: m.finished_at,
@@ -428,6 +430,60 @@ pub(crate) fn check(kv: &impl Kv) -> Result<(Report, Vec<Op>)> {
             codec::status_key(SagaStatus::Parked, *id),
             Vec::new(),
         ));
+    }
+    // The counters stats read: recounted from the summaries, since this walk reads
+    // them all anyway. A store written before counters were kept has none: they are
+    // made quietly; a counter that disagrees is a finding.
+    let mut want: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+    for sum in summaries.values() {
+        *want
+            .entry(codec::counter_key(sum.status, &sum.definition))
+            .or_default() += 1;
+    }
+    // Placeholders, parked, for damaged sagas without a readable summary (above).
+    let placeholders = damaged
+        .keys()
+        .filter(|id| !summaries.contains_key(id))
+        .count() as u64;
+    if placeholders > 0 {
+        *want
+            .entry(codec::counter_key(SagaStatus::Parked, "<unreadable>"))
+            .or_default() += placeholders;
+    }
+    let mut have: BTreeMap<Vec<u8>, Option<u64>> = BTreeMap::new();
+    kv.visit(&codec::counter_prefix(), None, &mut |k, v| {
+        have.insert(k.to_vec(), codec::count_of(v).ok());
+        Ok(true)
+    })?;
+    let had_counters = !have.is_empty();
+    for (k, n) in &want {
+        if have.get(k) != Some(&Some(*n)) {
+            if had_counters {
+                let what = codec::counted_by(k).map_or_else(
+                    |_| "a counter".to_string(),
+                    |(s, d)| format!("the count of {d} {s}"),
+                );
+                note(
+                    &mut report,
+                    None,
+                    format!(
+                        "{what} is {:?}, the summaries say {n}",
+                        have.get(k).copied().flatten()
+                    ),
+                    "recounted",
+                );
+            }
+            ops.push(Op::Put(k.clone(), n.to_be_bytes().to_vec()));
+        }
+    }
+    for k in have.keys().filter(|k| !want.contains_key(*k)) {
+        note(
+            &mut report,
+            None,
+            "a counter of sagas that do not exist".into(),
+            "deleted",
+        );
+        ops.push(Op::Delete(k.clone()));
     }
     report.damaged = damaged.into_iter().collect();
     Ok((report, ops))

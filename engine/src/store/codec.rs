@@ -26,6 +26,7 @@ const STATUS: u8 = b'S';
 const TIMER: u8 = b'T';
 const START_KEY: u8 = b'K';
 const FINISHED: u8 = b'F';
+const COUNTER: u8 = b'C';
 /// Values moved aside by the consistency check (a malformed key, an unreadable summary
 /// without a log): kept, under `Q` + the original key, for an operator to inspect.
 const QUARANTINE: u8 = b'Q';
@@ -41,11 +42,70 @@ pub fn quarantine_key(key: &[u8]) -> Vec<u8> {
 
 /// A key-value change that a store applies.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Op {
     /// Set `key` to `value`.
     Put(Vec<u8>, Vec<u8>),
     /// Delete `key`.
     Delete(Vec<u8>),
+    /// Add `delta` to the counter at `key` (an 8-byte big-endian count; absent is 0; a
+    /// count that reaches 0 is deleted). Stores apply it under their write lock, so
+    /// concurrent writers never lose an update.
+    Add(Vec<u8>, i64),
+}
+
+/// The counter of sagas of `definition` with `status`: what stats read instead of
+/// every summary.
+pub fn counter_key(status: SagaStatus, definition: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + definition.len());
+    k.push(COUNTER);
+    k.push(status.code());
+    k.extend_from_slice(definition.as_bytes());
+    k
+}
+
+/// The prefix of every counter.
+pub fn counter_prefix() -> Vec<u8> {
+    vec![COUNTER]
+}
+
+/// The status and definition a counter key counts.
+///
+/// # Errors
+///
+/// [`Error::CorruptIndex`] if the key does not parse.
+pub fn counted_by(key: &[u8]) -> Result<(SagaStatus, String)> {
+    let bad = || Error::CorruptIndex(format!("counter key {key:?}"));
+    let status = key
+        .get(1)
+        .and_then(|c| SagaStatus::from_code(*c))
+        .ok_or_else(bad)?;
+    let definition = std::str::from_utf8(key.get(2..).ok_or_else(bad)?).map_err(|_| bad())?;
+    Ok((status, definition.to_string()))
+}
+
+/// A counter's value.
+///
+/// # Errors
+///
+/// [`Error::CorruptIndex`] unless it is 8 bytes.
+pub fn count_of(value: &[u8]) -> Result<u64> {
+    <[u8; 8]>::try_from(value)
+        .map(u64::from_be_bytes)
+        .map_err(|_| Error::CorruptIndex(format!("a counter of {} bytes", value.len())))
+}
+
+/// The value of a counter at `current` after adding `delta` (never below 0): `None`
+/// when it reaches 0 and the key goes.
+pub fn add_to_count(current: Option<&[u8]>, delta: i64) -> Option<Vec<u8>> {
+    // An unreadable counter counts as 0: the check at open rebuilds every counter.
+    let now = current.and_then(|v| count_of(v).ok()).unwrap_or(0);
+    let next = if delta >= 0 {
+        now.saturating_add(delta.unsigned_abs())
+    } else {
+        now.saturating_sub(delta.unsigned_abs())
+    };
+    (next > 0).then(|| next.to_be_bytes().to_vec())
 }
 
 /// Encodes a log record.
@@ -384,8 +444,10 @@ pub fn ops(write: Write) -> Result<Vec<Op>> {
     if prev.map(|p| p.status) != Some(meta.status) {
         if let Some(p) = prev {
             ops.push(Op::Delete(status_key(p.status, saga)));
+            ops.push(Op::Add(counter_key(p.status, &p.definition), -1));
         }
         ops.push(Op::Put(status_key(meta.status, saga), Vec::new()));
+        ops.push(Op::Add(counter_key(meta.status, &meta.definition), 1));
     }
     let old_due = prev.and_then(|p| p.due);
     if old_due != meta.due {
@@ -436,6 +498,7 @@ pub fn removal(meta: &SagaMeta, log_keys: impl IntoIterator<Item = Vec<u8>>) -> 
     let mut ops: Vec<Op> = log_keys.into_iter().map(Op::Delete).collect();
     ops.push(Op::Delete(meta_key(meta.id)));
     ops.push(Op::Delete(status_key(meta.status, meta.id)));
+    ops.push(Op::Add(counter_key(meta.status, &meta.definition), -1));
     if let Some(d) = meta.due {
         ops.push(Op::Delete(timer_key(d, meta.id)));
     }

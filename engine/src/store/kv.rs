@@ -20,6 +20,78 @@ pub(crate) trait Kv {
     /// if given), in key order, without collecting them, until `f` says stop (the
     /// consistency check reads the whole store this way).
     fn visit(&self, prefix: &[u8], from: Option<&[u8]>, f: &mut Visitor<'_>) -> Result<()>;
+    /// As [`Kv::visit`], backwards: from the greatest key below `before` (if given).
+    fn visit_back(&self, prefix: &[u8], before: Option<&[u8]>, f: &mut Visitor<'_>) -> Result<()>;
+}
+
+/// Summaries of the sagas with `status` (all if `None`), in id order after `after` (or
+/// before it, newest first), at most `limit`: a walk of the status index (or of the
+/// summaries), never of the whole store.
+pub(crate) fn page(
+    kv: &impl Kv,
+    status: Option<SagaStatus>,
+    after: Option<SagaId>,
+    limit: usize,
+    newest_first: bool,
+) -> Result<Vec<SagaMeta>> {
+    let prefix = match status {
+        Some(s) => codec::status_prefix(s),
+        None => vec![b'M'],
+    };
+    let mut ids = Vec::new();
+    let cursor = after.map(|id| {
+        let mut k = prefix.clone();
+        k.extend_from_slice(id.as_bytes());
+        k
+    });
+    let mut take = |k: &[u8], _: &[u8]| -> Result<bool> {
+        if ids.len() >= limit {
+            return Ok(false);
+        }
+        // A malformed key is the consistency check's business (it runs at open).
+        let Ok(id) = codec::saga_of_index_key(k) else {
+            return Ok(true);
+        };
+        if Some(id) != after {
+            ids.push(id);
+        }
+        Ok(ids.len() < limit)
+    };
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    if newest_first {
+        kv.visit_back(&prefix, cursor.as_deref(), &mut take)?;
+    } else {
+        kv.visit(&prefix, cursor.as_deref(), &mut take)?;
+    }
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        match meta(kv, id) {
+            Ok(Some(m)) => out.push(m),
+            Ok(None) => {}
+            // One bad summary does not hide the others.
+            Err(e) => tracing::warn!(saga_id = %id, error = %e, "summary does not decode"),
+        }
+    }
+    Ok(out)
+}
+
+/// The counters: how many sagas of each definition have each status.
+pub(crate) fn counts(kv: &impl Kv) -> Result<super::Counts> {
+    let mut c = super::Counts::default();
+    kv.visit(&codec::counter_prefix(), None, &mut |k, v| {
+        let (status, definition) = codec::counted_by(k)?;
+        let n = codec::count_of(v)?;
+        *c.by_status.entry(status).or_default() += n;
+        *c.by_definition
+            .entry(definition)
+            .or_default()
+            .entry(status)
+            .or_default() += n;
+        Ok(true)
+    })?;
+    Ok(c)
 }
 
 pub(crate) fn read(kv: &impl Kv, saga: SagaId) -> Result<Vec<(Lsn, Vec<u8>)>> {

@@ -187,6 +187,15 @@ fn apply(map: &mut Map, op: &Op) {
         Op::Delete(k) => {
             map.remove(k);
         }
+        Op::Add(k, delta) => match codec::add_to_count(map.get(k).map(Vec::as_slice), *delta) {
+            Some(v) => {
+                map.insert(k.clone(), v);
+            }
+            None => {
+                map.remove(k);
+            }
+        },
+        // `Op` is non-exhaustive for other crates only; every variant is handled here.
     }
 }
 
@@ -221,6 +230,39 @@ impl Kv for MutexGuard<'_, Inner> {
             .take_while(|(k, _)| k.starts_with(prefix))
         {
             if !f(k, v)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn visit_back(
+        &self,
+        prefix: &[u8],
+        before: Option<&[u8]>,
+        f: &mut kv::Visitor<'_>,
+    ) -> Result<()> {
+        // Up to `before`, or to the first key past the prefix (the prefix with its last
+        // byte that can grow grown by one).
+        let end = before
+            .filter(|b| b.starts_with(prefix))
+            .map(<[u8]>::to_vec)
+            .or_else(|| {
+                let mut e = prefix.to_vec();
+                while let Some(last) = e.pop() {
+                    if last < u8::MAX {
+                        e.push(last + 1);
+                        return Some(e);
+                    }
+                }
+                None
+            });
+        let walk: Box<dyn DoubleEndedIterator<Item = (&Vec<u8>, &Vec<u8>)>> = match end {
+            Some(e) => Box::new(self.visible.range(prefix.to_vec()..e)),
+            None => Box::new(self.visible.range(prefix.to_vec()..)),
+        };
+        for (k, v) in walk.rev() {
+            if !k.starts_with(prefix) || !f(k, v)? {
                 break;
             }
         }
@@ -337,6 +379,20 @@ impl SagaLog for MemLog {
 
     fn with_status(&self, status: SagaStatus) -> Result<Vec<SagaId>> {
         kv::with_status(&self.lock(), status)
+    }
+
+    fn page(
+        &self,
+        status: Option<SagaStatus>,
+        after: Option<SagaId>,
+        limit: usize,
+        newest_first: bool,
+    ) -> Result<Vec<SagaMeta>> {
+        kv::page(&self.lock(), status, after, limit, newest_first)
+    }
+
+    fn counts(&self) -> Result<crate::store::Counts> {
+        kv::counts(&self.lock())
     }
 
     fn find_start_key(&self, key: &StartKey) -> Result<Option<SagaId>> {

@@ -249,6 +249,18 @@ pub struct Write {
     pub fence: Option<Fence>,
 }
 
+/// How many sagas a store holds, by status and by definition, as its counters say (a
+/// store keeps them with every write: stats never read every summary).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Counts {
+    /// By status.
+    pub by_status: std::collections::BTreeMap<SagaStatus, u64>,
+    /// By definition, then status.
+    pub by_definition:
+        std::collections::BTreeMap<String, std::collections::BTreeMap<SagaStatus, u64>>,
+}
+
 /// What became of one write of a batch given to [`SagaLog::append_each`].
 pub type WriteResult = std::result::Result<(), Refused>;
 
@@ -378,6 +390,70 @@ pub trait SagaLog: Send + Sync + fmt::Debug + 'static {
             self.remove(*s)?;
         }
         Ok(())
+    }
+
+    /// A page of summaries: the sagas with `status` (every saga if `None`) in id order,
+    /// which is creation order, strictly after the cursor `after` (or, `newest_first`,
+    /// strictly before it, newest first), at most `limit`. Walks an index from the
+    /// cursor: a page costs the same in a store of a million sagas as in one of ten.
+    /// A summary that does not decode is skipped with a warning.
+    ///
+    /// The default reads the whole status index; every store of this crate does better.
+    ///
+    /// # Errors
+    ///
+    /// An I/O or backend error.
+    fn page(
+        &self,
+        status: Option<SagaStatus>,
+        after: Option<SagaId>,
+        limit: usize,
+        newest_first: bool,
+    ) -> Result<Vec<SagaMeta>> {
+        let mut ids = Vec::new();
+        for s in status.map_or(SagaStatus::ALL.to_vec(), |s| vec![s]) {
+            ids.extend(self.with_status(s)?);
+        }
+        ids.sort();
+        if newest_first {
+            ids.reverse();
+        }
+        let mut out = Vec::new();
+        for id in ids.into_iter().filter(|id| match after {
+            None => true,
+            Some(a) if newest_first => *id < a,
+            Some(a) => *id > a,
+        }) {
+            if out.len() >= limit {
+                break;
+            }
+            match self.meta(id) {
+                Ok(Some(m)) => out.push(m),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(saga_id = %id, error = %e, "summary does not decode"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many sagas there are, by status and by definition.
+    ///
+    /// The default reads every summary; every store of this crate keeps counters.
+    ///
+    /// # Errors
+    ///
+    /// An I/O or backend error.
+    fn counts(&self) -> Result<Counts> {
+        let mut c = Counts::default();
+        for m in self.page(None, None, usize::MAX, false)? {
+            *c.by_status.entry(m.status).or_default() += 1;
+            *c.by_definition
+                .entry(m.definition)
+                .or_default()
+                .entry(m.status)
+                .or_default() += 1;
+        }
+        Ok(c)
     }
 
     /// The sagas the engine must drive: running or compensating.

@@ -168,6 +168,9 @@ struct Sql {
     requests_for: String,
     answer: String,
     answer_of: String,
+    page_up: String,
+    page_down: String,
+    counts: String,
 }
 
 impl Sql {
@@ -179,7 +182,7 @@ impl Sql {
         );
         // $1 id, $2 owner, $3 epoch, $4 status, $5 due, $6 finished_at, $7 meta,
         // $8 active, $9 lsns, $10 values; a first write also $11 start key, $12 lease
-        // in milliseconds.
+        // in milliseconds, $13 definition.
         let log_rows = format!(
             "ins AS (INSERT INTO {s}.log (saga, lsn, value) \
              SELECT ok.id, t.l, t.v FROM ok, unnest($9::bigint[], $10::bytea[]) AS t(l, v) RETURNING 1) \
@@ -188,9 +191,9 @@ impl Sql {
         Sql {
             insert_first: format!(
                 "WITH ok AS (INSERT INTO {s}.sagas \
-                 (id, status, start_key, due, finished_at, meta, owner, epoch, lease_until) \
+                 (id, status, start_key, due, finished_at, meta, owner, epoch, lease_until, definition) \
                  VALUES ($1, $4, $11, $5, $6, $7, CASE WHEN $8 THEN $2 END, $3, \
-                 now() + $12 * interval '1 millisecond') \
+                 now() + $12 * interval '1 millisecond', $13) \
                  ON CONFLICT DO NOTHING RETURNING id), {log_rows}"
             ),
             update: format!(
@@ -254,6 +257,17 @@ impl Sql {
                 "UPDATE {s}.requests SET answer = $2 WHERE id = $1 AND answer IS NULL"
             ),
             answer_of: format!("SELECT answer FROM {s}.requests WHERE id = $1"),
+            page_up: format!(
+                "SELECT id, meta FROM {s}.sagas WHERE ($1::smallint IS NULL OR status = $1) \
+                 AND id > $2 ORDER BY id LIMIT $3"
+            ),
+            page_down: format!(
+                "SELECT id, meta FROM {s}.sagas WHERE ($1::smallint IS NULL OR status = $1) \
+                 AND ($2::bytea IS NULL OR id < $2) ORDER BY id DESC LIMIT $3"
+            ),
+            counts: format!(
+                "SELECT status, definition, count(*) FROM {s}.sagas GROUP BY status, definition"
+            ),
         }
     }
 }
@@ -269,6 +283,7 @@ fn migrations(s: &str) -> Vec<String> {
         "CREATE TABLE {s}.sagas (
             id bytea PRIMARY KEY,
             status smallint NOT NULL,
+            definition text NOT NULL,
             start_key text UNIQUE,
             due bigint,
             finished_at bigint,
@@ -294,6 +309,7 @@ fn migrations(s: &str) -> Vec<String> {
             asked_at timestamptz NOT NULL DEFAULT now()
         );
         CREATE INDEX sagas_status ON {s}.sagas (status, id);
+        CREATE INDEX sagas_counts ON {s}.sagas (status, definition);
         CREATE INDEX sagas_due ON {s}.sagas (due, id) WHERE due IS NOT NULL;
         CREATE INDEX sagas_finished ON {s}.sagas (finished_at, id) WHERE finished_at IS NOT NULL;
         CREATE INDEX sagas_claimable ON {s}.sagas (lease_until NULLS FIRST) WHERE status IN {active};
@@ -512,6 +528,7 @@ struct Prepared {
     lsns: Vec<i64>,
     values: Vec<Vec<u8>>,
     start_key: Option<String>,
+    definition: String,
 }
 
 fn prepare(w: Write) -> Result<std::result::Result<Prepared, Refused>> {
@@ -542,6 +559,7 @@ fn prepare(w: Write) -> Result<std::result::Result<Prepared, Refused>> {
         lsns,
         values,
         start_key: w.meta.start_key.as_ref().map(|k| k.to_string()),
+        definition: w.meta.definition.clone(),
     }))
 }
 
@@ -580,7 +598,7 @@ impl SagaLog for PgLog {
                         return Ok(0);
                     };
                     let key: Option<&str> = p.start_key.as_deref();
-                    let params: [&(dyn ToSql + Sync); 12] = [
+                    let params: [&(dyn ToSql + Sync); 13] = [
                         &p.saga.as_bytes().as_slice(),
                         &p.owner,
                         &p.epoch,
@@ -593,6 +611,7 @@ impl SagaLog for PgLog {
                         &p.values,
                         &key,
                         &ttl,
+                        &p.definition,
                     ];
                     // A first write creates the row (and its lease); a later one updates
                     // it, which takes only the first ten parameters.
@@ -691,6 +710,70 @@ impl SagaLog for PgLog {
             &self.sql.with_status,
             vec![Box::new(i16::from(status.code()))],
         )
+    }
+
+    fn page(
+        &self,
+        status: Option<SagaStatus>,
+        after: Option<SagaId>,
+        limit: usize,
+        newest_first: bool,
+    ) -> Result<Vec<SagaMeta>> {
+        let pool = self.pool.clone();
+        let q = if newest_first {
+            self.sql.page_down.clone()
+        } else {
+            self.sql.page_up.clone()
+        };
+        let status = status.map(|s| i16::from(s.code()));
+        let cursor: Option<Vec<u8>> = match (after, newest_first) {
+            (Some(a), _) => Some(a.as_bytes().to_vec()),
+            (None, true) => None,
+            // Every id is above the empty byte string.
+            (None, false) => Some(Vec::new()),
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            let rows = client
+                .query(&q, &[&status, &cursor, &limit])
+                .await
+                .map_err(backend)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let id = saga_of(r.get::<_, &[u8]>(0))?;
+                match codec::decode_meta(id, r.get::<_, &[u8]>(1)) {
+                    Ok(m) => out.push(m),
+                    Err(e) => tracing::warn!(saga_id = %id, error = %e, "summary does not decode"),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn counts(&self) -> Result<crate::store::Counts> {
+        let pool = self.pool.clone();
+        let q = self.sql.counts.clone();
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            let rows = client.query(&q, &[]).await.map_err(backend)?;
+            let mut c = crate::store::Counts::default();
+            for r in rows {
+                let code: i16 = r.get(0);
+                let status = u8::try_from(code)
+                    .ok()
+                    .and_then(SagaStatus::from_code)
+                    .ok_or_else(|| Error::CorruptIndex(format!("status code {code}")))?;
+                let n = u64::try_from(r.get::<_, i64>(2)).unwrap_or(0);
+                *c.by_status.entry(status).or_default() += n;
+                *c.by_definition
+                    .entry(r.get::<_, String>(1))
+                    .or_default()
+                    .entry(status)
+                    .or_default() += n;
+            }
+            Ok(c)
+        })
     }
 
     fn find_start_key(&self, key: &StartKey) -> Result<Option<SagaId>> {

@@ -290,13 +290,30 @@ impl SledLog {
 
     fn apply(&self, ops: Vec<Op>) -> Result<()> {
         let mut batch = sled::Batch::default();
+        // Counters are read and written under the commit lock, which every write takes:
+        // the commit thread and retention never lose each other's counts.
+        let mut commits = self.commits.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counters: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>> =
+            std::collections::HashMap::new();
         for op in ops {
             match op {
                 Op::Put(k, v) => batch.insert(k, v),
                 Op::Delete(k) => batch.remove(k),
+                Op::Add(k, delta) => {
+                    let current = match counters.get(&k) {
+                        Some(v) => v.clone(),
+                        None => Kv::get(&self.db, &k)?,
+                    };
+                    counters.insert(k, codec::add_to_count(current.as_deref(), delta));
+                }
             }
         }
-        let mut commits = self.commits.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, v) in counters {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
         let next = commits
             .applied
             .checked_add(1)
@@ -351,6 +368,25 @@ impl Kv for sled::Db {
     fn visit(&self, prefix: &[u8], from: Option<&[u8]>, f: &mut kv::Visitor<'_>) -> Result<()> {
         let start = from.filter(|s| *s > prefix).unwrap_or(prefix).to_vec();
         for kv in self.range(start..) {
+            let (k, v) = kv.map_err(backend)?;
+            if !k.starts_with(prefix) || !f(&k, &v)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn visit_back(
+        &self,
+        prefix: &[u8],
+        before: Option<&[u8]>,
+        f: &mut kv::Visitor<'_>,
+    ) -> Result<()> {
+        let walk = match before.filter(|b| b.starts_with(prefix)) {
+            Some(b) => self.range(prefix.to_vec()..b.to_vec()),
+            None => self.scan_prefix(prefix),
+        };
+        for kv in walk.rev() {
             let (k, v) = kv.map_err(backend)?;
             if !k.starts_with(prefix) || !f(&k, &v)? {
                 break;
@@ -415,6 +451,20 @@ impl SagaLog for SledLog {
 
     fn with_status(&self, status: SagaStatus) -> Result<Vec<SagaId>> {
         kv::with_status(&self.db, status)
+    }
+
+    fn page(
+        &self,
+        status: Option<SagaStatus>,
+        after: Option<SagaId>,
+        limit: usize,
+        newest_first: bool,
+    ) -> Result<Vec<SagaMeta>> {
+        kv::page(&self.db, status, after, limit, newest_first)
+    }
+
+    fn counts(&self) -> Result<crate::store::Counts> {
+        kv::counts(&self.db)
     }
 
     fn find_start_key(&self, key: &StartKey) -> Result<Option<SagaId>> {

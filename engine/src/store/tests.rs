@@ -118,6 +118,32 @@ fn conformance(log: &dyn SagaLog) {
     assert_eq!(log.with_status(SagaStatus::Parked).unwrap(), vec![b]);
     assert_eq!(log.with_status(SagaStatus::Running).unwrap(), vec![a]);
     assert_eq!(log.incomplete().unwrap(), vec![a]);
+    // Pages walk an index from a cursor, either way; counts come from counters.
+    let ids = |v: Vec<SagaMeta>| v.into_iter().map(|m| m.id).collect::<Vec<_>>();
+    assert_eq!(ids(log.page(None, None, 10, false).unwrap()), vec![a, b]);
+    assert_eq!(ids(log.page(None, None, 10, true).unwrap()), vec![b, a]);
+    assert_eq!(ids(log.page(None, Some(a), 10, false).unwrap()), vec![b]);
+    assert_eq!(ids(log.page(None, Some(b), 10, true).unwrap()), vec![a]);
+    assert_eq!(ids(log.page(None, None, 1, false).unwrap()), vec![a]);
+    assert_eq!(
+        ids(log.page(Some(SagaStatus::Parked), None, 10, false).unwrap()),
+        vec![b]
+    );
+    assert_eq!(
+        ids(log
+            .page(Some(SagaStatus::Parked), Some(b), 10, false)
+            .unwrap()),
+        vec![]
+    );
+    assert_eq!(log.page(None, None, 10, false).unwrap()[0], a1);
+    let counts = log.counts().unwrap();
+    assert_eq!(
+        counts.by_status,
+        [(SagaStatus::Running, 1), (SagaStatus::Parked, 1)]
+            .into_iter()
+            .collect()
+    );
+    assert_eq!(counts.by_definition["d"][&SagaStatus::Parked], 1);
     assert_eq!(log.due(Timestamp::from_millis(499)).unwrap(), vec![]);
     assert_eq!(
         log.due(Timestamp::from_millis(500)).unwrap(),
@@ -156,6 +182,46 @@ fn conformance(log: &dyn SagaLog) {
     assert_eq!(log.meta(b).unwrap(), Some(b1));
     // Removing an unknown saga is a no-op.
     log.remove(id(9)).unwrap();
+    log.sync().unwrap();
+    assert_eq!(
+        log.counts().unwrap().by_status,
+        [(SagaStatus::Parked, 1)].into_iter().collect(),
+        "a removed saga is no longer counted"
+    );
+}
+
+#[test]
+fn counters_are_rebuilt_at_open_when_missing_or_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = SledLog::open(dir.path()).unwrap();
+        log.append(vec![first(id(1)), first(id(2))]).unwrap();
+        log.sync().unwrap();
+        // A store from before counters were kept, and one whose counter drifted.
+        log.delete_raw(&codec::counter_key(SagaStatus::Running, "d"))
+            .unwrap();
+        log.put_raw(
+            &codec::counter_key(SagaStatus::Parked, "gone"),
+            &7u64.to_be_bytes(),
+        )
+        .unwrap();
+    }
+    let log = SledLog::open(dir.path()).unwrap();
+    let report = log.check().unwrap();
+    assert_eq!(report.findings.len(), 2, "{report:?}");
+    assert_eq!(
+        log.counts().unwrap().by_status,
+        [(SagaStatus::Running, 2)].into_iter().collect()
+    );
+    assert!(
+        log.check().unwrap().findings.is_empty(),
+        "repaired for good"
+    );
+    // A store with no counters at all (written before they were kept) gets them quietly.
+    log.delete_raw(&codec::counter_key(SagaStatus::Running, "d"))
+        .unwrap();
+    assert!(log.check().unwrap().findings.is_empty());
+    assert_eq!(log.counts().unwrap().by_status[&SagaStatus::Running], 2);
 }
 
 #[test]

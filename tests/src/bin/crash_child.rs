@@ -214,10 +214,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 serde_json::json!({ "n": n }),
                 Some(StartKey::new(format!("order-{n}"))?),
             )
-            .await?;
+            .await
+            .map_err(|e| format!("start order-{n}: {e:?}"))?;
         let e = engine.clone();
         waits.push(tokio::spawn(async move {
-            let outcome = e.wait(id).await;
+            let outcome = e
+                .wait(id)
+                .await
+                .map_err(|e| format!("wait for order-{n} ({id}): {e:?}"));
             drop(permit);
             outcome
         }));
