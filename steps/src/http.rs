@@ -365,7 +365,19 @@ impl Integration {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let left = Duration::from_millis(ctx.deadline().as_millis().saturating_sub(now_ms));
-        let timeout = self.timeout.min(left).max(Duration::from_millis(1));
+        if left.is_zero() {
+            // Past the attempt's deadline the engine may already have settled the attempt
+            // and undone it: a request sent now could land after its undo. Nothing is
+            // sent, so nothing took effect.
+            return (
+                Err(StepError::retryable(
+                    "the attempt's deadline has passed: the request was not sent",
+                )),
+                NEUTRAL,
+                None,
+            );
+        }
+        let timeout = self.timeout.min(left);
         let url = format!("{}{}", self.base, path);
         let mut req = self.client.request(method.clone(), &url).timeout(timeout);
         for (name, value) in crate::correlation_headers(ctx) {

@@ -262,3 +262,40 @@ async fn a_server_cannot_hand_over_a_retry_after_longer_than_the_maximum() {
     assert_eq!(e.retry_after_hint(), Some(Duration::from_secs(7)), "{e}");
     assert!(!e.message().contains("clamped"), "{e}");
 }
+
+/// Past the attempt's deadline nothing is sent: the engine may already have settled the
+/// attempt and undone it, and a request sent now could land after its undo.
+#[tokio::test]
+async fn nothing_is_sent_once_the_attempts_deadline_has_passed() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    let hits = Arc::new(AtomicU32::new(0));
+    let h = hits.clone();
+    let app = Router::new().route(
+        "/charge",
+        post(move || {
+            let h = h.clone();
+            async move {
+                h.fetch_add(1, Ordering::SeqCst);
+                Json(json!({"ok": true}))
+            }
+        }),
+    );
+    let api = Integration::new("late", serve(app).await);
+    let late = ctx(1, "charge").with_deadline(sagaflow::Timestamp::from_millis(1));
+    let got: Result<Value, StepError> = api.post_json(&late, "/charge", &json!({})).await;
+    let e = got.unwrap_err();
+    assert!(matches!(e, StepError::Retryable { .. }), "{e:?}");
+    assert!(e.message().contains("deadline"), "{e:?}");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "a request was sent after the deadline"
+    );
+    // The same call inside its deadline goes out.
+    let _: Value = api
+        .post_json(&ctx(1, "charge"), "/charge", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+}

@@ -191,6 +191,23 @@ impl StepContext {
         }
     }
 
+    /// The same context with the attempt's deadline at `deadline`: for tests of steps
+    /// that must not call out once it has passed.
+    ///
+    /// ```
+    /// use sagaflow::{Phase, SagaId, StepContext, Timestamp};
+    ///
+    /// let saga: SagaId = "0190b3c4-5d6e-7f80-9a1b-2c3d4e5f6071".parse()?;
+    /// let ctx = StepContext::for_test(saga, "charge", Phase::Action, serde_json::json!({}))
+    ///     .with_deadline(Timestamp::from_millis(1));
+    /// assert_eq!(ctx.deadline(), Timestamp::from_millis(1));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_deadline(mut self, deadline: Timestamp) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
     /// The saga this attempt belongs to; also the correlation id to pass downstream.
     pub fn saga_id(&self) -> SagaId {
         self.saga_id
