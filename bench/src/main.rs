@@ -23,6 +23,8 @@
 //! The last line of output is one JSON object. Absolute figures drift on shared
 //! machines; the ratios to the raw limits measured in the same run are what to compare.
 
+#![recursion_limit = "256"]
+
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,6 +42,7 @@ use serde_json::json;
 
 #[cfg(feature = "postgres")]
 mod pg;
+mod scale;
 
 /// Counts live heap bytes, so the memory probe can measure what in-flight sagas hold
 /// rather than what the process's resident set happens to be.
@@ -97,6 +100,10 @@ struct Args {
     retention_soak: u64,
     database_url: Option<String>,
     pg_sagas: u64,
+    scale: u64,
+    pg_claim: u64,
+    pg_idle_secs: u64,
+    pg_only: bool,
 }
 
 fn args() -> Result<Args, String> {
@@ -107,6 +114,10 @@ fn args() -> Result<Args, String> {
         retention_soak: 0,
         database_url: std::env::var("DATABASE_URL").ok(),
         pg_sagas: 20_000,
+        scale: 0,
+        pg_claim: 0,
+        pg_idle_secs: 10,
+        pg_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -130,13 +141,24 @@ fn args() -> Result<Args, String> {
                     .map_err(|e| format!("--retention-soak: {e}"))?
             }
             "--database-url" => a.database_url = Some(value()?),
+            "--pg-only" => a.pg_only = true,
+            "--scale" => a.scale = value()?.parse().map_err(|e| format!("--scale: {e}"))?,
+            "--pg-claim" => {
+                a.pg_claim = value()?.parse().map_err(|e| format!("--pg-claim: {e}"))?
+            }
+            "--pg-idle-secs" => {
+                a.pg_idle_secs = value()?
+                    .parse()
+                    .map_err(|e| format!("--pg-idle-secs: {e}"))?
+            }
             "--pg-sagas" => {
                 a.pg_sagas = value()?.parse().map_err(|e| format!("--pg-sagas: {e}"))?
             }
             "-h" | "--help" => {
                 println!(
                     "usage: sagaflow-bench [--sagas N] [--raw-records N] [--concurrency 1,64,1024] \
-                     [--retention-soak N] [--database-url URL] [--pg-sagas N]"
+                     [--retention-soak N] [--database-url URL] [--pg-sagas N] [--scale N] \
+                     [--pg-claim N] [--pg-idle-secs S] [--pg-only]"
                 );
                 std::process::exit(0);
             }
@@ -627,6 +649,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    if a.pg_only {
+        // Only the PostgreSQL figures (and --scale): its keys alone on the last line.
+        println!("{}", extras(&rt, &a));
+        return;
+    }
 
     println!("raw sled, {RECORD_BYTES}-byte records, flush + fdatasync:");
     let fsync = raw_fsync(a.raw_records);
@@ -741,11 +768,50 @@ fn main() {
             println!("  {n:>9}: {:>8.1} MiB", *bytes as f64 / (1 << 20) as f64);
         }
     }
+    let extras = extras(&rt, &a);
+    let json = json!({
+        "raw_fsync_per_sec": fsync.round(),
+        "raw_group_commit_records_per_sec": group.round(),
+        "sagas_per_sec_c1": c1.map(|r| r.sagas_per_sec().round()),
+        "sagas_per_sec_c64": find(3, 64).map(|r| r.sagas_per_sec().round()),
+        "sagas_per_sec_c1024": c1024.map(|r| r.sagas_per_sec().round()),
+        "sagas_per_sec_10step_c1024": find(10, 1024).map(|r| r.sagas_per_sec().round()),
+        "p50_ms_c1": c1.map(|r| r.p50_ms),
+        "p99_ms_c1": c1.map(|r| r.p99_ms),
+        "p50_ms_c1024": c1024.map(|r| r.p50_ms),
+        "p99_ms_c1024": c1024.map(|r| r.p99_ms),
+        "p999_ms_c1024": c1024.map(|r| r.p999_ms),
+        "durable_write_cost_ms_c1": durable_cost_ms,
+        "p50_over_durable_cost_c1": c1.map(|r| r.p50_ms / durable_cost_ms),
+        "writes_per_saga_3step": c1024.map(|r| r.writes as f64 / r.sagas as f64),
+        "limiter_achieved_per_sec_at_1000": limiter.round(),
+        "mem_bytes_per_inflight": probe.round(),
+        "mem_bytes_per_inflight_with_sled": probe_sled.round(),
+        "disk_bytes_per_saga_c1024": c1024.map(|r| r.disk_per_saga.round()),
+        "ratio_to_group_commit": c1024.map(|r| r.writes_per_sec() / group),
+        "sagas_per_sec_c1024_with_retention": (with_retention.sagas as f64 / with_retention.secs).round(),
+        "retention_deleted_per_sec": (with_retention.deleted as f64 / with_retention.secs).round(),
+        "retention_soak_sagas": soak.as_ref().map(|s| s.sagas),
+        "retention_soak_deleted": soak.as_ref().map(|s| s.deleted),
+        "retention_soak_disk_bytes": soak.as_ref().map(|s| s.disk.clone()),
+    });
+    let mut json = json;
+    if let (Some(o), Some(e)) = (json.as_object_mut(), extras.as_object()) {
+        o.extend(e.clone());
+    }
+    println!("{json}");
+}
+
+/// The PostgreSQL runs, the scale queries, the takeover at scale and the idle cost:
+/// printed as they come, and returned as the keys they add to the last JSON line.
+fn extras(rt: &tokio::runtime::Runtime, a: &Args) -> serde_json::Value {
+    // Used only by the PostgreSQL parts.
+    let _ = &rt;
     #[cfg(feature = "postgres")]
     let pgf = a
         .database_url
         .as_deref()
-        .and_then(|url| pg::measure(&rt, url, a.pg_sagas));
+        .and_then(|url| pg::measure(rt, url, a.pg_sagas));
     #[cfg(not(feature = "postgres"))]
     let pgf: Option<()> = {
         if a.database_url.is_some() {
@@ -753,6 +819,83 @@ fn main() {
         }
         None
     };
+    // Listing and counting over a large store.
+    let mut scales = Vec::new();
+    if a.scale > 0 {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sled = Arc::new(sagaflow::store::SledLog::open(dir.path()).expect("sled"));
+        scales.push(scale::measure("sled", sled, a.scale, None));
+        #[cfg(feature = "postgres")]
+        if let Some(url) = &a.database_url {
+            let schema = format!("bench_scale_{}", std::process::id());
+            match store::PgLog::connect(url, store::PgOptions::default().schema(schema)) {
+                Ok(pg) => {
+                    let pg = Arc::new(pg);
+                    let owner = store::OwnerId::new("bench");
+                    scales.push(scale::measure(
+                        "postgres",
+                        pg.clone(),
+                        a.scale,
+                        Some(&owner),
+                    ));
+                    let _ = pg.drop_schema();
+                }
+                Err(e) => println!("scale on PostgreSQL skipped: {e}"),
+            }
+        }
+        for f in &scales {
+            println!(
+                "{} with {} sagas (filled in {:.1} s): first page of 50 {:.2} ms, a page from a \
+                 cursor half way {:.2} ms, newest parked page {:.2} ms, stats {:.2} ms",
+                f.store,
+                f.sagas,
+                f.fill_secs,
+                f.first_page_ms,
+                f.cursor_page_ms,
+                f.parked_page_ms,
+                f.stats_ms
+            );
+        }
+    }
+    #[cfg(feature = "postgres")]
+    let claim = match (&a.database_url, a.pg_claim) {
+        (Some(url), n) if n > 0 => match pg::claim_at_scale(rt, url, n) {
+            Ok((lease, claimed, done)) => {
+                println!(
+                    "takeover of {n} sagas on PostgreSQL: the holder died; lease {lease:.1} s; all \
+                     claimed {claimed:.2} s and all completed {done:.2} s after the death"
+                );
+                Some((claimed, done))
+            }
+            Err(e) => {
+                println!("takeover at scale failed: {e}");
+                None
+            }
+        },
+        _ => None,
+    };
+    #[cfg(not(feature = "postgres"))]
+    let claim: Option<(f64, f64)> = None;
+    #[cfg(feature = "postgres")]
+    let idle = match &a.database_url {
+        Some(url) if a.pg_idle_secs > 0 => match pg::idle_queries(rt, url, a.pg_idle_secs) {
+            Ok((empty, loaded)) => {
+                println!(
+                    "idle engine on PostgreSQL: {empty:.2} statements/s with an empty store, \
+                     {loaded:.2}/s with 10 definitions, 1,000 sagas held and 1,000 on hour-long \
+                     timers"
+                );
+                Some((empty, loaded))
+            }
+            Err(e) => {
+                println!("idle measurement failed: {e}");
+                None
+            }
+        },
+        _ => None,
+    };
+    #[cfg(not(feature = "postgres"))]
+    let idle: Option<(f64, f64)> = None;
     #[cfg(feature = "postgres")]
     if let Some(f) = &pgf {
         println!(
@@ -792,7 +935,7 @@ fn main() {
         .map(|f| (f.raw_commits_c1.round(), f.raw_commits_c64.round()));
     #[cfg(not(feature = "postgres"))]
     let pg_raw: Option<(f64, f64)> = None;
-    let json = json!({
+    json!({
         "pg_sagas_per_sec_c1024_1proc": pg_key(1, 1024, "rate"),
         "pg_sagas_per_sec_c1024_2proc": pg_key(2, 1024, "rate"),
         "pg_sagas_per_sec_c64_1proc": pg_key(1, 64, "rate"),
@@ -804,30 +947,17 @@ fn main() {
         "pg_p99_ms_c1024_2proc": pg_key(2, 1024, "p99"),
         "pg_raw_commits_per_sec_c1": pg_raw.map(|r| r.0),
         "pg_raw_commits_per_sec_c64": pg_raw.map(|r| r.1),
-        "raw_fsync_per_sec": fsync.round(),
-        "raw_group_commit_records_per_sec": group.round(),
-        "sagas_per_sec_c1": c1.map(|r| r.sagas_per_sec().round()),
-        "sagas_per_sec_c64": find(3, 64).map(|r| r.sagas_per_sec().round()),
-        "sagas_per_sec_c1024": c1024.map(|r| r.sagas_per_sec().round()),
-        "sagas_per_sec_10step_c1024": find(10, 1024).map(|r| r.sagas_per_sec().round()),
-        "p50_ms_c1": c1.map(|r| r.p50_ms),
-        "p99_ms_c1": c1.map(|r| r.p99_ms),
-        "p50_ms_c1024": c1024.map(|r| r.p50_ms),
-        "p99_ms_c1024": c1024.map(|r| r.p99_ms),
-        "p999_ms_c1024": c1024.map(|r| r.p999_ms),
-        "durable_write_cost_ms_c1": durable_cost_ms,
-        "p50_over_durable_cost_c1": c1.map(|r| r.p50_ms / durable_cost_ms),
-        "writes_per_saga_3step": c1024.map(|r| r.writes as f64 / r.sagas as f64),
-        "limiter_achieved_per_sec_at_1000": limiter.round(),
-        "mem_bytes_per_inflight": probe.round(),
-        "mem_bytes_per_inflight_with_sled": probe_sled.round(),
-        "disk_bytes_per_saga_c1024": c1024.map(|r| r.disk_per_saga.round()),
-        "ratio_to_group_commit": c1024.map(|r| r.writes_per_sec() / group),
-        "sagas_per_sec_c1024_with_retention": (with_retention.sagas as f64 / with_retention.secs).round(),
-        "retention_deleted_per_sec": (with_retention.deleted as f64 / with_retention.secs).round(),
-        "retention_soak_sagas": soak.as_ref().map(|s| s.sagas),
-        "retention_soak_deleted": soak.as_ref().map(|s| s.deleted),
-        "retention_soak_disk_bytes": soak.as_ref().map(|s| s.disk.clone()),
-    });
-    println!("{json}");
+        "pg_claim_all_secs": claim.map(|c| c.0),
+        "pg_claim_completed_secs": claim.map(|c| c.1),
+        "pg_claim_sagas": (a.pg_claim > 0).then_some(a.pg_claim),
+        "pg_idle_queries_per_sec_empty": idle.map(|i| i.0),
+        "pg_idle_queries_per_sec_loaded": idle.map(|i| i.1),
+        "scale_sagas": (a.scale > 0).then_some(a.scale),
+        "scale_sled_first_page_ms": scales.iter().find(|f| f.store == "sled").map(|f| f.first_page_ms),
+        "scale_sled_cursor_page_ms": scales.iter().find(|f| f.store == "sled").map(|f| f.cursor_page_ms),
+        "scale_sled_stats_ms": scales.iter().find(|f| f.store == "sled").map(|f| f.stats_ms),
+        "scale_pg_first_page_ms": scales.iter().find(|f| f.store == "postgres").map(|f| f.first_page_ms),
+        "scale_pg_cursor_page_ms": scales.iter().find(|f| f.store == "postgres").map(|f| f.cursor_page_ms),
+        "scale_pg_stats_ms": scales.iter().find(|f| f.store == "postgres").map(|f| f.stats_ms),
+    })
 }

@@ -238,3 +238,268 @@ pub(crate) fn measure(rt: &tokio::runtime::Runtime, url: &str, sagas: u64) -> Op
         runs,
     })
 }
+
+/// A step that never returns: sagas held in it stay active (and leased).
+struct Hold;
+
+#[async_trait::async_trait]
+impl sagaflow::Step for Hold {
+    type Input = serde::de::IgnoredAny;
+    type Output = ();
+
+    async fn execute(
+        &self,
+        _: &sagaflow::StepContext,
+        _: serde::de::IgnoredAny,
+    ) -> Result<(), sagaflow::StepError> {
+        std::future::pending().await
+    }
+}
+
+#[async_trait::async_trait]
+impl sagaflow::Compensate for Hold {
+    async fn compensate(
+        &self,
+        _: &sagaflow::StepContext,
+        _: serde::de::IgnoredAny,
+        _: Option<()>,
+    ) -> Result<(), sagaflow::StepError> {
+        Ok(())
+    }
+}
+
+/// A step that asks to be retried in an hour: sagas in it wait on a long timer, with
+/// their lease handed back.
+struct Later;
+
+#[async_trait::async_trait]
+impl sagaflow::Step for Later {
+    type Input = serde::de::IgnoredAny;
+    type Output = ();
+
+    async fn execute(
+        &self,
+        _: &sagaflow::StepContext,
+        _: serde::de::IgnoredAny,
+    ) -> Result<(), sagaflow::StepError> {
+        Err(sagaflow::StepError::retry_after(
+            Duration::from_secs(3600),
+            "come back in an hour",
+        ))
+    }
+}
+
+#[async_trait::async_trait]
+impl sagaflow::Compensate for Later {
+    async fn compensate(
+        &self,
+        _: &sagaflow::StepContext,
+        _: serde::de::IgnoredAny,
+        _: Option<()>,
+    ) -> Result<(), sagaflow::StepError> {
+        Ok(())
+    }
+}
+
+fn metric(engine: &Engine, prefix: &str, needle: &str) -> u64 {
+    engine
+        .metrics_text()
+        .lines()
+        .filter(|l| l.starts_with(prefix) && l.contains(needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Takeover at scale: `n` sagas held in a step by a process that then dies; another
+/// process claims and finishes them. Seconds from the death to all claimed and to all
+/// completed, with a 2 s lease.
+pub(crate) fn claim_at_scale(
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+    n: u64,
+) -> Result<(f64, f64, f64), String> {
+    let schema = schema_name("claim");
+    let lease = Duration::from_secs(2);
+    let opts = || {
+        PgOptions::default()
+            .schema(schema.clone())
+            .lease_ttl(lease)
+            .pool_size(16)
+    };
+    let quiet = || {
+        sagaflow::EngineOptions::default()
+            .with_stuck_after(None)
+            .with_retention_task(None, 1)
+            .with_lease_tick(Duration::from_millis(100))
+    };
+    let out = rt.block_on(async {
+        let def = |held: bool| {
+            let b = SagaDefinition::builder("claim", 1);
+            let b = if held {
+                b.step("hold", Hold)
+            } else {
+                b.step("hold", Noop)
+            };
+            b.build().map_err(|e| e.to_string())
+        };
+        let dying = Arc::new(
+            Engine::builder()
+                .register(def(true)?)
+                .owner(sagaflow::store::OwnerId::new("dying"))
+                .options(quiet())
+                .open_postgres(url, opts())
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+        let permits = Arc::new(tokio::sync::Semaphore::new(1024));
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|e| e.to_string())?;
+            let e = dying.clone();
+            tasks.spawn(async move {
+                let r = e.start("claim", json!({ "n": i }), None).await;
+                drop(permit);
+                r
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        }
+        // Dies as a crash would: its sagas stay in their step, its leases run out.
+        drop(dying);
+        let died = Instant::now();
+        let taker = Engine::builder()
+            .register(def(false)?)
+            .owner(sagaflow::store::OwnerId::new("taker"))
+            .options(quiet())
+            .open_postgres(url, opts())
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut claimed_at, mut done_at) = (None, None);
+        while done_at.is_none() && died.elapsed() < Duration::from_secs(600) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let claimed = metric(&taker, "sagaflow_sagas_claimed_total", "");
+            let done = metric(&taker, "sagaflow_sagas_ended_total", "completed");
+            if claimed >= n && claimed_at.is_none() {
+                claimed_at = Some(died.elapsed().as_secs_f64());
+            }
+            if done >= n {
+                done_at = Some(died.elapsed().as_secs_f64());
+            }
+        }
+        taker.shutdown().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((
+            lease.as_secs_f64(),
+            claimed_at.ok_or("not all claimed in 600 s")?,
+            done_at.ok_or("not all completed in 600 s")?,
+        ))
+    });
+    if let Ok(pg) = PgLog::connect(url, PgOptions::default().schema(schema)) {
+        let _ = pg.drop_schema();
+    }
+    out
+}
+
+/// Statements per second one engine process sent while it sat idle for `secs`, counted
+/// by its store (`PgLog::statements`): with an empty store and one definition, then with
+/// ten definitions, 1,000 sagas held in a step (leased, renewed) and 1,000 waiting an
+/// hour for a retry (their leases handed back). Default options: leases of 10 s, a
+/// lease tick of 1 s, the watchdog and the retention task on.
+pub(crate) fn idle_queries(
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+    secs: u64,
+) -> Result<(f64, f64), String> {
+    let mut rates = Vec::new();
+    for loaded in [false, true] {
+        let schema = schema_name(if loaded { "idle_loaded" } else { "idle_empty" });
+        let store = Arc::new(
+            PgLog::connect(url, PgOptions::default().schema(schema.clone()))
+                .map_err(|e| e.to_string())?,
+        );
+        let engine = rt.block_on(async {
+            let mut b = Engine::builder();
+            let defs = if loaded { 10 } else { 1 };
+            for d in 0..defs {
+                let def = SagaDefinition::builder(format!("idle-{d}"), 1)
+                    .step(
+                        "a",
+                        if d == 0 {
+                            StepChoice::Hold
+                        } else {
+                            StepChoice::Later
+                        },
+                    )
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                b = b.register(def);
+            }
+            let engine = b
+                .open_with(store.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            if loaded {
+                for i in 0..1000 {
+                    engine
+                        .start("idle-0", json!({ "n": i }), None)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    engine
+                        .start("idle-1", json!({ "n": i }), None)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            Ok::<_, String>(engine)
+        })?;
+        // Let the starts settle (the waiting ones hand their leases back).
+        std::thread::sleep(Duration::from_secs(3));
+        let before = store.statements();
+        let t = Instant::now();
+        std::thread::sleep(Duration::from_secs(secs));
+        let sent = store.statements() - before;
+        rates.push(sent as f64 / t.elapsed().as_secs_f64());
+        drop(engine);
+        let _ = store.drop_schema();
+    }
+    Ok((rates[0], rates[1]))
+}
+
+/// `Hold` or `Later`, as one step type for the builder.
+enum StepChoice {
+    Hold,
+    Later,
+}
+
+#[async_trait::async_trait]
+impl sagaflow::Step for StepChoice {
+    type Input = serde::de::IgnoredAny;
+    type Output = ();
+
+    async fn execute(
+        &self,
+        ctx: &sagaflow::StepContext,
+        input: serde::de::IgnoredAny,
+    ) -> Result<(), sagaflow::StepError> {
+        match self {
+            StepChoice::Hold => Hold.execute(ctx, input).await,
+            StepChoice::Later => Later.execute(ctx, input).await,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl sagaflow::Compensate for StepChoice {
+    async fn compensate(
+        &self,
+        _: &sagaflow::StepContext,
+        _: serde::de::IgnoredAny,
+        _: Option<()>,
+    ) -> Result<(), sagaflow::StepError> {
+        Ok(())
+    }
+}

@@ -138,11 +138,22 @@ pub fn list(store: &dyn SagaLog, filter: &ListFilter, now: Timestamp) -> Result<
         (None, None) => vec![None],
     };
     let single = statuses.len() == 1;
+    // Without a filter past the index, every summary read is kept: read no more than
+    // asked for.
+    let unfiltered = filter.definition.is_none()
+        && filter.older_than.is_none()
+        && filter.stuck_for.is_none()
+        && single;
     for status in statuses {
         let mut cursor = filter.after;
         loop {
-            let page = store.page(status, cursor, PAGE, filter.newest_first)?;
-            let full = page.len() == PAGE;
+            let size = if unfiltered {
+                PAGE.min(want.saturating_sub(out.len()))
+            } else {
+                PAGE
+            };
+            let page = store.page(status, cursor, size, filter.newest_first)?;
+            let full = page.len() == size;
             for meta in page {
                 cursor = Some(meta.id);
                 if keep(&meta) {
@@ -269,7 +280,14 @@ pub struct ReadableLog {
 ///
 /// [`Error::UnknownSaga`] if the saga has no log, or [`Error::Store`].
 pub fn readable_log(store: &dyn SagaLog, id: SagaId) -> Result<ReadableLog> {
-    let raw = store.read(id)?;
+    readable_log_of(id, store.read(id)?)
+}
+
+/// [`readable_log`] over log values already read.
+pub(crate) fn readable_log_of(
+    id: SagaId,
+    raw: Vec<(crate::ids::Lsn, Vec<u8>)>,
+) -> Result<ReadableLog> {
     if raw.is_empty() {
         return Err(Error::UnknownSaga(id));
     }

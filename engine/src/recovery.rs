@@ -147,9 +147,24 @@ pub(crate) async fn recover_one(
     report: &mut RecoveryReport,
     epoch: Option<u64>,
 ) -> Result<()> {
-    let (view, meta) = inner
-        .io(move |store| admin::readable_log(store, id).map(|v| (v, store.meta(id).ok().flatten())))
-        .await??;
+    let loaded = inner.io(move |store| store.load(&[id])).await??;
+    let Some(loaded) = loaded.into_iter().next() else {
+        return Err(Error::UnknownSaga(id));
+    };
+    recover_loaded(inner, loaded, report, epoch).await
+}
+
+/// As [`recover_one`], for a saga whose log and summary were read already (a batch of
+/// claimed sagas is read in one store call).
+pub(crate) async fn recover_loaded(
+    inner: &Arc<Inner>,
+    loaded: crate::store::Loaded,
+    report: &mut RecoveryReport,
+    epoch: Option<u64>,
+) -> Result<()> {
+    let id = loaded.saga;
+    let meta = loaded.meta;
+    let view = admin::readable_log_of(id, loaded.log)?;
     let lsn = view.next_lsn;
     if let Some(first) = view.problems.first() {
         let kind = if view.problems.iter().any(|p| p.newer_format) {

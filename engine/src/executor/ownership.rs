@@ -60,10 +60,30 @@ pub(crate) async fn claim_once(inner: &Arc<Inner>, report: &mut RecoveryReport) 
         })
         .await??;
     let n = leases.len();
+    if n == 0 {
+        return Ok(0);
+    }
+    // Every claimed saga's log and summary in one store call, not two per saga.
+    let ids: Vec<SagaId> = leases.iter().map(|l| l.saga).collect();
+    let loaded = match inner.io(move |store| store.load(&ids)).await? {
+        Ok(l) => l,
+        Err(e) => {
+            for lease in leases {
+                give_back(inner, lease).await;
+            }
+            return Err(e.into());
+        }
+    };
+    let mut loaded: std::collections::HashMap<SagaId, crate::store::Loaded> =
+        loaded.into_iter().map(|l| (l.saga, l)).collect();
     for lease in leases {
         tracing::info!(saga_id = %lease.saga, epoch = lease.epoch, "claimed saga");
         inner.metrics.claimed();
-        if let Err(e) = recovery::recover_one(inner, lease.saga, report, Some(lease.epoch)).await {
+        let recovered = match loaded.remove(&lease.saga) {
+            Some(l) => recovery::recover_loaded(inner, l, report, Some(lease.epoch)).await,
+            None => Err(Error::UnknownSaga(lease.saga)),
+        };
+        if let Err(e) = recovered {
             tracing::error!(saga_id = %lease.saga, error = %e, "recovery of a claimed saga failed");
             report.failed.push((lease.saga, e.to_string()));
             give_back(inner, lease).await;
@@ -143,6 +163,13 @@ pub(crate) async fn run(inner: Arc<Inner>) {
     }
     let tick = inner.options.lease_tick.max(Duration::from_millis(10));
     let mut stopping = inner.stopping.subscribe();
+    // A recorded request wakes this task at once where the store says so (NOTIFY);
+    // the tick is the fallback.
+    let mut hint = inner
+        .store
+        .leases()
+        .and_then(|l| l.changes())
+        .map(|c| c.requests);
     // Requests being applied: each waits for its saga's attempt to settle, on a task of
     // its own, so that claims here never wait for an attempt.
     let in_hand: Arc<std::sync::Mutex<std::collections::HashSet<u64>>> = Arc::default();
@@ -165,11 +192,24 @@ pub(crate) async fn run(inner: Arc<Inner>) {
         }
         answer_requests(&inner, &in_hand).await;
         let next = inner.clock.now().saturating_add(tick);
-        tokio::select! {
-            biased;
-            _ = stopping.changed() => return,
-            () = inner.clock.sleep_until(next) => {}
+        // Woken by a request, only requests are looked at again before the tick.
+        loop {
+            tokio::select! {
+                biased;
+                _ = stopping.changed() => return,
+                () = inner.clock.sleep_until(next) => break,
+                true = changed(&mut hint) => answer_requests(&inner, &in_hand).await,
+            }
         }
+    }
+}
+
+/// Whether a hint moved (`false` at once if there is none, so a `select!` branch that
+/// waits on it is disabled).
+async fn changed(hint: &mut Option<tokio::sync::watch::Receiver<u64>>) -> bool {
+    match hint {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => false,
     }
 }
 
@@ -326,6 +366,11 @@ async fn ask_owner(
         .map(|(o, _)| o);
     let mut next_look = inner.clock.now().saturating_add(ttl);
     let poll = (inner.options.lease_tick / 4).max(Duration::from_millis(5));
+    let mut hint = inner
+        .store
+        .leases()
+        .and_then(|l| l.changes())
+        .map(|c| c.outcomes);
     loop {
         let answer = inner
             .io(move |store| store.leases().map(|l| l.answer_of(request)))
@@ -367,7 +412,10 @@ async fn ask_owner(
                     return Err(Error::ShuttingDown);
                 }
                 let next = inner.clock.now().saturating_add(poll);
-                inner.clock.sleep_until(next).await;
+                tokio::select! {
+                    () = inner.clock.sleep_until(next) => {}
+                    true = changed(&mut hint) => {}
+                }
                 continue;
             }
         };
@@ -396,6 +444,12 @@ async fn ask_owner(
 /// for now) is no longer active.
 pub(crate) async fn wait_in_store(inner: &Arc<Inner>, id: SagaId) -> Result<SagaStatus> {
     let poll = (inner.options.lease_tick / 4).max(Duration::from_millis(5));
+    // A saga that ends anywhere wakes this at once where the store says so (NOTIFY).
+    let mut hint = inner
+        .store
+        .leases()
+        .and_then(|l| l.changes())
+        .map(|c| c.outcomes);
     loop {
         let meta = inner.io(move |store| store.meta(id)).await??;
         match meta {
@@ -411,7 +465,10 @@ pub(crate) async fn wait_in_store(inner: &Arc<Inner>, id: SagaId) -> Result<Saga
             return Err(Error::ShuttingDown);
         }
         let next = inner.clock.now().saturating_add(poll);
-        inner.clock.sleep_until(next).await;
+        tokio::select! {
+            () = inner.clock.sleep_until(next) => {}
+            true = changed(&mut hint) => {}
+        }
     }
 }
 

@@ -145,6 +145,17 @@ pub enum Answer {
     NotDriven,
 }
 
+/// Wake-up hints from a shared store: bumped when another process recorded something
+/// this one may be waiting for. Hints only: whoever waits still polls, so a lost hint
+/// costs a poll interval, never correctness.
+#[derive(Clone, Debug)]
+pub struct Changes {
+    /// A request (repair, cancellation) was recorded for some saga.
+    pub requests: tokio::sync::watch::Receiver<u64>,
+    /// A saga ended, or a request was answered.
+    pub outcomes: tokio::sync::watch::Receiver<u64>,
+}
+
 /// The lease operations of a store shared by several engine processes. A store that
 /// one process owns alone (sled's directory lock, memory) does not offer them.
 ///
@@ -224,4 +235,9 @@ pub trait Leases: Send + Sync + fmt::Debug {
     ///
     /// A backend error.
     fn answer_of(&self, id: u64) -> Result<Option<Answer>>;
+
+    /// Wake-up hints (PostgreSQL's LISTEN/NOTIFY), if the store has them; `None`: poll.
+    fn changes(&self) -> Option<Changes> {
+        None
+    }
 }

@@ -32,7 +32,7 @@ use crate::ids::{Lsn, SagaId, StartKey};
 use crate::machine::SagaStatus;
 use crate::store::check::{Finding, Report};
 use crate::store::codec;
-use crate::store::lease::{Answer, Lease, Leases, OwnerId, Refused, Request};
+use crate::store::lease::{Answer, Changes, Lease, Leases, OwnerId, Refused, Request};
 use crate::store::{Error, Result, SagaLog, SagaMeta, Write, WriteResult};
 
 /// The newest schema version this engine knows.
@@ -89,6 +89,12 @@ pub struct PgLog {
     schema: String,
     ttl: Duration,
     sql: Sql,
+    /// Statements sent (queries, plus BEGIN and COMMIT): what an idle engine costs.
+    statements: std::sync::atomic::AtomicU64,
+    /// The NOTIFY channel of this schema.
+    channel: String,
+    requests: tokio::sync::watch::Sender<u64>,
+    outcomes: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for PgLog {
@@ -245,8 +251,9 @@ impl Sql {
                  AND lease_until >= now()"
             ),
             request: format!(
-                "INSERT INTO {s}.requests (saga, action, operator, reason) \
-                 VALUES ($1, $2, $3, $4) RETURNING id"
+                "WITH r AS (INSERT INTO {s}.requests (saga, action, operator, reason) \
+                 VALUES ($1, $2, $3, $4) RETURNING id) \
+                 SELECT r.id, pg_notify($5, 'request') FROM r"
             ),
             requests_for: format!(
                 "SELECT r.id, r.saga, r.action, r.operator, r.reason FROM {s}.requests r \
@@ -254,7 +261,8 @@ impl Sql {
                  ORDER BY r.id"
             ),
             answer: format!(
-                "UPDATE {s}.requests SET answer = $2 WHERE id = $1 AND answer IS NULL"
+                "WITH u AS (UPDATE {s}.requests SET answer = $2 WHERE id = $1 AND answer IS NULL \
+                 RETURNING id) SELECT count(*), (SELECT pg_notify($3, 'outcome') FROM u) FROM u"
             ),
             answer_of: format!("SELECT answer FROM {s}.requests WHERE id = $1"),
             page_up: format!(
@@ -358,22 +366,48 @@ impl PgLog {
                 .build()
                 .map_err(backend)?
         };
+        let channel = format!("sagaflow_{}", options.schema);
+        let requests = tokio::sync::watch::channel(0).0;
+        let outcomes = tokio::sync::watch::channel(0).0;
+        runtime.spawn(listen(
+            url.to_string(),
+            channel.clone(),
+            requests.clone(),
+            outcomes.clone(),
+        ));
         let store = PgLog {
             pool,
             runtime: Some(runtime),
             sql: Sql::new(&options.schema),
             schema: options.schema,
             ttl: options.lease_ttl,
+            statements: std::sync::atomic::AtomicU64::new(0),
+            channel,
+            requests,
+            outcomes,
         };
         store.migrate()?;
         Ok(store)
     }
 
-    /// Runs `fut` on the store's runtime and waits for it.
+    /// Statements this store has sent to the database (queries, plus BEGIN and COMMIT
+    /// of each group commit; the LISTEN connection's one LISTEN is not counted).
+    pub fn statements(&self) -> u64 {
+        self.statements.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count(&self, n: u64) {
+        self.statements
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Runs `fut` on the store's runtime and waits for it. Counts one statement: calls
+    /// that send more count the rest themselves.
     fn run<T: Send + 'static>(
         &self,
         fut: impl Future<Output = Result<T>> + Send + 'static,
     ) -> Result<T> {
+        self.count(1);
         let rt = self
             .runtime
             .as_ref()
@@ -583,6 +617,11 @@ impl SagaLog for PgLog {
             self.sql.why_refused.clone(),
         );
         let ttl = self.ttl_ms();
+        // A saga that ends wakes whoever waits for it in another process.
+        let ends = prepared.iter().any(|p| p.as_ref().is_ok_and(|p| !p.active));
+        let channel = self.channel.clone();
+        // BEGIN, one statement per write, COMMIT, and the NOTIFY.
+        self.count(prepared.len() as u64 + 1 + u64::from(ends));
         self.run(async move {
             let mut client = pool.get().await.map_err(backend)?;
             let insert = client.prepare_cached(&insert).await.map_err(backend)?;
@@ -657,6 +696,12 @@ impl SagaLog for PgLog {
                         }
                     }
                 });
+            }
+            if ends {
+                // Delivered at commit, to every process listening (this one too).
+                tx.execute("SELECT pg_notify($1, 'outcome')", &[&channel])
+                    .await
+                    .map_err(backend)?;
             }
             tx.commit().await.map_err(backend)?;
             Ok(results)
@@ -748,6 +793,62 @@ impl SagaLog for PgLog {
                 }
             }
             Ok(out)
+        })
+    }
+
+    fn load(&self, sagas: &[SagaId]) -> Result<Vec<crate::store::Loaded>> {
+        let pool = self.pool.clone();
+        let ids: Vec<Vec<u8>> = sagas.iter().map(|s| s.as_bytes().to_vec()).collect();
+        let order: Vec<SagaId> = sagas.to_vec();
+        let (logs_q, metas_q) = (
+            format!(
+                "SELECT saga, lsn, value FROM {}.log WHERE saga = ANY($1) ORDER BY saga, lsn",
+                self.schema
+            ),
+            format!(
+                "SELECT id, meta FROM {}.sagas WHERE id = ANY($1)",
+                self.schema
+            ),
+        );
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            let (logs, metas) = futures_util::future::join(
+                client.query(&logs_q, &[&ids]),
+                client.query(&metas_q, &[&ids]),
+            )
+            .await;
+            let mut by_saga: std::collections::HashMap<SagaId, crate::store::Loaded> = order
+                .iter()
+                .map(|&saga| {
+                    (
+                        saga,
+                        crate::store::Loaded {
+                            saga,
+                            log: Vec::new(),
+                            meta: None,
+                        },
+                    )
+                })
+                .collect();
+            for r in logs.map_err(backend)? {
+                let saga = saga_of(r.get::<_, &[u8]>(0))?;
+                let lsn: i64 = r.get(1);
+                let lsn = u64::try_from(lsn).map_err(|_| Error::Corrupt {
+                    saga,
+                    what: "log key".into(),
+                    reason: format!("negative lsn {lsn}"),
+                })?;
+                if let Some(l) = by_saga.get_mut(&saga) {
+                    l.log.push((Lsn(lsn), r.get::<_, Vec<u8>>(2)));
+                }
+            }
+            for r in metas.map_err(backend)? {
+                let saga = saga_of(r.get::<_, &[u8]>(0))?;
+                if let Some(l) = by_saga.get_mut(&saga) {
+                    l.meta = codec::decode_meta(saga, r.get::<_, &[u8]>(1)).ok();
+                }
+            }
+            Ok(order.iter().filter_map(|s| by_saga.remove(s)).collect())
         })
     }
 
@@ -991,10 +1092,11 @@ impl Leases for PgLog {
         let pool = self.pool.clone();
         let q = self.sql.request.clone();
         let (a, o, r) = (action.to_string(), operator.to_string(), reason.to_string());
+        let channel = self.channel.clone();
         self.run(async move {
             let client = pool.get().await.map_err(backend)?;
             let row = client
-                .query_one(&q, &[&saga.as_bytes().as_slice(), &a, &o, &r])
+                .query_one(&q, &[&saga.as_bytes().as_slice(), &a, &o, &r, &channel])
                 .await
                 .map_err(backend)?;
             Ok(epoch_of(row.get(0)))
@@ -1027,10 +1129,21 @@ impl Leases for PgLog {
         let q = self.sql.answer.clone();
         let json = serde_json::to_string(answer).map_err(backend)?;
         let id = i64::try_from(id).unwrap_or(i64::MAX);
+        let channel = self.channel.clone();
         self.run(async move {
             let client = pool.get().await.map_err(backend)?;
-            let n = client.execute(&q, &[&id, &json]).await.map_err(backend)?;
-            Ok(n == 1)
+            let row = client
+                .query_one(&q, &[&id, &json, &channel])
+                .await
+                .map_err(backend)?;
+            Ok(row.get::<_, i64>(0) == 1)
+        })
+    }
+
+    fn changes(&self) -> Option<Changes> {
+        Some(Changes {
+            requests: self.requests.subscribe(),
+            outcomes: self.outcomes.subscribe(),
         })
     }
 
@@ -1048,5 +1161,61 @@ impl Leases for PgLog {
                     .map_err(|e| Error::Backend(format!("a stored answer does not decode: {e}"))),
             }
         })
+    }
+}
+
+/// Listens on the schema's NOTIFY channel on a connection of its own and turns each
+/// notification into a bump of the matching hint; reconnects after a second if the
+/// connection drops. Hints only: nothing is lost while it is down (waiters poll).
+async fn listen(
+    url: String,
+    channel: String,
+    requests: tokio::sync::watch::Sender<u64>,
+    outcomes: tokio::sync::watch::Sender<u64>,
+) {
+    loop {
+        match tokio_postgres::connect(&url, NoTls).await {
+            Ok((client, mut connection)) => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let driver = tokio::spawn(async move {
+                    let mut messages =
+                        futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
+                        match m {
+                            Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                                if tx.send(n.payload().to_string()).is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
+                });
+                let listening = client
+                    .batch_execute(&format!("LISTEN {channel}"))
+                    .await
+                    .is_ok();
+                if listening {
+                    // A notification may have been missed while not listening.
+                    requests.send_modify(|n| *n += 1);
+                    outcomes.send_modify(|n| *n += 1);
+                    while let Some(kind) = rx.recv().await {
+                        let hint = if kind == "request" {
+                            &requests
+                        } else {
+                            &outcomes
+                        };
+                        hint.send_modify(|n| *n += 1);
+                    }
+                }
+                driver.abort();
+            }
+            Err(e) => tracing::debug!(error = %e, "NOTIFY listener could not connect"),
+        }
+        // A reconnect pause against a real network, on the store's own runtime: real
+        // time by nature, not an engine decision (those take the injected clock).
+        #[allow(clippy::disallowed_methods)]
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
