@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use sagaflow::admin::{Admin, ListFilter};
 use sagaflow::machine::{Event, LogRecord};
-use sagaflow::store::{codec, Fence, OwnerId, SagaLog, Write};
+use sagaflow::store::{Fence, OwnerId, SagaLog, Write};
 use sagaflow::{Lsn, SagaId, SagaMeta, SagaStatus, SystemClock, Timestamp};
 
 /// What the queries took, in milliseconds.
@@ -72,7 +72,7 @@ fn write(n: u64, fence: Option<&OwnerId>) -> Write {
     };
     let mut w = Write {
         saga,
-        records: vec![(Lsn(0), codec::encode_record(&record).expect("encodes"))],
+        records: vec![record],
         meta,
         previous: None,
         fence: None,

@@ -523,7 +523,7 @@ pub(crate) fn prepare_repair(
     let meta = SagaMeta::of(&state);
     let write = Write {
         saga: id,
-        records: vec![(record.lsn, codec::encode_record(&record)?)],
+        records: vec![record.clone()],
         meta: meta.clone(),
         previous,
         fence: None,
@@ -579,7 +579,7 @@ fn resolve_unreadable(
     );
     let write = Write {
         saga: id,
-        records: vec![(lsn, codec::encode_record(&record)?)],
+        records: vec![record.clone()],
         meta: meta.clone(),
         previous,
         fence: None,
@@ -727,7 +727,7 @@ impl Admin {
         let meta = SagaMeta::of(&state);
         self.store.append(vec![Write {
             saga: id,
-            records: vec![(record.lsn, codec::encode_record(&record)?)],
+            records: vec![record.clone()],
             meta: meta.clone(),
             previous,
             fence: None,

@@ -27,7 +27,7 @@ use crate::machine::{
     definition_mismatch, Event, LogRecord, ParkKind, ParkReason, SagaState, SagaStatus,
 };
 use crate::payload::bound_message;
-use crate::store::{codec, Finding, SagaMeta, Write};
+use crate::store::{Finding, SagaMeta, Write};
 
 /// What recovery found.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -245,7 +245,7 @@ async fn park(
     let definition = parked.definition.clone();
     let write = Write {
         saga: id,
-        records: vec![(lsn, codec::encode_record(&record)?)],
+        records: vec![record],
         meta: parked,
         previous: meta,
         fence: epoch.map(|e| inner.fence(e)),

@@ -18,7 +18,7 @@ use crate::ids::{Attempt, IdempotencyKey, Phase};
 use crate::machine::{
     check_cancel, check_repair, decide, Decision, Event, FailureKind, LogRecord, SagaState,
 };
-use crate::store::{codec, Fence, Lease, SagaMeta, Write};
+use crate::store::{Fence, Lease, SagaMeta, Write};
 
 /// Why an attempt failed, before it is written down.
 struct Failure {
@@ -151,10 +151,9 @@ impl Driver {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let mut records = Vec::with_capacity(self.pending.len());
-        for r in &self.pending {
-            records.push((r.lsn, codec::encode_record(r)?));
-        }
+        // Taken, not copied: if the write fails the driver stops, and the saga is read
+        // back from the store by whoever drives it next.
+        let records = std::mem::take(&mut self.pending);
         let meta = self.meta();
         let write = Write {
             saga: self.state.id,
@@ -172,9 +171,6 @@ impl Driver {
             let _ = tx.send(result.clone());
         }
         result?;
-        // Drop the buffer rather than clear it: a saga waiting on a timer or a slow
-        // step should not hold its last write's capacity.
-        self.pending = Vec::new();
         self.committed = Some(meta);
         Ok(())
     }

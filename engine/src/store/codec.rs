@@ -1,4 +1,6 @@
 //! How records, summaries and keys are laid out in bytes.
+// Public only with the `test-support` feature: otherwise its items are the crate's own.
+#![cfg_attr(not(feature = "test-support"), allow(unreachable_pub, dead_code))]
 //!
 //! Values start with a format byte, then JSON. JSON costs a little space and time, but a
 //! log that an operator can read with any tool is worth it, and the format byte leaves
@@ -410,7 +412,11 @@ pub fn ops(write: Write) -> Result<Vec<Op>> {
         fence: _,
     } = write;
     let mut ops = Vec::with_capacity(5);
-    let mut records = records.into_iter();
+    let mut encoded = Vec::with_capacity(records.len());
+    for r in &records {
+        encoded.push((r.lsn, encode_record(r)?));
+    }
+    let mut records = encoded.into_iter();
     if let Some((first, bytes)) = records.next() {
         let rest: Vec<_> = records.collect();
         if rest.is_empty() {

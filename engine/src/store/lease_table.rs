@@ -109,7 +109,7 @@ impl LeaseTable {
         if let Some(Fence { owner, epoch }) = &w.fence {
             self.accepted.push((
                 w.saga,
-                w.records.first().map(|(l, _)| *l),
+                w.records.first().map(|r| r.lsn),
                 owner.clone(),
                 *epoch,
             ));

@@ -93,11 +93,11 @@ impl MemLog {
         let mut inner = self.lock();
         // The log is append-only: a write that would replace a record is refused.
         for w in &writes {
-            for (lsn, _) in &w.records {
-                if inner.visible.contains_key(&codec::log_key(w.saga, *lsn)) {
+            for r in &w.records {
+                if inner.visible.contains_key(&codec::log_key(w.saga, r.lsn)) {
                     return Err(Error::WouldOverwrite {
                         saga: w.saga,
-                        lsn: *lsn,
+                        lsn: r.lsn,
                     });
                 }
             }
@@ -150,6 +150,7 @@ impl MemLog {
     }
 
     /// Sets a raw value durably, bypassing every check: for tests of damaged stores.
+    #[cfg(any(test, feature = "test-support"))]
     pub fn put_raw(&self, key: &[u8], value: &[u8]) {
         let mut inner = self.lock();
         let op = Op::Put(key.to_vec(), value.to_vec());
@@ -158,6 +159,7 @@ impl MemLog {
     }
 
     /// Deletes a raw key durably, bypassing every check: for tests of damaged stores.
+    #[cfg(any(test, feature = "test-support"))]
     pub fn delete_raw(&self, key: &[u8]) {
         let mut inner = self.lock();
         let op = Op::Delete(key.to_vec());
@@ -322,14 +324,14 @@ impl SagaLog for MemLog {
                     break;
                 }
             }
-            if let Some((lsn, _)) = w
+            if let Some(r) = w
                 .records
                 .iter()
-                .find(|(lsn, _)| inner.visible.contains_key(&codec::log_key(w.saga, *lsn)))
+                .find(|r| inner.visible.contains_key(&codec::log_key(w.saga, r.lsn)))
             {
                 outcome = Err(Error::WouldOverwrite {
                     saga: w.saga,
-                    lsn: *lsn,
+                    lsn: r.lsn,
                 });
                 break;
             }

@@ -5,7 +5,7 @@
 //! group-commit writer appends everything that arrived while the previous sync ran, then
 //! syncs once for all of it.
 //!
-//! Every store keeps the same keyed layout (see [`codec`]), big-endian so keys sort by
+//! Every store keeps the same keyed layout (the `codec` module), big-endian so keys sort by
 //! saga id (creation time) and lsn:
 //!
 //! | key | value |
@@ -17,7 +17,12 @@
 //! | `K` start-key | saga id: the start-key index (G6) |
 
 mod check;
+// The byte layout is the stores' own business; tests that build damaged stores see it
+// through the `test-support` feature.
+#[cfg(feature = "test-support")]
 pub mod codec;
+#[cfg(not(feature = "test-support"))]
+pub(crate) mod codec;
 mod kv;
 mod lease;
 mod lease_table;
@@ -236,8 +241,9 @@ impl SagaMeta {
 pub struct Write {
     /// The saga.
     pub saga: SagaId,
-    /// New log records, encoded with [`codec::encode_record`], in lsn order.
-    pub records: Vec<(Lsn, Vec<u8>)>,
+    /// New log records, in lsn order: the store encodes them (a store may keep several
+    /// written together as one value).
+    pub records: Vec<crate::machine::LogRecord>,
     /// The summary after these records.
     pub meta: SagaMeta,
     /// The summary before them (`None` for the saga's first write), so the store can
@@ -324,9 +330,9 @@ pub trait SagaLog: Send + Sync + fmt::Debug + 'static {
     /// be assumed durable.
     fn sync(&self) -> Result<()>;
 
-    /// The saga's stored log values in lsn order, still encoded (decode them with
-    /// [`codec::decode_log`]: one value may hold several records); empty if the saga is
-    /// unknown.
+    /// The saga's stored log values in lsn order, still encoded as the store wrote them
+    /// (one value may hold several records; the engine decodes them, and reads a log up to
+    /// a value that does not decode); empty if the saga is unknown.
     ///
     /// # Errors
     ///

@@ -576,9 +576,9 @@ fn prepare(w: Write) -> Result<std::result::Result<Prepared, Refused>> {
     };
     let mut lsns = Vec::with_capacity(w.records.len());
     let mut values = Vec::with_capacity(w.records.len());
-    for (lsn, v) in w.records {
-        lsns.push(lsn_param(w.saga, lsn)?);
-        values.push(v);
+    for r in &w.records {
+        lsns.push(lsn_param(w.saga, r.lsn)?);
+        values.push(codec::encode_record(r)?);
     }
     Ok(Ok(Prepared {
         saga: w.saga,

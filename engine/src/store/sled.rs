@@ -210,6 +210,7 @@ impl SledLog {
     /// # Errors
     ///
     /// An I/O or backend error.
+    #[cfg(any(test, feature = "test-support"))]
     pub fn put_raw(&self, key: &[u8], value: &[u8]) -> Result<()> {
         self.db.insert(key, value).map_err(backend)?;
         self.sync()
@@ -232,6 +233,7 @@ impl SledLog {
     /// # Errors
     ///
     /// An I/O or backend error.
+    #[cfg(any(test, feature = "test-support"))]
     pub fn delete_raw(&self, key: &[u8]) -> Result<()> {
         self.db.remove(key).map_err(backend)?;
         self.sync()
@@ -327,15 +329,15 @@ impl SledLog {
     /// Refuses writes that would replace a stored log record: the log is append-only.
     fn refuse_overwrites(&self, writes: &[Write]) -> Result<()> {
         for w in writes {
-            for (lsn, _) in &w.records {
+            for r in &w.records {
                 if self
                     .db
-                    .contains_key(codec::log_key(w.saga, *lsn))
+                    .contains_key(codec::log_key(w.saga, r.lsn))
                     .map_err(backend)?
                 {
                     return Err(Error::WouldOverwrite {
                         saga: w.saga,
-                        lsn: *lsn,
+                        lsn: r.lsn,
                     });
                 }
             }

@@ -30,8 +30,9 @@ fn meta(saga: SagaId, status: SagaStatus, last: u64, due: Option<u64>) -> SagaMe
     }
 }
 
-fn rec(lsn: u64) -> (Lsn, Vec<u8>) {
-    let r = LogRecord {
+/// The record `rec` stores at `lsn`, as a write carries it.
+fn record(lsn: u64) -> LogRecord {
+    LogRecord {
         lsn: Lsn(lsn),
         at: Timestamp::from_millis(lsn),
         event: Event::StepAttemptStarted {
@@ -39,14 +40,18 @@ fn rec(lsn: u64) -> (Lsn, Vec<u8>) {
             attempt: Attempt(1),
             deadline: Timestamp::from_millis(99),
         },
-    };
-    (Lsn(lsn), encode_record(&r).unwrap())
+    }
+}
+
+/// The stored value of [`record`]`(lsn)`, as `read` gives it back.
+fn rec(lsn: u64) -> (Lsn, Vec<u8>) {
+    (Lsn(lsn), encode_record(&record(lsn)).unwrap())
 }
 
 fn first(saga: SagaId) -> Write {
     Write {
         saga,
-        records: vec![rec(0)],
+        records: vec![record(0)],
         meta: meta(saga, SagaStatus::Running, 0, None),
         previous: None,
         fence: None,
@@ -87,14 +92,14 @@ fn conformance(log: &dyn SagaLog) {
     log.append(fenced(vec![
         Write {
             saga: a,
-            records: vec![rec(1), rec(2)],
+            records: vec![record(1), record(2)],
             meta: a1.clone(),
             previous: Some(meta(a, SagaStatus::Running, 0, None)),
             fence: None,
         },
         Write {
             saga: b,
-            records: vec![rec(1)],
+            records: vec![record(1)],
             meta: b1.clone(),
             previous: Some(meta(b, SagaStatus::Running, 0, None)),
             fence: None,
@@ -154,7 +159,7 @@ fn conformance(log: &dyn SagaLog) {
     let a2 = meta(a, SagaStatus::Completed, 3, None);
     log.append(fenced(vec![Write {
         saga: a,
-        records: vec![rec(3)],
+        records: vec![record(3)],
         meta: a2,
         previous: Some(a1),
         fence: None,
@@ -269,7 +274,7 @@ fn sled_blob_files_are_synced_too() {
             not_before: None,
         },
     };
-    w.records = vec![(Lsn(0), encode_record(&big).unwrap())];
+    w.records = vec![big.clone()];
     log.append(vec![w]).unwrap();
     log.sync().unwrap();
     assert!(log.blobs_synced() >= 1, "the blob file was fsynced");
@@ -395,7 +400,7 @@ fn lease_conformance(log: &dyn SagaLog, ttl: std::time::Duration) {
     };
     let next = |saga: SagaId, lsn: u64, status: SagaStatus| Write {
         saga,
-        records: vec![rec(lsn)],
+        records: vec![record(lsn)],
         meta: meta(saga, status, lsn, None),
         previous: Some(meta(saga, SagaStatus::Running, lsn - 1, None)),
         fence: None,
