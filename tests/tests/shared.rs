@@ -237,8 +237,9 @@ struct Run {
     ended: usize,
 }
 
-/// Three engines; A crashes with sagas in flight, C is cut off from the store past its
-/// lease while an attempt hangs, then comes back. Every saga must end, once.
+/// Three engines; A crashes with sagas in flight and restarts as a new owner, C is cut
+/// off from the store past its lease while an attempt hangs, then comes back. Every saga
+/// must end, once.
 async fn scenario(seed: u64) -> Run {
     let clock: Arc<dyn Clock> = Arc::new(TokioClock::starting_at(Timestamp::from_millis(
         1_700_000_000_000,
@@ -309,6 +310,14 @@ async fn scenario(seed: u64) -> Run {
     // Past the lease, B (or C, once back) claims A's and C's sagas.
     tokio::time::sleep(TTL + Duration::from_secs(1)).await;
     c_view.cut.store(false, Ordering::SeqCst);
+    // A restarts, a new owner: it takes its share of whatever is claimable, and its
+    // new sagas run beside the others.
+    let a2 = open("A2", store.clone(), &clock, &ledger, seed + 3).await;
+    ids.push(
+        a2.start("checkout", json!({"tag": "a2"}), None)
+            .await
+            .unwrap(),
+    );
 
     // Every saga ends: wait on each from B, whoever drives it.
     let mut ended = 0;
@@ -336,6 +345,7 @@ async fn scenario(seed: u64) -> Run {
     }
     b.shutdown().await.unwrap();
     c.shutdown().await.unwrap();
+    a2.shutdown().await.unwrap();
     Run {
         dump: store.dump(),
         refused: store.refused_writes(),
@@ -347,20 +357,29 @@ async fn scenario(seed: u64) -> Run {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_crashed_process_is_taken_over_and_a_zombie_is_fenced() {
-    let run = scenario(11).await;
-    assert_eq!(run.ended, 10);
-    assert!(
-        run.claimed_by_b_or_c > 0,
-        "the crashed process's sagas were claimed under a new epoch"
-    );
-    // The zombie's late write (its hung attempt timing out) was refused for its epoch.
-    assert!(
-        run.refused
-            .iter()
-            .any(|r| matches!(r, Refused::Fenced { saga, carried: 1, current } if *saga == run.zombie && *current > 1)),
-        "the zombie's write was not fenced: {:?}",
-        run.refused
-    );
+    // `SAGA_SHARED_SEEDS` runs more seeds (each draws other ids, jitter and orders).
+    let seeds: u64 = std::env::var("SAGA_SHARED_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    for seed in 11..11 + seeds {
+        let run = scenario(seed).await;
+        assert_eq!(run.ended, 11, "seed {seed}");
+        assert!(
+            run.claimed_by_b_or_c > 0,
+            "seed {seed}: the crashed process's sagas were claimed under a new epoch"
+        );
+        // The zombie's late write (its hung attempt timing out) was refused for its
+        // epoch.
+        assert!(
+            run.refused.iter().any(|r| matches!(
+                r,
+                Refused::Fenced { saga, carried: 1, current } if *saga == run.zombie && *current > 1
+            )),
+            "seed {seed}: the zombie's write was not fenced: {:?}",
+            run.refused
+        );
+    }
 }
 
 #[test]
