@@ -438,3 +438,109 @@ async fn a_saga_whose_driver_stopped_on_a_store_error_is_not_stranded() {
     );
     a.shutdown().await.unwrap();
 }
+
+/// A saga that waits longer than a lease for its retry gives its lease back; when the
+/// retry is due, another process claims it and finishes it (the first is still alive).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_saga_sleeping_past_a_lease_is_claimed_when_due_by_any_process() {
+    let clock: Arc<dyn Clock> = Arc::new(TokioClock::starting_at(Timestamp::from_millis(
+        1_700_000_000_000,
+    )));
+    let store = Arc::new(MemLog::shared(clock.clone(), TTL));
+    let ledger = Ledger::new();
+    let a = open("A", store.clone(), &clock, &ledger, 31).await;
+    // A 429 asking for 60 s: far longer than the 2 s lease.
+    ledger.script_tagged(
+        "slow",
+        "inventory",
+        Phase::Action,
+        [Outcome::RetryAfter(Duration::from_secs(60))],
+    );
+    let id = a
+        .start("checkout", json!({"tag": "slow"}), None)
+        .await
+        .unwrap();
+    // Let it reach its wait and hand the lease back.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(store.holder(id).unwrap(), None, "the lease was handed back");
+    assert_eq!(a.in_flight(), 0, "no driver holds the sleeping saga");
+    // A second process, opened meanwhile, is as likely to take it as the first.
+    let b = open("B", store.clone(), &clock, &ledger, 32).await;
+    let outcome = tokio::time::timeout(Duration::from_secs(120), b.wait(id))
+        .await
+        .expect("claimed and finished when due")
+        .unwrap();
+    assert!(
+        matches!(outcome, sagaflow::SagaOutcome::Completed { .. }),
+        "{outcome:?}"
+    );
+    let retried_at = ledger.calls_of(id, "inventory", Phase::Action);
+    assert_eq!(retried_at.len(), 2, "one 429, one retry: {retried_at:?}");
+    let writers: std::collections::BTreeSet<String> = store
+        .accepted_fences()
+        .iter()
+        .filter(|(s, _, _, e)| *s == id && *e > 1)
+        .map(|(_, _, o, _)| o.as_str().to_string())
+        .collect();
+    assert_eq!(
+        writers.len(),
+        1,
+        "claimed once, by one process: {writers:?}"
+    );
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+/// A parked saga is repaired from a process that never drove it: it takes the saga's
+/// lease, records the operator's action, and the saga goes on there.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_parked_saga_is_repaired_from_another_process() {
+    let clock: Arc<dyn Clock> = Arc::new(TokioClock::starting_at(Timestamp::from_millis(
+        1_700_000_000_000,
+    )));
+    let store = Arc::new(MemLog::shared(clock.clone(), TTL));
+    let ledger = Ledger::new();
+    let a = open("A", store.clone(), &clock, &ledger, 41).await;
+    let b = open("B", store.clone(), &clock, &ledger, 42).await;
+    // The inventory is refused, and the payment's refund fails every time: parked.
+    ledger.script_tagged("p", "inventory", Phase::Action, [Outcome::Rejected]);
+    ledger.script_tagged("p", "payment", Phase::Compensation, [Outcome::Retryable; 4]);
+    let id = a
+        .start("checkout", json!({"tag": "p"}), None)
+        .await
+        .unwrap();
+    let parked = tokio::time::timeout(Duration::from_secs(60), a.wait(id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(parked, sagaflow::SagaOutcome::Parked { .. }),
+        "{parked:?}"
+    );
+    // From B, which never drove it: resume; the refund now goes through.
+    let meta = b
+        .repair(
+            id,
+            sagaflow::machine::Repair::Resume,
+            "ops@example",
+            "refund service fixed",
+        )
+        .await
+        .unwrap();
+    assert!(meta.status.is_active(), "{meta:?}");
+    let outcome = tokio::time::timeout(Duration::from_secs(60), a.wait(id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(outcome, sagaflow::SagaOutcome::Compensated { .. }),
+        "{outcome:?}"
+    );
+    let history = codec::decode_log(id, &store.read(id).unwrap()).unwrap();
+    assert!(history.iter().any(|r| matches!(
+        &r.event,
+        sagaflow::machine::Event::OperatorAction { operator, .. } if operator == "ops@example"
+    )));
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
