@@ -181,6 +181,39 @@ pub(crate) async fn recover_loaded(
         reason: e.to_string(),
     })?;
     let Some(def) = inner.definition(&state.definition, state.version) else {
+        if let (Some(e), true) = (epoch, inner.shared()) {
+            // Another process may know it (a rolling deploy): give it back for a minute
+            // rather than park it here. A definition no process knows keeps coming back
+            // and shows as stuck.
+            tracing::warn!(
+                saga_id = %id,
+                definition = %state.definition,
+                version = state.version,
+                "claimed a saga whose definition this process does not know: given back"
+            );
+            let wake = inner
+                .clock
+                .now()
+                .saturating_add(std::time::Duration::from_secs(60));
+            let (owner, lease) = (
+                inner.owner.clone(),
+                crate::store::Lease { saga: id, epoch: e },
+            );
+            inner
+                .io(move |store| match store.leases() {
+                    Some(l) => l.release(&owner, lease, Some(wake)),
+                    None => Ok(()),
+                })
+                .await??;
+            report.failed.push((
+                id,
+                format!(
+                    "definition `{}` version {} unknown here",
+                    state.definition, state.version
+                ),
+            ));
+            return Ok(());
+        }
         let reason = ParkReason::new(
             ParkKind::UnknownDefinition,
             format!(

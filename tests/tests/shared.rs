@@ -98,9 +98,14 @@ impl Leases for Cut {
     fn ttl(&self) -> Duration {
         TTL
     }
-    fn claim(&self, owner: &OwnerId, limit: usize) -> sagaflow::store::Result<Vec<Lease>> {
+    fn claim(
+        &self,
+        owner: &OwnerId,
+        limit: usize,
+        definitions: &[String],
+    ) -> sagaflow::store::Result<Vec<Lease>> {
         self.refuse()?;
-        self.inner.claim(owner, limit)
+        self.inner.claim(owner, limit, definitions)
     }
     fn acquire(&self, owner: &OwnerId, saga: SagaId) -> sagaflow::store::Result<Option<Lease>> {
         self.refuse()?;
@@ -543,4 +548,56 @@ async fn a_parked_saga_is_repaired_from_another_process() {
     )));
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
+}
+
+/// A rolling deploy: a process that does not know a saga's definition does not claim it
+/// (nor park it), and a process that knows it finishes it.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_process_without_the_definition_gives_a_claimed_saga_back() {
+    let clock: Arc<dyn Clock> = Arc::new(TokioClock::starting_at(Timestamp::from_millis(
+        1_700_000_000_000,
+    )));
+    let store = Arc::new(MemLog::shared(clock.clone(), TTL));
+    let ledger = Ledger::new();
+    let a = open("A", store.clone(), &clock, &ledger, 51).await;
+    ledger.script_tagged("r", "payment", Phase::Action, [Outcome::Hang]);
+    let id = a
+        .start("checkout", json!({"tag": "r"}), None)
+        .await
+        .unwrap();
+    ledger.wait_for_call(id, "payment", Phase::Action).await;
+    drop(a);
+    // The new version's process knows only another definition.
+    let other = sagaflow::SagaDefinition::builder("other", 1)
+        .step("x", sagaflow_tests::fake("x", &ledger))
+        .build()
+        .unwrap();
+    let newer = Engine::builder()
+        .register(other)
+        .clock(clock.clone())
+        .seed(52)
+        .owner(OwnerId::new("newer"))
+        .options(
+            EngineOptions::default()
+                .with_commit_mode(CommitMode::RuntimeTask)
+                .with_lease_tick(Duration::from_millis(200)),
+        )
+        .open_with(store.clone())
+        .await
+        .unwrap();
+    tokio::time::sleep(TTL + Duration::from_secs(1)).await;
+    let meta = store.meta(id).unwrap().unwrap();
+    assert_eq!(meta.status, SagaStatus::Running, "not parked: {meta:?}");
+    // A process that knows it takes it.
+    let knows = open("A2", store.clone(), &clock, &ledger, 53).await;
+    let outcome = tokio::time::timeout(Duration::from_secs(180), knows.wait(id))
+        .await
+        .expect("finished by a process that knows the definition")
+        .unwrap();
+    assert!(
+        matches!(outcome, sagaflow::SagaOutcome::Completed { .. }),
+        "{outcome:?}"
+    );
+    newer.shutdown().await.unwrap();
+    knows.shutdown().await.unwrap();
 }

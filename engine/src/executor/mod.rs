@@ -450,6 +450,12 @@ impl Inner {
         }
     }
 
+    /// The names of the registered definitions: what this process claims in a shared
+    /// store.
+    pub(crate) fn definition_names(&self) -> Vec<String> {
+        self.defs.keys().cloned().collect()
+    }
+
     pub(crate) fn definition(&self, name: &str, version: u32) -> Option<Arc<SagaDefinition>> {
         self.defs.get(name)?.get(&version).cloned()
     }

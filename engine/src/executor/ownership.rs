@@ -53,9 +53,10 @@ impl From<Stored> for Asked {
 pub(crate) async fn claim_once(inner: &Arc<Inner>, report: &mut RecoveryReport) -> Result<usize> {
     let owner = inner.owner.clone();
     let batch = inner.options.claim_batch;
+    let definitions = inner.definition_names();
     let leases = inner
         .io(move |store| match store.leases() {
-            Some(l) => l.claim(&owner, batch.max(1)),
+            Some(l) => l.claim(&owner, batch.max(1), &definitions),
             None => Ok(Vec::new()),
         })
         .await??;

@@ -165,14 +165,16 @@ pub trait Leases: Send + Sync + fmt::Debug {
     /// How long a lease lasts after it is taken or renewed.
     fn ttl(&self) -> Duration;
 
-    /// Takes up to `limit` claimable sagas for `owner`, bumping each one's epoch:
-    /// active sagas whose lease expired, and released sagas whose wake-up time has come.
-    /// Sagas `owner` holds already are not claimed again (it renews them).
+    /// Takes up to `limit` claimable sagas of the named `definitions` for `owner`,
+    /// bumping each one's epoch: active sagas whose lease expired, and released sagas
+    /// whose wake-up time has come. Sagas `owner` holds already are not claimed again
+    /// (it renews them); sagas of other definitions are left to a process that knows
+    /// them (a rolling deploy).
     ///
     /// # Errors
     ///
     /// A backend error; then nothing was claimed.
-    fn claim(&self, owner: &OwnerId, limit: usize) -> Result<Vec<Lease>>;
+    fn claim(&self, owner: &OwnerId, limit: usize, definitions: &[String]) -> Result<Vec<Lease>>;
 
     /// Takes the lease of one saga, whatever its status, if nobody else holds it
     /// unexpired (or `owner` does), bumping its epoch: for applying a repair to a saga

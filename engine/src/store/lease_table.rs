@@ -20,6 +20,7 @@ struct Row {
     /// While released: when it becomes claimable.
     wake_at: Option<Timestamp>,
     active: bool,
+    definition: String,
 }
 
 /// The leases and requests of a shared in-memory store.
@@ -119,6 +120,7 @@ impl LeaseTable {
                 until,
                 wake_at: None,
                 active,
+                definition: w.meta.definition.clone(),
             });
             row.active = active;
             if !active {
@@ -131,7 +133,12 @@ impl LeaseTable {
         self.rows.remove(&saga);
     }
 
-    pub(crate) fn claim(&mut self, owner: &OwnerId, limit: usize) -> Vec<Lease> {
+    pub(crate) fn claim(
+        &mut self,
+        owner: &OwnerId,
+        limit: usize,
+        definitions: &[String],
+    ) -> Vec<Lease> {
         let now = self.clock.now();
         let until = self.until();
         let mut out = Vec::new();
@@ -140,6 +147,7 @@ impl LeaseTable {
                 break;
             }
             let claimable = row.active
+                && definitions.contains(&row.definition)
                 && match &row.owner {
                     None => row.wake_at.is_none_or(|t| t <= now),
                     Some(o) => o != owner && row.until < now,
@@ -171,6 +179,7 @@ impl LeaseTable {
                 until: now,
                 wake_at: None,
                 active: false,
+                definition: String::new(),
             }),
             None => return None,
         };

@@ -433,8 +433,10 @@ impl Leases for MemLog {
         self.table(|t, _| t.ttl()).unwrap_or_default()
     }
 
-    fn claim(&self, owner: &OwnerId, limit: usize) -> Result<Vec<Lease>> {
-        Ok(self.table(|t, _| t.claim(owner, limit)).unwrap_or_default())
+    fn claim(&self, owner: &OwnerId, limit: usize, definitions: &[String]) -> Result<Vec<Lease>> {
+        Ok(self
+            .table(|t, _| t.claim(owner, limit, definitions))
+            .unwrap_or_default())
     }
 
     fn acquire(&self, owner: &OwnerId, saga: SagaId) -> Result<Option<Lease>> {

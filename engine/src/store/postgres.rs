@@ -199,7 +199,7 @@ impl Sql {
                 "WITH ok AS (INSERT INTO {s}.sagas \
                  (id, status, start_key, due, finished_at, meta, owner, epoch, lease_until, definition) \
                  VALUES ($1, $4, $11, $5, $6, $7, CASE WHEN $8 THEN $2 END, $3, \
-                 now() + $12 * interval '1 millisecond', $13) \
+                 clock_timestamp() + $12 * interval '1 millisecond', $13) \
                  ON CONFLICT DO NOTHING RETURNING id), {log_rows}"
             ),
             update: format!(
@@ -225,8 +225,9 @@ impl Sql {
             ),
             claim: format!(
                 "UPDATE {s}.sagas SET owner = $1, epoch = epoch + 1, \
-                 lease_until = now() + $3 * interval '1 millisecond', wake_at = NULL \
-                 WHERE id IN (SELECT id FROM {s}.sagas WHERE status IN {active} AND \
+                 lease_until = clock_timestamp() + $3 * interval '1 millisecond', wake_at = NULL \
+                 WHERE id IN (SELECT id FROM {s}.sagas WHERE status IN {active} \
+                 AND definition = ANY($4) AND \
                  ((owner IS NULL AND (wake_at IS NULL OR wake_at <= (extract(epoch FROM now()) * 1000)::bigint)) \
                  OR (owner <> $1 AND lease_until < now())) \
                  ORDER BY lease_until NULLS FIRST LIMIT $2 FOR UPDATE SKIP LOCKED) \
@@ -234,12 +235,12 @@ impl Sql {
             ),
             acquire: format!(
                 "UPDATE {s}.sagas SET owner = $1, epoch = epoch + 1, \
-                 lease_until = now() + $3 * interval '1 millisecond', wake_at = NULL \
+                 lease_until = clock_timestamp() + $3 * interval '1 millisecond', wake_at = NULL \
                  WHERE id = $2 AND (owner IS NULL OR owner = $1 OR lease_until < now()) \
                  RETURNING epoch"
             ),
             renew: format!(
-                "UPDATE {s}.sagas SET lease_until = now() + $2 * interval '1 millisecond' \
+                "UPDATE {s}.sagas SET lease_until = clock_timestamp() + $2 * interval '1 millisecond' \
                  WHERE owner = $1 RETURNING id, epoch"
             ),
             release: format!(
@@ -996,9 +997,10 @@ impl Leases for PgLog {
         self.ttl
     }
 
-    fn claim(&self, owner: &OwnerId, limit: usize) -> Result<Vec<Lease>> {
+    fn claim(&self, owner: &OwnerId, limit: usize, definitions: &[String]) -> Result<Vec<Lease>> {
         let pool = self.pool.clone();
         let q = self.sql.claim.clone();
+        let definitions = definitions.to_vec();
         let (owner, limit, ttl) = (
             owner.as_str().to_string(),
             i64::try_from(limit).unwrap_or(i64::MAX),
@@ -1007,7 +1009,7 @@ impl Leases for PgLog {
         self.run(async move {
             let client = pool.get().await.map_err(backend)?;
             let rows = client
-                .query(&q, &[&owner, &limit, &ttl])
+                .query(&q, &[&owner, &limit, &ttl, &definitions])
                 .await
                 .map_err(backend)?;
             rows.iter()

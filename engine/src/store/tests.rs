@@ -390,6 +390,7 @@ fn golden_v1_log_still_decodes() {
 fn lease_conformance(log: &dyn SagaLog, ttl: std::time::Duration) {
     use crate::store::{Answer, Refused};
     let leases = log.leases().expect("a shared store");
+    let defs = vec!["d".to_string()];
     let (a_owner, b_owner) = (OwnerId::new("A"), OwnerId::new("B"));
     let under = |mut w: Write, owner: &OwnerId, epoch: u64| {
         w.fence = Some(Fence {
@@ -440,7 +441,7 @@ fn lease_conformance(log: &dyn SagaLog, ttl: std::time::Duration) {
         vec![Lease { saga: s, epoch: 1 }]
     );
     // Unexpired: nobody else can claim or acquire it.
-    assert!(leases.claim(&b_owner, 10).unwrap().is_empty());
+    assert!(leases.claim(&b_owner, 10, &defs).unwrap().is_empty());
     assert_eq!(leases.acquire(&b_owner, s).unwrap(), None);
     // A second saga with the same start key is refused, its batch-mate is not.
     let mut twin = first(id(23));
@@ -464,7 +465,12 @@ fn lease_conformance(log: &dyn SagaLog, ttl: std::time::Duration) {
 
     // A stops renewing; past the lease, B claims it under a new epoch.
     std::thread::sleep(ttl + std::time::Duration::from_millis(150));
-    let claimed = leases.claim(&b_owner, 10).unwrap();
+    // Only by a process that knows the saga's definition.
+    assert!(leases
+        .claim(&b_owner, 10, &["other".to_string()])
+        .unwrap()
+        .is_empty());
+    let claimed = leases.claim(&b_owner, 10, &defs).unwrap();
     assert!(
         claimed.contains(&Lease { saga: s, epoch: 2 }),
         "{claimed:?}"
@@ -514,7 +520,7 @@ fn lease_conformance(log: &dyn SagaLog, ttl: std::time::Duration) {
         .unwrap();
     assert_eq!(leases.holder(s).unwrap(), None);
     assert!(!leases
-        .claim(&a_owner, 10)
+        .claim(&a_owner, 10, &defs)
         .unwrap()
         .iter()
         .any(|l| l.saga == s));
@@ -527,7 +533,7 @@ fn lease_conformance(log: &dyn SagaLog, ttl: std::time::Duration) {
     assert_eq!(r[0], Ok(()));
     std::thread::sleep(ttl + std::time::Duration::from_millis(150));
     assert!(!leases
-        .claim(&b_owner, 10)
+        .claim(&b_owner, 10, &defs)
         .unwrap()
         .iter()
         .any(|l| l.saga == s));
