@@ -756,6 +756,12 @@ impl EngineBuilder {
 
 /// A saga engine: starts sagas, drives them to their end, answers queries.
 ///
+/// The queries that are plain functions (`status`, `state`, `history`, `list`, `find`,
+/// `stats`, `metrics_text`, `readable_log`) read the store on the caller's thread. On
+/// PostgreSQL each is a round trip: from async code, call them through
+/// `tokio::task::spawn_blocking`, as the admin API does. The `async` methods never
+/// block the runtime.
+///
 /// Cheap to clone: clones share one engine (hand one to each request handler). Dropping
 /// the last clone aborts its sagas where they stand, as a crash would: everything
 /// durable stays, and the next engine opened on the same store resumes it. Call
