@@ -601,3 +601,95 @@ async fn a_process_without_the_definition_gives_a_claimed_saga_back() {
     newer.shutdown().await.unwrap();
     knows.shutdown().await.unwrap();
 }
+
+/// A repair of a saga handed back to the store (waiting an hour for a retry) is applied
+/// by the process asked, which adopts the saga: the retry runs now.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn retry_now_on_a_handed_back_saga_runs_it_now_from_any_process() {
+    let clock: Arc<dyn Clock> = Arc::new(TokioClock::starting_at(Timestamp::from_millis(
+        1_700_000_000_000,
+    )));
+    let store = Arc::new(MemLog::shared(clock.clone(), TTL));
+    let ledger = Ledger::new();
+    let a = open("A", store.clone(), &clock, &ledger, 61).await;
+    let b = open("B", store.clone(), &clock, &ledger, 62).await;
+    ledger.script_tagged(
+        "h",
+        "inventory",
+        Phase::Action,
+        [Outcome::RetryAfter(Duration::from_secs(3600))],
+    );
+    let id = a
+        .start("checkout", json!({"tag": "h"}), None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(store.holder(id).unwrap(), None, "handed back");
+    let asked = tokio::time::timeout(
+        Duration::from_secs(30),
+        b.repair(
+            id,
+            sagaflow::machine::Repair::RetryNow,
+            "ops@example",
+            "provider is back",
+        ),
+    )
+    .await
+    .expect("the repair returns")
+    .unwrap();
+    assert!(asked.status.is_active(), "{asked:?}");
+    let outcome = tokio::time::timeout(Duration::from_secs(60), b.wait(id))
+        .await
+        .expect("ran now, not in an hour")
+        .unwrap();
+    assert!(
+        matches!(outcome, sagaflow::SagaOutcome::Completed { .. }),
+        "{outcome:?}"
+    );
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+/// Two processes each cancel a saga the other drives, at the same time: both answers
+/// come back (neither waits for the other while holding its own repair lock).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn crossed_cancels_between_two_processes_both_return() {
+    let clock: Arc<dyn Clock> = Arc::new(TokioClock::starting_at(Timestamp::from_millis(
+        1_700_000_000_000,
+    )));
+    let store = Arc::new(MemLog::shared(clock.clone(), TTL));
+    let ledger = Ledger::new();
+    let a = open("A", store.clone(), &clock, &ledger, 71).await;
+    let b = open("B", store.clone(), &clock, &ledger, 72).await;
+    ledger.script_tagged("x", "payment", Phase::Action, [Outcome::Hang]);
+    ledger.script_tagged("y", "payment", Phase::Action, [Outcome::Hang]);
+    let on_a = a
+        .start("checkout", json!({"tag": "x"}), None)
+        .await
+        .unwrap();
+    let on_b = b
+        .start("checkout", json!({"tag": "y"}), None)
+        .await
+        .unwrap();
+    ledger.wait_for_call(on_a, "payment", Phase::Action).await;
+    ledger.wait_for_call(on_b, "payment", Phase::Action).await;
+    let (x, y) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(
+            b.cancel(on_a, "ops", "crossed one"),
+            a.cancel(on_b, "ops", "crossed two")
+        )
+    })
+    .await
+    .expect("both cancels return");
+    x.unwrap();
+    y.unwrap();
+    for (e, id) in [(&a, on_a), (&b, on_b)] {
+        let outcome = e.wait(id).await.unwrap();
+        assert!(
+            matches!(outcome, sagaflow::SagaOutcome::Cancelled { .. }),
+            "{outcome:?}"
+        );
+    }
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}

@@ -183,6 +183,10 @@ impl Driver {
     pub(crate) async fn run(mut self) -> Result<SagaOutcome> {
         let mut stopping = self.inner.stopping.subscribe();
         let mut repairs = self.inner.repair_epoch.subscribe();
+        // A new receiver counts what was sent before as seen: a repair queued for this
+        // saga before its driver started (a saga adopted to apply it) is looked for at
+        // once.
+        repairs.mark_changed();
         loop {
             if *stopping.borrow() {
                 self.flush().await?;
@@ -284,6 +288,10 @@ impl Driver {
             return Ok(false);
         };
         if until <= self.inner.clock.now().saturating_add(ttl) {
+            return Ok(false);
+        }
+        // A repair waiting for this driver is applied first: the saga stays here.
+        if lock(&self.inner.repairs).contains_key(&self.state.id) {
             return Ok(false);
         }
         let (owner, lease) = (

@@ -338,6 +338,10 @@ pub(crate) struct Inner {
     pub(crate) metrics: Metrics,
     /// Who this process is among those sharing the store.
     pub(crate) owner: OwnerId,
+    /// Stops the renewal task: set only once every driver has stopped, so that leases
+    /// are kept while a shutdown lets the attempts in flight finish.
+    pub(crate) renewals_stop: watch::Sender<bool>,
+    renewals: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// What an operator (or a caller) asks of a saga's driver.
@@ -731,11 +735,14 @@ impl EngineBuilder {
             repair_lock: tokio::sync::Mutex::new(()),
             metrics: Metrics::new(),
             owner: self.owner.unwrap_or_else(OwnerId::generate),
+            renewals_stop: watch::channel(false).0,
+            renewals: Mutex::new(None),
         });
         let report = recovery::recover(&inner).await?;
         if inner.shared() {
             tracing::info!(owner = %inner.owner, "sharing the store: leases on");
-            lock(&inner.tasks).spawn(ownership::renew(inner.clone()));
+            // Not among the tasks a shutdown waits for: it must outlive the drivers.
+            *lock(&inner.renewals) = Some(tokio::spawn(ownership::renew(inner.clone())));
             lock(&inner.tasks).spawn(ownership::run(inner.clone()));
         }
         if let Some(threshold) = inner.options.stuck_after {
@@ -788,6 +795,9 @@ struct AbortOnDrop(Arc<Inner>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         lock(&self.0.tasks).abort_all();
+        if let Some(r) = lock(&self.0.renewals).take() {
+            r.abort();
+        }
         self.0.committer.close();
     }
 }
@@ -925,10 +935,12 @@ impl Engine {
     pub async fn cancel(&self, id: SagaId, operator: &str, reason: &str) -> Result<SagaMeta> {
         admin::check_who(id, operator, reason)?;
         let inner = &self.inner;
-        let _one_at_a_time = inner.repair_lock.lock().await;
+        let one_at_a_time = inner.repair_lock.lock().await;
         if let Some(answer) = inner.ask_driver(id, Asked::Cancel, operator, reason).await {
             return answer;
         }
+        // Not held while another process is asked: that process may be asking this one.
+        drop(one_at_a_time);
         if inner.shared() {
             match self
                 .ask_elsewhere(id, Asked::Cancel, operator, reason)
@@ -960,7 +972,9 @@ impl Engine {
         reason: &str,
     ) -> Result<Routed> {
         let inner = &self.inner;
-        loop {
+        // Each round gets an answer, or finds the saga's driver gone (it ended, or handed
+        // the saga back) and tries again: a bounded number of times.
+        for _ in 0..20 {
             let epoch = match ownership::ask_elsewhere(inner, id, &action, operator, reason).await?
             {
                 ownership::Elsewhere::Answered(answer) => return Ok(Routed::Answered(answer)),
@@ -990,6 +1004,7 @@ impl Engine {
             // The driver ended before it got to it (the saga parked at recovery, say):
             // look again.
         }
+        Err(Error::NotRunning(id))
     }
 
     /// The saga's state, read off the runtime's threads when the store is remote.
@@ -1273,13 +1288,15 @@ impl Engine {
     ) -> Result<SagaMeta> {
         admin::check_who(id, operator, reason)?;
         let inner = &self.inner;
-        let _one_at_a_time = inner.repair_lock.lock().await;
+        let one_at_a_time = inner.repair_lock.lock().await;
         if let Some(answer) = inner
             .ask_driver(id, Asked::Repair(action.clone()), operator, reason)
             .await
         {
             return answer;
         }
+        // Not held while another process is asked: that process may be asking this one.
+        drop(one_at_a_time);
         let mut lease = None;
         if inner.shared() {
             match self
@@ -1506,6 +1523,12 @@ impl Engine {
         self.inner.stopping.send_replace(true);
         let mut tasks = std::mem::take(&mut *lock(&self.inner.tasks));
         while tasks.join_next().await.is_some() {}
+        // Every driver has stopped: the leases need no more renewing.
+        self.inner.renewals_stop.send_replace(true);
+        let renewals = lock(&self.inner.renewals).take();
+        if let Some(r) = renewals {
+            let _ = r.await;
+        }
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             inner.committer.close();

@@ -116,7 +116,7 @@ pub(crate) async fn renew(inner: Arc<Inner>) {
         return;
     };
     let every = (ttl / 3).max(Duration::from_millis(10));
-    let mut stopping = inner.stopping.subscribe();
+    let mut stopping = inner.renewals_stop.subscribe();
     let mut orphans: std::collections::HashSet<SagaId> = std::collections::HashSet::new();
     loop {
         if *stopping.borrow_and_update() {
@@ -240,11 +240,12 @@ async fn answer_requests(
         if !lock(in_hand).insert(r.id) {
             continue;
         }
-        let (inner, in_hand) = (inner.clone(), in_hand.clone());
+        // The id stays in `in_hand` for good: a list read before the answer was
+        // recorded must not apply the request a second time. (Requests are operator
+        // actions: a few a day, not a growing load.)
+        let inner = inner.clone();
         lock(&inner.clone().tasks).spawn(async move {
-            let id = r.id;
             answer_one(&inner, r).await;
-            lock(&in_hand).remove(&id);
         });
     }
 }
@@ -268,16 +269,31 @@ async fn answer_one(inner: &Arc<Inner>, r: crate::store::Request) {
                 }
             }
         };
+        // The request was applied (or refused): its answer is recorded, never the
+        // request applied again. Tried until the store takes it, a second apart.
         let id = r.id;
-        if let Err(e) = inner
-            .io(move |store| match store.leases() {
-                Some(l) => l.answer(id, &answer).map(|_| ()),
-                None => Ok(()),
-            })
-            .await
-            .and_then(|r| r.map_err(Error::from))
-        {
-            tracing::warn!(request = id, error = %e, "recording an answer failed");
+        let mut tries = 0u32;
+        loop {
+            let answer = answer.clone();
+            let recorded = inner
+                .io(move |store| match store.leases() {
+                    Some(l) => l.answer(id, &answer).map(|_| ()),
+                    None => Ok(()),
+                })
+                .await
+                .and_then(|r| r.map_err(Error::from));
+            match recorded {
+                Ok(()) => break,
+                Err(e) => {
+                    tries += 1;
+                    tracing::warn!(request = id, error = %e, tries, "recording an answer failed");
+                    if *inner.stopping.borrow() || tries >= 60 {
+                        break;
+                    }
+                    let next = inner.clock.now().saturating_add(Duration::from_secs(1));
+                    inner.clock.sleep_until(next).await;
+                }
+            }
         }
     }
 }

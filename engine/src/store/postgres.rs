@@ -85,6 +85,7 @@ impl PgOptions {
 /// database and schema.
 pub struct PgLog {
     pool: Pool,
+    lease_pool: Pool,
     runtime: Option<tokio::runtime::Runtime>,
     schema: String,
     ttl: Duration,
@@ -239,9 +240,12 @@ impl Sql {
                  WHERE id = $2 AND (owner IS NULL OR owner = $1 OR lease_until < now()) \
                  RETURNING epoch"
             ),
+            // Rows a group commit of this process is writing are skipped (renewed at
+            // the next round): renewals never wait for, or deadlock with, a batch.
             renew: format!(
                 "UPDATE {s}.sagas SET lease_until = clock_timestamp() + $2 * interval '1 millisecond' \
-                 WHERE owner = $1 RETURNING id, epoch"
+                 WHERE id IN (SELECT id FROM {s}.sagas WHERE owner = $1 FOR UPDATE SKIP LOCKED) \
+                 RETURNING id, epoch"
             ),
             release: format!(
                 "UPDATE {s}.sagas SET owner = NULL, wake_at = $4 \
@@ -350,23 +354,27 @@ impl PgLog {
             .thread_name("sagaflow-pg")
             .enable_all()
             .build()?;
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = {
+        let make_pool = |size: usize| {
+            let manager = Manager::from_config(
+                config.clone(),
+                NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
             let _guard = runtime.enter();
             Pool::builder(manager)
-                .max_size(options.pool_size)
+                .max_size(size)
                 .runtime(deadpool_postgres::Runtime::Tokio1)
                 .wait_timeout(Some(Duration::from_secs(30)))
                 .create_timeout(Some(Duration::from_secs(10)))
                 .build()
-                .map_err(backend)?
+                .map_err(backend)
         };
+        let pool = make_pool(options.pool_size)?;
+        // The lease operations have connections of their own: a pool kept busy by
+        // writes and reads never delays a renewal past the lease.
+        let lease_pool = make_pool(2)?;
         let channel = format!("sagaflow_{}", options.schema);
         let requests = tokio::sync::watch::channel(0).0;
         let outcomes = tokio::sync::watch::channel(0).0;
@@ -378,6 +386,7 @@ impl PgLog {
         ));
         let store = PgLog {
             pool,
+            lease_pool,
             runtime: Some(runtime),
             sql: Sql::new(&options.schema),
             schema: options.schema,
@@ -583,7 +592,10 @@ fn prepare(w: Write) -> Result<std::result::Result<Prepared, Refused>> {
     }
     Ok(Ok(Prepared {
         saga: w.saga,
-        first: w.previous.is_none(),
+        // A saga's first write creates its row at epoch 1. A write without a previous
+        // summary under a later epoch is to a row that exists (a saga claimed or adopted
+        // whose summary did not decode): an update, fenced like any other.
+        first: w.previous.is_none() && fence.epoch <= 1,
         owner: fence.owner.as_str().to_string(),
         epoch: i64::try_from(fence.epoch).unwrap_or(i64::MAX),
         status: i16::from(w.meta.status.code()),
@@ -998,7 +1010,7 @@ impl Leases for PgLog {
     }
 
     fn claim(&self, owner: &OwnerId, limit: usize, definitions: &[String]) -> Result<Vec<Lease>> {
-        let pool = self.pool.clone();
+        let pool = self.lease_pool.clone();
         let q = self.sql.claim.clone();
         let definitions = definitions.to_vec();
         let (owner, limit, ttl) = (
@@ -1041,7 +1053,7 @@ impl Leases for PgLog {
     }
 
     fn renew(&self, owner: &OwnerId) -> Result<Vec<Lease>> {
-        let pool = self.pool.clone();
+        let pool = self.lease_pool.clone();
         let q = self.sql.renew.clone();
         let (owner, ttl) = (owner.as_str().to_string(), self.ttl_ms());
         self.run(async move {
@@ -1059,7 +1071,7 @@ impl Leases for PgLog {
     }
 
     fn release(&self, owner: &OwnerId, lease: Lease, wake_at: Option<Timestamp>) -> Result<()> {
-        let pool = self.pool.clone();
+        let pool = self.lease_pool.clone();
         let q = self.sql.release.clone();
         let owner = owner.as_str().to_string();
         let epoch = i64::try_from(lease.epoch).unwrap_or(i64::MAX);
@@ -1078,7 +1090,7 @@ impl Leases for PgLog {
     }
 
     fn holder(&self, saga: SagaId) -> Result<Option<(OwnerId, u64)>> {
-        let pool = self.pool.clone();
+        let pool = self.lease_pool.clone();
         let q = self.sql.holder.clone();
         self.run(async move {
             let client = pool.get().await.map_err(backend)?;
@@ -1106,7 +1118,7 @@ impl Leases for PgLog {
     }
 
     fn requests_for(&self, owner: &OwnerId) -> Result<Vec<Request>> {
-        let pool = self.pool.clone();
+        let pool = self.lease_pool.clone();
         let q = self.sql.requests_for.clone();
         let owner = owner.as_str().to_string();
         self.run(async move {
