@@ -5,8 +5,14 @@ use std::time::Duration;
 
 use example_order_processing::chaos::{run, ChaosConfig};
 
+/// The chaos runs pick free ports by binding and letting go: two at once in one test
+/// binary could pick the same one, and one run's clients would talk to the other's
+/// service. They take turns.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_orders_survive_three_kills_with_nothing_double_charged() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let report = run(ChaosConfig {
         orders: 100,
@@ -59,6 +65,7 @@ async fn a_hundred_orders_survive_three_kills_with_nothing_double_charged() {
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_on_postgres_survive_kills_of_one() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let url = std::env::var("SAGAFLOW_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into());
     if let Err(e) = sagaflow::store::PgLog::connect(
