@@ -105,6 +105,9 @@ impl Supervisor {
             .env_remove(providers::WEBHOOK_SECRET_VAR)
             .env_remove(sagaflow_admin::ADMIN_TOKEN_VAR)
             .env_remove(sagaflow_admin::READ_TOKEN_VAR)
+            // The store is the run's choice (`--database-url` in the arguments, or the
+            // sled directory), never a `DATABASE_URL` left in this environment.
+            .env_remove("DATABASE_URL")
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .kill_on_drop(true)

@@ -12,15 +12,18 @@ use sagaflow_steps::secrets::Secrets;
 use tokio::process::Command;
 
 const EXE: &str = env!("CARGO_BIN_EXE_order-processing");
-const VARS: [&str; 4] = [
+const VARS: [&str; 5] = [
     "PAYMENTS_CLIENT_SECRET",
     "PAYMENTS_WEBHOOK_SECRET",
     "SAGAFLOW_ADMIN_TOKEN",
     "SAGAFLOW_READ_TOKEN",
+    // `serve` opens this database instead of its data directory when it is set.
+    "DATABASE_URL",
 ];
 
-/// The binary with none of its secrets inherited from this environment (nor a backtrace
-/// setting, which would append a backtrace to the error text the tests compare).
+/// The binary with none of its secrets (nor a database URL) inherited from this
+/// environment, nor a backtrace setting, which would append a backtrace to the error
+/// text the tests compare.
 fn command(program: &str) -> Command {
     let mut c = Command::new(program);
     for v in VARS {
