@@ -436,6 +436,10 @@ impl PgLog {
         self.run(async move {
             let mut client = pool.get().await.map_err(backend)?;
             let tx = client.transaction().await.map_err(backend)?;
+            // "already exists, skipping" notices at every open are noise in the logs.
+            tx.batch_execute("SET LOCAL client_min_messages = warning")
+                .await
+                .map_err(backend)?;
             // One migrator at a time across processes.
             tx.execute("SELECT pg_advisory_xact_lock(7244011)", &[])
                 .await
