@@ -68,16 +68,18 @@ async fn two_replicas_on_postgres_survive_kills_of_one() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let url = std::env::var("SAGAFLOW_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into());
-    if let Err(e) = sagaflow::store::PgLog::connect(
-        &url,
-        sagaflow::store::PgOptions::default().schema("chaos_probe"),
-    ) {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI is set and PostgreSQL is not usable: {e}"
-        );
-        eprintln!("skipping: no PostgreSQL at `{url}` ({e})");
-        return;
+    // A probe: reachable, and the user may create a schema (dropped at once).
+    let probe = sagaflow::store::PgOptions::default().schema("chaos_probe");
+    match sagaflow::store::PgLog::connect(&url, probe) {
+        Ok(pg) => pg.drop_schema().unwrap(),
+        Err(e) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI is set and PostgreSQL is not usable: {e}"
+            );
+            eprintln!("skipping: no PostgreSQL at `{url}` ({e})");
+            return;
+        }
     }
     let dir = tempfile::tempdir().unwrap();
     let report = run(ChaosConfig {
