@@ -338,10 +338,20 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
     }
     while tasks.join_next().await.is_some() {}
 
-    // A different order under a used key must be refused.
+    // A different order under a used key must be refused. Asked until the service
+    // answers (it may be down between a kill and its restart); a transport error is
+    // no answer.
     let mut other = order_for(1);
     other.quantity += 1;
-    match post(&client, &base, "order-1", &other).await {
+    let mut answer = post(&client, &base, "order-1", &other).await;
+    for n in 1..100 {
+        if answer.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        answer = post(&client, &bases[n % bases.len()], "order-1", &other).await;
+    }
+    match answer {
         Ok((422, _)) => {}
         r => problems
             .lock()
