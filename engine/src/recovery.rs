@@ -70,9 +70,8 @@ pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<RecoveryReport> {
         let epoch = if inner.shared() {
             let owner = inner.owner.clone();
             let lease = inner
-                .io(move |store| store.leases().map(|l| l.acquire(&owner, id)))
+                .lease_io(move |l| l.acquire(&owner, id))
                 .await?
-                .transpose()?
                 .flatten();
             match lease {
                 Some(l) => Some(l.epoch),
@@ -99,9 +98,7 @@ pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<RecoveryReport> {
     }
     if inner.shared() {
         // Whatever can be claimed now; the lease task claims the rest as leases expire.
-        while crate::executor::claim_once(inner, &mut report).await?
-            >= inner.options.claim_batch.max(1)
-        {}
+        crate::executor::claim_all(inner, &mut report).await?;
         log_report(&report);
         return Ok(report);
     }
@@ -200,11 +197,8 @@ pub(crate) async fn recover_loaded(
                 crate::store::Lease { saga: id, epoch: e },
             );
             inner
-                .io(move |store| match store.leases() {
-                    Some(l) => l.release(&owner, lease, Some(wake)),
-                    None => Ok(()),
-                })
-                .await??;
+                .lease_io(move |l| l.release(&owner, lease, Some(wake)))
+                .await?;
             report.failed.push((
                 id,
                 format!(

@@ -302,11 +302,8 @@ impl Driver {
             },
         );
         self.inner
-            .io(move |store| match store.leases() {
-                Some(l) => l.release(&owner, lease, Some(until)),
-                None => Ok(()),
-            })
-            .await??;
+            .lease_io(move |l| l.release(&owner, lease, Some(until)))
+            .await?;
         tracing::debug!(until = %until, "lease handed back until the saga's timer");
         Ok(true)
     }

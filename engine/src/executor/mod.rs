@@ -22,7 +22,7 @@ use tracing::Instrument;
 use commit::Committer;
 pub use commit::{CommitMode, CommitStats};
 pub(crate) use driver::Driver;
-pub(crate) use ownership::claim_once;
+pub(crate) use ownership::claim_all;
 
 use crate::admin::{self, ListFilter, Stats};
 use crate::clock::{Clock, Entropy, OsEntropy, SeededEntropy, SystemClock, Timestamp};
@@ -399,6 +399,17 @@ impl Inner {
         tokio::task::spawn_blocking(move || f(&*store))
             .await
             .map_err(|e| Error::Store(Arc::new(crate::store::Error::Backend(e.to_string()))))
+    }
+
+    /// A call of the store's lease operations, made as [`Inner::io`] makes store calls;
+    /// `None` for a store one process owns alone.
+    pub(crate) async fn lease_io<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn crate::store::Leases) -> crate::store::Result<T> + Send + 'static,
+    ) -> Result<Option<T>> {
+        Ok(self
+            .io(move |store| store.leases().map(f).transpose())
+            .await??)
     }
 
     /// Whether several engine processes share the store (sagas are leased).
@@ -1466,8 +1477,8 @@ impl Engine {
         let now = inner.clock.now();
         let oldest = [SagaStatus::Running, SagaStatus::Compensating]
             .into_iter()
-            .filter_map(|s| inner.store.with_status(s).ok()?.into_iter().next())
-            .filter_map(|id| inner.store.meta(id).ok().flatten())
+            // One summary from each index, not every id in it.
+            .filter_map(|s| inner.store.page(Some(s), None, 1, false).ok()?.pop())
             .map(|meta| now.duration_since(meta.created_at).as_secs())
             .max()
             .unwrap_or(0);

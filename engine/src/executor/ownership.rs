@@ -48,18 +48,27 @@ impl From<Stored> for Asked {
     }
 }
 
+/// Claims batch after batch while full batches come back (a dead process's sagas are
+/// taken over at once, not a batch per tick), until the engine stops.
+pub(crate) async fn claim_all(inner: &Arc<Inner>, report: &mut RecoveryReport) -> Result<()> {
+    while claim_once(inner, report).await? >= inner.options.claim_batch.max(1) {
+        if *inner.stopping.borrow() {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// Claims up to a batch of claimable sagas and hands each to a driver, as recovery
 /// does at open. Returns how many were claimed.
-pub(crate) async fn claim_once(inner: &Arc<Inner>, report: &mut RecoveryReport) -> Result<usize> {
+async fn claim_once(inner: &Arc<Inner>, report: &mut RecoveryReport) -> Result<usize> {
     let owner = inner.owner.clone();
     let batch = inner.options.claim_batch;
     let definitions = inner.definition_names();
     let leases = inner
-        .io(move |store| match store.leases() {
-            Some(l) => l.claim(&owner, batch.max(1), &definitions),
-            None => Ok(Vec::new()),
-        })
-        .await??;
+        .lease_io(move |l| l.claim(&owner, batch.max(1), &definitions))
+        .await?
+        .unwrap_or_default();
     let n = leases.len();
     if n == 0 {
         return Ok(0);
@@ -98,12 +107,9 @@ pub(crate) async fn claim_once(inner: &Arc<Inner>, report: &mut RecoveryReport) 
 pub(crate) async fn give_back(inner: &Arc<Inner>, lease: Lease) {
     let owner = inner.owner.clone();
     let released = inner
-        .io(move |store| match store.leases() {
-            Some(l) => l.release(&owner, lease, None),
-            None => Ok(()),
-        })
+        .lease_io(move |l| l.release(&owner, lease, None))
         .await;
-    if let Err(e) | Ok(Err(e)) = released.map(|r| r.map_err(Error::from)) {
+    if let Err(e) = released {
         tracing::warn!(saga_id = %lease.saga, error = %e, "could not give a lease back");
     }
 }
@@ -123,11 +129,8 @@ pub(crate) async fn renew(inner: Arc<Inner>) {
             return;
         }
         let owner = inner.owner.clone();
-        match inner
-            .io(move |store| store.leases().map(|l| l.renew(&owner)))
-            .await
-        {
-            Ok(Some(Ok(held))) => {
+        match inner.lease_io(move |l| l.renew(&owner)).await {
+            Ok(Some(held)) => {
                 inner.metrics.leases_held(held.len());
                 let undriven: std::collections::HashSet<SagaId> = {
                     let running = lock(&inner.running);
@@ -144,7 +147,6 @@ pub(crate) async fn renew(inner: Arc<Inner>) {
                 }
                 orphans = undriven;
             }
-            Ok(Some(Err(e))) => tracing::warn!(error = %e, "lease renewal failed"),
             Ok(None) => return,
             Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
         }
@@ -178,18 +180,8 @@ pub(crate) async fn run(inner: Arc<Inner>) {
         if *stopping.borrow_and_update() {
             return;
         }
-        // Claims in batches while there are more, so a dead process's sagas are taken
-        // over at once rather than a batch per tick.
-        let mut report = RecoveryReport::default();
-        loop {
-            match claim_once(&inner, &mut report).await {
-                Ok(n) if n >= inner.options.claim_batch.max(1) && !*stopping.borrow() => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "claiming sagas failed");
-                    break;
-                }
-            }
+        if let Err(e) = claim_all(&inner, &mut RecoveryReport::default()).await {
+            tracing::warn!(error = %e, "claiming sagas failed");
         }
         answer_requests(&inner, &in_hand).await;
         let next = inner.clock.now().saturating_add(tick);
@@ -221,16 +213,9 @@ async fn answer_requests(
     in_hand: &Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
 ) {
     let owner = inner.owner.clone();
-    let requests = match inner
-        .io(move |store| store.leases().map(|l| l.requests_for(&owner)))
-        .await
-    {
-        Ok(Some(Ok(r))) => r,
+    let requests = match inner.lease_io(move |l| l.requests_for(&owner)).await {
+        Ok(Some(r)) => r,
         Ok(None) => return,
-        Ok(Some(Err(e))) => {
-            tracing::warn!(error = %e, "reading requests failed");
-            return;
-        }
         Err(e) => {
             tracing::warn!(error = %e, "reading requests failed");
             return;
@@ -275,15 +260,9 @@ async fn answer_one(inner: &Arc<Inner>, r: crate::store::Request) {
         let mut tries = 0u32;
         loop {
             let answer = answer.clone();
-            let recorded = inner
-                .io(move |store| match store.leases() {
-                    Some(l) => l.answer(id, &answer).map(|_| ()),
-                    None => Ok(()),
-                })
-                .await
-                .and_then(|r| r.map_err(Error::from));
+            let recorded = inner.lease_io(move |l| l.answer(id, &answer)).await;
             match recorded {
-                Ok(()) => break,
+                Ok(_) => break,
                 Err(e) => {
                     tries += 1;
                     tracing::warn!(request = id, error = %e, tries, "recording an answer failed");
@@ -323,13 +302,8 @@ pub(crate) async fn ask_elsewhere(
         .leases()
         .map_or(Duration::from_secs(10), |l| l.ttl());
     loop {
-        let holder = inner
-            .io(move |store| store.leases().map(|l| l.holder(id)))
-            .await?
-            .transpose()?
-            .flatten();
-        match holder {
-            Some((owner, _)) if owner != me => {
+        match holder_of(inner, id).await? {
+            Some(owner) if owner != me => {
                 if let Some(answer) = ask_owner(inner, id, action, operator, reason, ttl).await? {
                     return Ok(Elsewhere::Answered(answer));
                 }
@@ -337,9 +311,8 @@ pub(crate) async fn ask_elsewhere(
             _ => {
                 let owner = me.clone();
                 let lease = inner
-                    .io(move |store| store.leases().map(|l| l.acquire(&owner, id)))
+                    .lease_io(move |l| l.acquire(&owner, id))
                     .await?
-                    .transpose()?
                     .flatten();
                 if let Some(lease) = lease {
                     return Ok(Elsewhere::Adopted(lease.epoch));
@@ -369,39 +342,22 @@ async fn ask_owner(
         .map_err(|e| Error::Store(Arc::new(crate::store::Error::Backend(e.to_string()))))?;
     let (op, why) = (operator.to_string(), reason.to_string());
     let request = inner
-        .io(move |store| store.leases().map(|l| l.request(id, &json, &op, &why)))
-        .await?
-        .transpose()?;
+        .lease_io(move |l| l.request(id, &json, &op, &why))
+        .await?;
     let Some(request) = request else {
         return Ok(None);
     };
-    let owner = inner
-        .io(move |store| store.leases().map(|l| l.holder(id)))
-        .await?
-        .transpose()?
-        .flatten()
-        .map(|(o, _)| o);
+    let owner = holder_of(inner, id).await?;
     let mut next_look = inner.clock.now().saturating_add(ttl);
-    let poll = (inner.options.lease_tick / 4).max(Duration::from_millis(5));
-    let mut hint = inner
-        .store
-        .leases()
-        .and_then(|l| l.changes())
-        .map(|c| c.outcomes);
+    let mut hint = outcomes_hint(inner);
     loop {
         let answer = inner
-            .io(move |store| store.leases().map(|l| l.answer_of(request)))
+            .lease_io(move |l| l.answer_of(request))
             .await?
-            .transpose()?
             .flatten();
         let gone = if answer.is_none() && inner.clock.now() >= next_look {
             next_look = inner.clock.now().saturating_add(ttl);
-            let now_held = inner
-                .io(move |store| store.leases().map(|l| l.holder(id)))
-                .await?
-                .transpose()?
-                .flatten()
-                .map(|(o, _)| o);
+            let now_held = holder_of(inner, id).await?;
             now_held.is_none() || now_held != owner
         } else {
             false
@@ -411,13 +367,8 @@ async fn ask_owner(
             None if gone => {
                 // Withdraw it; if the owner answered meanwhile, that answer stands.
                 let recorded = inner
-                    .io(move |store| {
-                        store
-                            .leases()
-                            .map(|l| l.answer(request, &Answer::NotDriven))
-                    })
+                    .lease_io(move |l| l.answer(request, &Answer::NotDriven))
                     .await?
-                    .transpose()?
                     .unwrap_or(false);
                 if recorded {
                     return Ok(None);
@@ -428,11 +379,7 @@ async fn ask_owner(
                 if *inner.stopping.borrow() {
                     return Err(Error::ShuttingDown);
                 }
-                let next = inner.clock.now().saturating_add(poll);
-                tokio::select! {
-                    () = inner.clock.sleep_until(next) => {}
-                    true = changed(&mut hint) => {}
-                }
+                nap(inner, &mut hint).await;
                 continue;
             }
         };
@@ -460,13 +407,7 @@ async fn ask_owner(
 /// Waits, by reading the store, until a saga driven by another process (or by nobody
 /// for now) is no longer active.
 pub(crate) async fn wait_in_store(inner: &Arc<Inner>, id: SagaId) -> Result<SagaStatus> {
-    let poll = (inner.options.lease_tick / 4).max(Duration::from_millis(5));
-    // A saga that ends anywhere wakes this at once where the store says so (NOTIFY).
-    let mut hint = inner
-        .store
-        .leases()
-        .and_then(|l| l.changes())
-        .map(|c| c.outcomes);
+    let mut hint = outcomes_hint(inner);
     loop {
         let meta = inner.io(move |store| store.meta(id)).await??;
         match meta {
@@ -481,11 +422,37 @@ pub(crate) async fn wait_in_store(inner: &Arc<Inner>, id: SagaId) -> Result<Saga
         if *inner.stopping.borrow() {
             return Err(Error::ShuttingDown);
         }
-        let next = inner.clock.now().saturating_add(poll);
-        tokio::select! {
-            () = inner.clock.sleep_until(next) => {}
-            true = changed(&mut hint) => {}
-        }
+        nap(inner, &mut hint).await;
+    }
+}
+
+/// Who holds the saga's lease unexpired now, if anybody.
+async fn holder_of(inner: &Arc<Inner>, id: SagaId) -> Result<Option<OwnerId>> {
+    Ok(inner
+        .lease_io(move |l| l.holder(id))
+        .await?
+        .flatten()
+        .map(|(owner, _)| owner))
+}
+
+/// The hint that a saga ended or a request was answered anywhere (NOTIFY), if the
+/// store gives one.
+fn outcomes_hint(inner: &Inner) -> Option<tokio::sync::watch::Receiver<u64>> {
+    inner
+        .store
+        .leases()
+        .and_then(|l| l.changes())
+        .map(|c| c.outcomes)
+}
+
+/// One pause of a waiter that reads the store: a quarter of a lease tick, or less if
+/// `hint` moves first.
+async fn nap(inner: &Inner, hint: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    let poll = (inner.options.lease_tick / 4).max(Duration::from_millis(5));
+    let next = inner.clock.now().saturating_add(poll);
+    tokio::select! {
+        () = inner.clock.sleep_until(next) => {}
+        true = changed(hint) => {}
     }
 }
 
