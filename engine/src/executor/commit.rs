@@ -189,18 +189,21 @@ fn commit_batch(store: &dyn SagaLog, jobs: Vec<Job>, counters: &CommitCounters) 
         writes.push(job.write);
         replies.push(job.done);
     }
-    let records: usize = writes.iter().map(|w| w.records.len()).sum();
+    let sizes: Vec<usize> = writes.iter().map(|w| w.records.len()).collect();
     let result = store
         .append_each(writes)
         .and_then(|each| store.sync().map(|()| each));
     match result {
         Ok(each) if each.len() == n => {
-            let applied = each.iter().filter(|r| r.is_ok()).count();
+            // Only what the store took: a refused write (a shared store) carried nothing.
+            let (applied, records) = each
+                .iter()
+                .zip(&sizes)
+                .filter(|(r, _)| r.is_ok())
+                .fold((0u64, 0u64), |(w, r), (_, n)| (w + 1, r + *n as u64));
             counters.batches.fetch_add(1, Ordering::Relaxed);
-            counters.writes.fetch_add(applied as u64, Ordering::Relaxed);
-            counters
-                .records
-                .fetch_add(records as u64, Ordering::Relaxed);
+            counters.writes.fetch_add(applied, Ordering::Relaxed);
+            counters.records.fetch_add(records, Ordering::Relaxed);
             for (r, one) in replies.into_iter().zip(each) {
                 // A caller that stopped waiting (its task was aborted) needs no reply.
                 let _ = r.send(Ok(one));
