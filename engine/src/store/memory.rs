@@ -80,12 +80,8 @@ impl MemLog {
     }
 
     /// Runs `f` on the lease table; `None` if the store is not shared.
-    fn table<T>(&self, f: impl FnOnce(&mut LeaseTable, &MutexGuard<'_, Inner>) -> T) -> Option<T> {
-        let mut inner = self.lock();
-        let mut table = inner.leases.take()?;
-        let out = f(&mut table, &inner);
-        inner.leases = Some(table);
-        Some(out)
+    fn table<T>(&self, f: impl FnOnce(&mut LeaseTable) -> T) -> Option<T> {
+        self.lock().leases.as_mut().map(f)
     }
 
     /// Appends to a store one process owns: no lease, one result for the batch.
@@ -116,12 +112,12 @@ impl MemLog {
     /// In a shared store, every fenced write accepted so far, in order: (saga, the lsn of
     /// its first record, owner, epoch). Simulations check fencing against it.
     pub fn accepted_fences(&self) -> Vec<(SagaId, Option<Lsn>, OwnerId, u64)> {
-        self.table(|t, _| t.accepted()).unwrap_or_default()
+        self.table(|t| t.accepted()).unwrap_or_default()
     }
 
     /// In a shared store, every write refused so far (fenced, or a start key taken).
     pub fn refused_writes(&self) -> Vec<crate::store::Refused> {
-        self.table(|t, _| t.refused()).unwrap_or_default()
+        self.table(|t| t.refused()).unwrap_or_default()
     }
 
     /// The number of successful syncs so far.
@@ -430,47 +426,47 @@ impl SagaLog for MemLog {
 
 impl Leases for MemLog {
     fn ttl(&self) -> Duration {
-        self.table(|t, _| t.ttl()).unwrap_or_default()
+        self.table(|t| t.ttl()).unwrap_or_default()
     }
 
     fn claim(&self, owner: &OwnerId, limit: usize, definitions: &[String]) -> Result<Vec<Lease>> {
         Ok(self
-            .table(|t, _| t.claim(owner, limit, definitions))
+            .table(|t| t.claim(owner, limit, definitions))
             .unwrap_or_default())
     }
 
     fn acquire(&self, owner: &OwnerId, saga: SagaId) -> Result<Option<Lease>> {
         let exists = self.meta(saga)?.is_some();
-        Ok(self.table(|t, _| t.acquire(owner, saga, exists)).flatten())
+        Ok(self.table(|t| t.acquire(owner, saga, exists)).flatten())
     }
 
     fn renew(&self, owner: &OwnerId) -> Result<Vec<Lease>> {
-        Ok(self.table(|t, _| t.renew(owner)).unwrap_or_default())
+        Ok(self.table(|t| t.renew(owner)).unwrap_or_default())
     }
 
     fn release(&self, owner: &OwnerId, lease: Lease, wake_at: Option<Timestamp>) -> Result<()> {
-        self.table(|t, _| t.release(owner, lease, wake_at));
+        self.table(|t| t.release(owner, lease, wake_at));
         Ok(())
     }
 
     fn holder(&self, saga: SagaId) -> Result<Option<(OwnerId, u64)>> {
-        Ok(self.table(|t, _| t.holder(saga)).flatten())
+        Ok(self.table(|t| t.holder(saga)).flatten())
     }
 
     fn request(&self, saga: SagaId, action: &str, operator: &str, reason: &str) -> Result<u64> {
-        self.table(|t, _| t.request(saga, action, operator, reason))
+        self.table(|t| t.request(saga, action, operator, reason))
             .ok_or_else(|| Error::Backend("not a shared store".into()))
     }
 
     fn requests_for(&self, owner: &OwnerId) -> Result<Vec<Request>> {
-        Ok(self.table(|t, _| t.requests_for(owner)).unwrap_or_default())
+        Ok(self.table(|t| t.requests_for(owner)).unwrap_or_default())
     }
 
     fn answer(&self, id: u64, answer: &Answer) -> Result<bool> {
-        Ok(self.table(|t, _| t.answer(id, answer)).unwrap_or(false))
+        Ok(self.table(|t| t.answer(id, answer)).unwrap_or(false))
     }
 
     fn answer_of(&self, id: u64) -> Result<Option<Answer>> {
-        Ok(self.table(|t, _| t.answer_of(id)).flatten())
+        Ok(self.table(|t| t.answer_of(id)).flatten())
     }
 }

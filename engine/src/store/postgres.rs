@@ -155,6 +155,23 @@ fn epoch_of(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+/// A lease from a row of (id, epoch).
+fn lease_of(r: &tokio_postgres::Row) -> Result<Lease> {
+    Ok(Lease {
+        saga: saga_of(r.get::<_, &[u8]>(0))?,
+        epoch: epoch_of(r.get(1)),
+    })
+}
+
+/// A stored lsn, which a bigint holds: a negative one is damage, not a number to wrap.
+fn lsn_from(saga: SagaId, lsn: i64) -> Result<Lsn> {
+    u64::try_from(lsn).map(Lsn).map_err(|_| Error::Corrupt {
+        saga,
+        what: "log key".into(),
+        reason: format!("negative lsn {lsn}"),
+    })
+}
+
 /// The SQL texts, with the schema filled in.
 struct Sql {
     insert_first: String,
@@ -527,16 +544,28 @@ impl PgLog {
         })
     }
 
-    fn query_ids(&self, q: &str, params: Vec<Box<dyn ToSql + Send + Sync>>) -> Result<Vec<SagaId>> {
-        let pool = self.pool.clone();
+    /// Runs one query on a connection of `pool` and returns its rows.
+    fn rows(
+        &self,
+        pool: &Pool,
+        q: &str,
+        params: Vec<Box<dyn ToSql + Send + Sync>>,
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        let pool = pool.clone();
         let q = q.to_string();
         self.run(async move {
             let client = pool.get().await.map_err(backend)?;
             let refs: Vec<&(dyn ToSql + Sync)> =
                 params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
-            let rows = client.query(&q, &refs).await.map_err(backend)?;
-            rows.iter().map(|r| saga_of(r.get::<_, &[u8]>(0))).collect()
+            client.query(&q, &refs).await.map_err(backend)
         })
+    }
+
+    fn query_ids(&self, q: &str, params: Vec<Box<dyn ToSql + Send + Sync>>) -> Result<Vec<SagaId>> {
+        self.rows(&self.pool, q, params)?
+            .iter()
+            .map(|r| saga_of(r.get::<_, &[u8]>(0)))
+            .collect()
     }
 
     fn timed(
@@ -544,17 +573,10 @@ impl PgLog {
         q: &str,
         params: Vec<Box<dyn ToSql + Send + Sync>>,
     ) -> Result<Vec<(Timestamp, SagaId)>> {
-        let pool = self.pool.clone();
-        let q = q.to_string();
-        self.run(async move {
-            let client = pool.get().await.map_err(backend)?;
-            let refs: Vec<&(dyn ToSql + Sync)> =
-                params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
-            let rows = client.query(&q, &refs).await.map_err(backend)?;
-            rows.iter()
-                .map(|r| Ok((millis_of(r.get(0)), saga_of(r.get::<_, &[u8]>(1))?)))
-                .collect()
-        })
+        self.rows(&self.pool, q, params)?
+            .iter()
+            .map(|r| Ok((millis_of(r.get(0)), saga_of(r.get::<_, &[u8]>(1))?)))
+            .collect()
     }
 
     fn ttl_ms(&self) -> f64 {
@@ -731,40 +753,25 @@ impl SagaLog for PgLog {
     }
 
     fn read(&self, saga: SagaId) -> Result<Vec<(Lsn, Vec<u8>)>> {
-        let pool = self.pool.clone();
-        let q = self.sql.read.clone();
-        self.run(async move {
-            let client = pool.get().await.map_err(backend)?;
-            let rows = client
-                .query(&q, &[&saga.as_bytes().as_slice()])
-                .await
-                .map_err(backend)?;
-            rows.into_iter()
-                .map(|r| {
-                    let lsn: i64 = r.get(0);
-                    let lsn = u64::try_from(lsn).map_err(|_| Error::Corrupt {
-                        saga,
-                        what: "log key".into(),
-                        reason: format!("negative lsn {lsn}"),
-                    })?;
-                    Ok((Lsn(lsn), r.get::<_, Vec<u8>>(1)))
-                })
-                .collect()
-        })
+        self.rows(
+            &self.pool,
+            &self.sql.read,
+            vec![Box::new(saga.as_bytes().to_vec())],
+        )?
+        .iter()
+        .map(|r| Ok((lsn_from(saga, r.get(0))?, r.get::<_, Vec<u8>>(1))))
+        .collect()
     }
 
     fn meta(&self, saga: SagaId) -> Result<Option<SagaMeta>> {
-        let pool = self.pool.clone();
-        let q = self.sql.meta.clone();
-        self.run(async move {
-            let client = pool.get().await.map_err(backend)?;
-            let row = client
-                .query_opt(&q, &[&saga.as_bytes().as_slice()])
-                .await
-                .map_err(backend)?;
-            row.map(|r| codec::decode_meta(saga, r.get::<_, &[u8]>(0)))
-                .transpose()
-        })
+        self.rows(
+            &self.pool,
+            &self.sql.meta,
+            vec![Box::new(saga.as_bytes().to_vec())],
+        )?
+        .first()
+        .map(|r| codec::decode_meta(saga, r.get::<_, &[u8]>(0)))
+        .transpose()
     }
 
     fn with_status(&self, status: SagaStatus) -> Result<Vec<SagaId>> {
@@ -849,14 +856,9 @@ impl SagaLog for PgLog {
                 .collect();
             for r in logs.map_err(backend)? {
                 let saga = saga_of(r.get::<_, &[u8]>(0))?;
-                let lsn: i64 = r.get(1);
-                let lsn = u64::try_from(lsn).map_err(|_| Error::Corrupt {
-                    saga,
-                    what: "log key".into(),
-                    reason: format!("negative lsn {lsn}"),
-                })?;
+                let lsn = lsn_from(saga, r.get(1))?;
                 if let Some(l) = by_saga.get_mut(&saga) {
-                    l.log.push((Lsn(lsn), r.get::<_, Vec<u8>>(2)));
+                    l.log.push((lsn, r.get::<_, Vec<u8>>(2)));
                 }
             }
             for r in metas.map_err(backend)? {
@@ -1014,29 +1016,19 @@ impl Leases for PgLog {
     }
 
     fn claim(&self, owner: &OwnerId, limit: usize, definitions: &[String]) -> Result<Vec<Lease>> {
-        let pool = self.lease_pool.clone();
-        let q = self.sql.claim.clone();
-        let definitions = definitions.to_vec();
-        let (owner, limit, ttl) = (
-            owner.as_str().to_string(),
-            i64::try_from(limit).unwrap_or(i64::MAX),
-            self.ttl_ms(),
-        );
-        self.run(async move {
-            let client = pool.get().await.map_err(backend)?;
-            let rows = client
-                .query(&q, &[&owner, &limit, &ttl, &definitions])
-                .await
-                .map_err(backend)?;
-            rows.iter()
-                .map(|r| {
-                    Ok(Lease {
-                        saga: saga_of(r.get::<_, &[u8]>(0))?,
-                        epoch: epoch_of(r.get(1)),
-                    })
-                })
-                .collect()
-        })
+        self.rows(
+            &self.lease_pool,
+            &self.sql.claim,
+            vec![
+                Box::new(owner.as_str().to_string()),
+                Box::new(i64::try_from(limit).unwrap_or(i64::MAX)),
+                Box::new(self.ttl_ms()),
+                Box::new(definitions.to_vec()),
+            ],
+        )?
+        .iter()
+        .map(lease_of)
+        .collect()
     }
 
     fn acquire(&self, owner: &OwnerId, saga: SagaId) -> Result<Option<Lease>> {
@@ -1057,21 +1049,17 @@ impl Leases for PgLog {
     }
 
     fn renew(&self, owner: &OwnerId) -> Result<Vec<Lease>> {
-        let pool = self.lease_pool.clone();
-        let q = self.sql.renew.clone();
-        let (owner, ttl) = (owner.as_str().to_string(), self.ttl_ms());
-        self.run(async move {
-            let client = pool.get().await.map_err(backend)?;
-            let rows = client.query(&q, &[&owner, &ttl]).await.map_err(backend)?;
-            rows.iter()
-                .map(|r| {
-                    Ok(Lease {
-                        saga: saga_of(r.get::<_, &[u8]>(0))?,
-                        epoch: epoch_of(r.get(1)),
-                    })
-                })
-                .collect()
-        })
+        self.rows(
+            &self.lease_pool,
+            &self.sql.renew,
+            vec![
+                Box::new(owner.as_str().to_string()),
+                Box::new(self.ttl_ms()),
+            ],
+        )?
+        .iter()
+        .map(lease_of)
+        .collect()
     }
 
     fn release(&self, owner: &OwnerId, lease: Lease, wake_at: Option<Timestamp>) -> Result<()> {
@@ -1094,16 +1082,14 @@ impl Leases for PgLog {
     }
 
     fn holder(&self, saga: SagaId) -> Result<Option<(OwnerId, u64)>> {
-        let pool = self.lease_pool.clone();
-        let q = self.sql.holder.clone();
-        self.run(async move {
-            let client = pool.get().await.map_err(backend)?;
-            let row = client
-                .query_opt(&q, &[&saga.as_bytes().as_slice()])
-                .await
-                .map_err(backend)?;
-            Ok(row.map(|r| (OwnerId::new(r.get::<_, String>(0)), epoch_of(r.get(1)))))
-        })
+        Ok(self
+            .rows(
+                &self.lease_pool,
+                &self.sql.holder,
+                vec![Box::new(saga.as_bytes().to_vec())],
+            )?
+            .first()
+            .map(|r| (OwnerId::new(r.get::<_, String>(0)), epoch_of(r.get(1)))))
     }
 
     fn request(&self, saga: SagaId, action: &str, operator: &str, reason: &str) -> Result<u64> {
@@ -1122,24 +1108,22 @@ impl Leases for PgLog {
     }
 
     fn requests_for(&self, owner: &OwnerId) -> Result<Vec<Request>> {
-        let pool = self.lease_pool.clone();
-        let q = self.sql.requests_for.clone();
-        let owner = owner.as_str().to_string();
-        self.run(async move {
-            let client = pool.get().await.map_err(backend)?;
-            let rows = client.query(&q, &[&owner]).await.map_err(backend)?;
-            rows.iter()
-                .map(|r| {
-                    Ok(Request {
-                        id: epoch_of(r.get(0)),
-                        saga: saga_of(r.get::<_, &[u8]>(1))?,
-                        action: r.get(2),
-                        operator: r.get(3),
-                        reason: r.get(4),
-                    })
-                })
-                .collect()
+        self.rows(
+            &self.lease_pool,
+            &self.sql.requests_for,
+            vec![Box::new(owner.as_str().to_string())],
+        )?
+        .iter()
+        .map(|r| {
+            Ok(Request {
+                id: epoch_of(r.get(0)),
+                saga: saga_of(r.get::<_, &[u8]>(1))?,
+                action: r.get(2),
+                operator: r.get(3),
+                reason: r.get(4),
+            })
         })
+        .collect()
     }
 
     fn answer(&self, id: u64, answer: &Answer) -> Result<bool> {
