@@ -239,11 +239,16 @@ pub(crate) fn measure(rt: &tokio::runtime::Runtime, url: &str, sagas: u64) -> Op
     })
 }
 
-/// A step that never returns: sagas held in it stay active (and leased).
-struct Hold;
+/// A step that never returns (`Hold`: sagas held in it stay active and leased) or asks to
+/// be retried in an hour (`Later`: sagas in it wait on a long timer, with their lease
+/// handed back).
+enum StepChoice {
+    Hold,
+    Later,
+}
 
 #[async_trait::async_trait]
-impl sagaflow::Step for Hold {
+impl sagaflow::Step for StepChoice {
     type Input = serde::de::IgnoredAny;
     type Output = ();
 
@@ -252,45 +257,18 @@ impl sagaflow::Step for Hold {
         _: &sagaflow::StepContext,
         _: serde::de::IgnoredAny,
     ) -> Result<(), sagaflow::StepError> {
-        std::future::pending().await
+        match self {
+            StepChoice::Hold => std::future::pending().await,
+            StepChoice::Later => Err(sagaflow::StepError::retry_after(
+                Duration::from_secs(3600),
+                "come back in an hour",
+            )),
+        }
     }
 }
 
 #[async_trait::async_trait]
-impl sagaflow::Compensate for Hold {
-    async fn compensate(
-        &self,
-        _: &sagaflow::StepContext,
-        _: serde::de::IgnoredAny,
-        _: Option<()>,
-    ) -> Result<(), sagaflow::StepError> {
-        Ok(())
-    }
-}
-
-/// A step that asks to be retried in an hour: sagas in it wait on a long timer, with
-/// their lease handed back.
-struct Later;
-
-#[async_trait::async_trait]
-impl sagaflow::Step for Later {
-    type Input = serde::de::IgnoredAny;
-    type Output = ();
-
-    async fn execute(
-        &self,
-        _: &sagaflow::StepContext,
-        _: serde::de::IgnoredAny,
-    ) -> Result<(), sagaflow::StepError> {
-        Err(sagaflow::StepError::retry_after(
-            Duration::from_secs(3600),
-            "come back in an hour",
-        ))
-    }
-}
-
-#[async_trait::async_trait]
-impl sagaflow::Compensate for Later {
+impl sagaflow::Compensate for StepChoice {
     async fn compensate(
         &self,
         _: &sagaflow::StepContext,
@@ -336,7 +314,7 @@ pub(crate) fn claim_at_scale(
         let def = |held: bool| {
             let b = SagaDefinition::builder("claim", 1);
             let b = if held {
-                b.step("hold", Hold)
+                b.step("hold", StepChoice::Hold)
             } else {
                 b.step("hold", Noop)
             };
@@ -467,39 +445,4 @@ pub(crate) fn idle_queries(
         let _ = store.drop_schema();
     }
     Ok((rates[0], rates[1]))
-}
-
-/// `Hold` or `Later`, as one step type for the builder.
-enum StepChoice {
-    Hold,
-    Later,
-}
-
-#[async_trait::async_trait]
-impl sagaflow::Step for StepChoice {
-    type Input = serde::de::IgnoredAny;
-    type Output = ();
-
-    async fn execute(
-        &self,
-        ctx: &sagaflow::StepContext,
-        input: serde::de::IgnoredAny,
-    ) -> Result<(), sagaflow::StepError> {
-        match self {
-            StepChoice::Hold => Hold.execute(ctx, input).await,
-            StepChoice::Later => Later.execute(ctx, input).await,
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl sagaflow::Compensate for StepChoice {
-    async fn compensate(
-        &self,
-        _: &sagaflow::StepContext,
-        _: serde::de::IgnoredAny,
-        _: Option<()>,
-    ) -> Result<(), sagaflow::StepError> {
-        Ok(())
-    }
 }
