@@ -39,6 +39,39 @@ pub struct ObservedSaga {
     pub calls: Vec<Call>,
 }
 
+impl ObservedSaga {
+    /// Saga `id` as `store` holds it after a run, with the `calls` the services received
+    /// for it (those whose key is the saga's).
+    ///
+    /// # Errors
+    ///
+    /// The store's error, or a log that does not decode, as a sentence.
+    pub fn read(
+        store: &dyn sagaflow::store::SagaLog,
+        id: SagaId,
+        shape: Vec<StepShape>,
+        calls: &[Call],
+    ) -> Result<Self, String> {
+        let err = |e: sagaflow::store::Error| e.to_string();
+        let meta = store.meta(id).map_err(err)?;
+        let history =
+            sagaflow::store::codec::decode_log(id, &store.read(id).map_err(err)?).map_err(err)?;
+        let prefix = format!("{id}/");
+        Ok(ObservedSaga {
+            id,
+            shape,
+            status: meta.as_ref().map(|m| m.status),
+            reason: meta.and_then(|m| m.reason),
+            history,
+            calls: calls
+                .iter()
+                .filter(|c| c.key.starts_with(&prefix))
+                .cloned()
+                .collect(),
+        })
+    }
+}
+
 fn step_index(s: &ObservedSaga, name: &str) -> Result<usize, String> {
     s.shape
         .iter()

@@ -17,6 +17,24 @@ use sagaflow::{
 use serde_json::{json, Value};
 
 pub mod check;
+
+/// A test's size or seed from the environment variable `name`, else `default`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+/// The next number of a splitmix64 sequence: a seeded schedule (of kills, pauses) that
+/// a failing run can be replayed from.
+pub fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
 pub mod crash;
 pub mod kill_ledger;
 pub mod sim;

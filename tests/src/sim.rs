@@ -15,8 +15,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
-use sagaflow::machine::LogRecord;
-use sagaflow::store::{codec, MemLog, SagaLog, SledLog};
+use sagaflow::store::{MemLog, SagaLog, SledLog};
 use sagaflow::{
     Clock, CommitMode, Engine, EngineOptions, Idempotence, Retention, RetryPolicy, SagaDefinition,
     SagaId, SagaStatus, StartKey, StartOptions, StepKind, StepOptions, Timestamp, TokioClock,
@@ -597,22 +596,7 @@ fn observe(
     let mut sagas = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         let id = id.ok_or_else(|| format!("saga {i} was never started"))?;
-        let meta = store.meta(id).map_err(err)?;
-        let history: Vec<LogRecord> =
-            codec::decode_log(id, &store.read(id).map_err(err)?).map_err(err)?;
-        let prefix = format!("{id}/");
-        sagas.push(ObservedSaga {
-            id,
-            shape: case.shape(),
-            status: meta.as_ref().map(|m| m.status),
-            reason: meta.and_then(|m| m.reason),
-            history,
-            calls: calls
-                .iter()
-                .filter(|c| c.key.starts_with(&prefix))
-                .cloned()
-                .collect(),
-        });
+        sagas.push(ObservedSaga::read(store, id, case.shape(), &calls)?);
     }
     // A call for a saga nobody knows would be an effect without a durable start.
     if let Some(c) = calls.iter().find(|c| {

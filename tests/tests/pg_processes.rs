@@ -15,27 +15,13 @@ use std::time::{Duration, Instant};
 
 use sagaflow::store::{PgLog, PgOptions};
 use sagaflow_tests::kill_ledger::reconcile;
+use sagaflow_tests::{env_u64, splitmix};
 
 const LEASE: Duration = Duration::from_millis(1500);
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
-}
 
 fn url() -> String {
     std::env::var("SAGAFLOW_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into())
-}
-
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 fn signal(child: &Child, sig: &str) {

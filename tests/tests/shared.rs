@@ -147,6 +147,15 @@ impl Leases for Cut {
     }
 }
 
+/// A virtual clock, a shared store whose leases it times, and the services' ledger.
+fn world() -> (Arc<dyn Clock>, Arc<MemLog>, Arc<Ledger>) {
+    let clock: Arc<dyn Clock> = Arc::new(TokioClock::starting_at(Timestamp::from_millis(
+        1_700_000_000_000,
+    )));
+    let store = Arc::new(MemLog::shared(clock.clone(), TTL));
+    (clock, store, Ledger::new())
+}
+
 async fn open(
     name: &str,
     store: Arc<dyn SagaLog>,
@@ -154,8 +163,19 @@ async fn open(
     ledger: &Arc<Ledger>,
     seed: u64,
 ) -> Engine {
+    open_with(name, checkout(ledger), store, clock, seed).await
+}
+
+/// An engine named `name` with `def` registered on the shared `store`.
+async fn open_with(
+    name: &str,
+    def: sagaflow::SagaDefinition,
+    store: Arc<dyn SagaLog>,
+    clock: &Arc<dyn Clock>,
+    seed: u64,
+) -> Engine {
     Engine::builder()
-        .register(checkout(ledger))
+        .register(def)
         .clock(clock.clone())
         .seed(seed)
         .owner(OwnerId::new(name))
@@ -191,21 +211,7 @@ fn check_all(store: &MemLog, ledger: &Ledger, ids: &[SagaId]) -> Result<(), Stri
         if let Some(k) = meta.as_ref().and_then(|m| m.start_key.clone()) {
             keys.entry(k.to_string()).or_default().push(*id);
         }
-        let history = codec::decode_log(*id, &store.read(*id).map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-        let prefix = format!("{id}/");
-        check_saga(&ObservedSaga {
-            id: *id,
-            shape: shape(),
-            status: meta.as_ref().map(|m| m.status),
-            reason: meta.and_then(|m| m.reason),
-            history,
-            calls: calls
-                .iter()
-                .filter(|c| c.key.starts_with(&prefix))
-                .cloned()
-                .collect(),
-        })?;
+        check_saga(&ObservedSaga::read(store, *id, shape(), &calls)?)?;
     }
     for ids in keys.values_mut() {
         ids.dedup();
@@ -246,11 +252,7 @@ struct Run {
 /// off from the store past its lease while an attempt hangs, then comes back. Every saga
 /// must end, once.
 async fn scenario(seed: u64) -> Run {
-    let clock: Arc<dyn Clock> = Arc::new(TokioClock::starting_at(Timestamp::from_millis(
-        1_700_000_000_000,
-    )));
-    let store = Arc::new(MemLog::shared(clock.clone(), TTL));
-    let ledger = Ledger::new();
+    let (clock, store, ledger) = world();
     let c_view = Cut::new(store.clone());
     let a = open("A", store.clone(), &clock, &ledger, seed).await;
     let b = open("B", store.clone(), &clock, &ledger, seed + 1).await;
@@ -409,11 +411,7 @@ fn the_same_seed_gives_the_same_log() {
 /// finished rather than stranded until the process restarts.
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_saga_whose_driver_stopped_on_a_store_error_is_not_stranded() {
-    let clock: Arc<dyn Clock> = Arc::new(TokioClock::starting_at(Timestamp::from_millis(
-        1_700_000_000_000,
-    )));
-    let store = Arc::new(MemLog::shared(clock.clone(), TTL));
-    let ledger = Ledger::new();
+    let (clock, store, ledger) = world();
     let a = open("A", store.clone(), &clock, &ledger, 5).await;
     ledger.script_tagged("s", "payment", Phase::Action, [Outcome::Hang]);
     let id = a
@@ -448,11 +446,7 @@ async fn a_saga_whose_driver_stopped_on_a_store_error_is_not_stranded() {
 /// retry is due, another process claims it and finishes it (the first is still alive).
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_saga_sleeping_past_a_lease_is_claimed_when_due_by_any_process() {
-    let clock: Arc<dyn Clock> = Arc::new(TokioClock::starting_at(Timestamp::from_millis(
-        1_700_000_000_000,
-    )));
-    let store = Arc::new(MemLog::shared(clock.clone(), TTL));
-    let ledger = Ledger::new();
+    let (clock, store, ledger) = world();
     let a = open("A", store.clone(), &clock, &ledger, 31).await;
     // A 429 asking for 60 s: far longer than the 2 s lease.
     ledger.script_tagged(
@@ -500,11 +494,7 @@ async fn a_saga_sleeping_past_a_lease_is_claimed_when_due_by_any_process() {
 /// lease, records the operator's action, and the saga goes on there.
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_parked_saga_is_repaired_from_another_process() {
-    let clock: Arc<dyn Clock> = Arc::new(TokioClock::starting_at(Timestamp::from_millis(
-        1_700_000_000_000,
-    )));
-    let store = Arc::new(MemLog::shared(clock.clone(), TTL));
-    let ledger = Ledger::new();
+    let (clock, store, ledger) = world();
     let a = open("A", store.clone(), &clock, &ledger, 41).await;
     let b = open("B", store.clone(), &clock, &ledger, 42).await;
     // The inventory is refused, and the payment's refund fails every time: parked.
@@ -554,11 +544,7 @@ async fn a_parked_saga_is_repaired_from_another_process() {
 /// (nor park it), and a process that knows it finishes it.
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_process_without_the_definition_gives_a_claimed_saga_back() {
-    let clock: Arc<dyn Clock> = Arc::new(TokioClock::starting_at(Timestamp::from_millis(
-        1_700_000_000_000,
-    )));
-    let store = Arc::new(MemLog::shared(clock.clone(), TTL));
-    let ledger = Ledger::new();
+    let (clock, store, ledger) = world();
     let a = open("A", store.clone(), &clock, &ledger, 51).await;
     ledger.script_tagged("r", "payment", Phase::Action, [Outcome::Hang]);
     let id = a
@@ -572,19 +558,7 @@ async fn a_process_without_the_definition_gives_a_claimed_saga_back() {
         .step("x", sagaflow_tests::fake("x", &ledger))
         .build()
         .unwrap();
-    let newer = Engine::builder()
-        .register(other)
-        .clock(clock.clone())
-        .seed(52)
-        .owner(OwnerId::new("newer"))
-        .options(
-            EngineOptions::default()
-                .with_commit_mode(CommitMode::RuntimeTask)
-                .with_lease_tick(Duration::from_millis(200)),
-        )
-        .open_with(store.clone())
-        .await
-        .unwrap();
+    let newer = open_with("newer", other, store.clone(), &clock, 52).await;
     tokio::time::sleep(TTL + Duration::from_secs(1)).await;
     let meta = store.meta(id).unwrap().unwrap();
     assert_eq!(meta.status, SagaStatus::Running, "not parked: {meta:?}");
@@ -606,11 +580,7 @@ async fn a_process_without_the_definition_gives_a_claimed_saga_back() {
 /// by the process asked, which adopts the saga: the retry runs now.
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn retry_now_on_a_handed_back_saga_runs_it_now_from_any_process() {
-    let clock: Arc<dyn Clock> = Arc::new(TokioClock::starting_at(Timestamp::from_millis(
-        1_700_000_000_000,
-    )));
-    let store = Arc::new(MemLog::shared(clock.clone(), TTL));
-    let ledger = Ledger::new();
+    let (clock, store, ledger) = world();
     let a = open("A", store.clone(), &clock, &ledger, 61).await;
     let b = open("B", store.clone(), &clock, &ledger, 62).await;
     ledger.script_tagged(
@@ -654,11 +624,7 @@ async fn retry_now_on_a_handed_back_saga_runs_it_now_from_any_process() {
 /// come back (neither waits for the other while holding its own repair lock).
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn crossed_cancels_between_two_processes_both_return() {
-    let clock: Arc<dyn Clock> = Arc::new(TokioClock::starting_at(Timestamp::from_millis(
-        1_700_000_000_000,
-    )));
-    let store = Arc::new(MemLog::shared(clock.clone(), TTL));
-    let ledger = Ledger::new();
+    let (clock, store, ledger) = world();
     let a = open("A", store.clone(), &clock, &ledger, 71).await;
     let b = open("B", store.clone(), &clock, &ledger, 72).await;
     ledger.script_tagged("x", "payment", Phase::Action, [Outcome::Hang]);

@@ -7,14 +7,8 @@
 use std::collections::BTreeMap;
 
 use sagaflow::SagaStatus;
+use sagaflow_tests::env_u64;
 use sagaflow_tests::sim::{run_and_check, run_case, shrink, Case, SimStore};
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
-}
 
 fn seeds(cases_var: &str, default_cases: u64) -> Vec<u64> {
     let mut seeds: Vec<u64> = include_str!("../regressions/sim-seeds.txt")
