@@ -481,7 +481,8 @@ async fn stats(State(state): State<AppState>, Query(q): Query<StatsQuery>) -> Re
 pub struct RepairRequest {
     /// `retry_now`, `resume`, `force_compensate`, `skip_step` or `mark_resolved`.
     pub action: String,
-    /// The step, for `skip_step`.
+    /// The step: required for `skip_step`; for `retry_now`, the one step (a branch of a
+    /// parallel group) to retry, every step waiting for a retry if absent.
     pub step: Option<u32>,
     /// Who.
     pub operator: String,
@@ -497,7 +498,7 @@ impl RepairRequest {
     /// A message for an unknown action or a `skip_step` without a step.
     pub fn to_repair(&self) -> Result<Repair, String> {
         Ok(match self.action.as_str() {
-            "retry_now" => Repair::RetryNow,
+            "retry_now" => Repair::RetryNow { step: self.step },
             "resume" => Repair::Resume,
             "force_compensate" => Repair::ForceCompensate,
             "mark_resolved" => Repair::MarkResolved,

@@ -49,6 +49,7 @@ fn write(n: u64, fence: Option<&OwnerId>) -> Write {
             version: 1,
             steps: vec!["a".into()],
             kinds: Vec::new(),
+            stages: Vec::new(),
             input: serde_json::json!({ "n": n }),
             start_key: None,
             deadline: None,

@@ -77,13 +77,20 @@ enum Command {
         #[arg(long, value_parser = parse_duration, default_value = "15m")]
         stuck_after: Duration,
     },
-    /// Run a saga's waiting retry now.
-    Retry(Target),
+    /// Run a saga's waiting retry now (every waiting one, or one step's).
+    Retry {
+        #[command(flatten)]
+        target: Target,
+        /// Only this step (a branch of a parallel group, say): its name, or its number
+        /// as `show` prints it.
+        #[arg(long)]
+        step: Option<String>,
+    },
     /// Resume a parked saga, with one more attempt for what failed.
     Resume(Target),
     /// Force compensation of a saga that has not started its pivot.
     Compensate(Target),
-    /// Count the current step (or compensation) as done by hand.
+    /// Count a step the saga is at (or its compensation) as done by hand.
     Skip {
         #[command(flatten)]
         target: Target,
@@ -761,7 +768,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let s = backend.stats(*stuck_after).await?;
             return emit(cli.json, &s, print_stats);
         }
-        Command::Retry(t) => repair(t, "retry_now", None),
+        Command::Retry { target, step } => {
+            let step = match step {
+                Some(s) => Some(resolve_step(&backend, target.id, s).await?),
+                None => None,
+            };
+            repair(target, "retry_now", step)
+        }
         Command::Resume(t) => repair(t, "resume", None),
         Command::Compensate(t) => repair(t, "force_compensate", None),
         Command::Skip { target, step } => {

@@ -201,8 +201,8 @@ pub use clock::{
     Clock, Entropy, OsEntropy, SeededEntropy, Sleep, SystemClock, Timestamp, TokioClock,
 };
 pub use definition::{
-    Compensate, Idempotence, Retention, RetryPolicy, SagaDefinition, SagaDefinitionBuilder, Step,
-    StepContext, StepError, StepKind, StepOptions,
+    Compensate, GroupBuilder, Idempotence, Retention, RetryPolicy, SagaDefinition,
+    SagaDefinitionBuilder, Step, StepContext, StepError, StepKind, StepOptions,
 };
 pub use error::{Error, Result};
 pub use executor::{

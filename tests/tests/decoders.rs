@@ -42,6 +42,7 @@ fn valid_records() -> Vec<LogRecord> {
             version: 1,
             steps: vec!["payment".into(), "order".into()],
             kinds: vec![],
+            stages: vec![],
             input: json!({"cents": 1200, "items": [1, 2, {"sku": "a"}]}),
             start_key: Some(StartKey::new("k-1").unwrap()),
             deadline: Some(at),

@@ -179,7 +179,7 @@ async fn retry_now_and_force_compensation_reach_a_running_saga() {
     }
     let due = engine.status(id).unwrap().due.unwrap();
     let err = engine
-        .repair(id, Repair::RetryNow, "di", "")
+        .repair(id, Repair::RetryNow { step: None }, "di", "")
         .await
         .unwrap_err();
     assert!(
@@ -187,7 +187,12 @@ async fn retry_now_and_force_compensation_reach_a_running_saga() {
         "a running saga too: {err}"
     );
     engine
-        .repair(id, Repair::RetryNow, "di", "the 429 window is over")
+        .repair(
+            id,
+            Repair::RetryNow { step: None },
+            "di",
+            "the 429 window is over",
+        )
         .await
         .unwrap();
     ledger.wait_for_call(id, "order", Phase::Action).await;

@@ -599,7 +599,7 @@ async fn retry_now_on_a_handed_back_saga_runs_it_now_from_any_process() {
         Duration::from_secs(30),
         b.repair(
             id,
-            sagaflow::machine::Repair::RetryNow,
+            sagaflow::machine::Repair::RetryNow { step: None },
             "ops@example",
             "provider is back",
         ),

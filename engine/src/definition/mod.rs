@@ -52,6 +52,18 @@ pub enum Error {
         /// The second pivot.
         step: String,
     },
+    /// A parallel group has no steps.
+    #[error("saga `{0}` has a parallel group without steps")]
+    EmptyGroup(String),
+    /// A pivot inside a parallel group: the point of no return is one step, so that
+    /// everything before it can still be undone and nothing after it has to be.
+    #[error("step `{step}` of saga `{saga}` is a pivot inside a parallel group")]
+    PivotInGroup {
+        /// The definition.
+        saga: String,
+        /// The pivot.
+        step: String,
+    },
     /// A step's kind does not fit its place: compensatable steps come before the
     /// pivot, retriable steps after it.
     #[error("step `{step}` of saga `{saga}` is {kind} but {why}")]
@@ -178,6 +190,9 @@ impl StepOptions {
 /// One step of a definition: its name, kind, options and code.
 pub(crate) struct StepDef {
     pub(crate) name: Arc<str>,
+    /// The stage the step belongs to: steps of one stage (a parallel group) run
+    /// concurrently; stages run one after another.
+    pub(crate) stage: u32,
     pub(crate) kind: StepKind,
     pub(crate) options: StepOptions,
     pub(crate) code: Arc<dyn ErasedStep>,
@@ -188,6 +203,7 @@ impl fmt::Debug for StepDef {
         f.debug_struct("StepDef")
             .field("name", &self.name)
             .field("kind", &self.kind)
+            .field("stage", &self.stage)
             .field("options", &self.options)
             .finish_non_exhaustive()
     }
@@ -264,6 +280,8 @@ impl SagaDefinition {
             error: None,
             deadline: None,
             retention: Retention::default(),
+            group: None,
+            stages: 0,
         }
     }
 
@@ -296,6 +314,44 @@ impl SagaDefinition {
     /// The step names, in order.
     pub fn step_names(&self) -> impl Iterator<Item = &str> {
         self.steps.iter().map(|s| &*s.name)
+    }
+
+    /// The stage of each step, in step order: steps of one parallel group share a
+    /// stage; a step outside any group has a stage of its own. Stages count from 0.
+    ///
+    /// ```
+    /// # use sagaflow::{SagaDefinition, StepContext, StepError, Step, Compensate};
+    /// # struct Noop;
+    /// # #[async_trait::async_trait]
+    /// # impl Step for Noop {
+    /// #     type Input = serde_json::Value;
+    /// #     type Output = ();
+    /// #     async fn execute(&self, _: &StepContext, _: serde_json::Value) -> Result<(), StepError> { Ok(()) }
+    /// # }
+    /// # #[async_trait::async_trait]
+    /// # impl Compensate for Noop {
+    /// #     async fn compensate(&self, _: &StepContext, _: serde_json::Value, _: Option<()>) -> Result<(), StepError> { Ok(()) }
+    /// # }
+    /// let def = SagaDefinition::builder("order", 1)
+    ///     .step("charge", Noop)
+    ///     .parallel(|g| g.step("reserve_stock", Noop).step("hold_courier_slot", Noop))
+    ///     .pivot("create_order", Noop)
+    ///     .build()?;
+    /// assert_eq!(def.step_stages().collect::<Vec<_>>(), [0, 1, 1, 2]);
+    /// assert!(def.has_groups());
+    /// # Ok::<(), sagaflow::definition::Error>(())
+    /// ```
+    pub fn step_stages(&self) -> impl Iterator<Item = u32> + '_ {
+        self.steps.iter().map(|s| s.stage)
+    }
+
+    /// Whether some stage is a parallel group of more than one step (a group of one
+    /// behaves as a plain step, and is recorded as one).
+    pub fn has_groups(&self) -> bool {
+        self.steps
+            .iter()
+            .enumerate()
+            .any(|(i, s)| usize::try_from(s.stage).map_or(true, |st| st != i))
     }
 
     /// Number of steps.
@@ -334,6 +390,10 @@ pub struct SagaDefinitionBuilder {
     error: Option<Error>,
     deadline: Option<Duration>,
     retention: Retention,
+    /// The stage of the parallel group being built, while one is.
+    group: Option<u32>,
+    /// Stages so far.
+    stages: u32,
 }
 
 impl SagaDefinitionBuilder {
@@ -392,13 +452,58 @@ impl SagaDefinitionBuilder {
         if kind == StepKind::Retriable && !options.explicit_retry {
             options.retry = RetryPolicy::forever();
         }
+        let name: Arc<str> = Arc::from(name.into());
+        let stage = match self.group {
+            Some(stage) => {
+                if kind == StepKind::Pivot {
+                    self.error.get_or_insert_with(|| Error::PivotInGroup {
+                        saga: self.name.clone(),
+                        step: name.to_string(),
+                    });
+                }
+                stage
+            }
+            None => {
+                let stage = self.stages;
+                self.stages = self.stages.saturating_add(1);
+                stage
+            }
+        };
         self.steps.push(StepDef {
-            name: Arc::from(name.into()),
+            name,
+            stage,
             kind,
             options,
             code,
         });
         self
+    }
+
+    /// Adds a parallel group: the steps `build` adds run concurrently, each with its
+    /// own retry policy, timeout and idempotency key, and the group ends when every one
+    /// of them has succeeded; later steps see every branch's output. If a branch fails
+    /// for good, no new attempt starts, the branches in flight settle, and the saga
+    /// compensates the branches that may have taken effect (concurrently), then the
+    /// earlier stages in reverse order.
+    ///
+    /// A group holds compensatable steps (before the pivot) or retriable ones (after
+    /// it), never the pivot. See [`SagaDefinition::step_stages`] for an example.
+    pub fn parallel(mut self, build: impl FnOnce(GroupBuilder) -> GroupBuilder) -> Self {
+        let stage = self.stages;
+        self.stages = self.stages.saturating_add(1);
+        self.group = Some(stage);
+        let before = self.steps.len();
+        let mut this = build(GroupBuilder {
+            inner: self,
+            first: before,
+        })
+        .inner;
+        this.group = None;
+        if this.steps.len() == before {
+            this.error
+                .get_or_insert_with(|| Error::EmptyGroup(this.name.clone()));
+        }
+        this
     }
 
     /// Changes the options of the step added last.
@@ -519,6 +624,90 @@ impl SagaDefinitionBuilder {
             deadline: self.deadline,
             retention: self.retention,
         })
+    }
+}
+
+/// Builds the branches of a parallel group; see [`SagaDefinitionBuilder::parallel`].
+///
+/// The option methods apply to the branch added last, as on the definition's builder.
+#[derive(Debug)]
+pub struct GroupBuilder {
+    inner: SagaDefinitionBuilder,
+    /// The index the group's first branch gets.
+    first: usize,
+}
+
+impl GroupBuilder {
+    fn with(mut self, change: impl FnOnce(SagaDefinitionBuilder) -> SagaDefinitionBuilder) -> Self {
+        self.inner = change(self.inner);
+        self
+    }
+
+    /// Changes the options of the branch added last: an option before the group's
+    /// first branch is an error, not a change to the step before the group.
+    fn option(
+        mut self,
+        change: impl FnOnce(SagaDefinitionBuilder) -> SagaDefinitionBuilder,
+    ) -> Self {
+        if self.inner.steps.len() == self.first {
+            let name = self.inner.name.clone();
+            self.inner
+                .error
+                .get_or_insert(Error::OptionWithoutStep(name));
+            return self;
+        }
+        self.with(change)
+    }
+
+    /// Adds a compensatable branch.
+    pub fn step(self, name: impl Into<String>, step: impl Compensate) -> Self {
+        self.with(|b| b.step(name, step))
+    }
+
+    /// Adds a retriable branch (a group after the pivot).
+    pub fn retriable(self, name: impl Into<String>, step: impl Step) -> Self {
+        self.with(|b| b.retriable(name, step))
+    }
+
+    /// Adds a branch whose kind is chosen at run time (never a pivot).
+    pub fn step_with(
+        self,
+        name: impl Into<String>,
+        kind: StepKind,
+        step: impl Compensate,
+        options: StepOptions,
+    ) -> Self {
+        self.with(|b| b.step_with(name, kind, step, options))
+    }
+
+    /// Replaces the options of the branch added last.
+    pub fn options(self, options: StepOptions) -> Self {
+        self.option(|b| b.options(options))
+    }
+
+    /// Sets the action's retry policy of the branch added last.
+    pub fn retry(self, policy: RetryPolicy) -> Self {
+        self.option(|b| b.retry(policy))
+    }
+
+    /// Sets the compensation's retry policy of the branch added last.
+    pub fn compensation_retry(self, policy: RetryPolicy) -> Self {
+        self.option(|b| b.compensation_retry(policy))
+    }
+
+    /// Sets the per-attempt timeout of the branch added last.
+    pub fn timeout(self, timeout: Duration) -> Self {
+        self.option(|b| b.timeout(timeout))
+    }
+
+    /// Marks the branch added last as not idempotent.
+    pub fn not_idempotent(self) -> Self {
+        self.option(|b| b.not_idempotent())
+    }
+
+    /// Sets [`StepOptions::max_interruptions`] of the branch added last.
+    pub fn max_interruptions(self, n: u32) -> Self {
+        self.option(|b| b.max_interruptions(n))
     }
 }
 

@@ -8,15 +8,17 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use serde_json::Value;
+use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::clock::Timestamp;
-use crate::definition::{Idempotence, RetryPolicy, SagaDefinition, StepContext, StepError};
+use crate::definition::{ErasedStep, SagaDefinition, StepContext, StepError};
 use crate::error::{Error, Result};
 use crate::executor::{lock, Asked, Inner, PendingRepair, RepairError, SagaOutcome};
 use crate::ids::{Attempt, IdempotencyKey, Phase};
 use crate::machine::{
-    check_cancel, check_repair, decide, Decision, Event, FailureKind, LogRecord, SagaState,
+    check_cancel, check_repair, decide, next_attempt_at, Decision, Event, FailureKind, Live,
+    LogRecord, Refusal, Repair, SagaState,
 };
 use crate::store::{Fence, Lease, SagaMeta, Write};
 
@@ -64,6 +66,88 @@ impl Future for CatchPanic<'_> {
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
             Err(payload) => Poll::Ready(Err(payload)),
+        }
+    }
+}
+
+/// An attempt whose start is recorded, ready to run in its own task.
+struct Launch {
+    step: u32,
+    phase: Phase,
+    attempt: Attempt,
+    name: Arc<str>,
+    code: Arc<dyn ErasedStep>,
+    ctx: StepContext,
+    /// The action's output, for a compensation.
+    output: Option<Value>,
+    deadline: Timestamp,
+    timeout: Duration,
+}
+
+/// How an attempt ended, before it is written down.
+struct Ended {
+    step: u32,
+    phase: Phase,
+    attempt: Attempt,
+    name: Arc<str>,
+    took: Duration,
+    result: std::result::Result<Value, Failure>,
+}
+
+impl Launch {
+    /// Runs the attempt to its end or its deadline.
+    async fn run(self, inner: Arc<Inner>) -> Ended {
+        let Launch {
+            step,
+            phase,
+            attempt,
+            name,
+            code,
+            ctx,
+            output,
+            deadline,
+            timeout,
+        } = self;
+        let span = tracing::info_span!("attempt", step = %name, %phase, attempt = attempt.0);
+        let fut: StepFuture<'_> = match phase {
+            Phase::Action => code.execute(ctx),
+            Phase::Compensation => {
+                Box::pin(async move { code.compensate(ctx, output).await.map(|()| Value::Null) })
+            }
+        };
+        let began = inner.clock.now();
+        // `biased`, deadline first: once the deadline has passed the step is not polled
+        // again, so it cannot start an effect late. A process that stalled past the
+        // deadline (stopped, frozen, cut off) would otherwise resume inside the step and
+        // call the service after other processes settled the attempt at its deadline and
+        // perhaps undid it. A fixed order also keeps simulations reproducible (tokio's
+        // default order is random).
+        let result = tokio::select! {
+            biased;
+            () = inner.clock.sleep_until(deadline) => {
+                Err(Failure { kind: FailureKind::Timeout, message: format!("attempt timed out after {timeout:?}"), hint: None })
+            }
+            done = CatchPanic(fut.instrument(span)) => match done {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(e.into()),
+                Err(payload) => {
+                    let msg = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a non-string payload".into());
+                    let message = crate::payload::bound_message(format!("step panicked: {msg}"));
+                    Err(Failure { kind: FailureKind::Panic, message, hint: None })
+                }
+            },
+        };
+        Ended {
+            step,
+            phase,
+            attempt,
+            name,
+            took: inner.clock.now().duration_since(began),
+            result,
         }
     }
 }
@@ -179,7 +263,8 @@ impl Driver {
         SagaMeta::of(&self.state)
     }
 
-    /// Runs the saga until it ends, parks, or the engine stops.
+    /// Runs the saga until it ends, parks, or the engine stops: an event loop over the
+    /// attempts in flight, the timer `decide` asked for, repairs and stop.
     pub(crate) async fn run(mut self) -> Result<SagaOutcome> {
         let mut stopping = self.inner.stopping.subscribe();
         let mut repairs = self.inner.repair_epoch.subscribe();
@@ -187,91 +272,147 @@ impl Driver {
         // saga before its driver started (a saga adopted to apply it) is looked for at
         // once.
         repairs.mark_changed();
+        // The attempts in flight, each in its own task: the branches of a group run
+        // side by side, and none waits for the driver to write another's result.
+        // Dropping the driver (a crash, a dropped engine) aborts them.
+        let mut attempts: JoinSet<Ended> = JoinSet::new();
+        let mut live = Live::new();
         loop {
             if *stopping.borrow() {
+                // No new attempt; those in flight end (each within its deadline) and
+                // their results are written, so that nothing started is left unsaid.
+                if live.is_empty() {
+                    self.flush().await?;
+                    return Err(Error::ShuttingDown);
+                }
                 self.flush().await?;
-                return Err(Error::ShuttingDown);
+                if let Some(done) = attempts.join_next().await {
+                    self.ended(done, &mut live)?;
+                }
+                continue;
             }
-            // Repairs are applied between attempts, never during one.
             if repairs.has_changed().unwrap_or(false) {
                 repairs.borrow_and_update();
                 let pending = lock(&self.inner.repairs).remove(&self.state.id);
                 if let Some(p) = pending {
                     // Boxed: repairs are rare, and their future would otherwise widen
                     // every saga's task by its size.
-                    Box::pin(self.repair(p)).await?;
+                    Box::pin(self.repair(p, &live)).await?;
                 }
             }
             let now = self.inner.clock.now();
-            match decide(&self.def, &self.state, now) {
-                Decision::RunStep { step, attempt } => {
-                    self.attempt(step, Phase::Action, attempt).await?;
-                }
-                Decision::Compensate { step, attempt } => {
-                    self.attempt(step, Phase::Compensation, attempt).await?;
-                }
-                Decision::CloseInterrupted { step, attempt } => {
-                    self.record(Event::StepFailed {
-                        step,
-                        attempt,
-                        kind: FailureKind::Interrupted,
-                        error: format!(
-                            "attempt {attempt} was interrupted by a crash and will not run \
-                             again (the step is not idempotent, or the saga is cancelled), so \
-                             it may have taken effect"
-                        ),
-                        retry_at: None,
-                    })?;
-                }
-                Decision::BeginCompensation { reason } => {
-                    tracing::info!(%reason, "compensation began");
-                    self.record(Event::CompensationBegan { reason })?;
-                }
-                Decision::Wait { until } => {
-                    self.flush().await?;
-                    if self.hand_back(until).await? {
-                        return Err(Error::NotRunning(self.state.id));
+            let mut wait = None;
+            let mut changed = false;
+            let mut launch = Vec::new();
+            for decision in decide(&self.def, &self.state, &live, now) {
+                match decision {
+                    Decision::RunStep { step, attempt } => {
+                        launch.push(self.begin(step, Phase::Action, attempt)?);
                     }
-                    tokio::select! {
-                        biased;
-                        () = self.inner.clock.sleep_until(until) => {}
-                        _ = stopping.changed() => {}
-                        _ = repairs.changed() => {
-                            // Seen again at the top of the loop.
-                            repairs.mark_changed();
-                        }
+                    Decision::Compensate { step, attempt } => {
+                        launch.push(self.begin(step, Phase::Compensation, attempt)?);
+                    }
+                    Decision::CloseInterrupted { step, attempt } => {
+                        changed = true;
+                        self.record(Event::StepFailed {
+                            step,
+                            attempt,
+                            kind: FailureKind::Interrupted,
+                            error: format!(
+                                "attempt {attempt} was interrupted by a crash and will not run \
+                                 again (the step is not idempotent, or the saga is cancelled \
+                                 or compensating), so it may have taken effect"
+                            ),
+                            retry_at: None,
+                        })?;
+                    }
+                    Decision::BeginCompensation { reason } => {
+                        changed = true;
+                        tracing::info!(%reason, "compensation began");
+                        self.record(Event::CompensationBegan { reason })?;
+                    }
+                    Decision::Wait { until } => wait = Some(until),
+                    Decision::Complete => {
+                        changed = true;
+                        self.record(Event::Completed)?;
+                        self.flush().await?;
+                        tracing::info!("saga completed");
+                    }
+                    Decision::FinishCompensation => {
+                        changed = true;
+                        self.record(Event::Compensated)?;
+                        self.flush().await?;
+                        tracing::info!("saga compensated");
+                    }
+                    Decision::Cancel { operator, reason } => {
+                        changed = true;
+                        tracing::info!(%reason, "saga cancelled by its deadline");
+                        self.record(Event::CancelRequested { operator, reason })?;
+                    }
+                    Decision::FinishCancellation => {
+                        changed = true;
+                        self.record(Event::Cancelled)?;
+                        self.flush().await?;
+                        tracing::info!("saga cancelled");
+                    }
+                    Decision::Park { reason } => {
+                        changed = true;
+                        tracing::warn!(kind = ?reason.kind, reason = %reason.message, "saga parked");
+                        self.record(Event::Parked { reason })?;
+                        self.flush().await?;
+                    }
+                    // Only decided with nothing in flight.
+                    Decision::Idle => {
+                        self.flush().await?;
+                        let outcome =
+                            SagaOutcome::of(&self.state).ok_or(Error::NotRunning(self.state.id))?;
+                        self.count_end(&outcome);
+                        return Ok(outcome);
                     }
                 }
-                Decision::Complete => {
-                    self.record(Event::Completed)?;
-                    self.flush().await?;
-                    tracing::info!("saga completed");
+            }
+            if !launch.is_empty() {
+                // The starts are durable before any of the attempts runs (G1); the
+                // results before them travel in the same write.
+                self.flush().await?;
+                for a in launch {
+                    live.insert(a.step);
+                    attempts.spawn(a.run(self.inner.clone()));
                 }
-                Decision::FinishCompensation => {
-                    self.record(Event::Compensated)?;
-                    self.flush().await?;
-                    tracing::info!("saga compensated");
+                continue;
+            }
+            if changed {
+                continue;
+            }
+            // Nothing to do now: results are made durable before waiting.
+            self.flush().await?;
+            if live.is_empty() {
+                let Some(until) = wait else {
+                    return Err(Error::CorruptLog {
+                        saga: self.state.id,
+                        reason: "the saga has nothing to do, nothing in flight and no timer".into(),
+                    });
+                };
+                if self.hand_back(until).await? {
+                    return Err(Error::NotRunning(self.state.id));
                 }
-                Decision::Cancel { operator, reason } => {
-                    tracing::info!(%reason, "saga cancelled by its deadline");
-                    self.record(Event::CancelRequested { operator, reason })?;
+            }
+            let timer = async {
+                match wait {
+                    Some(until) => self.inner.clock.sleep_until(until).await,
+                    None => std::future::pending().await,
                 }
-                Decision::FinishCancellation => {
-                    self.record(Event::Cancelled)?;
-                    self.flush().await?;
-                    tracing::info!("saga cancelled");
+            };
+            tokio::select! {
+                biased;
+                Some(done) = attempts.join_next(), if !live.is_empty() => {
+                    self.ended(done, &mut live)?;
                 }
-                Decision::Park { reason } => {
-                    tracing::warn!(kind = ?reason.kind, reason = %reason.message, "saga parked");
-                    self.record(Event::Parked { reason })?;
-                    self.flush().await?;
-                }
-                Decision::Idle => {
-                    self.flush().await?;
-                    let outcome =
-                        SagaOutcome::of(&self.state).ok_or(Error::NotRunning(self.state.id))?;
-                    self.count_end(&outcome);
-                    return Ok(outcome);
+                () = timer => {}
+                _ = stopping.changed() => {}
+                _ = repairs.changed() => {
+                    // Seen again at the top of the loop.
+                    repairs.mark_changed();
                 }
             }
         }
@@ -327,10 +468,12 @@ impl Driver {
 
     /// Applies an operator's repair (or a cancellation), if the state allows it, and
     /// answers the caller.
-    async fn repair(&mut self, p: PendingRepair) -> Result<()> {
+    async fn repair(&mut self, p: PendingRepair, live: &Live) -> Result<()> {
         let saga = self.state.id;
         let answer = match p.action {
-            Asked::Repair(action) => match check_repair(&self.state, &action) {
+            Asked::Repair(action) => match while_in_flight(&self.state, &action, live)
+                .and_then(|()| check_repair(&self.state, &action))
+            {
                 Err(refusal) => Err(Error::RepairRefused {
                     saga,
                     reason: refusal.0,
@@ -375,43 +518,20 @@ impl Driver {
         }
     }
 
-    /// Whether a failure of `kind` may be followed by another attempt (budget
-    /// permitting): a rejected call will be rejected again; a call that may have taken
-    /// effect is repeated only with the same key by a step that allows it
-    /// (compensations always do).
-    fn may_retry(&self, step: usize, phase: Phase, kind: FailureKind) -> bool {
-        match kind {
-            FailureKind::Rejected | FailureKind::Permanent | FailureKind::OutputTooLarge => false,
-            FailureKind::Retryable | FailureKind::RetryAfter => true,
-            _ => {
-                phase == Phase::Compensation
-                    || self
-                        .def
-                        .step(step)
-                        .is_some_and(|s| s.options.idempotence == Idempotence::Idempotent)
-            }
-        }
-    }
-
-    fn policy(&self, step: usize, phase: Phase) -> Option<&RetryPolicy> {
-        let sd = self.def.step(step)?;
-        Some(match phase {
-            Phase::Action => &sd.options.retry,
-            Phase::Compensation => &sd.options.compensation_retry,
-        })
-    }
-
-    /// One attempt: record its start, make that durable (G1), run it, record the result.
-    /// The result is written together with whatever comes next.
-    async fn attempt(&mut self, step: u32, phase: Phase, attempt: Attempt) -> Result<()> {
+    /// Begins an attempt: records its start (written, and durable, before it runs:
+    /// G1) and returns what the attempt's task needs.
+    fn begin(&mut self, step: u32, phase: Phase, attempt: Attempt) -> Result<Launch> {
         let i = step as usize;
-        let (Some(sd), Some(policy)) = (self.def.step(i), self.policy(i, phase)) else {
+        let Some(sd) = self.def.step(i) else {
             return Err(Error::CorruptLog {
                 saga: self.state.id,
                 reason: format!("decided on step {step}, which the definition lacks"),
             });
         };
-        let timeout = policy.attempt_timeout;
+        let timeout = match phase {
+            Phase::Action => sd.options.retry.attempt_timeout,
+            Phase::Compensation => sd.options.compensation_retry.attempt_timeout,
+        };
         let name = sd.name.clone();
         let code = sd.code.clone();
         let deadline = self.inner.clock.now().saturating_add(timeout);
@@ -427,8 +547,6 @@ impl Driver {
                 deadline,
             },
         })?;
-        self.flush().await?;
-
         let ctx = StepContext {
             saga_id: self.state.id,
             step: name.clone(),
@@ -442,28 +560,47 @@ impl Driver {
                 (!outputs.is_empty()).then(|| Arc::new(outputs))
             },
         };
-        let output = self.state.steps.get(i).and_then(|s| s.output.clone());
-        let span = tracing::info_span!("attempt", step = %name, %phase, attempt = attempt.0);
-        // The attempt runs inside this saga's task rather than its own: nothing to
-        // allocate per attempt beyond the step's future, and dropping the driver (a
-        // crash, a dropped engine) drops the attempt with it.
-        let fut: StepFuture<'_> = match phase {
-            Phase::Action => code.execute(ctx),
-            Phase::Compensation => {
-                Box::pin(async move { code.compensate(ctx, output).await.map(|()| Value::Null) })
-            }
-        };
-        let began = self.inner.clock.now();
-        let result = self
-            .await_attempt(CatchPanic(fut.instrument(span)), deadline, timeout)
-            .await;
+        Ok(Launch {
+            step,
+            phase,
+            attempt,
+            name,
+            code,
+            ctx,
+            output: self.state.steps.get(i).and_then(|s| s.output.clone()),
+            deadline,
+            timeout,
+        })
+    }
+
+    /// Records how an attempt ended; the record is written with whatever comes next.
+    fn ended(
+        &mut self,
+        done: std::result::Result<Ended, tokio::task::JoinError>,
+        live: &mut Live,
+    ) -> Result<()> {
+        // An attempt's task catches the step's panics, so it only fails to join if the
+        // runtime is going away. The driver stops as in a crash: the attempt stays in
+        // flight in the log, and whoever drives the saga next treats it as interrupted.
+        let Ended {
+            step,
+            phase,
+            attempt,
+            name,
+            took,
+            result,
+        } = done.map_err(|e| {
+            tracing::warn!(error = %e, "an attempt's task did not finish");
+            Error::NotRunning(self.state.id)
+        })?;
+        live.remove(&step);
         let result = result.and_then(|v| self.check_size(v));
         let now = self.inner.clock.now();
         self.inner.metrics.attempt(
             &self.state.definition,
             &name,
             phase,
-            now.duration_since(began).as_secs_f64(),
+            took.as_secs_f64(),
             result.as_ref().err().map(|f| f.kind),
         );
         match (phase, result) {
@@ -477,18 +614,17 @@ impl Driver {
             }
             (phase, Err(f)) => {
                 tracing::warn!(step = %name, %phase, attempt = attempt.0, kind = ?f.kind, error = %f.message, "attempt failed");
-                let retry_at = if self.may_retry(i, phase, f.kind) {
-                    // Interrupted attempts do not use up the budget (G4).
-                    let used = self.state.steps.get(i).map_or(attempt.0, |s| match phase {
-                        Phase::Action => s.attempts_used(),
-                        Phase::Compensation => s.compensation_attempts_used(),
-                    });
-                    let jitter = self.jitter(step, phase, attempt);
-                    self.policy(i, phase)
-                        .and_then(|p| p.next_attempt_at(used, now, jitter, f.hint))
-                } else {
-                    None
-                };
+                let jitter = self.jitter(step, phase, attempt);
+                let retry_at = next_attempt_at(
+                    &self.def,
+                    &self.state,
+                    step,
+                    phase,
+                    f.kind,
+                    f.hint,
+                    now,
+                    jitter,
+                );
                 self.record(match phase {
                     Phase::Action => Event::StepFailed {
                         step,
@@ -506,39 +642,6 @@ impl Driver {
                     },
                 })
             }
-        }
-    }
-
-    async fn await_attempt(
-        &self,
-        attempt: CatchPanic<'_>,
-        deadline: Timestamp,
-        timeout: Duration,
-    ) -> std::result::Result<Value, Failure> {
-        // `biased`, deadline first: once the deadline has passed the step is not polled
-        // again, so it cannot start an effect late. A process that stalled past the
-        // deadline (stopped, frozen, cut off) would otherwise resume inside the step and
-        // call the service after other processes settled the attempt at its deadline and
-        // perhaps undid it. A fixed order also keeps simulations reproducible (tokio's
-        // default order is random).
-        tokio::select! {
-            biased;
-            () = self.inner.clock.sleep_until(deadline) => {
-                Err(Failure { kind: FailureKind::Timeout, message: format!("attempt timed out after {timeout:?}"), hint: None })
-            }
-            done = attempt => match done {
-                Ok(Ok(v)) => Ok(v),
-                Ok(Err(e)) => Err(e.into()),
-                Err(payload) => {
-                    let msg = payload
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| payload.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a non-string payload".into());
-                    let message = crate::payload::bound_message(format!("step panicked: {msg}"));
-                    Err(Failure { kind: FailureKind::Panic, message, hint: None })
-                }
-            },
         }
     }
 
@@ -576,5 +679,36 @@ impl Driver {
         key.push(phase as u8);
         key.extend_from_slice(&attempt.0.to_be_bytes());
         self.inner.entropy.sample(&key)
+    }
+}
+
+/// Whether `action` may be applied while the attempts of `live` run: a step is not
+/// skipped while an attempt of it runs, and a saga is not marked resolved while any
+/// does (its result could no longer be written). Forcing compensation is allowed: the
+/// branches in flight settle before anything is undone.
+fn while_in_flight(
+    state: &SagaState,
+    action: &Repair,
+    live: &Live,
+) -> std::result::Result<(), Refusal> {
+    let name = |i: u32| {
+        state
+            .steps
+            .get(i as usize)
+            .map_or_else(|| "?".to_string(), |s| s.name.clone())
+    };
+    match action {
+        Repair::SkipStep { step } if live.contains(step) => Err(Refusal(format!(
+            "step {step} (`{}`) has an attempt in flight: wait for it to end",
+            name(*step)
+        ))),
+        Repair::MarkResolved => match live.first() {
+            Some(&i) => Err(Refusal(format!(
+                "step {i} (`{}`) has an attempt in flight: wait for it to end",
+                name(i)
+            ))),
+            None => Ok(()),
+        },
+        _ => Ok(()),
     }
 }

@@ -1137,6 +1137,13 @@ impl Engine {
                     version: def.version(),
                     steps: def.step_names().map(str::to_string).collect(),
                     kinds: def.step_kinds().collect(),
+                    // Recorded only when the definition has groups: a log without them
+                    // stays in the format every earlier engine reads.
+                    stages: if def.has_groups() {
+                        def.step_stages().collect()
+                    } else {
+                        Vec::new()
+                    },
                     input: this_input,
                     start_key: start_key.clone(),
                     // A deadline given at start wins; else the definition's, counted

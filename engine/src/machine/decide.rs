@@ -1,4 +1,11 @@
-//! What happens next: a pure function of (definition, state, now).
+//! What happens next: a pure function of (definition, state, attempts in flight, now).
+//!
+//! `decide` returns every action due now, not one: the branches of a parallel group
+//! start together, several interrupted attempts are closed each by its own rule, and the
+//! compensations of one stage run concurrently. The driver carries them out, then asks
+//! again whenever something changed (an attempt ended, a timer fired, a repair came).
+
+use std::collections::BTreeSet;
 
 use crate::clock::Timestamp;
 use crate::definition::{Idempotence, SagaDefinition, StepKind};
@@ -6,7 +13,7 @@ use crate::ids::Attempt;
 use crate::machine::event::{FailureKind, ParkKind, ParkReason};
 use crate::machine::state::{Progress, SagaState, SagaStatus};
 
-/// The next thing to do for a saga.
+/// One thing to do for a saga. [`decide`] returns a list of them.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum Decision {
@@ -37,7 +44,8 @@ pub enum Decision {
         /// Attempt number.
         attempt: Attempt,
     },
-    /// Nothing is due before `until` (a durable retry timer).
+    /// Nothing more is due before `until` (a durable retry timer, the end of a settle
+    /// window), unless an attempt in flight ends first. Always last in the list.
     Wait {
         /// When the next attempt is due.
         until: Timestamp,
@@ -70,7 +78,8 @@ pub enum Decision {
 /// say) would make the engine misread the log (G8).
 pub fn definition_mismatch(def: &SagaDefinition, state: &SagaState) -> Option<ParkReason> {
     let names_differ = def.len() != state.steps.len()
-        || def.step_names().zip(&state.steps).any(|(d, s)| d != s.name);
+        || def.step_names().zip(&state.steps).any(|(d, s)| d != s.name)
+        || def.step_stages().ne(state.stages.iter().copied());
     let kinds_differ =
         state.kinds_recorded && def.step_kinds().zip(&state.kinds).any(|(d, s)| d != *s);
     if !names_differ && !kinds_differ {
@@ -99,188 +108,351 @@ pub fn definition_mismatch(def: &SagaDefinition, state: &SagaState) -> Option<Pa
     ))
 }
 
-/// Decides what happens next for `state`, run by `def`, at `now`.
+/// Steps with an attempt (of the action or the compensation) running in this process
+/// now. An attempt the log shows in flight that is not among them was interrupted by a
+/// crash (or by the loss of the saga's lease).
+pub type Live = BTreeSet<u32>;
+
+/// Decides what happens next for `state`, run by `def`, at `now`, while the attempts of
+/// the steps in `live` run: every action due now, in step order, then at most one
+/// [`Decision::Wait`] for the earliest timer. An empty list means nothing happens until
+/// an attempt in flight ends. Saga-wide transitions (complete, begin compensation, park,
+/// finish) come alone, and only once nothing is in flight, so that every sibling of a
+/// failed branch settles first (G5).
 ///
-/// Called only between attempts: an attempt the state shows in flight was interrupted
-/// by a crash. Replaying the same log with the same definition gives the same decisions
-/// (G4); `now` only matters for whether a retry timer is due.
-pub fn decide(def: &SagaDefinition, state: &SagaState, now: Timestamp) -> Decision {
+/// Replaying the same log with the same definition and nothing in flight gives the same
+/// decisions (G4); `now` only matters for whether a timer is due.
+pub fn decide(
+    def: &SagaDefinition,
+    state: &SagaState,
+    live: &Live,
+    now: Timestamp,
+) -> Vec<Decision> {
     if !state.status.is_active() {
-        return Decision::Idle;
+        return vec![Decision::Idle];
     }
     if let Some(reason) = definition_mismatch(def, state) {
-        return Decision::Park { reason };
+        return if live.is_empty() {
+            vec![Decision::Park { reason }]
+        } else {
+            Vec::new()
+        };
     }
     match state.status {
-        SagaStatus::Running => decide_running(def, state, now),
-        _ => match decide_backward(def, state, now) {
-            Decision::FinishCompensation if state.cancellation.is_some() => {
-                Decision::FinishCancellation
+        SagaStatus::Running => decide_running(def, state, live, now),
+        _ => {
+            let mut out = decide_backward(def, state, live, now);
+            if state.cancellation.is_some() {
+                for d in &mut out {
+                    if *d == Decision::FinishCompensation {
+                        *d = Decision::FinishCancellation;
+                    }
+                }
             }
-            other => other,
-        },
+            out
+        }
+    }
+}
+
+/// The actions due now and the earliest timer, gathered step by step.
+#[derive(Default)]
+struct Plan {
+    due: Vec<Decision>,
+    wait: Option<Timestamp>,
+}
+
+impl Plan {
+    fn wait_until(&mut self, t: Timestamp) {
+        self.wait = Some(self.wait.map_or(t, |w| w.min(t)));
+    }
+
+    fn into_vec(mut self) -> Vec<Decision> {
+        if let Some(until) = self.wait {
+            self.due.push(Decision::Wait { until });
+        }
+        self.due
+    }
+}
+
+/// `decision` alone once nothing is in flight; nothing (wait for the attempts) before.
+fn when_settled(live: &Live, decision: Decision) -> Vec<Decision> {
+    if live.is_empty() {
+        vec![decision]
+    } else {
+        Vec::new()
     }
 }
 
 /// Going forward: a cancellation asked for, a deadline passed, a delayed start, or the
-/// next step.
-fn decide_running(def: &SagaDefinition, state: &SagaState, now: Timestamp) -> Decision {
+/// current stage.
+fn decide_running(
+    def: &SagaDefinition,
+    state: &SagaState,
+    live: &Live,
+    now: Timestamp,
+) -> Vec<Decision> {
     if let Some((who, why)) = &state.cancellation {
-        return decide_cancelling(state, now, who, why);
+        return decide_cancelling(state, live, now, who, why);
     }
     if let Some(deadline) = state.deadline.filter(|d| now >= *d) {
         return match crate::machine::check_cancel(state) {
-            Ok(()) => Decision::Cancel {
+            Ok(()) => vec![Decision::Cancel {
                 operator: "deadline".into(),
                 reason: format!("the saga's deadline {deadline} passed"),
-            },
-            // Past the pivot: parked, but not before an attempt of the current step that
-            // may still land has reached its deadline.
-            Err(_) => match state
-                .current_step()
-                .and_then(|i| state.steps[i].undo_not_before())
-                .filter(|t| now < *t)
-            {
-                Some(until) => Decision::Wait { until },
-                None => Decision::Park {
-                    reason: ParkReason::new(
-                        ParkKind::DeadlinePassed,
-                        format!(
-                        "the saga's deadline {deadline} passed after its pivot had started: it \
-                         can only go forward; resume it, or resolve it by hand"
-                    ),
-                    ),
-                },
-            },
+            }],
+            // Past the pivot: parked, but not before every attempt of the current stage
+            // that may still land has ended or reached its deadline.
+            Err(_) => {
+                if !live.is_empty() {
+                    return Vec::new();
+                }
+                let settle = state
+                    .current_stage()
+                    .and_then(|r| r.filter_map(|i| state.steps[i].undo_not_before()).max())
+                    .filter(|t| now < *t);
+                match settle {
+                    Some(until) => vec![Decision::Wait { until }],
+                    None => vec![Decision::Park {
+                        reason: ParkReason::new(
+                            ParkKind::DeadlinePassed,
+                            format!(
+                                "the saga's deadline {deadline} passed after its pivot had \
+                                 started: it can only go forward; resume it, or resolve it by hand"
+                            ),
+                        ),
+                    }],
+                }
+            }
         };
     }
     let nothing_started = state.steps.iter().all(|s| !s.action.started());
-    let decision = match state.not_before.filter(|t| now < *t && nothing_started) {
-        Some(until) => Decision::Wait { until },
-        None => decide_forward(def, state, now),
+    let mut out = match state.not_before.filter(|t| now < *t && nothing_started) {
+        Some(until) => vec![Decision::Wait { until }],
+        None => decide_forward(def, state, live, now),
     };
     // A wait never sleeps through the deadline: it fires while the saga waits, and after
     // a restart (recovery decides again).
-    match (decision, state.deadline) {
-        (Decision::Wait { until }, Some(d)) if d < until => Decision::Wait { until: d },
-        (other, _) => other,
+    if let (Some(Decision::Wait { until }), Some(d)) = (out.last_mut(), state.deadline) {
+        *until = (*until).min(d);
     }
+    out
 }
 
-/// A cancelled saga going forward: no new attempt; the attempt a crash interrupted is
-/// closed (its outcome is unknown); once every attempt of the current step that may
-/// still land has reached its deadline, compensation begins.
-fn decide_cancelling(state: &SagaState, now: Timestamp, who: &str, why: &str) -> Decision {
-    if let Some(i) = state.current_step() {
-        let s = &state.steps[i];
-        if let Progress::InFlight { attempt } = s.action {
-            return Decision::CloseInterrupted {
-                step: i as u32,
-                attempt,
-            };
-        }
-        if let Some(until) = s.unknown_until.filter(|t| now < *t) {
-            return Decision::Wait { until };
-        }
-    }
-    Decision::BeginCompensation {
+/// A cancelled saga going forward: no new attempt; attempts a crash interrupted are
+/// closed (their outcome is unknown); once the attempts in flight have ended and every
+/// attempt of the current stage that may still land has reached its deadline,
+/// compensation begins.
+fn decide_cancelling(
+    state: &SagaState,
+    live: &Live,
+    now: Timestamp,
+    who: &str,
+    why: &str,
+) -> Vec<Decision> {
+    let begin = Decision::BeginCompensation {
         reason: format!("cancelled by {who}: {why}"),
+    };
+    let Some(stage) = state.current_stage() else {
+        return when_settled(live, begin);
+    };
+    let closes: Vec<Decision> = stage
+        .clone()
+        .filter_map(|i| match state.steps[i].action {
+            Progress::InFlight { attempt } if !live.contains(&(i as u32)) => {
+                Some(Decision::CloseInterrupted {
+                    step: i as u32,
+                    attempt,
+                })
+            }
+            _ => None,
+        })
+        .collect();
+    if !closes.is_empty() {
+        return closes;
+    }
+    if !live.is_empty() {
+        return Vec::new();
+    }
+    match stage
+        .filter_map(|i| state.steps[i].unknown_until)
+        .max()
+        .filter(|t| now < *t)
+    {
+        Some(until) => vec![Decision::Wait { until }],
+        None => vec![begin],
     }
 }
 
-fn decide_forward(def: &SagaDefinition, state: &SagaState, now: Timestamp) -> Decision {
-    for (i, (s, sd)) in state.steps.iter().zip(def.steps()).enumerate() {
+/// The current stage going forward: every branch that can start starts; a branch that
+/// failed for good stops new attempts of its siblings, and once they have settled the
+/// saga compensates (or, past the pivot, parks).
+fn decide_forward(
+    def: &SagaDefinition,
+    state: &SagaState,
+    live: &Live,
+    now: Timestamp,
+) -> Vec<Decision> {
+    let Some(stage) = state.current_stage() else {
+        return when_settled(live, Decision::Complete);
+    };
+    let failed = state.stage_failed();
+    let mut plan = Plan::default();
+    let mut crash_looped: Option<(usize, u32)> = None;
+    for i in stage.clone() {
+        let (Some(s), Some(sd)) = (state.steps.get(i), def.step(i)) else {
+            continue;
+        };
         let step = i as u32;
         match &s.action {
-            Progress::Succeeded { .. } => continue,
+            Progress::Succeeded { .. } => {}
+            Progress::InFlight { .. } if live.contains(&step) => {}
             Progress::NotStarted => {
-                return Decision::RunStep {
-                    step,
-                    attempt: Attempt::FIRST,
+                if !failed {
+                    plan.due.push(Decision::RunStep {
+                        step,
+                        attempt: Attempt::FIRST,
+                    });
                 }
             }
             Progress::InFlight { attempt } => {
-                // Between attempts, an attempt in flight was interrupted by a crash. A
-                // crash is not a failed attempt (G4): an idempotent step runs again with
-                // the same key, whatever its retry budget, unless it keeps being
-                // interrupted (a step that kills the process).
-                if sd.options.idempotence == Idempotence::NotIdempotent {
-                    return Decision::CloseInterrupted {
+                // Interrupted by a crash. A crash is not a failed attempt (G4): an
+                // idempotent step runs again with the same key, whatever its retry
+                // budget, unless it keeps being interrupted (a step that kills the
+                // process). One that must not run twice, or whose stage failed, is
+                // closed: it may have taken effect.
+                if failed || sd.options.idempotence == Idempotence::NotIdempotent {
+                    plan.due.push(Decision::CloseInterrupted {
                         step,
                         attempt: *attempt,
-                    };
+                    });
+                    continue;
                 }
                 let in_a_row = s.interrupted.in_a_row.saturating_add(1);
                 if in_a_row >= sd.options.max_interruptions {
-                    // Parked only once the interrupted attempt can no longer land.
-                    if let Some(until) = s.undo_not_before().filter(|t| now < *t) {
-                        return Decision::Wait { until };
-                    }
-                    return Decision::Park {
-                        reason: crash_loop(&s.name, "attempt", in_a_row),
-                    };
+                    crash_looped.get_or_insert((i, in_a_row));
+                    continue;
                 }
-                return Decision::RunStep {
+                plan.due.push(Decision::RunStep {
                     step,
                     attempt: attempt.next(),
-                };
+                });
             }
             Progress::Failed {
                 attempt,
                 retry_at: Some(at),
                 ..
             } => {
-                return if now >= *at {
-                    Decision::RunStep {
+                // A sibling failed for good: the retry is abandoned.
+                if failed {
+                } else if now >= *at {
+                    plan.due.push(Decision::RunStep {
                         step,
                         attempt: attempt.next(),
-                    }
+                    });
                 } else {
-                    Decision::Wait { until: *at }
-                };
-            }
-            Progress::Failed {
-                attempt,
-                kind,
-                error,
-                retry_at: None,
-            } => {
-                // Settle before undo (G4): a request the attempt sent may land until its
-                // deadline; nothing is compensated or parked before then.
-                if let Some(until) = state.settling_until().filter(|t| now < *t) {
-                    return Decision::Wait { until };
+                    plan.wait_until(*at);
                 }
-                let what = describe_failure(&s.name, *kind, *attempt, error);
-                // Unknown if the last attempt's outcome is. An earlier attempt of unknown
-                // outcome matters only for a step that is not idempotent: an idempotent
-                // one's attempts share a key, so the service's last answer for that key
-                // (here a refusal) is its answer for all of them.
-                let unknown = kind.outcome_unknown()
-                    || (sd.options.idempotence == Idempotence::NotIdempotent
-                        && s.outcome_unknown());
-                return match sd.kind {
-                    StepKind::Pivot | StepKind::Retriable if unknown => Decision::Park {
-                        reason: ParkReason::new(
-                            ParkKind::OutcomeUnknown,
-                            format!(
-                                "{what}; it is {} and cannot be compensated: check whether \
-                                     it took effect, then resolve the saga",
-                                sd.kind
-                            ),
-                        ),
-                    },
-                    StepKind::Retriable => Decision::Park {
-                        reason: ParkReason::new(
-                            ParkKind::ForwardFailed,
-                            format!("{what}; past the pivot the saga can only go forward"),
-                        ),
-                    },
-                    _ => Decision::BeginCompensation { reason: what },
-                };
             }
+            Progress::Failed { retry_at: None, .. } => {}
         }
     }
-    Decision::Complete
+    if let Some((i, times)) = crash_looped {
+        // No new attempt of the stage; parked once nothing in flight and no interrupted
+        // attempt can still land.
+        let closes: Vec<Decision> = plan
+            .due
+            .into_iter()
+            .filter(|d| matches!(d, Decision::CloseInterrupted { .. }))
+            .collect();
+        if !closes.is_empty() || !live.is_empty() {
+            return closes;
+        }
+        if let Some(until) = stage
+            .filter_map(|j| state.steps[j].undo_not_before())
+            .max()
+            .filter(|t| now < *t)
+        {
+            return vec![Decision::Wait { until }];
+        }
+        return vec![Decision::Park {
+            reason: crash_loop(&state.steps[i].name, "attempt", times),
+        }];
+    }
+    if !failed {
+        return plan.into_vec();
+    }
+    // A branch failed for good. Interrupted siblings are closed first, then the
+    // siblings in flight settle: their results are recorded, and what they did is
+    // compensated with the rest.
+    if !plan.due.is_empty() || !live.is_empty() {
+        return plan.due;
+    }
+    // Settle before undo (G4): a request an attempt sent may land until its deadline;
+    // nothing is compensated or parked before then.
+    if let Some(until) = state.settling_until().filter(|t| now < *t) {
+        return vec![Decision::Wait { until }];
+    }
+    vec![stage_failure(def, state, stage)]
+}
+
+/// What a stage that cannot succeed leads to: compensation before the pivot; past it
+/// (or for the pivot itself), a parked saga.
+fn stage_failure(
+    def: &SagaDefinition,
+    state: &SagaState,
+    stage: std::ops::Range<usize>,
+) -> Decision {
+    let mut reasons = Vec::new();
+    let mut park: Option<ParkKind> = None;
+    for i in stage {
+        let (Some(s), Some(sd)) = (state.steps.get(i), def.step(i)) else {
+            continue;
+        };
+        let Progress::Failed {
+            attempt,
+            kind,
+            error,
+            retry_at: None,
+        } = &s.action
+        else {
+            continue;
+        };
+        let what = describe_failure(&s.name, *kind, *attempt, error);
+        // Unknown if the last attempt's outcome is. An earlier attempt of unknown
+        // outcome matters only for a step that is not idempotent: an idempotent one's
+        // attempts share a key, so the service's last answer for that key (here a
+        // refusal) is its answer for all of them.
+        let unknown = kind.outcome_unknown()
+            || (sd.options.idempotence == Idempotence::NotIdempotent && s.outcome_unknown());
+        let kind = match sd.kind {
+            StepKind::Pivot | StepKind::Retriable if unknown => Some(ParkKind::OutcomeUnknown),
+            StepKind::Retriable => Some(ParkKind::ForwardFailed),
+            _ => None,
+        };
+        let what = match (kind, sd.kind) {
+            (Some(ParkKind::OutcomeUnknown), k) => format!(
+                "{what}; it is {k} and cannot be compensated: check whether it took effect, \
+                 then resolve the saga"
+            ),
+            (Some(_), _) => format!("{what}; past the pivot the saga can only go forward"),
+            (None, _) => what,
+        };
+        // The gravest reason decides: an unknown outcome outranks a known failure.
+        park = match (park, kind) {
+            (Some(ParkKind::OutcomeUnknown), _) | (_, Some(ParkKind::OutcomeUnknown)) => {
+                Some(ParkKind::OutcomeUnknown)
+            }
+            (p, k) => p.or(k),
+        };
+        reasons.push(what);
+    }
+    let reason = reasons.join("; ");
+    match park {
+        Some(kind) => Decision::Park {
+            reason: ParkReason::new(kind, reason),
+        },
+        None => Decision::BeginCompensation { reason },
+    }
 }
 
 /// A sentence naming what happened to a step whose last attempt failed for good.
@@ -320,56 +492,76 @@ fn crash_loop(name: &str, what: &str, times: u32) -> ParkReason {
     )
 }
 
-fn decide_backward(def: &SagaDefinition, state: &SagaState, now: Timestamp) -> Decision {
-    // Reverse order of start: steps run one after another, so that is reverse index order.
-    for (i, (s, sd)) in state.steps.iter().zip(def.steps()).enumerate().rev() {
-        // Only compensatable steps that may have taken effect are undone (G5): an action
-        // that never started, or whose every attempt was rejected, did nothing.
-        if sd.kind != StepKind::Compensatable || !s.may_have_taken_effect() {
+/// Compensating: the steps of the last stage still owed a compensation are compensated
+/// concurrently, each once no attempt of its action can still land; then the stage
+/// before, in reverse order. A compensation that fails for good parks the saga once its
+/// siblings in flight have ended; it never skips ahead (G5).
+fn decide_backward(
+    def: &SagaDefinition,
+    state: &SagaState,
+    live: &Live,
+    now: Timestamp,
+) -> Vec<Decision> {
+    // Only compensatable steps that may have taken effect are undone (G5), judged by
+    // the definition's kinds (the same as the log's, where it recorded them).
+    let stage = state.compensation_stage_by(|i| def.step_kind(i));
+    if stage.is_empty() {
+        return when_settled(live, Decision::FinishCompensation);
+    }
+    let mut plan = Plan::default();
+    let mut park: Option<ParkReason> = None;
+    for i in stage {
+        let (Some(s), Some(sd)) = (state.steps.get(i), def.step(i)) else {
+            continue;
+        };
+        let step = i as u32;
+        // A branch still running (compensation was forced while its group was in
+        // flight) settles before it is undone.
+        if live.contains(&step) {
             continue;
         }
-        let step = i as u32;
         match &s.compensation {
-            Progress::Succeeded { .. } => continue,
+            Progress::Succeeded { .. } => {}
             Progress::NotStarted => {
                 // An earlier attempt of unknown outcome (or one still in flight, when
                 // compensation was forced) may still land, even if a later one
                 // succeeded: its undo waits for that attempt's deadline (G4).
-                if let Some(until) = s.undo_not_before().filter(|t| now < *t) {
-                    return Decision::Wait { until };
+                match s.undo_not_before().filter(|t| now < *t) {
+                    Some(until) => plan.wait_until(until),
+                    None => plan.due.push(Decision::Compensate {
+                        step,
+                        attempt: Attempt::FIRST,
+                    }),
                 }
-                return Decision::Compensate {
-                    step,
-                    attempt: Attempt::FIRST,
-                };
             }
             Progress::InFlight { attempt } => {
                 // Compensations are idempotent by contract: re-run with the same key. An
                 // interruption does not use up the budget; a crash loop parks.
                 let in_a_row = s.compensation_interrupted.in_a_row.saturating_add(1);
                 if in_a_row >= sd.options.max_interruptions {
-                    return Decision::Park {
-                        reason: crash_loop(&s.name, "compensation attempt", in_a_row),
-                    };
+                    park.get_or_insert_with(|| {
+                        crash_loop(&s.name, "compensation attempt", in_a_row)
+                    });
+                } else {
+                    plan.due.push(Decision::Compensate {
+                        step,
+                        attempt: attempt.next(),
+                    });
                 }
-                return Decision::Compensate {
-                    step,
-                    attempt: attempt.next(),
-                };
             }
             Progress::Failed {
                 attempt,
                 retry_at: Some(at),
                 ..
             } => {
-                return if now >= *at {
-                    Decision::Compensate {
+                if now >= *at {
+                    plan.due.push(Decision::Compensate {
                         step,
                         attempt: attempt.next(),
-                    }
+                    });
                 } else {
-                    Decision::Wait { until: *at }
-                };
+                    plan.wait_until(*at);
+                }
             }
             Progress::Failed {
                 attempt,
@@ -377,17 +569,20 @@ fn decide_backward(def: &SagaDefinition, state: &SagaState, now: Timestamp) -> D
                 retry_at: None,
                 ..
             } => {
-                return Decision::Park {
-                    reason: ParkReason::new(
+                park.get_or_insert_with(|| {
+                    ParkReason::new(
                         ParkKind::CompensationFailed,
                         format!(
                             "compensation of step `{}` failed at attempt {attempt}: {error}",
                             s.name
                         ),
-                    ),
-                }
+                    )
+                });
             }
         }
     }
-    Decision::FinishCompensation
+    match park {
+        Some(reason) => when_settled(live, Decision::Park { reason }),
+        None => plan.into_vec(),
+    }
 }

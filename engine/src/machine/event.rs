@@ -150,6 +150,13 @@ pub enum Event {
         /// step counts as compensatable.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         kinds: Vec<StepKind>,
+        /// The stage of each step, in order, when the definition has parallel groups
+        /// (steps of one group share a stage). Empty when every step is a stage of its
+        /// own, as in every log written before groups existed. A record that lists
+        /// stages is stored in a newer format (see the store's codec), so an engine that
+        /// does not know groups refuses it instead of running the group one by one.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        stages: Vec<u32>,
         /// The saga input.
         input: Value,
         /// The caller's start key, if any.
@@ -265,8 +272,14 @@ pub enum Event {
 #[serde(tag = "kind", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Repair {
-    /// Run the retry that is waiting on a timer now.
-    RetryNow,
+    /// Run the retry that is waiting on a timer now: of step `step`, or, without one,
+    /// of every step of the current stage that waits for one.
+    RetryNow {
+        /// The step (a branch of a parallel group, say); absent in logs written before
+        /// groups, where it meant the one current step.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        step: Option<u32>,
+    },
     /// Take a parked saga up where it stopped, with one more attempt for what failed.
     Resume,
     /// Stop going forward and compensate every step that started (only before the
@@ -286,7 +299,7 @@ impl Repair {
     /// The repair's name, as the CLI and the admin API spell it.
     pub fn name(&self) -> &'static str {
         match self {
-            Repair::RetryNow => "retry_now",
+            Repair::RetryNow { .. } => "retry_now",
             Repair::Resume => "resume",
             Repair::ForceCompensate => "force_compensate",
             Repair::SkipStep { .. } => "skip_step",
@@ -314,7 +327,11 @@ impl Event {
             | Event::CompensationSucceeded { step, .. }
             | Event::CompensationFailed { step, .. } => Some(*step),
             Event::OperatorAction {
-                action: Repair::SkipStep { step },
+                action:
+                    Repair::SkipStep { step }
+                    | Repair::RetryNow {
+                        step: Some(step), ..
+                    },
                 ..
             } => Some(*step),
             _ => None,

@@ -6,12 +6,14 @@
 
 mod decide;
 mod event;
+mod retry;
 mod state;
 #[cfg(test)]
 mod tests;
 
-pub use decide::{decide, definition_mismatch, Decision};
+pub use decide::{decide, definition_mismatch, Decision, Live};
 pub use event::{Event, FailureKind, LogRecord, ParkKind, ParkReason, Repair};
+pub use retry::next_attempt_at;
 pub use state::{
     check_cancel, check_repair, FoldError, Interruptions, Progress, Refusal, SagaState, SagaStatus,
     StepState,

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -270,6 +271,9 @@ pub struct SagaState {
     /// recorded count every step as compensatable, and cannot be checked for a kind
     /// that changed).
     pub kinds_recorded: bool,
+    /// The stage of each step, in definition order (from the `started` record): steps
+    /// of a parallel group share one. Without groups, step `i` is stage `i`.
+    pub stages: Vec<u32>,
     /// Why compensation began, once it has.
     pub compensation_reason: Option<String>,
     /// Why the saga is parked, while it is.
@@ -313,11 +317,13 @@ impl SagaState {
                 version,
                 steps,
                 kinds,
+                stages,
                 input,
                 start_key,
                 deadline,
                 not_before,
             } => Ok(SagaState {
+                stages: stages_of(steps.len(), stages).map_err(|why| err(&why))?,
                 id,
                 definition: definition.clone(),
                 version: *version,
@@ -451,7 +457,9 @@ impl SagaState {
                 output,
             } => {
                 let i = step_mut(*step)?;
-                self.expect_status(SagaStatus::Running, lsn)?;
+                // Running, or compensating: compensation forced while a branch of a group
+                // was in flight waits for that branch's result.
+                self.expect_active(lsn)?;
                 let s = &mut self.steps[i];
                 if s.action != (Progress::InFlight { attempt: *attempt }) {
                     return Err(err(format!(
@@ -471,7 +479,7 @@ impl SagaState {
                 retry_at,
             } => {
                 let i = step_mut(*step)?;
-                self.expect_status(SagaStatus::Running, lsn)?;
+                self.expect_active(lsn)?;
                 let s = &mut self.steps[i];
                 if s.action != (Progress::InFlight { attempt: *attempt }) {
                     return Err(err(format!(
@@ -613,47 +621,113 @@ impl SagaState {
             .position(|s| !matches!(s.action, Progress::Succeeded { .. }))
     }
 
-    /// The step compensation is at: the last compensatable step that may have taken
-    /// effect and whose compensation has not succeeded.
-    pub fn current_compensation(&self) -> Option<usize> {
-        (0..self.steps.len()).rev().find(|&i| {
-            let s = &self.steps[i];
-            self.kinds.get(i) == Some(&StepKind::Compensatable)
+    /// The steps of the stage step `i` belongs to: `i` alone, or every branch of its
+    /// parallel group.
+    pub fn stage_steps(&self, i: usize) -> Range<usize> {
+        let Some(&stage) = self.stages.get(i) else {
+            return i..i;
+        };
+        // Stages are contiguous and ascending (checked when the log was read).
+        let start = self.stages[..i]
+            .iter()
+            .rposition(|&s| s != stage)
+            .map_or(0, |p| p + 1);
+        let end = self.stages[i..]
+            .iter()
+            .position(|&s| s != stage)
+            .map_or(self.stages.len(), |p| i + p);
+        start..end
+    }
+
+    /// The stage going forward is at: the steps of the first stage with a step that has
+    /// not succeeded.
+    pub fn current_stage(&self) -> Option<Range<usize>> {
+        self.current_step().map(|i| self.stage_steps(i))
+    }
+
+    /// Whether step `i` is owed a compensation it has not had: it is compensatable, may
+    /// have taken effect (G5), and its compensation has not succeeded.
+    pub fn owes_compensation(&self, i: usize) -> bool {
+        self.owes_compensation_by(i, &|i| self.kinds.get(i).copied())
+    }
+
+    fn owes_compensation_by(&self, i: usize, kind: &dyn Fn(usize) -> Option<StepKind>) -> bool {
+        self.steps.get(i).is_some_and(|s| {
+            kind(i) == Some(StepKind::Compensatable)
                 && s.may_have_taken_effect()
                 && !matches!(s.compensation, Progress::Succeeded { .. })
         })
+    }
+
+    /// The step compensation is at: the last compensatable step that may have taken
+    /// effect and whose compensation has not succeeded.
+    pub fn current_compensation(&self) -> Option<usize> {
+        (0..self.steps.len())
+            .rev()
+            .find(|&i| self.owes_compensation(i))
+    }
+
+    /// The steps compensation is at: those of the last stage holding a step owed a
+    /// compensation, which are compensated concurrently.
+    pub fn compensation_stage(&self) -> Vec<usize> {
+        self.compensation_stage_by(|i| self.kinds.get(i).copied())
+    }
+
+    /// [`SagaState::compensation_stage`], with the step kinds `kind` gives (the
+    /// definition's, say, for a log written before kinds were recorded).
+    pub fn compensation_stage_by(&self, kind: impl Fn(usize) -> Option<StepKind>) -> Vec<usize> {
+        let owes = |i: usize| self.owes_compensation_by(i, &kind);
+        (0..self.steps.len())
+            .rev()
+            .find(|&i| owes(i))
+            .map(|i| self.stage_steps(i).filter(|&j| owes(j)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether a step of the current stage failed for good (no attempt left): the stage
+    /// cannot succeed, and no new attempt of it starts.
+    pub fn stage_failed(&self) -> bool {
+        self.current_stage().is_some_and(|r| {
+            self.steps[r]
+                .iter()
+                .any(|s| matches!(s.action, Progress::Failed { retry_at: None, .. }))
+        })
+    }
+
+    /// Until when a request an attempt of step `i` sent may still land: the deadline
+    /// of an attempt in flight or of one that failed without a known outcome, and of
+    /// every earlier attempt whose outcome is unknown.
+    fn settles_at(&self, i: usize) -> Option<Timestamp> {
+        let s = self.steps.get(i)?;
+        match &s.action {
+            Progress::InFlight { .. } => s.deadline.max(s.unknown_until),
+            Progress::Failed { kind, .. } if kind.outcome_unknown() => {
+                s.deadline.max(s.unknown_until)
+            }
+            _ => s.unknown_until,
+        }
     }
 
     /// When the settle window the saga waits in ends, if it waits in one: nothing may undo
     /// a step (or park the saga) before the deadline of every attempt of it whose outcome
     /// is unknown has passed, since a request such an attempt sent may still land (G4).
     ///
-    /// Going forward, that is the deadline of the current step's last attempt once it
-    /// failed for good without a known outcome; compensating, the latest deadline of an
-    /// unknown attempt of the step about to be compensated.
+    /// Going forward, that is once a step of the current stage failed for good: the
+    /// latest such deadline over the stage's steps (the branches of a group still in
+    /// flight included). Compensating, the latest deadline of an unknown attempt of a
+    /// step about to be compensated.
     pub fn settling_until(&self) -> Option<Timestamp> {
         match self.status {
-            SagaStatus::Running => {
-                let s = &self.steps[self.current_step()?];
-                match &s.action {
-                    // Failed for good: settle until its last attempt's deadline if that
-                    // one's outcome is unknown, and until any earlier unknown one's.
-                    Progress::Failed {
-                        kind,
-                        retry_at: None,
-                        ..
-                    } if kind.outcome_unknown() => s.deadline.max(s.unknown_until),
-                    Progress::Failed { retry_at: None, .. } => s.unknown_until,
-                    _ => None,
-                }
+            SagaStatus::Running if self.stage_failed() => {
+                let r = self.current_stage()?;
+                r.filter_map(|i| self.settles_at(i)).max()
             }
-            SagaStatus::Compensating => {
-                let s = &self.steps[self.current_compensation()?];
-                match s.compensation {
-                    Progress::NotStarted => s.undo_not_before(),
-                    _ => None,
-                }
-            }
+            SagaStatus::Compensating => self
+                .compensation_stage()
+                .into_iter()
+                .filter(|&i| self.steps[i].compensation == Progress::NotStarted)
+                .filter_map(|i| self.steps[i].undo_not_before())
+                .max(),
             _ => None,
         }
     }
@@ -666,42 +740,71 @@ impl SagaState {
         }
     }
 
-    /// When the retry (or the end of the settle window) the saga waits for is due, if it
-    /// waits for one.
+    /// When the earliest retry (or the end of the settle window) the saga waits for is
+    /// due, if it waits for one.
     pub fn next_timer(&self) -> Option<Timestamp> {
-        let progress = match self.status {
-            SagaStatus::Running => self.current_step().map(|i| &self.steps[i].action),
-            SagaStatus::Compensating => self
-                .current_compensation()
-                .map(|i| &self.steps[i].compensation),
+        let retry_at = |p: &Progress| match p {
+            Progress::Failed {
+                retry_at: Some(at), ..
+            } => Some(*at),
             _ => None,
         };
-        let nothing_started = self.steps.iter().all(|s| !s.action.started());
-        match progress {
-            Some(Progress::Failed {
-                retry_at: Some(at), ..
-            }) => Some(*at),
-            Some(Progress::NotStarted) if nothing_started && self.status == SagaStatus::Running => {
-                self.not_before
+        match self.status {
+            SagaStatus::Running => {
+                let nothing_started = self.steps.iter().all(|s| !s.action.started());
+                if nothing_started {
+                    if let Some(t) = self.not_before {
+                        return Some(t);
+                    }
+                }
+                if self.stage_failed() {
+                    return self.settling_until();
+                }
+                let r = self.current_stage()?;
+                self.steps[r]
+                    .iter()
+                    .filter_map(|s| retry_at(&s.action))
+                    .min()
             }
-            _ => self.settling_until(),
+            SagaStatus::Compensating => self
+                .compensation_stage()
+                .into_iter()
+                .filter_map(|i| {
+                    let s = &self.steps[i];
+                    match s.compensation {
+                        Progress::NotStarted => s.undo_not_before(),
+                        ref p => retry_at(p),
+                    }
+                })
+                .min(),
+            _ => None,
         }
     }
 
-    /// The progress a repair acts on: the current step's action or, while compensating,
-    /// the current compensation.
-    fn current_progress_mut(&mut self, status: SagaStatus) -> Option<&mut Progress> {
-        match status {
-            SagaStatus::Running => {
-                let i = self.current_step()?;
-                Some(&mut self.steps[i].action)
-            }
-            SagaStatus::Compensating => {
-                let i = self.current_compensation()?;
-                Some(&mut self.steps[i].compensation)
-            }
-            _ => None,
+    /// The steps a repair acts on, with the half (action or compensation) it acts on:
+    /// `step` if given, else every step of the current stage (going forward) or of the
+    /// compensation stage.
+    fn repair_targets(&self, working: SagaStatus, step: Option<u32>) -> Vec<usize> {
+        let all: Vec<usize> = match working {
+            SagaStatus::Running => self
+                .current_stage()
+                .map(|r| r.collect())
+                .unwrap_or_default(),
+            SagaStatus::Compensating => self.compensation_stage(),
+            _ => Vec::new(),
+        };
+        match step {
+            Some(s) => all.into_iter().filter(|&i| i == s as usize).collect(),
+            None => all,
         }
+    }
+
+    fn progress_mut(&mut self, working: SagaStatus, i: usize) -> Option<&mut Progress> {
+        let s = self.steps.get_mut(i)?;
+        Some(match working {
+            SagaStatus::Compensating => &mut s.compensation,
+            _ => &mut s.action,
+        })
     }
 
     fn apply_repair(&mut self, action: &Repair, operator: &str, reason: &str, at: Timestamp) {
@@ -721,27 +824,27 @@ impl SagaState {
             }
         };
         match action {
-            Repair::RetryNow => {
-                if let Some(Progress::Failed { retry_at, .. }) = self.current_progress_mut(working)
-                {
-                    *retry_at = Some(at);
+            Repair::RetryNow { step } => {
+                for i in self.repair_targets(working, *step) {
+                    if let Some(Progress::Failed {
+                        retry_at: Some(t), ..
+                    }) = self.progress_mut(working, i)
+                    {
+                        *t = at;
+                    }
                 }
             }
             Repair::Resume => {
                 unpark(self);
-                // An operator looked at a crash loop: count interruptions afresh.
-                if let Some(i) = match working {
-                    SagaStatus::Running => self.current_step(),
-                    _ => self.current_compensation(),
-                } {
+                for i in self.repair_targets(working, None) {
+                    // An operator looked at a crash loop: count interruptions afresh.
                     self.steps[i].interrupted.in_a_row = 0;
                     self.steps[i].compensation_interrupted.in_a_row = 0;
-                }
-                // One more attempt for what had run out of them.
-                if let Some(Progress::Failed { retry_at, .. }) = self.current_progress_mut(working)
-                {
-                    if retry_at.is_none() {
-                        *retry_at = Some(at);
+                    // One more attempt for what had run out of them.
+                    if let Some(Progress::Failed { retry_at, .. }) = self.progress_mut(working, i) {
+                        if retry_at.is_none() {
+                            *retry_at = Some(at);
+                        }
                     }
                 }
             }
@@ -773,6 +876,17 @@ impl SagaState {
                 self.parked_from = None;
                 self.resolution = Some((operator.to_string(), reason.to_string()));
             }
+        }
+    }
+
+    fn expect_active(&self, lsn: Lsn) -> Result<(), FoldError> {
+        if self.status.is_active() {
+            Ok(())
+        } else {
+            Err(FoldError {
+                lsn,
+                reason: format!("the saga is {}, not running or compensating", self.status),
+            })
         }
     }
 
@@ -840,17 +954,52 @@ pub fn check_repair(state: &SagaState, action: &Repair) -> Result<(), Refusal> {
     let working = state.working_status();
     let parked = state.status == SagaStatus::Parked;
     match action {
-        Repair::RetryNow => {
+        Repair::RetryNow { step } => {
             if parked {
                 return no("the saga is parked: resume it instead".into());
             }
-            if let Some(t) = state.settling_until() {
-                return no(format!(
+            let settling = |t: Timestamp| {
+                no(format!(
                     "the saga is settling until {t}: its last attempt may still take effect, \
                      and nothing is retried or undone before then"
+                ))
+            };
+            if working == SagaStatus::Running && state.stage_failed() {
+                if let Some(t) = state.settling_until() {
+                    return settling(t);
+                }
+                return no(
+                    "a step of the current stage failed for good: nothing is retried".into(),
+                );
+            }
+            let targets = state.repair_targets(working, *step);
+            if let (Some(i), true) = (step, targets.is_empty()) {
+                let name = state
+                    .steps
+                    .get(*i as usize)
+                    .map_or("?", |s| s.name.as_str());
+                return no(format!(
+                    "step {i} (`{name}`) is not in the stage the saga is at"
                 ));
             }
-            if state.next_timer().is_none() {
+            let waiting = targets.iter().any(|&i| {
+                let s = &state.steps[i];
+                let p = match working {
+                    SagaStatus::Compensating => &s.compensation,
+                    _ => &s.action,
+                };
+                matches!(
+                    p,
+                    Progress::Failed {
+                        retry_at: Some(_),
+                        ..
+                    }
+                )
+            });
+            if !waiting {
+                if let Some(t) = state.settling_until() {
+                    return settling(t);
+                }
                 return no("the saga is not waiting for a retry".into());
             }
         }
@@ -894,17 +1043,22 @@ pub fn check_repair(state: &SagaState, action: &Repair) -> Result<(), Refusal> {
         Repair::SkipStep { step } => {
             let i = *step as usize;
             let name = state.steps.get(i).map_or("?", |s| s.name.as_str());
+            let succeeded = state
+                .steps
+                .get(i)
+                .is_some_and(|s| matches!(s.action, Progress::Succeeded { .. }));
             match working {
-                SagaStatus::Running if state.current_step() == Some(i) => {}
-                SagaStatus::Compensating if state.current_compensation() == Some(i) => {}
+                SagaStatus::Running
+                    if state.current_stage().is_some_and(|r| r.contains(&i)) && !succeeded => {}
+                SagaStatus::Compensating if state.compensation_stage().contains(&i) => {}
                 SagaStatus::Running => {
                     return no(format!(
-                        "step {step} (`{name}`) is not the step the saga is at"
+                        "step {step} (`{name}`) is not a step the saga is at (or it succeeded)"
                     ))
                 }
                 SagaStatus::Compensating => {
                     return no(format!(
-                        "step {step} (`{name}`) is not the step compensation is at"
+                        "step {step} (`{name}`) is not a step compensation is at"
                     ))
                 }
                 other => return no(format!("nothing to skip while {other}")),
@@ -913,4 +1067,32 @@ pub fn check_repair(state: &SagaState, action: &Repair) -> Result<(), Refusal> {
         Repair::MarkResolved => {}
     }
     Ok(())
+}
+
+/// The stage of each of `n` steps, from a `started` record's `stages` (empty: each step
+/// is a stage of its own). Stages must count up from 0 by at most one per step, so that
+/// each stage is one run of consecutive steps.
+fn stages_of(n: usize, stages: &[u32]) -> Result<Vec<u32>, String> {
+    if stages.is_empty() {
+        return (0..n)
+            .map(|i| u32::try_from(i).map_err(|_| "too many steps".to_string()))
+            .collect();
+    }
+    if stages.len() != n {
+        return Err(format!("{} stages for {n} steps", stages.len()));
+    }
+    let mut prev: Option<u32> = None;
+    for &st in stages {
+        let ok = match prev {
+            None => st == 0,
+            Some(p) => st == p || Some(st) == p.checked_add(1),
+        };
+        if !ok {
+            return Err(format!(
+                "the stages {stages:?} do not count up from 0 by one"
+            ));
+        }
+        prev = Some(st);
+    }
+    Ok(stages.to_vec())
 }

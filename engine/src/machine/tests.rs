@@ -7,8 +7,8 @@ use crate::definition::tests::Noop;
 use crate::definition::{Idempotence, RetryPolicy, SagaDefinition, StepKind, StepOptions};
 use crate::ids::{Attempt, Lsn, SagaId};
 use crate::machine::{
-    decide, Decision, Event, FailureKind, FoldError, LogRecord, ParkKind, Progress, SagaState,
-    SagaStatus,
+    decide, Decision, Event, FailureKind, FoldError, Live, LogRecord, ParkKind, Progress,
+    SagaState, SagaStatus,
 };
 
 fn id() -> SagaId {
@@ -60,6 +60,11 @@ fn log(def: &SagaDefinition, events: Vec<Event>) -> Vec<LogRecord> {
         version: def.version(),
         steps: def.step_names().map(String::from).collect(),
         kinds: def.step_kinds().collect(),
+        stages: if def.has_groups() {
+            def.step_stages().collect()
+        } else {
+            Vec::new()
+        },
         input: json!({}),
         start_key: None,
         deadline: None,
@@ -122,7 +127,15 @@ fn state(def: &SagaDefinition, events: Vec<Event>) -> SagaState {
 }
 
 fn next(def: &SagaDefinition, events: Vec<Event>, now: u64) -> Decision {
-    decide(def, &state(def, events), t(now))
+    one(def, &state(def, events), t(now))
+}
+
+/// The decision for a saga of consecutive steps with nothing in flight: always exactly
+/// one.
+fn one(def: &SagaDefinition, s: &SagaState, now: Timestamp) -> Decision {
+    let mut all = decide(def, s, &Live::new(), now);
+    assert_eq!(all.len(), 1, "one decision expected, got {all:?}");
+    all.remove(0)
 }
 
 #[test]
@@ -161,7 +174,7 @@ fn success_moves_on_and_the_last_success_completes() {
     let s = state(&def, done);
     assert_eq!(s.status, SagaStatus::Completed);
     assert_eq!(s.outputs().len(), 3);
-    assert_eq!(decide(&def, &s, t(0)), Decision::Idle);
+    assert_eq!(one(&def, &s, t(0)), Decision::Idle);
 }
 
 #[test]
@@ -529,7 +542,9 @@ fn retry_now_is_refused_while_settling() {
         &def,
         vec![started(0, 1), failed(0, 1, FailureKind::Unknown, None)],
     );
-    let refusal = crate::machine::check_repair(&s, &crate::machine::Repair::RetryNow).unwrap_err();
+    let refusal =
+        crate::machine::check_repair(&s, &crate::machine::Repair::RetryNow { step: None })
+            .unwrap_err();
     assert!(refusal.0.contains("settling until"), "{}", refusal.0);
 }
 
@@ -626,7 +641,7 @@ fn a_definition_with_other_steps_parks() {
         .build()
         .unwrap();
     let s = state(&def, vec![]);
-    match decide(&other, &s, t(0)) {
+    match one(&other, &s, t(0)) {
         Decision::Park { reason } => assert_eq!(reason.kind, ParkKind::DefinitionMismatch),
         d => panic!("{d:?}"),
     }
@@ -641,7 +656,7 @@ fn decide_is_a_pure_function_of_its_inputs() {
     ];
     let s = state(&def, events);
     for now in [0, 49, 50, 51] {
-        assert_eq!(decide(&def, &s, t(now)), decide(&def, &s.clone(), t(now)));
+        assert_eq!(one(&def, &s, t(now)), one(&def, &s.clone(), t(now)));
     }
     // Folding twice gives the same state.
     let l = log(&def, vec![started(0, 1), ok(0, 1)]);
@@ -860,7 +875,7 @@ fn resume_after_a_deadline_park_lifts_the_deadline() {
         *d = Some(deadline);
     }
     let state = SagaState::fold(id(), &records).unwrap();
-    let Decision::Park { reason } = decide(&def, &state, t(100)) else {
+    let Decision::Park { reason } = one(&def, &state, t(100)) else {
         panic!("expected a deadline park");
     };
     assert_eq!(reason.kind, ParkKind::DeadlinePassed);
@@ -884,7 +899,7 @@ fn resume_after_a_deadline_park_lifts_the_deadline() {
     }
     let state = SagaState::fold(id(), &records).unwrap();
     assert_eq!(
-        decide(&def, &state, t(100)),
+        one(&def, &state, t(100)),
         Decision::RunStep {
             step: 2,
             attempt: a(1)

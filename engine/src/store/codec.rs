@@ -9,11 +9,15 @@
 //! - format 1: one log record, stored under its own lsn;
 //! - format 2: a JSON array of consecutive log records written in one atomic write,
 //!   stored under the first one's lsn. One key instead of several is what lets a write
-//!   carry "step 2 succeeded, step 3 started" at the cost of a single store update.
+//!   carry "step 2 succeeded, step 3 started" at the cost of a single store update;
+//! - formats 3 and 4: as 1 and 2, for records that use what parallel groups added (a
+//!   `started` record listing the stages). An engine from before groups reads the byte
+//!   as a newer format and parks the saga, instead of running its group one step at a
+//!   time; logs without groups keep formats 1 and 2, which every engine reads.
 
 use crate::clock::Timestamp;
 use crate::ids::{Lsn, SagaId, StartKey};
-use crate::machine::{LogRecord, SagaStatus};
+use crate::machine::{Event, LogRecord, SagaStatus};
 use crate::store::{Error, Result, SagaMeta, Write};
 
 /// The format byte of a value holding one record (and of summaries).
@@ -21,6 +25,22 @@ pub const FORMAT_V1: u8 = 1;
 
 /// The format byte of a value holding several consecutive records.
 pub const FORMAT_V2: u8 = 2;
+
+/// The format byte of a value holding one record that uses parallel groups.
+pub const FORMAT_V3: u8 = 3;
+
+/// The format byte of a value holding several consecutive records, one of which uses
+/// parallel groups.
+pub const FORMAT_V4: u8 = 4;
+
+/// The newest format byte this engine reads and writes.
+const NEWEST_FORMAT: u8 = FORMAT_V4;
+
+/// Whether `record` needs format 3: an engine that does not know groups must not read
+/// it as a saga of consecutive steps.
+fn uses_groups(record: &LogRecord) -> bool {
+    matches!(&record.event, Event::Started { stages, .. } if !stages.is_empty())
+}
 
 const LOG: u8 = b'L';
 const META: u8 = b'M';
@@ -118,7 +138,11 @@ pub fn add_to_count(current: Option<&[u8]>, delta: i64) -> Option<Vec<u8>> {
 /// cannot happen for `serde_json::Value`, so in practice never).
 pub fn encode_record(record: &LogRecord) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(128);
-    out.push(FORMAT_V1);
+    out.push(if uses_groups(record) {
+        FORMAT_V3
+    } else {
+        FORMAT_V1
+    });
     serde_json::to_writer(&mut out, record)
         .map_err(|e| Error::Backend(format!("record does not serialize: {e}")))?;
     Ok(out)
@@ -135,7 +159,7 @@ pub fn decode_record(saga: SagaId, lsn: Lsn, bytes: &[u8]) -> Result<LogRecord> 
         what: format!("log record {lsn}"),
         reason,
     };
-    let json = strip_format(bytes)
+    let json = strip_record_format(bytes)
         .map_err(|why| format_error(saga, format!("log record {lsn}"), bytes, why))?;
     let record: LogRecord = serde_json::from_slice(json)
         .map_err(|e| undecodable(saga, format!("log record {lsn}"), json, e))?;
@@ -157,7 +181,7 @@ pub fn decode_record(saga: SagaId, lsn: Lsn, bytes: &[u8]) -> Result<LogRecord> 
 /// not start at `lsn` and follow each other.
 pub fn decode_value(saga: SagaId, lsn: Lsn, bytes: &[u8]) -> Result<Vec<LogRecord>> {
     match bytes.first() {
-        Some(&FORMAT_V2) => {
+        Some(&(FORMAT_V2 | FORMAT_V4)) => {
             let corrupt = |reason: String| Error::Corrupt {
                 saga,
                 what: format!("log records from {lsn}"),
@@ -202,7 +226,7 @@ fn format_error(saga: SagaId, what: String, bytes: &[u8], reason: String) -> Err
     match bytes.first() {
         // A plausible next version over well-formed JSON; a random byte is damage.
         Some(&b)
-            if (FORMAT_V2 + 1..=15).contains(&b)
+            if (NEWEST_FORMAT + 1..=15).contains(&b)
                 && serde_json::from_slice::<serde::de::IgnoredAny>(
                     bytes.get(1..).unwrap_or_default(),
                 )
@@ -231,6 +255,15 @@ fn undecodable(saga: SagaId, what: String, json: &[u8], e: serde_json::Error) ->
         Error::NewerFormat { saga, what, reason }
     } else {
         Error::Corrupt { saga, what, reason }
+    }
+}
+
+/// The JSON of a one-record value (format 1 or 3).
+fn strip_record_format(bytes: &[u8]) -> std::result::Result<&[u8], String> {
+    match bytes.split_first() {
+        Some((&(FORMAT_V1 | FORMAT_V3), rest)) => Ok(rest),
+        Some((b, _)) => Err(format!("unknown format byte {b}")),
+        None => Err("empty value".into()),
     }
 }
 
@@ -425,12 +458,14 @@ pub fn ops(write: Write) -> Result<Vec<Op>> {
             // Splice the records' JSON into one array rather than re-encoding them.
             let len = bytes.len() + rest.iter().map(|(_, b)| b.len() + 1).sum::<usize>() + 2;
             let mut group = Vec::with_capacity(len);
-            group.push(FORMAT_V2);
+            let newer = bytes.first() == Some(&FORMAT_V3)
+                || rest.iter().any(|(_, b)| b.first() == Some(&FORMAT_V3));
+            group.push(if newer { FORMAT_V4 } else { FORMAT_V2 });
             group.push(b'[');
-            group.extend_from_slice(strip_format(&bytes).map_err(Error::Backend)?);
+            group.extend_from_slice(strip_record_format(&bytes).map_err(Error::Backend)?);
             for (_, b) in &rest {
                 group.push(b',');
-                group.extend_from_slice(strip_format(b).map_err(Error::Backend)?);
+                group.extend_from_slice(strip_record_format(b).map_err(Error::Backend)?);
             }
             group.push(b']');
             ops.push(Op::Put(log_key(saga, first), group));
