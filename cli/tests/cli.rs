@@ -244,7 +244,7 @@ async fn the_cli_talks_to_a_running_engine_and_honours_token_roles() {
         assert_refusal(
             &wrong,
             parked,
-            "step 0 (`payment`) is not the step compensation is at",
+            "step 0 (`payment`) is not a step compensation is at",
         );
         let unknown = skip("shipping");
         assert_eq!(unknown.status.code(), Some(1), "{}", text(&unknown));
@@ -363,14 +363,14 @@ async fn skip_takes_a_step_name_or_its_number() {
     assert_refusal(
         &o,
         parked,
-        "step 0 (`payment`) is not the step compensation is at",
+        "step 0 (`payment`) is not a step compensation is at",
     );
     let o = skip("2");
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     assert_refusal(
         &o,
         parked,
-        "step 2 (`order`) is not the step compensation is at",
+        "step 2 (`order`) is not a step compensation is at",
     );
 
     let o = skip("inventory");

@@ -828,6 +828,79 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn groups_are_validated() {
+        let def = SagaDefinition::builder("s", 1)
+            .step("a", Noop)
+            .parallel(|g| {
+                g.step("b", Noop)
+                    .timeout(Duration::from_secs(3))
+                    .step("c", Noop)
+            })
+            .pivot("p", Noop)
+            .build()
+            .unwrap();
+        assert_eq!(def.step_stages().collect::<Vec<_>>(), [0, 1, 1, 2]);
+        // Each branch has its own options.
+        assert_eq!(
+            def.step(1).unwrap().options.retry.attempt_timeout,
+            Duration::from_secs(3)
+        );
+        assert_ne!(
+            def.step(2).unwrap().options.retry.attempt_timeout,
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            SagaDefinition::builder("s", 1)
+                .step("a", Noop)
+                .parallel(|g| g)
+                .build()
+                .unwrap_err(),
+            Error::EmptyGroup("s".into())
+        );
+        assert!(matches!(
+            SagaDefinition::builder("s", 1)
+                .parallel(|g| g.step("a", Noop).step_with(
+                    "p",
+                    StepKind::Pivot,
+                    Noop,
+                    StepOptions::default()
+                ))
+                .build(),
+            Err(Error::PivotInGroup { .. })
+        ));
+        assert!(matches!(
+            SagaDefinition::builder("s", 1)
+                .step("a", Noop)
+                .parallel(|g| g.step("b", Noop).step("a", Noop))
+                .build(),
+            Err(Error::DuplicateStep { .. })
+        ));
+        // An option before the group's first branch is not applied to the step before.
+        assert_eq!(
+            SagaDefinition::builder("s", 1)
+                .step("a", Noop)
+                .parallel(|g| g.not_idempotent().step("b", Noop))
+                .build()
+                .unwrap_err(),
+            Error::OptionWithoutStep("s".into())
+        );
+        // A retriable group before the pivot is misplaced, as a retriable step is.
+        assert!(matches!(
+            SagaDefinition::builder("s", 1)
+                .parallel(|g| g.retriable("r", Noop).retriable("q", Noop))
+                .build(),
+            Err(Error::MisplacedStep { .. })
+        ));
+        // A group of one is a plain step.
+        let one = SagaDefinition::builder("s", 1)
+            .parallel(|g| g.step("a", Noop))
+            .step("b", Noop)
+            .build()
+            .unwrap();
+        assert!(!one.has_groups());
+    }
+
+    #[test]
     fn retriable_steps_retry_forever_unless_told() {
         let def = SagaDefinition::builder("s", 1)
             .pivot("p", Noop)

@@ -7,7 +7,7 @@ use crate::definition::tests::Noop;
 use crate::definition::{Idempotence, RetryPolicy, SagaDefinition, StepKind, StepOptions};
 use crate::ids::{Attempt, Lsn, SagaId};
 use crate::machine::{
-    decide, Decision, Event, FailureKind, FoldError, Live, LogRecord, ParkKind, Progress,
+    decide, Decision, Event, FailureKind, FoldError, Live, LogRecord, ParkKind, Progress, Repair,
     SagaState, SagaStatus,
 };
 
@@ -904,5 +904,369 @@ fn resume_after_a_deadline_park_lifts_the_deadline() {
             step: 2,
             attempt: a(1)
         }
+    );
+}
+
+// Parallel groups.
+
+/// a → [b, c, d] → p (pivot) → [r, s] (retriable group). b is not idempotent.
+fn grouped() -> SagaDefinition {
+    let o = || StepOptions::default().with_retry(RetryPolicy::default().with_max_attempts(2));
+    SagaDefinition::builder("grouped", 1)
+        .step_with("a", StepKind::Compensatable, Noop, o())
+        .parallel(|g| {
+            g.step_with(
+                "b",
+                StepKind::Compensatable,
+                Noop,
+                o().with_idempotence(Idempotence::NotIdempotent),
+            )
+            .step_with("c", StepKind::Compensatable, Noop, o())
+            .step_with("d", StepKind::Compensatable, Noop, o())
+        })
+        .pivot("p", Noop)
+        .parallel(|g| g.retriable("r", Noop).retriable("s", Noop))
+        .build()
+        .unwrap()
+}
+
+fn all(def: &SagaDefinition, events: Vec<Event>, live: &[u32], now: u64) -> Vec<Decision> {
+    decide(
+        def,
+        &state(def, events),
+        &live.iter().copied().collect(),
+        t(now),
+    )
+}
+
+fn run(step: u32, n: u32) -> Decision {
+    Decision::RunStep {
+        step,
+        attempt: a(n),
+    }
+}
+
+fn comp(step: u32, n: u32) -> Decision {
+    Decision::Compensate {
+        step,
+        attempt: a(n),
+    }
+}
+
+fn started_until(step: u32, n: u32, deadline: u64) -> Event {
+    Event::StepAttemptStarted {
+        step,
+        attempt: a(n),
+        deadline: t(deadline),
+    }
+}
+
+#[test]
+fn a_group_fans_out_and_the_next_stage_waits_for_every_branch() {
+    let def = grouped();
+    assert_eq!(def.step_stages().collect::<Vec<_>>(), [0, 1, 1, 1, 2, 3, 3]);
+    assert_eq!(all(&def, vec![], &[], 0), [run(0, 1)]);
+    let fanned = vec![started(0, 1), ok(0, 1)];
+    assert_eq!(
+        all(&def, fanned.clone(), &[], 0),
+        [run(1, 1), run(2, 1), run(3, 1)]
+    );
+    // While the branches run, nothing new starts.
+    let mut running = fanned.clone();
+    running.extend([started(1, 1), started(2, 1), started(3, 1)]);
+    assert_eq!(all(&def, running.clone(), &[1, 2, 3], 0), []);
+    // Two done, one in flight: still nothing; the pivot waits for the whole group.
+    running.extend([ok(1, 1), ok(3, 1)]);
+    assert_eq!(all(&def, running.clone(), &[2], 0), []);
+    running.push(ok(2, 1));
+    assert_eq!(all(&def, running.clone(), &[], 0), [run(4, 1)]);
+    // Later steps see every branch's output.
+    let s = state(&def, running);
+    assert_eq!(s.outputs().len(), 4);
+}
+
+#[test]
+fn a_branch_waiting_for_a_retry_does_not_hold_back_its_siblings() {
+    let def = grouped();
+    let events = vec![
+        started(0, 1),
+        ok(0, 1),
+        started(1, 1),
+        started(2, 1),
+        started(3, 1),
+        failed(2, 1, FailureKind::Retryable, Some(500)),
+        ok(3, 1),
+    ];
+    // b still runs; c waits for its timer.
+    assert_eq!(
+        all(&def, events.clone(), &[1], 100),
+        [Decision::Wait { until: t(500) }]
+    );
+    assert_eq!(all(&def, events.clone(), &[1], 500), [run(2, 2)]);
+    let s = state(&def, events);
+    assert_eq!(s.next_timer(), Some(t(500)));
+}
+
+#[test]
+fn a_branch_that_fails_for_good_stops_new_attempts_and_its_siblings_settle_first() {
+    let def = grouped();
+    let mut events = vec![
+        started(0, 1),
+        ok(0, 1),
+        started(1, 1),
+        started_until(2, 1, 300),
+        // d never started yet (it would start with its siblings; here the log shows it
+        // not started, as after a crash between two starts).
+        failed(1, 1, FailureKind::Rejected, None),
+    ];
+    // c is in flight here: nothing starts, not even d, and compensation waits.
+    assert_eq!(all(&def, events.clone(), &[2], 100), []);
+    // c succeeds after its sibling failed: it is compensated with the rest.
+    events.push(ok(2, 1));
+    let d = all(&def, events.clone(), &[], 100);
+    let [Decision::BeginCompensation { reason }] = &d[..] else {
+        panic!("{d:?}");
+    };
+    assert!(reason.contains("`b` was rejected"), "{reason}");
+    events.push(Event::CompensationBegan {
+        reason: reason.clone(),
+    });
+    // b was rejected (no effect) and d never started: only c, then a, are undone.
+    assert_eq!(all(&def, events.clone(), &[], 100), [comp(2, 1)]);
+    events.extend([comp_started(2, 1), comp_ok(2, 1)]);
+    assert_eq!(all(&def, events.clone(), &[], 100), [comp(0, 1)]);
+    events.extend([comp_started(0, 1), comp_ok(0, 1)]);
+    assert_eq!(all(&def, events, &[], 100), [Decision::FinishCompensation]);
+}
+
+#[test]
+fn a_sibling_of_unknown_outcome_is_settled_before_compensation_begins() {
+    let def = grouped();
+    let events = vec![
+        started(0, 1),
+        ok(0, 1),
+        started_until(1, 1, 200),
+        started_until(2, 1, 300),
+        started_until(3, 1, 400),
+        failed(1, 1, FailureKind::Rejected, None),
+        failed(2, 1, FailureKind::Timeout, Some(350)),
+        ok(3, 1),
+    ];
+    // c timed out and would have been retried; its sibling failed, so the retry is
+    // abandoned and the saga waits for c's deadline before undoing anything.
+    let s = state(&def, events.clone());
+    assert_eq!(s.settling_until(), Some(t(300)));
+    assert_eq!(
+        all(&def, events.clone(), &[], 250),
+        [Decision::Wait { until: t(300) }]
+    );
+    assert!(matches!(
+        &all(&def, events, &[], 300)[..],
+        [Decision::BeginCompensation { .. }]
+    ));
+}
+
+#[test]
+fn the_branches_of_a_group_are_compensated_concurrently_then_the_stage_before() {
+    let def = grouped();
+    let mut events = vec![
+        started(0, 1),
+        ok(0, 1),
+        started(1, 1),
+        started(2, 1),
+        started(3, 1),
+        ok(1, 1),
+        ok(2, 1),
+        failed(3, 1, FailureKind::Unknown, None),
+        Event::CompensationBegan {
+            reason: "d failed".into(),
+        },
+    ];
+    assert_eq!(
+        all(&def, events.clone(), &[], 2_000_000),
+        [comp(1, 1), comp(2, 1), comp(3, 1)]
+    );
+    events.extend([comp_started(1, 1), comp_started(2, 1), comp_started(3, 1)]);
+    // The earlier stage waits for every branch's compensation.
+    events.extend([comp_ok(1, 1), comp_ok(3, 1)]);
+    assert_eq!(all(&def, events.clone(), &[2], 2_000_000), []);
+    events.push(comp_ok(2, 1));
+    assert_eq!(all(&def, events, &[], 2_000_000), [comp(0, 1)]);
+}
+
+#[test]
+fn a_crash_during_fan_out_closes_each_interrupted_branch_by_its_own_rule() {
+    let def = grouped();
+    let events = vec![
+        started(0, 1),
+        ok(0, 1),
+        started(1, 1),
+        started(2, 1),
+        started(3, 1),
+        ok(3, 1),
+    ];
+    // b is not idempotent: closed as interrupted. c is: run again with the same key.
+    assert_eq!(
+        all(&def, events.clone(), &[], 0),
+        [
+            Decision::CloseInterrupted {
+                step: 1,
+                attempt: a(1)
+            },
+            run(2, 2)
+        ]
+    );
+}
+
+#[test]
+fn a_crash_during_concurrent_compensation_resumes_every_branch() {
+    let def = grouped();
+    let events = vec![
+        started(0, 1),
+        ok(0, 1),
+        started(1, 1),
+        started(2, 1),
+        started(3, 1),
+        ok(1, 1),
+        ok(2, 1),
+        failed(3, 1, FailureKind::Rejected, None),
+        Event::CompensationBegan {
+            reason: "d rejected".into(),
+        },
+        comp_started(1, 1),
+        comp_started(2, 1),
+        comp_ok(1, 1),
+    ];
+    // c's compensation was interrupted: run again. b's is done; d had no effect.
+    assert_eq!(all(&def, events, &[], 0), [comp(2, 2)]);
+}
+
+#[test]
+fn forced_compensation_of_a_group_in_flight_waits_for_its_branches() {
+    let def = grouped();
+    let mut events = vec![
+        started(0, 1),
+        ok(0, 1),
+        started(1, 1),
+        started_until(2, 1, 500),
+        Event::OperatorAction {
+            action: Repair::ForceCompensate,
+            operator: "ana".into(),
+            reason: "customer called".into(),
+        },
+    ];
+    let s = state(&def, events.clone());
+    assert_eq!(s.status, SagaStatus::Compensating);
+    // Both branches in flight: nothing is undone yet.
+    assert_eq!(all(&def, events.clone(), &[1, 2], 100), []);
+    // b's result is recorded while compensating; c is still running.
+    events.push(ok(1, 1));
+    assert_eq!(all(&def, events.clone(), &[2], 100), [comp(1, 1)]);
+    events.push(failed(2, 1, FailureKind::Timeout, None));
+    // c timed out at its deadline (500): it is undone from then on.
+    assert_eq!(
+        all(&def, events.clone(), &[], 400),
+        [comp(1, 1), Decision::Wait { until: t(500) }]
+    );
+    assert_eq!(all(&def, events, &[], 500), [comp(1, 1), comp(2, 1)]);
+}
+
+#[test]
+fn a_retriable_group_that_fails_parks_once_its_siblings_settle() {
+    let def = grouped();
+    let mut events = vec![started(0, 1), ok(0, 1)];
+    for i in 1..=3 {
+        events.extend([started(i, 1), ok(i, 1)]);
+    }
+    events.extend([
+        started(4, 1),
+        ok(4, 1),
+        started(5, 1),
+        started(6, 1),
+        failed(5, 1, FailureKind::Permanent, None),
+    ]);
+    assert_eq!(all(&def, events.clone(), &[6], 0), []);
+    events.push(ok(6, 1));
+    let d = all(&def, events, &[], 0);
+    let [Decision::Park { reason }] = &d[..] else {
+        panic!("{d:?}");
+    };
+    assert_eq!(reason.kind, ParkKind::ForwardFailed);
+}
+
+#[test]
+fn repairs_name_the_branch_they_act_on() {
+    let def = grouped();
+    let events = vec![
+        started(0, 1),
+        ok(0, 1),
+        started(1, 1),
+        started(2, 1),
+        started(3, 1),
+        failed(2, 1, FailureKind::Retryable, Some(900)),
+        failed(3, 1, FailureKind::Retryable, Some(800)),
+    ];
+    let s = state(&def, events.clone());
+    let retry = |step| Repair::RetryNow { step };
+    crate::machine::check_repair(&s, &retry(Some(2))).unwrap();
+    crate::machine::check_repair(&s, &retry(None)).unwrap();
+    // a succeeded long ago; b has no timer (it is in flight).
+    assert!(crate::machine::check_repair(&s, &retry(Some(0))).is_err());
+    let mut records = log(&def, events);
+    records.push(LogRecord {
+        lsn: Lsn(records.len() as u64),
+        at: t(100),
+        event: Event::OperatorAction {
+            action: retry(Some(2)),
+            operator: "ana".into(),
+            reason: "the window is over".into(),
+        },
+    });
+    let s = SagaState::fold(id(), &records).unwrap();
+    // Only c's retry moved.
+    assert_eq!(
+        decide(&def, &s, &[1].into_iter().collect(), t(100)),
+        [run(2, 2), Decision::Wait { until: t(800) }]
+    );
+    // Skip works on one branch; a branch that succeeded is not the stage's to skip.
+    crate::machine::check_repair(&s, &Repair::SkipStep { step: 3 }).unwrap();
+    assert!(crate::machine::check_repair(&s, &Repair::SkipStep { step: 0 }).is_err());
+    assert!(crate::machine::check_repair(&s, &Repair::SkipStep { step: 4 }).is_err());
+}
+
+#[test]
+fn stages_that_do_not_count_up_do_not_fold() {
+    let def = grouped();
+    let mut records = log(&def, vec![]);
+    for bad in [
+        vec![0, 1, 1],
+        vec![1, 1, 1, 1, 2, 3, 3],
+        vec![0, 2, 2, 2, 3, 4, 4],
+    ] {
+        if let Event::Started { stages, .. } = &mut records[0].event {
+            *stages = bad;
+        }
+        assert!(SagaState::fold(id(), &records).is_err());
+    }
+}
+
+#[test]
+fn a_definition_whose_groups_changed_parks() {
+    let def = grouped();
+    let flat = SagaDefinition::builder("grouped", 1)
+        .step("a", Noop)
+        .step("b", Noop)
+        .step("c", Noop)
+        .step("d", Noop)
+        .pivot("p", Noop)
+        .retriable("r", Noop)
+        .retriable("s", Noop)
+        .build()
+        .unwrap();
+    let s = state(&def, vec![]);
+    let d = decide(&flat, &s, &Live::new(), t(0));
+    assert!(
+        matches!(&d[..], [Decision::Park { reason }] if reason.kind == ParkKind::DefinitionMismatch),
+        "{d:?}"
     );
 }
