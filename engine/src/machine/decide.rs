@@ -295,7 +295,16 @@ fn decide_forward(
     let Some(stage) = state.current_stage() else {
         return when_settled(live, Decision::Complete);
     };
-    let failed = state.stage_failed();
+    // The stage has failed if a branch failed for good, or will have once an
+    // interrupted branch that must not run twice is closed: then nothing new starts.
+    let failed = state.stage_failed()
+        || stage.clone().any(|i| {
+            matches!(state.steps[i].action, Progress::InFlight { .. })
+                && !live.contains(&(i as u32))
+                && def
+                    .step(i)
+                    .is_some_and(|sd| sd.options.idempotence == Idempotence::NotIdempotent)
+        });
     let mut plan = Plan::default();
     let mut crash_looped: Option<(usize, u32)> = None;
     for i in stage.clone() {

@@ -1105,7 +1105,8 @@ fn a_crash_during_fan_out_closes_each_interrupted_branch_by_its_own_rule() {
         started(3, 1),
         ok(3, 1),
     ];
-    // b is not idempotent: closed as interrupted. c is: run again with the same key.
+    // b is not idempotent: closed as interrupted, so the group has failed, and c is
+    // closed too rather than run again into a saga about to be compensated.
     assert_eq!(
         all(&def, events.clone(), &[], 0),
         [
@@ -1113,9 +1114,23 @@ fn a_crash_during_fan_out_closes_each_interrupted_branch_by_its_own_rule() {
                 step: 1,
                 attempt: a(1)
             },
-            run(2, 2)
+            Decision::CloseInterrupted {
+                step: 2,
+                attempt: a(1)
+            },
         ]
     );
+    // Idempotent branches interrupted while b had succeeded: each runs again with its
+    // key.
+    let events = vec![
+        started(0, 1),
+        ok(0, 1),
+        started(1, 1),
+        started(2, 1),
+        started(3, 1),
+        ok(1, 1),
+    ];
+    assert_eq!(all(&def, events, &[], 0), [run(2, 2), run(3, 2)]);
 }
 
 #[test]
