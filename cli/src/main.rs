@@ -441,6 +441,29 @@ fn step_names(view: &SagaView) -> Vec<String> {
     }
 }
 
+/// The steps in order, a parallel group's branches in brackets:
+/// `0 payment, [1 stock | 2 courier], 3 order`.
+/// `stages` is the `started` record's (empty without groups).
+fn stages_line(names: &[String], stages: &[u32]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0usize;
+    while i < names.len() {
+        let stage = stages.get(i);
+        let mut j = i + 1;
+        while stage.is_some() && stages.get(j) == stage {
+            j += 1;
+        }
+        let labels: Vec<String> = (i..j).map(|k| step_label(names, k as u32)).collect();
+        out.push(if labels.len() > 1 {
+            format!("[{}]", labels.join(" | "))
+        } else {
+            labels.join("")
+        });
+        i = j;
+    }
+    out.join(", ")
+}
+
 /// A step as `show` prints it: its number (counted from 0, what `skip --step` takes
 /// too) and its name.
 fn step_label(names: &[String], i: u32) -> String {
@@ -514,10 +537,11 @@ fn print_show(view: &SagaView) {
         println!("reason      {r}");
     }
     if !names.is_empty() {
-        let steps: Vec<String> = (0..names.len() as u32)
-            .map(|i| step_label(&names, i))
-            .collect();
-        println!("steps       {}", steps.join(", "));
+        let stages = match view.history.first().map(|r| &r.event) {
+            Some(Event::Started { stages, .. }) => stages.clone(),
+            _ => Vec::new(),
+        };
+        println!("steps       {}", stages_line(&names, &stages));
     }
     println!();
     // Records and unreadable values in lsn order, so the damage shows where it is.
@@ -898,6 +922,21 @@ mod tests {
         assert_eq!(h(86_399), "23h59m");
         assert_eq!(h(3 * 86_400 + 4 * 3600), "3d04h");
         assert_eq!(h(400 * 86_400), "400d00h");
+    }
+
+    #[test]
+    fn groups_show_in_brackets() {
+        let names: Vec<String> = ["pay", "stock", "courier", "order"]
+            .map(String::from)
+            .into();
+        assert_eq!(
+            stages_line(&names, &[0, 1, 1, 2]),
+            "0 pay, [1 stock | 2 courier], 3 order"
+        );
+        assert_eq!(
+            stages_line(&names, &[]),
+            "0 pay, 1 stock, 2 courier, 3 order"
+        );
     }
 
     #[test]
