@@ -9,8 +9,26 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use sagaflow::store::{OwnerId, PgLog, PgOptions};
+use sagaflow::SagaDefinition;
 use sagaflow::{CommitMode, Engine, EngineOptions, Phase, SagaOutcome, StartKey};
-use sagaflow_tests::{checkout, Ledger, Outcome};
+use sagaflow_tests::{checkout, fake, opts, Ledger, Outcome};
+
+/// payment → [inventory | courier] → order, all compensatable.
+fn grouped(ledger: &Arc<Ledger>) -> SagaDefinition {
+    SagaDefinition::builder("grouped", 1)
+        .step("payment", fake("payment", ledger))
+        .options(opts())
+        .parallel(|g| {
+            g.step("inventory", fake("inventory", ledger))
+                .options(opts())
+                .step("courier", fake("courier", ledger))
+                .options(opts())
+        })
+        .step("order", fake("order", ledger))
+        .options(opts())
+        .build()
+        .expect("valid definition")
+}
 
 const TTL: Duration = Duration::from_secs(1);
 
@@ -50,6 +68,7 @@ fn rand_suffix() -> u32 {
 async fn open(name: &str, schema: &str, ledger: &Arc<Ledger>) -> Engine {
     Engine::builder()
         .register(checkout(ledger))
+        .register(grouped(ledger))
         .owner(OwnerId::new(name))
         .options(
             EngineOptions::default()
@@ -179,5 +198,37 @@ async fn a_cancel_asked_of_another_process_is_applied_by_its_owner() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
     drop((a, b));
+    cleanup(&schema);
+}
+
+/// A group's branches in flight when their process dies are taken over by another
+/// process, which runs each again with its key: the group's stages survive the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_in_flight_is_taken_over_and_each_branch_runs_again_with_its_key() {
+    let Some(schema) = schema() else { return };
+    let ledger = Ledger::new();
+    ledger.script("inventory", Phase::Action, [Outcome::Hang]);
+    ledger.script("courier", Phase::Action, [Outcome::Hang]);
+    let a = open("A", &schema, &ledger).await;
+    let id = a.start("grouped", json!({}), None).await.unwrap();
+    ledger.wait_for_call(id, "inventory", Phase::Action).await;
+    ledger.wait_for_call(id, "courier", Phase::Action).await;
+    drop(a);
+
+    let b = open("B", &schema, &ledger).await;
+    let outcome = tokio::time::timeout(Duration::from_secs(30), b.wait(id))
+        .await
+        .expect("taken over within the lease")
+        .unwrap();
+    assert!(
+        matches!(outcome, SagaOutcome::Completed { .. }),
+        "{outcome:?}"
+    );
+    for step in ["inventory", "courier"] {
+        let calls = ledger.calls_of(id, step, Phase::Action);
+        assert_eq!(calls.len(), 2, "{step}: {calls:?}");
+        assert_eq!(calls[0].0, calls[1].0, "{step}: one key");
+    }
+    b.shutdown().await.unwrap();
     cleanup(&schema);
 }
