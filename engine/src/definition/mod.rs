@@ -351,7 +351,7 @@ impl SagaDefinition {
         self.steps
             .iter()
             .enumerate()
-            .any(|(i, s)| usize::try_from(s.stage).map_or(true, |st| st != i))
+            .any(|(i, s)| usize::try_from(s.stage).ok() != Some(i))
     }
 
     /// Number of steps.
