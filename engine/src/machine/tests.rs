@@ -1309,7 +1309,7 @@ mod model {
     /// Stages of 1 to 4 branches before an optional pivot, and maybe a retriable group.
     fn definition(rng: &mut u64) -> SagaDefinition {
         let o = |rng: &mut u64| {
-            let idem = if splitmix(rng) % 3 == 0 {
+            let idem = if splitmix(rng).is_multiple_of(3) {
                 Idempotence::NotIdempotent
             } else {
                 Idempotence::Idempotent
@@ -1334,9 +1334,9 @@ mod model {
                 g
             });
         }
-        if splitmix(rng) % 2 == 0 {
+        if splitmix(rng).is_multiple_of(2) {
             b = b.step_with(name(), StepKind::Pivot, Noop, o(rng));
-            if splitmix(rng) % 2 == 0 {
+            if splitmix(rng).is_multiple_of(2) {
                 b = b.parallel(|g| {
                     g.step_with(name(), StepKind::Retriable, Noop, o(rng))
                         .step_with(name(), StepKind::Retriable, Noop, o(rng))
@@ -1488,7 +1488,7 @@ mod model {
                 continue;
             }
             // A crash now and then: every attempt in flight is interrupted.
-            if splitmix(&mut rng) % 12 == 0 {
+            if splitmix(&mut rng).is_multiple_of(12) {
                 live.clear();
                 continue;
             }
