@@ -1298,12 +1298,11 @@ mod model {
     use crate::machine::next_attempt_at;
     use proptest::prelude::*;
 
+    /// The next draw of a splitmix64 sequence whose state is `x`.
     fn splitmix(x: &mut u64) -> u64 {
+        let out = crate::clock::splitmix64(*x);
         *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = *x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        out
     }
 
     /// Stages of 1 to 4 branches before an optional pivot, and maybe a retriable group.
