@@ -411,7 +411,9 @@ fn stage_failure(
     state: &SagaState,
     stage: std::ops::Range<usize>,
 ) -> Decision {
+    // What failed comes first; branches closed because of it (interrupted) after.
     let mut reasons = Vec::new();
+    let mut closed = Vec::new();
     let mut park: Option<ParkKind> = None;
     for i in stage {
         let (Some(s), Some(sd)) = (state.steps.get(i), def.step(i)) else {
@@ -433,6 +435,7 @@ fn stage_failure(
         // refusal) is its answer for all of them.
         let unknown = kind.outcome_unknown()
             || (sd.options.idempotence == Idempotence::NotIdempotent && s.outcome_unknown());
+        let closed_after = *kind == FailureKind::Interrupted;
         let kind = match sd.kind {
             StepKind::Pivot | StepKind::Retriable if unknown => Some(ParkKind::OutcomeUnknown),
             StepKind::Retriable => Some(ParkKind::ForwardFailed),
@@ -453,8 +456,13 @@ fn stage_failure(
             }
             (p, k) => p.or(k),
         };
-        reasons.push(what);
+        if closed_after {
+            closed.push(what);
+        } else {
+            reasons.push(what);
+        }
     }
+    reasons.append(&mut closed);
     let reason = reasons.join("; ");
     match park {
         Some(kind) => Decision::Park {
@@ -478,8 +486,9 @@ fn describe_failure(name: &str, kind: FailureKind, attempt: Attempt, error: &str
              taken effect: {error}"
         ),
         FailureKind::Interrupted => format!(
-            "step `{name}` is not idempotent and its attempt {attempt} was interrupted by a \
-             crash, so it may have taken effect"
+            "step `{name}`'s attempt {attempt} was interrupted by a crash and not run again \
+             (the step is not idempotent, or a branch beside it had failed), so it may have \
+             taken effect"
         ),
         FailureKind::Timeout => {
             format!("step `{name}` timed out at attempt {attempt}, so it may have taken effect: {error}")

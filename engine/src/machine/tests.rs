@@ -1602,3 +1602,27 @@ mod model {
         assert!(fanned > 100 && undid > 20, "{fanned} {undid}");
     }
 }
+
+#[test]
+fn the_reason_names_the_failed_branch_before_the_siblings_closed_after_it() {
+    let def = grouped();
+    let events = vec![
+        started(0, 1),
+        ok(0, 1),
+        started(1, 1),
+        started(2, 1),
+        started(3, 1),
+        ok(3, 1),
+        failed(2, 1, FailureKind::Interrupted, None),
+        failed(1, 1, FailureKind::Rejected, None),
+    ];
+    let d = all(&def, events, &[], 2_000_000);
+    let [Decision::BeginCompensation { reason }] = &d[..] else {
+        panic!("{d:?}");
+    };
+    assert!(reason.starts_with("step `b` was rejected"), "{reason}");
+    assert!(
+        reason.contains("step `c`'s attempt 1 was interrupted by a crash and not run again"),
+        "{reason}"
+    );
+}
