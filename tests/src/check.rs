@@ -37,11 +37,16 @@ pub struct ObservedSaga {
     pub history: Vec<LogRecord>,
     /// Every call the services received for it, in order.
     pub calls: Vec<Call>,
+    /// The stage of each step in the definition the run used (steps of a parallel group
+    /// share one): what the compensation checks order by, and what the log's `started`
+    /// record must say.
+    pub stages: Vec<u32>,
 }
 
 impl ObservedSaga {
     /// Saga `id` as `store` holds it after a run, with the `calls` the services received
-    /// for it (those whose key is the saga's).
+    /// for it (those whose key is the saga's), of a definition without parallel groups
+    /// (each step a stage of its own; see [`ObservedSaga::with_stages`]).
     ///
     /// # Errors
     ///
@@ -57,6 +62,7 @@ impl ObservedSaga {
         let history =
             sagaflow::store::codec::decode_log(id, &store.read(id).map_err(err)?).map_err(err)?;
         let prefix = format!("{id}/");
+        let shape_len = shape.len();
         Ok(ObservedSaga {
             id,
             shape,
@@ -68,7 +74,21 @@ impl ObservedSaga {
                 .filter(|c| c.key.starts_with(&prefix))
                 .cloned()
                 .collect(),
+            stages: (0u32..).take(shape_len).collect(),
         })
+    }
+
+    /// The same saga, of a definition whose steps have these `stages`
+    /// ([`sagaflow::SagaDefinition::step_stages`]).
+    #[must_use]
+    pub fn with_stages(mut self, stages: Vec<u32>) -> Self {
+        self.stages = stages;
+        self
+    }
+
+    /// The stage of step `i` (as the definition says).
+    fn stage(&self, i: usize) -> u32 {
+        self.stages.get(i).copied().unwrap_or(u32::MAX)
     }
 }
 
@@ -108,6 +128,12 @@ pub fn check_final(s: &ObservedSaga) -> Result<(), String> {
             }
         }
         other => return Err(format!("saga {} did not end: status {other:?}", s.id)),
+    }
+    if state.stages != s.stages {
+        return Err(format!(
+            "saga {}: the log records stages {:?} but the definition has {:?}",
+            s.id, state.stages, s.stages
+        ));
     }
     if Some(state.status) != s.status {
         return Err(format!(
@@ -175,13 +201,29 @@ fn may_have_taken_effect(s: &ObservedSaga) -> Result<Vec<bool>, String> {
         .collect())
 }
 
-/// G5: compensations only for compensatable steps that may have taken effect (started,
-/// and not only rejected), in reverse order, and nothing forward once compensation
-/// began.
+/// Which steps were owed a compensation (G5): compensatable, and may have taken effect.
+fn owed(s: &ObservedSaga) -> Result<Vec<bool>, String> {
+    Ok(may_have_taken_effect(s)?
+        .into_iter()
+        .zip(&s.shape)
+        .map(|(effect, st)| effect && st.kind == StepKind::Compensatable)
+        .collect())
+}
+
+/// G5, as the services saw it: compensations only for compensatable steps that may have
+/// taken effect (started, and not only rejected), stage by stage in reverse order, and
+/// nothing forward once compensation began. Stages are a partial order: the branches of
+/// one parallel group are compensated concurrently, in any order among themselves, but
+/// no step of a stage is compensated before every step of a later stage that was owed a
+/// compensation has had its undo applied, and never a later stage again once an earlier
+/// one has begun.
 pub fn check_compensation_order(s: &ObservedSaga) -> Result<(), String> {
     let started = started_attempts(&s.history);
     let effect = may_have_taken_effect(s)?;
-    let mut last: Option<usize> = None;
+    let owed = owed(s)?;
+    // The earliest stage whose compensation reached a service so far, and one such step.
+    let mut lowest: Option<(u32, &str)> = None;
+    let mut undone = vec![false; s.shape.len()];
     let mut compensating = false;
     for c in &s.calls {
         let i = step_index(s, &c.step)?;
@@ -219,14 +261,72 @@ pub fn check_compensation_order(s: &ObservedSaga) -> Result<(), String> {
                         s.id, c.step
                     ));
                 }
-                if last.is_some_and(|l| i > l) {
+                let stage = s.stage(i);
+                if let Some((low, other)) = lowest.filter(|(low, _)| stage > *low) {
                     return Err(format!(
-                        "saga {}: step `{}` was compensated after a step that started before it",
+                        "saga {}: step `{}` (stage {stage}) was compensated after step `{other}` \
+                         of an earlier stage ({low}) was",
                         s.id, c.step
                     ));
                 }
-                last = Some(i);
+                if let Some(j) =
+                    (0..s.shape.len()).find(|&j| s.stage(j) > stage && owed[j] && !undone[j])
+                {
+                    return Err(format!(
+                        "saga {}: step `{}` (stage {stage}) was compensated before the undo of \
+                         step `{}` of a later stage ({}) had taken effect",
+                        s.id,
+                        c.step,
+                        s.shape[j].name,
+                        s.stage(j)
+                    ));
+                }
+                if c.applied {
+                    undone[i] = true;
+                }
+                if lowest.is_none_or(|(low, _)| stage < low) {
+                    lowest = Some((stage, &c.step));
+                }
             }
+        }
+    }
+    Ok(())
+}
+
+/// G5, as the log says it: no compensation attempt of a step starts before every step
+/// of a later stage that was owed a compensation has its compensation's success in the
+/// log. Branches of one stage may be compensated concurrently (their attempts overlap in
+/// the log); stages may not.
+pub fn check_compensation_stages(s: &ObservedSaga) -> Result<(), String> {
+    let owed = owed(s)?;
+    let mut succeeded = vec![false; s.shape.len()];
+    let name = |i: usize| s.shape.get(i).map_or("?", |st| st.name.as_str());
+    for r in &s.history {
+        match r.event {
+            Event::CompensationSucceeded { step, .. } => {
+                if let Some(done) = succeeded.get_mut(step as usize) {
+                    *done = true;
+                }
+            }
+            Event::CompensationAttemptStarted { step, attempt, .. } => {
+                let i = step as usize;
+                let stage = s.stage(i);
+                if let Some(j) =
+                    (0..s.shape.len()).find(|&j| s.stage(j) > stage && owed[j] && !succeeded[j])
+                {
+                    return Err(format!(
+                        "saga {}: the compensation of step `{}` (stage {stage}) started \
+                         (attempt {attempt}, lsn {}) while step `{}` of a later stage ({}) \
+                         was owed a compensation that had not succeeded",
+                        s.id,
+                        name(i),
+                        r.lsn,
+                        name(j),
+                        s.stage(j)
+                    ));
+                }
+            }
+            _ => {}
         }
     }
     Ok(())
@@ -311,6 +411,7 @@ pub fn check_saga(s: &ObservedSaga) -> Result<(), String> {
     check_keys_and_write_ahead(s)?;
     check_not_idempotent_once(s)?;
     check_compensation_order(s)?;
+    check_compensation_stages(s)?;
     check_effects(s)
 }
 

@@ -1,11 +1,15 @@
 //! Reconciles the file ledger of the real-process kill tests (`sagaflow-crash-child`)
 //! against a store: every order ended once, completed with every effect or compensated
-//! with every effect undone, and no effect belongs to a saga the store does not know.
+//! with every effect undone, stage by stage in reverse order, and no effect belongs to a
+//! saga the store does not know. Each saga's steps, kinds and stages are read from its
+//! log's `started` record, so orders of any definition (with parallel groups or without)
+//! reconcile alike.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use sagaflow::machine::SagaState;
 use sagaflow::store::SagaLog;
-use sagaflow::{SagaStatus, StartKey};
+use sagaflow::{SagaStatus, StartKey, StepKind};
 
 /// What reconciliation counted.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -19,6 +23,15 @@ pub struct Reconciled {
     /// Start keys that made more than one saga, or effects applied where they must not
     /// be (kept after an undo, past a pivot that was never reached): doubled.
     pub doubled: u64,
+    /// Undos that landed in the wrong order: a compensation of a step landed before the
+    /// last undo of a step of a later stage (G5: the stages are undone in reverse order;
+    /// the branches of one group in any order).
+    pub misordered: u64,
+    /// Orders of a definition with a parallel group that ended completed or compensated.
+    pub with_groups: u64,
+    /// Of those, compensated orders in which two or more branches of one group were
+    /// undone.
+    pub group_undos: u64,
     /// Ledger lines: calls that took effect.
     pub lines: usize,
     /// Distinct (saga, step, phase) effects among them; the rest are repeats of a key
@@ -42,7 +55,8 @@ pub fn reconcile(log: &dyn SagaLog, ledger: &str, sagas: u64) -> Result<Reconcil
         }
     };
     let mut applied: BTreeMap<String, BTreeSet<(String, char)>> = BTreeMap::new();
-    // Where each (saga, step, tag) last landed in the ledger, in arrival order.
+    // Where each (saga, step, tag) first and last landed in the ledger, in arrival order.
+    let mut first_at: BTreeMap<(String, String, char), usize> = BTreeMap::new();
     let mut last_at: BTreeMap<(String, String, char), usize> = BTreeMap::new();
     for line in ledger.lines() {
         let (tag, key) = line
@@ -62,7 +76,9 @@ pub fn reconcile(log: &dyn SagaLog, ledger: &str, sagas: u64) -> Result<Reconcil
             .entry(saga.to_string())
             .or_default()
             .insert((step.to_string(), tag));
-        last_at.insert((saga.to_string(), step.to_string(), tag), r.lines);
+        let at = (saga.to_string(), step.to_string(), tag);
+        first_at.entry(at.clone()).or_insert(r.lines);
+        last_at.insert(at, r.lines);
         r.lines += 1;
     }
     let err = |e: sagaflow::store::Error| e.to_string();
@@ -80,12 +96,27 @@ pub fn reconcile(log: &dyn SagaLog, ledger: &str, sagas: u64) -> Result<Reconcil
             problem(&mut r, format!("order-{n} has no summary"));
             continue;
         };
+        let records =
+            sagaflow::store::codec::decode_log(id, &log.read(id).map_err(err)?).map_err(err)?;
+        let state = SagaState::fold(id, &records).map_err(|e| format!("order-{n}: {e}"))?;
+        let steps: Vec<(&str, StepKind, u32)> = state
+            .steps
+            .iter()
+            .zip(&state.kinds)
+            .zip(&state.stages)
+            .map(|((s, k), st)| (s.name.as_str(), *k, *st))
+            .collect();
+        let grouped = state.stages.windows(2).any(|w| w[0] == w[1]);
         let did = applied.get(&id.to_string()).cloned().unwrap_or_default();
         let has = |step: &str, tag: char| did.contains(&(step.to_string(), tag));
+        let at = |map: &BTreeMap<(String, String, char), usize>, step: &str, tag| {
+            map.get(&(id.to_string(), step.to_string(), tag)).copied()
+        };
         match meta.status {
             SagaStatus::Completed => {
                 r.completed += 1;
-                for step in ["reserve", "charge", "ship", "notify"] {
+                r.with_groups += u64::from(grouped);
+                for &(step, _, _) in &steps {
                     if !has(step, 'A') {
                         r.lost += 1;
                         problem(&mut r, format!("order-{n} completed without {step}"));
@@ -98,7 +129,15 @@ pub fn reconcile(log: &dyn SagaLog, ledger: &str, sagas: u64) -> Result<Reconcil
             }
             SagaStatus::Compensated => {
                 r.compensated += 1;
-                for step in ["reserve", "charge"] {
+                r.with_groups += u64::from(grouped);
+                for &(step, kind, _) in &steps {
+                    if kind != StepKind::Compensatable {
+                        if has(step, 'A') {
+                            r.doubled += 1;
+                            problem(&mut r, format!("order-{n} passed the pivot ({step})"));
+                        }
+                        continue;
+                    }
                     if !has(step, 'A') {
                         continue;
                     }
@@ -109,16 +148,37 @@ pub fn reconcile(log: &dyn SagaLog, ledger: &str, sagas: u64) -> Result<Reconcil
                     }
                     // No effect kept: the last action landed before its undo, late
                     // arrivals included (the ledger does not remember undos).
-                    let at = |tag| last_at[&(id.to_string(), step.to_string(), tag)];
-                    if at('A') > at('C') {
+                    if at(&last_at, step, 'A') > at(&last_at, step, 'C') {
                         r.doubled += 1;
                         problem(&mut r, format!("order-{n}: {step} landed after its undo"));
                     }
                 }
-                if has("ship", 'A') || has("notify", 'A') {
-                    r.doubled += 1;
-                    problem(&mut r, format!("order-{n} passed the pivot"));
+                // Stage by stage: every undo of a later stage (a repeat after a kill
+                // included) landed before the first undo of an earlier one.
+                for &(early, _, k) in &steps {
+                    let Some(first) = at(&first_at, early, 'C') else {
+                        continue;
+                    };
+                    for &(late, _, _) in steps.iter().filter(|(_, _, l)| *l > k) {
+                        if at(&last_at, late, 'C').is_some_and(|last| last > first) {
+                            r.misordered += 1;
+                            problem(
+                                &mut r,
+                                format!(
+                                    "order-{n}: {early} (stage {k}) was undone before the \
+                                     undo of {late}, of a later stage"
+                                ),
+                            );
+                        }
+                    }
                 }
+                let undone_in_a_group = steps.iter().any(|&(a, _, k)| {
+                    has(a, 'C')
+                        && steps
+                            .iter()
+                            .any(|&(b, _, l)| l == k && b != a && has(b, 'C'))
+                });
+                r.group_undos += u64::from(undone_in_a_group);
             }
             other => {
                 r.lost += 1;

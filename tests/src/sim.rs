@@ -26,7 +26,11 @@ use crate::check::{self, ObservedSaga, StepShape};
 use crate::crash::{Crash, CrashPlan, CrashPoint, CrashableStore};
 use crate::{FakeStep, Ledger, Outcome};
 
-const NAMES: [&str; 8] = ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"];
+/// Step names: at most 3 stages of 4, the pivot, and 2 stages of 4.
+const NAMES: [&str; 21] = [
+    "s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9", "s10", "s11", "s12", "s13", "s14",
+    "s15", "s16", "s17", "s18", "s19", "s20",
+];
 
 /// One step of a generated definition.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +39,9 @@ pub struct StepSpec {
     pub kind: StepKind,
     /// Idempotence.
     pub idempotence: Idempotence,
+    /// Its stage: steps of one parallel group share a stage; stages count 0, 1, 2, ..
+    /// in step order, as [`SagaDefinition::step_stages`] does.
+    pub stage: u32,
 }
 
 /// The scripts of one saga: per step, the outcomes of its first action attempts and of
@@ -107,17 +114,49 @@ fn crash() -> impl Strategy<Value = Crash> {
     (point, nth).prop_map(|(point, nth)| Crash { point, nth })
 }
 
-/// The strategy that generates cases: 1 to 8 steps with or without a pivot, 1 to 4
-/// sagas, 0 to 4 crashes.
+/// The size of one stage: a single step, or a parallel group of 2 to 4 branches.
+fn stage_size() -> impl Strategy<Value = usize> + Clone {
+    prop_oneof![3 => Just(1usize), 2 => Just(2), 1 => Just(3), 1 => Just(4)]
+}
+
+/// A definition's layout: (kind, stage) per step. Without a pivot, 1 to 3 stages of
+/// compensatable steps; with one, 0 to 3 such stages, the pivot (a stage of its own),
+/// then 0 to 2 stages of retriable steps. Any stage but the pivot may be a group.
+fn layout() -> impl Strategy<Value = Vec<(StepKind, u32)>> {
+    let sizes = |range: std::ops::RangeInclusive<usize>| prop::collection::vec(stage_size(), range);
+    prop_oneof![
+        1 => sizes(1..=3).prop_map(|before| (before, None)),
+        1 => (sizes(0..=3), sizes(0..=2)).prop_map(|(before, after)| (before, Some(after))),
+    ]
+    .prop_map(|(before, after)| {
+        let mut stages: Vec<(StepKind, usize)> = before
+            .into_iter()
+            .map(|n| (StepKind::Compensatable, n))
+            .collect();
+        if let Some(after) = after {
+            stages.push((StepKind::Pivot, 1));
+            stages.extend(after.into_iter().map(|n| (StepKind::Retriable, n)));
+        }
+        let mut steps = Vec::new();
+        for (stage, (kind, n)) in (0u32..).zip(stages) {
+            steps.extend(std::iter::repeat_n((kind, stage), n));
+        }
+        steps
+    })
+}
+
+/// The strategy that generates cases: 1 to 3 stages with or without a pivot (and 0 to 2
+/// stages after it), each stage a single step or a parallel group of 2 to 4 branches; 1
+/// to 4 sagas, 0 to 4 crashes.
 pub fn case_strategy() -> impl Strategy<Value = Case> {
     (
-        1usize..=8,
+        layout(),
         any::<u64>(),
         1usize..=4,
         prop::collection::vec(crash(), 0..=4),
     )
-        .prop_flat_map(|(n, seed, sagas, crashes)| {
-            let pivot = prop::option::weighted(0.5, 0..n);
+        .prop_flat_map(|(layout, seed, sagas, crashes)| {
+            let n = layout.len();
             let idem = prop::collection::vec(prop::bool::weighted(0.8), n);
             let saga = (
                 prop::collection::vec(script(action_outcome(), 3), n),
@@ -134,22 +173,19 @@ pub fn case_strategy() -> impl Strategy<Value = Case> {
                     },
                 );
             let sagas = prop::collection::vec(saga, sagas);
-            (pivot, idem, sagas).prop_map(move |(pivot, idem, sagas)| Case {
+            (idem, sagas).prop_map(move |(idem, sagas)| Case {
                 seed,
                 steps: idem
                     .into_iter()
-                    .enumerate()
-                    .map(|(i, idempotent)| StepSpec {
-                        kind: match pivot {
-                            Some(p) if i == p => StepKind::Pivot,
-                            Some(p) if i > p => StepKind::Retriable,
-                            _ => StepKind::Compensatable,
-                        },
+                    .zip(&layout)
+                    .map(|(idempotent, &(kind, stage))| StepSpec {
+                        kind,
                         idempotence: if idempotent {
                             Idempotence::Idempotent
                         } else {
                             Idempotence::NotIdempotent
                         },
+                        stage,
                     })
                     .collect(),
                 sagas,
@@ -196,7 +232,7 @@ impl Case {
         };
         let mut b =
             SagaDefinition::builder("sim", 1).retention(Retention::For(Duration::from_secs(3600)));
-        for (i, s) in self.steps.iter().enumerate() {
+        let options = |s: &StepSpec| {
             let retry = if s.kind == StepKind::Retriable {
                 quick(6)
             } else {
@@ -204,22 +240,59 @@ impl Case {
             };
             // Two interruptions in a row park: crashes that keep landing on one attempt
             // make crash loops.
-            let opts = StepOptions::default()
+            StepOptions::default()
                 .with_idempotence(s.idempotence)
                 .with_retry(retry)
                 .with_compensation_retry(quick(5))
-                .with_max_interruptions(2);
-            b = b.step_with(
-                NAMES[i],
-                s.kind,
-                FakeStep {
-                    name: NAMES[i],
-                    ledger: ledger.clone(),
-                },
-                opts,
-            );
+                .with_max_interruptions(2)
+        };
+        let step = |i: usize| FakeStep {
+            name: NAMES[i],
+            ledger: ledger.clone(),
+        };
+        let mut i = 0;
+        while i < self.steps.len() {
+            let stage = self.steps[i].stage;
+            let end = self.steps[i..]
+                .iter()
+                .position(|s| s.stage != stage)
+                .map_or(self.steps.len(), |p| i + p);
+            // A stage of one is a plain step; with an odd seed, a compensatable one is
+            // written as a group of one (which must behave, and be recorded, the same).
+            let one = end - i == 1
+                && (self.seed.is_multiple_of(2) || self.steps[i].kind != StepKind::Compensatable);
+            if one {
+                let s = &self.steps[i];
+                b = b.step_with(NAMES[i], s.kind, step(i), options(s));
+            } else {
+                b = b.parallel(|mut g| {
+                    for (j, s) in self.steps.iter().enumerate().take(end).skip(i) {
+                        g = g.step_with(NAMES[j], s.kind, step(j), options(s));
+                    }
+                    g
+                });
+            }
+            i = end;
         }
-        b.build().map_err(|e| e.to_string())
+        let def = b.build().map_err(|e| e.to_string())?;
+        if def.step_stages().ne(self.stages()) {
+            return Err(format!(
+                "the definition has stages {:?}, the case {:?}",
+                def.step_stages().collect::<Vec<_>>(),
+                self.stages().collect::<Vec<_>>()
+            ));
+        }
+        Ok(def)
+    }
+
+    /// The stage of each step.
+    pub fn stages(&self) -> impl Iterator<Item = u32> + '_ {
+        self.steps.iter().map(|s| s.stage)
+    }
+
+    /// Whether some stage is a parallel group of two or more branches.
+    pub fn has_groups(&self) -> bool {
+        self.steps.windows(2).any(|w| w[0].stage == w[1].stage)
     }
 
     fn shape(&self) -> Vec<StepShape> {
@@ -274,6 +347,13 @@ pub struct RunReport {
     pub struck: Vec<CrashPoint>,
     /// Engines opened.
     pub incarnations: u32,
+    /// Crashes after which the durable log showed two or more branches of one parallel
+    /// group with an action attempt started and no result: crashes during fan-out.
+    pub mid_fan_out: u32,
+    /// Crashes after which the durable log showed two or more branches of one group with
+    /// a compensation attempt started and no result: crashes during concurrent
+    /// compensation.
+    pub mid_compensation: u32,
     /// The durable store, byte for byte (memory runs only).
     pub dump: Option<Vec<(Vec<u8>, Vec<u8>)>>,
     /// What retention did wrong once the run was over and two hours passed (a saga
@@ -474,6 +554,7 @@ async fn run(case: &Case, store: &SimStore, resume: Option<Resume>) -> Result<Ru
     };
     let mut crashes = case.crashes.iter().copied();
     let (mut struck, mut incarnations) = (0u32, 0u32);
+    let (mut mid_fan_out, mut mid_compensation) = (0u32, 0u32);
     let mut points = Vec::new();
     loop {
         incarnations += 1;
@@ -487,6 +568,12 @@ async fn run(case: &Case, store: &SimStore, resume: Option<Resume>) -> Result<Ru
             SimStore::Memory => mem.clone(),
             SimStore::Sled(dir) => open_sled(dir).await?,
         };
+        if incarnations > 1 {
+            // What the crash left durable: how many branches of a group it interrupted.
+            let (fan_out, compensation) = in_flight_branches(&*inner)?;
+            mid_fan_out += u32::from(fan_out >= 2);
+            mid_compensation += u32::from(compensation >= 2);
+        }
         let store_c = CrashableStore::new(inner, plan.clone());
         let engine = match engine(case, &ledger, store_c, Some(clock.clone())).await {
             Ok(e) => e,
@@ -549,6 +636,8 @@ async fn run(case: &Case, store: &SimStore, resume: Option<Resume>) -> Result<Ru
         ledger.set_crash_plan(None);
         report.struck = points;
         report.retention = retention;
+        report.mid_fan_out = mid_fan_out;
+        report.mid_compensation = mid_compensation;
         return Ok(report);
     }
     ledger.set_crash_plan(None);
@@ -567,8 +656,39 @@ async fn run(case: &Case, store: &SimStore, resume: Option<Resume>) -> Result<Ru
     )
     .map(|mut r| {
         r.struck = points;
+        r.mid_fan_out = mid_fan_out;
+        r.mid_compensation = mid_compensation;
         r
     })
+}
+
+/// The most branches of one stage of one saga in `store` with an action attempt in
+/// flight (started, no result), and the most with a compensation attempt in flight.
+fn in_flight_branches(store: &dyn SagaLog) -> Result<(usize, usize), String> {
+    use sagaflow::machine::{Progress, SagaState};
+    let err = |e: sagaflow::store::Error| e.to_string();
+    let (mut actions, mut compensations) = (0, 0);
+    for status in SagaStatus::ALL {
+        for id in store.with_status(status).map_err(err)? {
+            let log = sagaflow::store::codec::decode_log(id, &store.read(id).map_err(err)?)
+                .map_err(err)?;
+            let state = SagaState::fold(id, &log).map_err(|e| e.to_string())?;
+            let mut i = 0;
+            while i < state.steps.len() {
+                let stage = state.stage_steps(i);
+                let in_flight = |p: fn(&sagaflow::machine::StepState) -> &Progress| {
+                    state.steps[stage.clone()]
+                        .iter()
+                        .filter(|s| matches!(p(s), Progress::InFlight { .. }))
+                        .count()
+                };
+                actions = actions.max(in_flight(|s| &s.action));
+                compensations = compensations.max(in_flight(|s| &s.compensation));
+                i = stage.end.max(i + 1);
+            }
+        }
+    }
+    Ok((actions, compensations))
 }
 
 fn observe(
@@ -596,7 +716,10 @@ fn observe(
     let mut sagas = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         let id = id.ok_or_else(|| format!("saga {i} was never started"))?;
-        sagas.push(ObservedSaga::read(store, id, case.shape(), &calls)?);
+        sagas.push(
+            ObservedSaga::read(store, id, case.shape(), &calls)?
+                .with_stages(case.stages().collect()),
+        );
     }
     // A call for a saga nobody knows would be an effect without a durable start.
     if let Some(c) = calls.iter().find(|c| {
@@ -612,6 +735,8 @@ fn observe(
         crashes,
         struck: Vec::new(),
         incarnations,
+        mid_fan_out: 0,
+        mid_compensation: 0,
         dump: None,
         retention: Vec::new(),
     })

@@ -11,23 +11,30 @@ use sagaflow_tests::Outcome;
 
 /// Three compensatable steps, one saga; `fail` fails that step with `how`.
 fn case_with(fail: Option<usize>, how: Outcome) -> Case {
-    let mut action = vec![Vec::new(); 3];
+    staged(&[0, 1, 2], fail, how)
+}
+
+/// Compensatable steps of these stages, one saga; `fail` fails that step with `how`.
+fn staged(stages: &[u32], fail: Option<usize>, how: Outcome) -> Case {
+    let n = stages.len();
+    let mut action = vec![Vec::new(); n];
     if let Some(i) = fail {
         // Unknown outcomes are retried (the steps are idempotent): one per attempt.
         action[i] = vec![how; 4];
     }
     Case {
         seed: 1,
-        steps: vec![
-            StepSpec {
+        steps: stages
+            .iter()
+            .map(|&stage| StepSpec {
                 kind: StepKind::Compensatable,
                 idempotence: Idempotence::Idempotent,
-            };
-            3
-        ],
+                stage,
+            })
+            .collect(),
         sagas: vec![SagaSpec {
             action,
-            compensation: vec![Vec::new(); 3],
+            compensation: vec![Vec::new(); n],
             cancel_after: None,
             deadline_after: None,
         }],
@@ -105,7 +112,126 @@ fn compensations_out_of_order_are_rejected() {
     let pos = comp_positions(&s);
     s.calls.swap(pos[1], pos[2]);
     let err = check::check_compensation_order(&s).unwrap_err();
-    assert!(err.contains("after a step that started before it"), "{err}");
+    assert!(
+        err.contains("`s0` (stage 0) was compensated before the undo of step `s1`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_later_stage_compensated_again_after_an_earlier_one_began_is_rejected() {
+    let mut s = compensated();
+    let again = s.calls[comp_positions(&s)[0]].clone();
+    assert_eq!(again.step, "s2");
+    s.calls.push(again);
+    let err = check::check_compensation_order(&s).unwrap_err();
+    assert!(
+        err.contains("`s2` (stage 2) was compensated after step `s0` of an earlier stage (0)"),
+        "{err}"
+    );
+}
+
+/// s0, then s1 and s2 in parallel, then s3, which fails with an unknown outcome: s3 is
+/// compensated, then s1 and s2 concurrently, then s0.
+fn grouped() -> ObservedSaga {
+    let s = observe_case(&staged(&[0, 1, 1, 2], Some(3), Outcome::Unknown));
+    assert_eq!(s.status, Some(SagaStatus::Compensated));
+    assert_eq!(s.stages, [0, 1, 1, 2]);
+    s
+}
+
+/// Where in the log the first record matching `f` is.
+fn record(s: &ObservedSaga, f: impl Fn(&Event) -> bool) -> usize {
+    s.history
+        .iter()
+        .position(|r| f(&r.event))
+        .expect("the record is in the log")
+}
+
+fn comp_started(s: &ObservedSaga, step: u32) -> usize {
+    record(
+        s,
+        |e| matches!(e, Event::CompensationAttemptStarted { step: st, .. } if *st == step),
+    )
+}
+
+fn comp_succeeded(s: &ObservedSaga, step: u32) -> usize {
+    record(
+        s,
+        |e| matches!(e, Event::CompensationSucceeded { step: st, .. } if *st == step),
+    )
+}
+
+#[test]
+fn concurrent_compensation_within_a_stage_is_accepted() {
+    let mut s = grouped();
+    // The engine ran the group's two compensations at once: both started before either
+    // succeeded. The checks accept it, as they accept its mirror image.
+    let (a, b) = (comp_started(&s, 1), comp_started(&s, 2));
+    assert!(a.max(b) < comp_succeeded(&s, 1).min(comp_succeeded(&s, 2)));
+    check::check_saga(&s).unwrap();
+    let ev = s.history[a].event.clone();
+    s.history[a].event = s.history[b].event.clone();
+    s.history[b].event = ev;
+    let (c1, c2) = (
+        s.calls
+            .iter()
+            .position(|c| c.step == "s1" && c.phase == Phase::Compensation)
+            .unwrap(),
+        s.calls
+            .iter()
+            .position(|c| c.step == "s2" && c.phase == Phase::Compensation)
+            .unwrap(),
+    );
+    s.calls.swap(c1, c2);
+    check::check_compensation_stages(&s).unwrap();
+    check::check_compensation_order(&s).unwrap();
+    check::check_saga(&s).unwrap();
+}
+
+#[test]
+fn an_earlier_stage_compensation_started_while_a_later_one_runs_is_rejected() {
+    let mut s = grouped();
+    // s0's compensation starts right after s2's, while s2's is still running (and s1's
+    // perhaps too).
+    let moved = s.history.remove(comp_started(&s, 0));
+    let at = comp_started(&s, 2) + 1;
+    s.history.insert(at, moved);
+    for (lsn, r) in s.history.iter_mut().enumerate() {
+        r.lsn = sagaflow::Lsn(lsn as u64);
+    }
+    check::check_final(&s).expect("the log still folds: only the stage order is wrong");
+    let err = check::check_compensation_stages(&s).unwrap_err();
+    assert!(
+        err.contains("step `s0` (stage 0) started")
+            && err.contains("a later stage (1) was owed a compensation that had not succeeded"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_earlier_stage_compensated_before_a_later_branch_is_rejected() {
+    let mut s = grouped();
+    // As the services would see it: s0 undone between the group's two undos.
+    let pos = comp_positions(&s);
+    let names: Vec<&str> = pos.iter().map(|&p| s.calls[p].step.as_str()).collect();
+    assert_eq!(names[0], "s3");
+    assert_eq!(names[3], "s0");
+    let s0 = s.calls.remove(pos[3]);
+    s.calls.insert(pos[2], s0);
+    let err = check::check_compensation_order(&s).unwrap_err();
+    assert!(
+        err.contains("`s0` (stage 0) was compensated before the undo of step")
+            && err.contains("of a later stage (1)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn stages_other_than_the_definitions_are_rejected() {
+    let s = grouped().with_stages(vec![0, 1, 2, 3]);
+    let err = check::check_final(&s).unwrap_err();
+    assert!(err.contains("the log records stages [0, 1, 1, 2]"), "{err}");
 }
 
 #[test]
@@ -255,4 +381,79 @@ fn a_crash_between_effect_and_record_reruns_with_the_same_key() {
     assert_eq!(s0.len(), 2);
     assert_eq!(s0[0].key, s0[1].key);
     assert_eq!(s.status, Some(SagaStatus::Completed));
+}
+
+/// The real-process test's reconciliation sees undos out of stage order: s0, then s1
+/// and s2 in parallel, then s3, which is refused; the ledger file is written as the
+/// child's services would write it, then s0's undo is moved before s1's.
+#[tokio::test]
+async fn the_kill_ledger_rejects_undos_out_of_stage_order() {
+    use sagaflow::{SagaDefinition, StartKey};
+    use sagaflow_tests::kill_ledger::reconcile;
+    use sagaflow_tests::{builder, fake, opts, Ledger};
+
+    let ledger = Ledger::new();
+    ledger.script("s3", Phase::Action, [Outcome::Rejected]);
+    let kind = StepKind::Compensatable;
+    let def = SagaDefinition::builder("kill-group", 1)
+        .step_with("s0", kind, fake("s0", &ledger), opts())
+        .parallel(|g| {
+            g.step_with("s1", kind, fake("s1", &ledger), opts())
+                .step_with("s2", kind, fake("s2", &ledger), opts())
+        })
+        .step_with("s3", kind, fake("s3", &ledger), opts())
+        .build()
+        .expect("valid definition");
+    let store = std::sync::Arc::new(sagaflow::store::MemLog::new());
+    let engine = builder()
+        .register(def)
+        .open_with(store.clone())
+        .await
+        .expect("engine opens");
+    let id = engine
+        .start(
+            "kill-group",
+            serde_json::json!({}),
+            Some(StartKey::new("order-0").expect("key")),
+        )
+        .await
+        .expect("started");
+    engine.wait(id).await.expect("ended");
+    engine.shutdown().await.expect("shut down");
+    let lines: Vec<String> = ledger
+        .calls()
+        .iter()
+        .filter(|c| c.applied)
+        .map(|c| {
+            let tag = if c.phase == Phase::Action { 'A' } else { 'C' };
+            format!("{tag} {}", c.key)
+        })
+        .collect();
+    let r = reconcile(&*store, &lines.join("\n"), 1).expect("reconciles");
+    assert_eq!(
+        (r.compensated, r.lost, r.doubled, r.misordered),
+        (1, 0, 0, 0),
+        "{r:?}"
+    );
+    assert_eq!((r.with_groups, r.group_undos), (1, 1), "{r:?}");
+
+    let mut bad = lines.clone();
+    let s0 = bad
+        .iter()
+        .position(|l| l.ends_with("/s0/compensation"))
+        .expect("s0 undone");
+    let s1 = bad
+        .iter()
+        .position(|l| l.ends_with("/s1/compensation"))
+        .expect("s1 undone");
+    assert!(s1 < s0, "the group is undone before s0");
+    let line = bad.remove(s0);
+    bad.insert(s1, line);
+    let r = reconcile(&*store, &bad.join("\n"), 1).expect("reconciles");
+    assert_eq!((r.lost, r.doubled), (0, 0), "{r:?}");
+    assert!(r.misordered >= 1, "{r:?}");
+    assert!(
+        r.problems[0].contains("s0 (stage 0) was undone before the undo of s1"),
+        "{r:?}"
+    );
 }

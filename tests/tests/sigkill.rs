@@ -1,7 +1,9 @@
 //! The real-process test: the engine in a child process, killed with SIGKILL at random
 //! moments under load and restarted on the same sled directory until every saga has
 //! ended; then the ledger (a file the child's steps append to, outside the process) is
-//! reconciled against the store.
+//! reconciled against the store. Odd orders run a definition with parallel groups, so
+//! kills land while branches run side by side and while a group's branches are undone
+//! concurrently; the undos must still land stage by stage in reverse order.
 //!
 //! `SAGA_KILLS` (default 20) sets the number of kills, `SAGA_KILL_SAGAS` (default 300)
 //! the number of sagas, `SAGA_SEED` the kill schedule.
@@ -89,10 +91,11 @@ fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
     let text = std::fs::read_to_string(&ledger).expect("ledger");
     let r = reconcile(&log, &text, sagas).expect("the ledger reconciles");
     assert!(
-        r.lost == 0 && r.doubled == 0,
-        "{} lost, {} doubled: {:#?}",
+        r.lost == 0 && r.doubled == 0 && r.misordered == 0,
+        "{} lost, {} doubled, {} undone out of stage order: {:#?}",
         r.lost,
         r.doubled,
+        r.misordered,
         r.problems
     );
     eprintln!(
@@ -105,6 +108,15 @@ fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
         r.lines - r.distinct
     );
     assert!(r.completed > 0 && r.compensated > 0);
+    eprintln!(
+        "sigkill test: {} orders with parallel groups ended, {} of them compensated with \
+         two or more branches of a group undone",
+        r.with_groups, r.group_undos
+    );
+    assert!(
+        r.with_groups > 0 && r.group_undos > 0,
+        "orders with groups must complete and compensate: {r:?}"
+    );
     let late = (0..sagas).filter(|n| n % 5 == 1).count();
     eprintln!("sigkill test: {late} orders had their charge delivered late");
 }

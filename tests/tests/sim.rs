@@ -31,6 +31,14 @@ struct Totals {
     crash_points: BTreeMap<String, u64>,
     incarnations: u64,
     by_status: BTreeMap<String, u64>,
+    /// Cases whose definition has a parallel group of two or more branches.
+    with_groups: u64,
+    /// Cases with a retriable group after the pivot.
+    with_retriable_groups: u64,
+    /// Crashes that left two or more branches of a group with actions in flight.
+    mid_fan_out: u64,
+    /// Crashes that left two or more branches of a group with compensations in flight.
+    mid_compensation: u64,
 }
 
 /// Steps of the simulations panic on purpose; keep their messages out of the output,
@@ -59,6 +67,12 @@ fn simulated_crashes_keep_every_guarantee() {
         match run_and_check(&case) {
             Ok(r) => {
                 t.cases += 1;
+                t.with_groups += u64::from(case.has_groups());
+                t.with_retriable_groups += u64::from(case.steps.windows(2).any(|w| {
+                    w[0].stage == w[1].stage && w[0].kind == sagaflow::StepKind::Retriable
+                }));
+                t.mid_fan_out += u64::from(r.mid_fan_out);
+                t.mid_compensation += u64::from(r.mid_compensation);
                 t.crashes += u64::from(r.crashes);
                 for p in &r.struck {
                     *t.crash_points.entry(format!("{p:?}")).or_default() += 1;
@@ -90,12 +104,27 @@ fn simulated_crashes_keep_every_guarantee() {
     );
     assert!(t.by_status.contains_key(SagaStatus::Compensated.as_str()));
     assert!(t.by_status.contains_key(SagaStatus::Completed.as_str()));
+    // Groups are common, and crashes strike them where recovery is hardest: with several
+    // branches in flight forward, and several compensations in flight at once.
+    assert!(
+        t.with_groups * 2 >= t.cases,
+        "at least half the cases must have a parallel group: {t:?}"
+    );
+    assert!(t.with_retriable_groups > 0, "a retriable group: {t:?}");
+    assert!(
+        t.mid_fan_out > 0,
+        "some crash must interrupt two branches of a group: {t:?}"
+    );
+    assert!(
+        t.mid_compensation > 0,
+        "some crash must interrupt two compensations of a group: {t:?}"
+    );
 }
 
 #[test]
 fn the_same_properties_hold_on_sled_with_real_reopens() {
     quiet_step_panics();
-    let mut crashes = 0;
+    let (mut crashes, mut groups) = (0, 0);
     for seed in seeds("SAGA_SIM_SLED_CASES", 12) {
         let case = Case::from_seed(seed);
         let dir = tempfile::tempdir().expect("temp dir");
@@ -105,6 +134,7 @@ fn the_same_properties_hold_on_sled_with_real_reopens() {
             panic!("sled simulation seed {seed} failed: {why}\n{case:#?}");
         }
         crashes += report.crashes;
+        groups += u32::from(case.has_groups());
     }
-    eprintln!("sled simulations: {crashes} crashes");
+    eprintln!("sled simulations: {crashes} crashes, {groups} cases with parallel groups");
 }

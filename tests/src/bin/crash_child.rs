@@ -15,6 +15,13 @@
 //! The ledger does not remember refunds: only the engine's settle window (no undo before
 //! the attempt's deadline) keeps a refund from landing before its charge.
 //!
+//! Even orders run definition `kill`: `reserve`, `charge`, the pivot `ship`, `notify`.
+//! Odd orders run `kill-group`, with parallel groups: `reserve`, then `charge`, `hold`
+//! and `points` at once, the pivot `ship`, then `notify` and `receipt` at once. A charge
+//! refused or delivered late, or a hold refused, fails the group: its siblings settle and
+//! the branches that took effect are undone concurrently, then `reserve`; a refused ship
+//! undoes the whole group. Kills land during the fan-out and during those undos.
+//!
 //! With `abort`, the `reserve` step aborts the process (SIGABRT) every time it runs: a
 //! step that crash-loops the engine, which must park its saga after 5 interruptions.
 //!
@@ -74,8 +81,9 @@ struct Call {
     abort: bool,
     /// Fails permanently for orders with `n % fail_mod == fail_rem`.
     fail: Option<(u64, u64)>,
-    /// Fails transiently on the first attempts for orders with `n % 4 == 0`.
+    /// Fails transiently on the first attempts for orders with `n % 4 == flaky_rem`.
     flaky_attempts: u32,
+    flaky_rem: u64,
 }
 
 #[async_trait]
@@ -112,7 +120,7 @@ impl Step for Call {
                 return Err(StepError::rejected("refused"));
             }
         }
-        if order.n.is_multiple_of(4) && ctx.attempt().0 <= self.flaky_attempts {
+        if order.n % 4 == self.flaky_rem && ctx.attempt().0 <= self.flaky_attempts {
             return Err(StepError::retryable("busy"));
         }
         self.service.record('A', ctx)
@@ -132,36 +140,59 @@ impl Compensate for Call {
     }
 }
 
-fn definition(
+fn definitions(
     service: &Arc<Service>,
     ledger: &str,
     abort: bool,
-) -> Result<SagaDefinition, sagaflow::definition::Error> {
+) -> Result<[SagaDefinition; 2], sagaflow::definition::Error> {
     let retry = RetryPolicy::default()
         .with_initial_backoff(Duration::from_millis(5))
         .with_max_backoff(Duration::from_millis(50))
         .with_attempt_timeout(Duration::from_secs(2));
-    let call = |fail, flaky_attempts, late, abort| Call {
+    let call = |fail, flaky_attempts, flaky_rem, late, abort| Call {
         service: service.clone(),
         ledger: ledger.to_string(),
         late,
         abort,
         fail,
         flaky_attempts,
+        flaky_rem,
     };
-    SagaDefinition::builder("kill", 1)
-        .step("reserve", call(None, 1, false, abort))
+    let plain = SagaDefinition::builder("kill", 1)
+        .step("reserve", call(None, 1, 0, false, abort))
         .retry(retry.clone())
         // A charge must not run twice: an attempt of unknown outcome is compensated, and
         // only once its deadline has passed.
-        .step("charge", call(Some((7, 3)), 0, true, false))
+        .step("charge", call(Some((7, 3)), 0, 0, true, false))
         .retry(retry.clone())
         .not_idempotent()
-        .pivot("ship", call(Some((11, 5)), 0, false, false))
+        .pivot("ship", call(Some((11, 5)), 0, 0, false, false))
         .retry(retry.clone())
-        .retriable("notify", call(None, 2, false, false))
-        .retry(retry)
-        .build()
+        .retriable("notify", call(None, 2, 0, false, false))
+        .retry(retry.clone())
+        .build()?;
+    let grouped = SagaDefinition::builder("kill-group", 1)
+        .step("reserve", call(None, 1, 1, false, false))
+        .retry(retry.clone())
+        .parallel(|g| {
+            g.step("charge", call(Some((7, 3)), 0, 1, true, false))
+                .retry(retry.clone())
+                .not_idempotent()
+                .step("hold", call(Some((13, 1)), 1, 3, false, false))
+                .retry(retry.clone())
+                .step("points", call(None, 2, 1, false, false))
+                .retry(retry.clone())
+        })
+        .pivot("ship", call(Some((11, 5)), 0, 1, false, false))
+        .retry(retry.clone())
+        .parallel(|g| {
+            g.retriable("notify", call(None, 2, 3, false, false))
+                .retry(retry.clone())
+                .retriable("receipt", call(None, 1, 1, false, false))
+                .retry(retry.clone())
+        })
+        .build()?;
+    Ok([plain, grouped])
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -180,7 +211,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let service = Arc::new(Service {
         ledger: Mutex::new(OpenOptions::new().create(true).append(true).open(ledger)?),
     });
-    let builder = Engine::builder().register(definition(&service, ledger, abort)?);
+    let [plain, grouped] = definitions(&service, ledger, abort)?;
+    let builder = Engine::builder().register(plain).register(grouped);
     let engine = Arc::new(match std::env::var("SAGAFLOW_CHILD_DATABASE_URL") {
         #[cfg(feature = "postgres")]
         Ok(url) => {
@@ -210,7 +242,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let permit = permits.clone().acquire_owned().await?;
         let id = engine
             .start(
-                "kill",
+                if n % 2 == 0 { "kill" } else { "kill-group" },
                 serde_json::json!({ "n": n }),
                 Some(StartKey::new(format!("order-{n}"))?),
             )
