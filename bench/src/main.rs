@@ -10,7 +10,11 @@
 //!    fdatasync per record, and with group commit (64 writer threads, one flush +
 //!    fdatasync per batch);
 //! 2. Sagaflow: a 3-step saga of no-op steps at concurrency 1, 64 and 1024, and a 10-step
-//!    saga at concurrency 1024;
+//!    saga at concurrency 1024; and parallel groups: a saga "step, group of 3, step"
+//!    whose five steps each wait 10 ms (a simulated call: a tokio sleep), at concurrency
+//!    1 (p50 and p99 against the three waits it must take in sequence, and against the
+//!    same five steps in a row) and at concurrency 1024 (sagas/s, durable writes per
+//!    saga);
 //! 3. for each: sagas/s, log records/s and durable writes/s, latency from start to
 //!    outcome (p50, p99, p99.9), bytes on disk per saga, and the ratios to the raw
 //!    limits; and a memory probe: live heap per in-flight saga, with 1024 sagas held
@@ -278,6 +282,59 @@ impl Compensate for Noop {
     }
 }
 
+/// A step that stands for a call to another service: it waits `0` (a real tokio sleep)
+/// and does nothing else. Its compensation is immediate.
+struct Wait(Duration);
+
+#[async_trait]
+impl Step for Wait {
+    type Input = IgnoredAny;
+    type Output = ();
+
+    async fn execute(&self, _: &StepContext, _: IgnoredAny) -> Result<(), StepError> {
+        tokio::time::sleep(self.0).await;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Compensate for Wait {
+    async fn compensate(
+        &self,
+        _: &StepContext,
+        _: IgnoredAny,
+        _: Option<()>,
+    ) -> Result<(), StepError> {
+        Ok(())
+    }
+}
+
+/// How long each step of the parallel-group sagas waits.
+const STEP_WAIT: Duration = Duration::from_millis(10);
+
+/// "step, group of 3, step": five steps that each wait `wait`; three of them at once.
+fn parallel_definition(wait: Duration) -> SagaDefinition {
+    SagaDefinition::builder("bench", 1)
+        .step("first", Wait(wait))
+        .parallel(|g| {
+            g.step("branch0", Wait(wait))
+                .step("branch1", Wait(wait))
+                .step("branch2", Wait(wait))
+        })
+        .step("last", Wait(wait))
+        .build()
+        .expect("definition")
+}
+
+/// The same five steps one after the other: what the group saves.
+fn serial_wait_definition(wait: Duration) -> SagaDefinition {
+    let mut b = SagaDefinition::builder("bench", 1);
+    for i in 0..5 {
+        b = b.step(format!("step{i}"), Wait(wait));
+    }
+    b.build().expect("definition")
+}
+
 /// A step that holds every saga at its first step until released, so the probe can
 /// count what a given number of in-flight sagas hold.
 struct Gate {
@@ -443,7 +500,9 @@ fn limiter_rate(rt: &tokio::runtime::Runtime, per_second: u32, calls: u64) -> f6
 #[derive(Debug)]
 struct Run {
     name: String,
+    /// No-op steps in a row; the waiting sagas are told apart by `shape`.
     steps: usize,
+    shape: Shape,
     concurrency: u64,
     sagas: u64,
     secs: f64,
@@ -456,7 +515,21 @@ struct Run {
     disk_per_saga: f64,
 }
 
+/// Which saga a run measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// `steps` no-op steps in a row.
+    Noop,
+    /// "step, group of 3, step", each step waiting [`STEP_WAIT`].
+    Parallel,
+    /// The same five waiting steps in a row.
+    SerialWait,
+}
+
 impl Run {
+    fn writes_per_saga(&self) -> f64 {
+        self.writes as f64 / self.sagas as f64
+    }
     fn sagas_per_sec(&self) -> f64 {
         self.sagas as f64 / self.secs
     }
@@ -474,12 +547,31 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn run_engine(rt: &tokio::runtime::Runtime, steps: usize, concurrency: u64, sagas: u64) -> Run {
-    let dir = tempfile::tempdir().expect("temp dir");
     let mut b = SagaDefinition::builder("bench", 1);
     for i in 0..steps {
         b = b.step(format!("step{i}"), Noop);
     }
     let def = b.build().expect("definition");
+    run_definition(
+        rt,
+        def,
+        format!("{steps}-step c={concurrency}"),
+        (steps, Shape::Noop),
+        concurrency,
+        sagas,
+    )
+}
+
+/// Runs `sagas` sagas of `def` (named "bench") at `concurrency` on a fresh sled store.
+fn run_definition(
+    rt: &tokio::runtime::Runtime,
+    def: SagaDefinition,
+    name: String,
+    (steps, shape): (usize, Shape),
+    concurrency: u64,
+    sagas: u64,
+) -> Run {
+    let dir = tempfile::tempdir().expect("temp dir");
     let (secs, mut lat, stats) = rt.block_on(async {
         let engine = Arc::new(
             Engine::builder()
@@ -520,8 +612,9 @@ fn run_engine(rt: &tokio::runtime::Runtime, steps: usize, concurrency: u64, saga
     });
     lat.sort_by(f64::total_cmp);
     Run {
-        name: format!("{steps}-step c={concurrency}"),
+        name,
         steps,
+        shape,
         concurrency,
         sagas,
         secs,
@@ -669,6 +762,36 @@ fn main() {
         runs.push(run_engine(&rt, 3, c, n));
     }
     runs.push(run_engine(&rt, 10, 1024, a.sagas / 2));
+    // Parallel groups: every saga takes at least three waits, so c=1 runs few of them
+    // (300 take about 10 s); the same five steps in a row for comparison.
+    let wait_ms = STEP_WAIT.as_millis();
+    let parallel_c1 = run_definition(
+        &rt,
+        parallel_definition(STEP_WAIT),
+        format!("group c=1 ({wait_ms}ms)"),
+        (5, Shape::Parallel),
+        1,
+        a.sagas.min(300),
+    );
+    let serial_c1 = run_definition(
+        &rt,
+        serial_wait_definition(STEP_WAIT),
+        format!("5 in row c=1 ({wait_ms}ms)"),
+        (5, Shape::SerialWait),
+        1,
+        a.sagas.min(200),
+    );
+    let parallel_c1024 = run_definition(
+        &rt,
+        parallel_definition(STEP_WAIT),
+        format!("group c=1024 ({wait_ms}ms)"),
+        (5, Shape::Parallel),
+        1024,
+        a.sagas,
+    );
+    runs.push(parallel_c1);
+    runs.push(serial_c1);
+    runs.push(parallel_c1024);
     // Retention deleting beside a c=1024 run: every saga is due 1 s after it finished;
     // the default pace (at most 2,000 deletions/s).
     let with_retention = run_with_retention(
@@ -695,7 +818,7 @@ fn main() {
     let probe_sled = memory_probe(&rt, 1024, true);
 
     println!(
-        "{:<16} {:>8} {:>10} {:>11} {:>11} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9}",
+        "{:<24} {:>8} {:>10} {:>11} {:>11} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9}",
         "run",
         "sagas",
         "sagas/s",
@@ -710,7 +833,7 @@ fn main() {
     );
     for r in &runs {
         println!(
-            "{:<16} {:>8} {:>10.0} {:>11.0} {:>11.0} {:>8} {:>8.2} {:>8.2} {:>9.2} {:>9.0}B {:>9.3}",
+            "{:<24} {:>8} {:>10.0} {:>11.0} {:>11.0} {:>8} {:>8.2} {:>8.2} {:>9.2} {:>9.0}B {:>9.3}",
             r.name,
             r.sagas,
             r.sagas_per_sec(),
@@ -724,7 +847,18 @@ fn main() {
             r.writes_per_sec() / group,
         );
     }
-    let find = |steps: usize, c: u64| runs.iter().find(|r| r.steps == steps && r.concurrency == c);
+    let find_shape = |shape: Shape, steps: usize, c: u64| {
+        runs.iter()
+            .find(|r| r.shape == shape && r.steps == steps && r.concurrency == c)
+    };
+    let find = |steps: usize, c: u64| find_shape(Shape::Noop, steps, c);
+    let par_c1 = find_shape(Shape::Parallel, 5, 1);
+    let par_c1024 = find_shape(Shape::Parallel, 5, 1024);
+    let serial_wait_c1 = find_shape(Shape::SerialWait, 5, 1);
+    let wait_ms = STEP_WAIT.as_secs_f64() * 1000.0;
+    // The least a group saga can take at c=1: three waits in sequence (the first step,
+    // the group, the last step) plus its durable writes, each at the raw one-sync cost.
+    let par_floor_ms = par_c1.map(|r| 3.0 * wait_ms + r.writes_per_saga() * 1000.0 / fsync);
     let c1 = find(3, 1);
     let c1024 = find(3, 1024);
     // A saga at concurrency 1 needs (writes per saga) durable writes, each costing
@@ -746,6 +880,32 @@ fn main() {
             durable_cost_ms,
             r.writes as f64 / r.sagas as f64,
             r.p50_ms / durable_cost_ms
+        );
+    }
+    if let (Some(p), Some(floor)) = (par_c1, par_floor_ms) {
+        println!(
+            "parallel group (step, group of 3, step; each waits {wait_ms:.0} ms), c=1: p50 {:.2} ms, \
+             p99 {:.2} ms against a floor of {floor:.2} ms (3 waits + {:.2} durable writes at the \
+             raw one-sync rate): {:.2}x; the same 5 steps in a row: p50 {}",
+            p.p50_ms,
+            p.p99_ms,
+            p.writes_per_saga(),
+            p.p50_ms / floor,
+            serial_wait_c1.map_or("-".into(), |s| format!("{:.2} ms", s.p50_ms)),
+        );
+    }
+    if let Some(p) = par_c1024 {
+        println!(
+            "parallel group, c=1024: {:.0} sagas/s ({:.0} for 3 no-op steps), {:.2} durable \
+             writes per saga ({}), {:.3} of raw group-commit records/s",
+            p.sagas_per_sec(),
+            c1024.map_or(0.0, Run::sagas_per_sec),
+            p.writes_per_saga(),
+            c1024.map_or("-".into(), |r| format!(
+                "{:.2} for 3 no-op steps",
+                r.writes_per_saga()
+            )),
+            p.writes_per_sec() / group,
         );
     }
     println!(
@@ -794,6 +954,18 @@ fn main() {
         "retention_soak_sagas": soak.as_ref().map(|s| s.sagas),
         "retention_soak_deleted": soak.as_ref().map(|s| s.deleted),
         "retention_soak_disk_bytes": soak.as_ref().map(|s| s.disk.clone()),
+        "parallel_step_wait_ms": STEP_WAIT.as_millis() as u64,
+        "parallel_p50_ms_c1": par_c1.map(|r| r.p50_ms),
+        "parallel_p99_ms_c1": par_c1.map(|r| r.p99_ms),
+        "parallel_floor_ms_c1": par_floor_ms,
+        "parallel_p50_over_floor_c1": par_c1.zip(par_floor_ms).map(|(r, f)| r.p50_ms / f),
+        "parallel_writes_per_saga_c1": par_c1.map(Run::writes_per_saga),
+        "serial5_wait_p50_ms_c1": serial_wait_c1.map(|r| r.p50_ms),
+        "parallel_sagas_per_sec_c1024": par_c1024.map(|r| r.sagas_per_sec().round()),
+        "parallel_p50_ms_c1024": par_c1024.map(|r| r.p50_ms),
+        "parallel_p99_ms_c1024": par_c1024.map(|r| r.p99_ms),
+        "parallel_writes_per_saga": par_c1024.map(Run::writes_per_saga),
+        "parallel_ratio_to_group_commit": par_c1024.map(|r| r.writes_per_sec() / group),
     });
     let mut json = json;
     if let (Some(o), Some(e)) = (json.as_object_mut(), extras.as_object()) {
