@@ -1,6 +1,16 @@
-//! The order saga: reserve stock, charge the card, create the order (the pivot), book
-//! shipping. Every call goes through the steps toolkit: per-call timeouts, idempotency
-//! keys, inventory's rate limit, payments' breaker and OAuth tokens.
+//! The order saga: reserve the stock and charge the card at once (a parallel group of
+//! two branches, each with its own compensation: release, refund), then create the order
+//! (the pivot, which needs both answers), then book shipping. Every call goes through the
+//! steps toolkit: per-call timeouts, idempotency keys, inventory's rate limit, payments'
+//! breaker and OAuth tokens.
+//!
+//! The reservation and the charge do not depend on each other (neither reads the other's
+//! answer), so the saga waits for the slower of the two instead of their sum. The price:
+//! when one of them fails for good the other may already have taken effect, so a sold-out
+//! order can be charged and refunded, and a declined card can leave a reservation to
+//! release; in a saga that ran them one after the other the second call was never made.
+//! (A real shop would put a hold on the card here and capture it after the order exists;
+//! the fake payments provider only takes charges.)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -230,15 +240,21 @@ pub fn definition(i: &Integrations) -> Result<SagaDefinition, sagaflow::definiti
     // it did not cause. Crash-loop detection (a step that kills its own process) is
     // therefore set far above the default of 5 here.
     const KILLS_TOLERATED: u32 = 100;
+    // The two branches run at once, each with its own retries, timeout and idempotency
+    // key. If one fails for good, the other's attempt in flight settles, then whichever
+    // may have taken effect is undone (both at once): released, refunded.
+    let undo = retry.clone().with_unlimited_attempts();
     SagaDefinition::builder("order", 1)
-        .step("reserve", Reserve(i.inventory.clone()))
-        .retry(retry.clone())
-        .compensation_retry(retry.clone().with_unlimited_attempts())
-        .max_interruptions(KILLS_TOLERATED)
-        .step("charge", Charge(i.payments.clone()))
-        .retry(retry.clone())
-        .compensation_retry(retry.clone().with_unlimited_attempts())
-        .max_interruptions(KILLS_TOLERATED)
+        .parallel(|g| {
+            g.step("reserve", Reserve(i.inventory.clone()))
+                .retry(retry.clone())
+                .compensation_retry(undo.clone())
+                .max_interruptions(KILLS_TOLERATED)
+                .step("charge", Charge(i.payments.clone()))
+                .retry(retry.clone())
+                .compensation_retry(undo.clone())
+                .max_interruptions(KILLS_TOLERATED)
+        })
         .pivot("create_order", CreateOrder(i.orders.clone()))
         .retry(retry.clone())
         .max_interruptions(KILLS_TOLERATED)

@@ -36,11 +36,19 @@ async fn a_hundred_orders_survive_three_kills_with_nothing_double_charged() {
     assert!(report.completed > 0 && report.compensated > 0, "{report:?}");
     assert!(report.refunds > 0, "some charges were refunded: {report:?}");
     assert_eq!(report.charges, report.completed as usize + report.refunds);
+    // The reservation runs beside the charge: a declined card's stock, if reserved, is
+    // released, as a sold-out order's charge, if taken, is refunded.
+    assert_eq!(
+        report.reservations,
+        report.completed as usize + report.releases
+    );
     assert_eq!(report.orders_created, report.completed as usize);
     assert_eq!(report.forged_webhooks_refused, 3);
     assert_eq!(report.idempotent_replays, 10);
     // Every compensation is counted under its reason, with no saga's id in it: the
-    // declined cards (amounts ending in 13) all under one reason.
+    // declined cards (amounts ending in 13) all under one reason. (A decline whose
+    // reservation, running beside it, was interrupted by a kill has a reason naming both
+    // branches: a class of its own, not counted here.)
     assert_eq!(
         report.compensated_by_reason.values().sum::<u32>(),
         report.compensated,
@@ -53,7 +61,7 @@ async fn a_hundred_orders_survive_three_kills_with_nothing_double_charged() {
     let declined: Vec<_> = report
         .compensated_by_reason
         .keys()
-        .filter(|r| r.contains("card declined"))
+        .filter(|r| r.contains("card declined") && !r.contains("; "))
         .collect();
     assert_eq!(declined.len(), 1, "{report:?}");
     assert!(declined[0].contains("attempt N"), "{report:?}");
@@ -102,4 +110,8 @@ async fn two_replicas_on_postgres_survive_kills_of_one() {
     assert_eq!(report.completed + report.compensated + report.parked, 100);
     assert!(report.completed > 0 && report.compensated > 0, "{report:?}");
     assert_eq!(report.charges, report.completed as usize + report.refunds);
+    assert_eq!(
+        report.reservations,
+        report.completed as usize + report.releases
+    );
 }
