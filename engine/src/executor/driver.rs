@@ -535,18 +535,7 @@ impl Driver {
         let name = sd.name.clone();
         let code = sd.code.clone();
         let deadline = self.inner.clock.now().saturating_add(timeout);
-        self.record(match phase {
-            Phase::Action => Event::StepAttemptStarted {
-                step,
-                attempt,
-                deadline,
-            },
-            Phase::Compensation => Event::CompensationAttemptStarted {
-                step,
-                attempt,
-                deadline,
-            },
-        })?;
+        self.record(Event::attempt_started(phase, step, attempt, deadline))?;
         let ctx = StepContext {
             saga_id: self.state.id,
             step: name.clone(),

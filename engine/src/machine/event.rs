@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::clock::Timestamp;
 use crate::definition::StepKind;
-use crate::ids::{Attempt, Lsn, StartKey};
+use crate::ids::{Attempt, Lsn, Phase, StartKey};
 
 /// Why an attempt failed, as recorded in the log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -309,6 +309,28 @@ impl Repair {
 }
 
 impl Event {
+    /// The record that an attempt of `step`'s action or compensation (`phase`) starts,
+    /// with its deadline.
+    pub fn attempt_started(
+        phase: Phase,
+        step: u32,
+        attempt: Attempt,
+        deadline: Timestamp,
+    ) -> Event {
+        match phase {
+            Phase::Action => Event::StepAttemptStarted {
+                step,
+                attempt,
+                deadline,
+            },
+            Phase::Compensation => Event::CompensationAttemptStarted {
+                step,
+                attempt,
+                deadline,
+            },
+        }
+    }
+
     /// The step index a step-level event is about (an attempt, a result, a skip).
     ///
     /// ```

@@ -1374,6 +1374,8 @@ mod model {
         };
         for _ in 0..2_000 {
             let ds = decide(&def, &s, &live, t(now));
+            let begin =
+                |phase, step, attempt| Event::attempt_started(phase, step, attempt, t(now + 100));
             let alone = ds.iter().any(|d| {
                 !matches!(
                     d,
@@ -1407,33 +1409,19 @@ mod model {
                             &mut s,
                             &mut records,
                             now,
-                            Event::StepAttemptStarted {
-                                step,
-                                attempt,
-                                deadline: t(now + 100),
-                            },
+                            begin(Phase::Action, step, attempt),
                         )?;
                         live.insert(step);
                         fanned_out |= live.len() > 1;
                         changed = true;
                     }
                     Decision::Compensate { step, attempt } => {
-                        if !s.compensation_stage().contains(&(step as usize)) {
-                            return Err(format!(
-                                "step {step} compensated outside {:?}",
-                                s.compensation_stage()
-                            ));
+                        let stage = s.compensation_stage();
+                        if !stage.contains(&(step as usize)) {
+                            return Err(format!("step {step} compensated outside {stage:?}"));
                         }
-                        push(
-                            &mut s,
-                            &mut records,
-                            now,
-                            Event::CompensationAttemptStarted {
-                                step,
-                                attempt,
-                                deadline: t(now + 100),
-                            },
-                        )?;
+                        let event = begin(Phase::Compensation, step, attempt);
+                        push(&mut s, &mut records, now, event)?;
                         live.insert(step);
                         undid_side_by_side |= live.len() > 1;
                         changed = true;
