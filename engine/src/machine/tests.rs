@@ -930,6 +930,19 @@ fn grouped() -> SagaDefinition {
         .unwrap()
 }
 
+/// a succeeded and the group's three branches started, then `more`.
+fn fanned_out(more: Vec<Event>) -> Vec<Event> {
+    let mut events = vec![
+        started(0, 1),
+        ok(0, 1),
+        started(1, 1),
+        started(2, 1),
+        started(3, 1),
+    ];
+    events.extend(more);
+    events
+}
+
 fn all(def: &SagaDefinition, events: Vec<Event>, live: &[u32], now: u64) -> Vec<Decision> {
     decide(
         def,
@@ -988,15 +1001,10 @@ fn a_group_fans_out_and_the_next_stage_waits_for_every_branch() {
 #[test]
 fn a_branch_waiting_for_a_retry_does_not_hold_back_its_siblings() {
     let def = grouped();
-    let events = vec![
-        started(0, 1),
-        ok(0, 1),
-        started(1, 1),
-        started(2, 1),
-        started(3, 1),
+    let events = fanned_out(vec![
         failed(2, 1, FailureKind::Retryable, Some(500)),
         ok(3, 1),
-    ];
+    ]);
     // b still runs; c waits for its timer.
     assert_eq!(
         all(&def, events.clone(), &[1], 100),
@@ -1069,19 +1077,14 @@ fn a_sibling_of_unknown_outcome_is_settled_before_compensation_begins() {
 #[test]
 fn the_branches_of_a_group_are_compensated_concurrently_then_the_stage_before() {
     let def = grouped();
-    let mut events = vec![
-        started(0, 1),
-        ok(0, 1),
-        started(1, 1),
-        started(2, 1),
-        started(3, 1),
+    let mut events = fanned_out(vec![
         ok(1, 1),
         ok(2, 1),
         failed(3, 1, FailureKind::Unknown, None),
         Event::CompensationBegan {
             reason: "d failed".into(),
         },
-    ];
+    ]);
     assert_eq!(
         all(&def, events.clone(), &[], 2_000_000),
         [comp(1, 1), comp(2, 1), comp(3, 1)]
@@ -1097,14 +1100,7 @@ fn the_branches_of_a_group_are_compensated_concurrently_then_the_stage_before() 
 #[test]
 fn a_crash_during_fan_out_closes_each_interrupted_branch_by_its_own_rule() {
     let def = grouped();
-    let events = vec![
-        started(0, 1),
-        ok(0, 1),
-        started(1, 1),
-        started(2, 1),
-        started(3, 1),
-        ok(3, 1),
-    ];
+    let events = fanned_out(vec![ok(3, 1)]);
     // b is not idempotent: closed as interrupted, so the group has failed, and c is
     // closed too rather than run again into a saga about to be compensated.
     assert_eq!(
@@ -1122,26 +1118,14 @@ fn a_crash_during_fan_out_closes_each_interrupted_branch_by_its_own_rule() {
     );
     // Idempotent branches interrupted while b had succeeded: each runs again with its
     // key.
-    let events = vec![
-        started(0, 1),
-        ok(0, 1),
-        started(1, 1),
-        started(2, 1),
-        started(3, 1),
-        ok(1, 1),
-    ];
+    let events = fanned_out(vec![ok(1, 1)]);
     assert_eq!(all(&def, events, &[], 0), [run(2, 2), run(3, 2)]);
 }
 
 #[test]
 fn a_crash_during_concurrent_compensation_resumes_every_branch() {
     let def = grouped();
-    let events = vec![
-        started(0, 1),
-        ok(0, 1),
-        started(1, 1),
-        started(2, 1),
-        started(3, 1),
+    let events = fanned_out(vec![
         ok(1, 1),
         ok(2, 1),
         failed(3, 1, FailureKind::Rejected, None),
@@ -1151,7 +1135,7 @@ fn a_crash_during_concurrent_compensation_resumes_every_branch() {
         comp_started(1, 1),
         comp_started(2, 1),
         comp_ok(1, 1),
-    ];
+    ]);
     // c's compensation was interrupted: run again. b's is done; d had no effect.
     assert_eq!(all(&def, events, &[], 0), [comp(2, 2)]);
 }
@@ -1212,15 +1196,10 @@ fn a_retriable_group_that_fails_parks_once_its_siblings_settle() {
 #[test]
 fn repairs_name_the_branch_they_act_on() {
     let def = grouped();
-    let events = vec![
-        started(0, 1),
-        ok(0, 1),
-        started(1, 1),
-        started(2, 1),
-        started(3, 1),
+    let events = fanned_out(vec![
         failed(2, 1, FailureKind::Retryable, Some(900)),
         failed(3, 1, FailureKind::Retryable, Some(800)),
-    ];
+    ]);
     let s = state(&def, events.clone());
     let retry = |step| Repair::RetryNow { step };
     crate::machine::check_repair(&s, &retry(Some(2))).unwrap();
@@ -1594,16 +1573,11 @@ mod model {
 #[test]
 fn the_reason_names_the_failed_branch_before_the_siblings_closed_after_it() {
     let def = grouped();
-    let events = vec![
-        started(0, 1),
-        ok(0, 1),
-        started(1, 1),
-        started(2, 1),
-        started(3, 1),
+    let events = fanned_out(vec![
         ok(3, 1),
         failed(2, 1, FailureKind::Interrupted, None),
         failed(1, 1, FailureKind::Rejected, None),
-    ];
+    ]);
     let d = all(&def, events, &[], 2_000_000);
     let [Decision::BeginCompensation { reason }] = &d[..] else {
         panic!("{d:?}");
