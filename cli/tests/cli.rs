@@ -286,7 +286,7 @@ async fn a_corrupt_saga_is_shown_up_to_the_damage_and_resolved_and_reads_change_
     let dir = tmp.path().to_path_buf();
     tokio::task::spawn_blocking(move || {
         use sagaflow::store::{codec, SagaLog, SledLog};
-        let log = SledLog::open(&dir).unwrap();
+        let log = SledLog::open_waiting(&dir, std::time::Duration::from_secs(10)).unwrap();
         let (lsn, _) = log.read(parked).unwrap()[1].clone();
         log.put_raw(&codec::log_key(parked, lsn), b"\x01{\"lsn\":")
             .unwrap();
@@ -569,7 +569,7 @@ async fn verify_reports_a_sound_store_and_the_damage_of_a_damaged_one_without_ch
     let dir = tmp.path().to_path_buf();
     tokio::task::spawn_blocking(move || {
         use sagaflow::store::{codec, SagaLog, SledLog};
-        let log = SledLog::open(&dir).unwrap();
+        let log = SledLog::open_waiting(&dir, std::time::Duration::from_secs(10)).unwrap();
         log.delete_raw(&codec::status_key(sagaflow::SagaStatus::Completed, done))
             .unwrap();
         let (lsn, _) = log.read(parked).unwrap()[1].clone();
