@@ -77,6 +77,7 @@ fn write(n: u64, fence: Option<&OwnerId>) -> Write {
         meta,
         previous: None,
         fence: None,
+        taken: Vec::new(),
     };
     w.fence = fence.map(|o| Fence {
         owner: o.clone(),

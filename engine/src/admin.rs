@@ -527,6 +527,7 @@ pub(crate) fn prepare_repair(
         meta: meta.clone(),
         previous,
         fence: None,
+        taken: Vec::new(),
     };
     Ok(PreparedRepair {
         state: Some(state),
@@ -583,6 +584,7 @@ fn resolve_unreadable(
         meta: meta.clone(),
         previous,
         fence: None,
+        taken: Vec::new(),
     };
     Ok(PreparedRepair {
         state: None,
@@ -731,6 +733,7 @@ impl Admin {
             meta: meta.clone(),
             previous,
             fence: None,
+            taken: Vec::new(),
         }])?;
         self.store.sync()?;
         Ok(meta)

@@ -276,6 +276,7 @@ async fn park(
         meta: parked,
         previous: meta,
         fence: epoch.map(|e| inner.fence(e)),
+        taken: Vec::new(),
     };
     inner.committer.commit(write).await?;
     inner.metrics.ended(&definition, "parked", None);

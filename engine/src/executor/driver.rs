@@ -20,7 +20,7 @@ use crate::machine::{
     check_cancel, check_repair, decide, next_attempt_at, Decision, Event, FailureKind, Live,
     LogRecord, Refusal, Repair, SagaState,
 };
-use crate::store::{Fence, Lease, SagaMeta, Write};
+use crate::store::{Fence, Lease, SagaMeta, Taken, Write};
 
 /// Why an attempt failed, before it is written down.
 struct Failure {
@@ -160,6 +160,8 @@ pub(crate) struct Driver {
     committed: Option<SagaMeta>,
     /// Records applied to `state` but not yet written.
     pending: Vec<LogRecord>,
+    /// Deliveries from the inbox those records take (an await step's event).
+    taken: Vec<Taken>,
     /// Told how the first write went: `start` returns once the `started` record is
     /// durable, and that record travels with the first attempt's start.
     first_write: Option<tokio::sync::oneshot::Sender<Result<()>>>,
@@ -181,6 +183,7 @@ impl Driver {
             state,
             committed,
             pending: Vec::new(),
+            taken: Vec::new(),
             first_write: None,
             epoch: None,
         }
@@ -248,6 +251,7 @@ impl Driver {
                 owner: self.inner.owner.clone(),
                 epoch,
             }),
+            taken: std::mem::take(&mut self.taken),
         };
         let result = self.inner.committer.commit(write).await;
         if let Some(tx) = self.first_write.take() {

@@ -19,6 +19,8 @@ use crate::clock::Timestamp;
 use crate::ids::{Lsn, SagaId, StartKey};
 use crate::machine::{Event, LogRecord, SagaStatus};
 use crate::store::{Error, Result, SagaMeta, Write};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// The format byte of a value holding one record (and of summaries).
 pub const FORMAT_V1: u8 = 1;
@@ -52,6 +54,12 @@ const COUNTER: u8 = b'C';
 /// Values moved aside by the consistency check (a malformed key, an unreadable summary
 /// without a log): kept, under `Q` + the original key, for an operator to inspect.
 const QUARANTINE: u8 = b'Q';
+/// A delivered event: `I`, the correlation key's length (2 bytes), the key, the
+/// delivery id.
+const INBOX: u8 = b'I';
+/// That a saga took a delivered event: `J` and the rest of the delivery's key; the value
+/// is the saga's id.
+const TAKEN: u8 = b'J';
 
 /// The key a value stored under `key` is moved to when the consistency check sets it
 /// aside.
@@ -443,8 +451,12 @@ pub fn ops(write: Write) -> Result<Vec<Op>> {
         meta,
         previous,
         fence: _,
+        taken,
     } = write;
     let mut ops = Vec::with_capacity(5);
+    for t in &taken {
+        ops.push(Op::Put(taken_key(&t.key, &t.id)?, saga.as_bytes().to_vec()));
+    }
     let mut encoded = Vec::with_capacity(records.len());
     for r in &records {
         encoded.push((r.lsn, encode_record(r)?));
@@ -550,4 +562,143 @@ pub fn removal(meta: &SagaMeta, log_keys: impl IntoIterator<Item = Vec<u8>>) -> 
         ops.push(Op::Delete(finished_key(t, meta.id)));
     }
     ops
+}
+
+/// The part of an inbox key after its prefix byte: the correlation key's length, the
+/// key, the delivery id.
+fn inbox_suffix(key: &str, id: &str) -> Result<Vec<u8>> {
+    use crate::store::inbox::MAX_INBOX_ID_LEN;
+    if key.is_empty()
+        || key.len() > MAX_INBOX_ID_LEN
+        || id.is_empty()
+        || id.len() > MAX_INBOX_ID_LEN
+    {
+        return Err(Error::Backend(format!(
+            "a correlation key and a delivery id have 1 to {MAX_INBOX_ID_LEN} bytes"
+        )));
+    }
+    let len = u16::try_from(key.len()).map_err(|_| Error::Backend("key too long".into()))?;
+    let mut k = Vec::with_capacity(2 + key.len() + id.len());
+    k.extend_from_slice(&len.to_be_bytes());
+    k.extend_from_slice(key.as_bytes());
+    k.extend_from_slice(id.as_bytes());
+    Ok(k)
+}
+
+/// The key of a delivered event.
+///
+/// # Errors
+///
+/// [`Error::Backend`] if the key or id is empty or longer than
+/// [`crate::store::inbox::MAX_INBOX_ID_LEN`].
+pub fn inbox_key(key: &str, id: &str) -> Result<Vec<u8>> {
+    let mut k = vec![INBOX];
+    k.extend_from_slice(&inbox_suffix(key, id)?);
+    Ok(k)
+}
+
+/// The key of the mark that a saga took a delivered event.
+///
+/// # Errors
+///
+/// As [`inbox_key`].
+pub fn taken_key(key: &str, id: &str) -> Result<Vec<u8>> {
+    let mut k = vec![TAKEN];
+    k.extend_from_slice(&inbox_suffix(key, id)?);
+    Ok(k)
+}
+
+/// The prefix of every delivery for correlation key `key` (or of every delivery).
+pub fn inbox_prefix(key: Option<&str>) -> Vec<u8> {
+    let mut k = vec![INBOX];
+    if let Some(key) = key {
+        // A key too long to be stored has no deliveries: its prefix matches nothing
+        // (no stored key has a length above the limit).
+        let len = u16::try_from(key.len()).unwrap_or(u16::MAX);
+        k.extend_from_slice(&len.to_be_bytes());
+        k.extend_from_slice(key.as_bytes());
+    }
+    k
+}
+
+/// The prefix of every taken mark.
+pub fn taken_prefix() -> Vec<u8> {
+    vec![TAKEN]
+}
+
+/// The stored form of a delivery: what it says and when it came.
+#[derive(Serialize, Deserialize)]
+struct StoredDelivery<'a> {
+    payload: std::borrow::Cow<'a, Value>,
+    received_at: Timestamp,
+}
+
+/// Encodes a delivery's value.
+///
+/// # Errors
+///
+/// [`Error::Backend`] if it does not serialize (never in practice).
+pub fn encode_delivery(payload: &Value, at: Timestamp) -> Result<Vec<u8>> {
+    let mut out = vec![FORMAT_V1];
+    serde_json::to_writer(
+        &mut out,
+        &StoredDelivery {
+            payload: std::borrow::Cow::Borrowed(payload),
+            received_at: at,
+        },
+    )
+    .map_err(|e| Error::Backend(format!("delivery does not serialize: {e}")))?;
+    Ok(out)
+}
+
+/// The correlation key and delivery id of an inbox key (or of a taken mark).
+///
+/// # Errors
+///
+/// [`Error::CorruptIndex`] if the key is not one.
+pub fn inbox_ids_of(k: &[u8]) -> Result<(String, String)> {
+    let bad = || Error::CorruptIndex(format!("inbox key {k:?}"));
+    let (_, rest) = k.split_first().ok_or_else(bad)?;
+    let len = rest
+        .get(..2)
+        .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+        .ok_or_else(bad)?;
+    let key = rest.get(2..2 + len).ok_or_else(bad)?;
+    let id = rest.get(2 + len..).ok_or_else(bad)?;
+    Ok((
+        String::from_utf8(key.to_vec()).map_err(|_| bad())?,
+        String::from_utf8(id.to_vec()).map_err(|_| bad())?,
+    ))
+}
+
+/// Decodes a stored delivery from its key and value; `taken_by` from its taken mark.
+///
+/// # Errors
+///
+/// [`Error::CorruptIndex`] if the key or the value does not decode.
+pub fn decode_delivery(
+    k: &[u8],
+    v: &[u8],
+    taken_by: Option<&[u8]>,
+) -> Result<crate::store::inbox::Delivery> {
+    let (key, id) = inbox_ids_of(k)?;
+    let bad = |why: String| Error::CorruptIndex(format!("delivery `{id}` for `{key}`: {why}"));
+    let json = strip_format(v).map_err(&bad)?;
+    let stored: StoredDelivery<'static> =
+        serde_json::from_slice(json).map_err(|e| bad(e.to_string()))?;
+    let taken_by = match taken_by {
+        Some(b) => Some(
+            <[u8; 16]>::try_from(b)
+                .map(SagaId::from_bytes)
+                .map_err(|_| bad(format!("a taken mark of {} bytes", b.len())))?,
+        ),
+        None => None,
+    };
+    Ok(crate::store::inbox::Delivery {
+        key,
+        id,
+        payload: stored.payload.into_owned(),
+        received_at: stored.received_at,
+        taken_by,
+    })
 }

@@ -4,6 +4,7 @@ use crate::clock::Timestamp;
 use crate::ids::{Lsn, SagaId, StartKey};
 use crate::machine::SagaStatus;
 use crate::store::codec::{self, Op};
+use crate::store::inbox::Delivery;
 use crate::store::{Result, SagaMeta};
 
 /// What [`Kv::visit`] calls with each key and value; `Ok(false)` stops the walk.
@@ -170,4 +171,68 @@ pub(crate) fn removal(kv: &impl Kv, saga: SagaId) -> Result<Vec<Op>> {
         .into_iter()
         .map(|(k, _)| k);
     Ok(codec::removal(&m, keys))
+}
+
+/// The deliveries for `key` that no saga took, oldest first.
+pub(crate) fn inbox_waiting(kv: &impl Kv, key: &str) -> Result<Vec<Delivery>> {
+    let mut out = Vec::new();
+    for (k, v) in kv.scan(&codec::inbox_prefix(Some(key)))? {
+        let d = codec::decode_delivery(&k, &v, None)?;
+        if kv.get(&codec::taken_key(&d.key, &d.id)?)?.is_none() {
+            out.push(d);
+        }
+    }
+    out.sort_by(|a, b| (a.received_at, &a.id).cmp(&(b.received_at, &b.id)));
+    Ok(out)
+}
+
+/// Every delivery after `after`, in key and id order, at most `limit`.
+pub(crate) fn inbox_deliveries(
+    kv: &impl Kv,
+    after: Option<(&str, &str)>,
+    limit: usize,
+) -> Result<Vec<Delivery>> {
+    let from = after.map(|(k, i)| codec::inbox_key(k, i)).transpose()?;
+    let mut raw = Vec::new();
+    if limit > 0 {
+        kv.visit(&codec::inbox_prefix(None), from.as_deref(), &mut |k, v| {
+            if Some(k) != from.as_deref() {
+                raw.push((k.to_vec(), v.to_vec()));
+            }
+            Ok(raw.len() < limit)
+        })?;
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    for (k, v) in raw {
+        let (key, id) = codec::inbox_ids_of(&k)?;
+        let taken = kv.get(&codec::taken_key(&key, &id)?)?;
+        out.push(codec::decode_delivery(&k, &v, taken.as_deref())?);
+    }
+    Ok(out)
+}
+
+/// The deletions that purge every delivery received before `before` (with its taken
+/// mark).
+pub(crate) fn inbox_purge_ops(kv: &impl Kv, before: Timestamp) -> Result<Vec<Op>> {
+    let mut ops = Vec::new();
+    let mut failed = None;
+    kv.visit(&codec::inbox_prefix(None), None, &mut |k, v| {
+        match codec::decode_delivery(k, v, None) {
+            Ok(d) if d.received_at < before => match codec::taken_key(&d.key, &d.id) {
+                Ok(t) => {
+                    ops.push(Op::Delete(k.to_vec()));
+                    ops.push(Op::Delete(t));
+                }
+                Err(e) => failed = Some(e),
+            },
+            Ok(_) => {}
+            // An undecodable delivery is kept for an operator to look at.
+            Err(_) => {}
+        }
+        Ok(failed.is_none())
+    })?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(ops),
+    }
 }

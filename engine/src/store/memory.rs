@@ -13,6 +13,7 @@ use crate::clock::{Clock, Timestamp};
 use crate::ids::{Lsn, SagaId, StartKey};
 use crate::machine::SagaStatus;
 use crate::store::codec::{self, Op};
+use crate::store::inbox::{Delivered, Delivery, Inbox};
 use crate::store::kv::{self, Kv};
 use crate::store::lease::{Answer, Lease, Leases, OwnerId, Request};
 use crate::store::lease_table::LeaseTable;
@@ -45,6 +46,9 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct MemLog {
     inner: Mutex<Inner>,
+    /// Held from a delivery's check for a duplicate to its sync: a duplicate is only
+    /// answered once the first delivery is durable.
+    delivering: Mutex<()>,
 }
 
 impl MemLog {
@@ -76,6 +80,7 @@ impl MemLog {
                 leases: Some(LeaseTable::new(clock, ttl)),
                 ..Inner::default()
             }),
+            delivering: Mutex::new(()),
         }
     }
 
@@ -173,6 +178,7 @@ impl MemLog {
                 durable,
                 ..Inner::default()
             }),
+            delivering: Mutex::new(()),
         }
     }
 }
@@ -269,6 +275,10 @@ impl Kv for MutexGuard<'_, Inner> {
 }
 
 impl SagaLog for MemLog {
+    fn inbox(&self) -> &dyn Inbox {
+        self
+    }
+
     fn check(&self) -> Result<super::check::Report> {
         let mut inner = self.lock();
         let (report, ops) = super::check::check(&inner)?;
@@ -468,5 +478,56 @@ impl Leases for MemLog {
 
     fn answer_of(&self, id: u64) -> Result<Option<Answer>> {
         Ok(self.table(|t| t.answer_of(id)).flatten())
+    }
+}
+
+impl Inbox for MemLog {
+    fn deliver(
+        &self,
+        key: &str,
+        id: &str,
+        payload: &serde_json::Value,
+        at: Timestamp,
+    ) -> Result<Delivered> {
+        let _one_at_a_time = self.delivering.lock().unwrap_or_else(|p| p.into_inner());
+        let k = codec::inbox_key(key, id)?;
+        let value = codec::encode_delivery(payload, at)?;
+        let seen = {
+            let mut inner = self.lock();
+            let seen = inner.visible.contains_key(&k);
+            if !seen {
+                let op = Op::Put(k, value);
+                apply(&mut inner.visible, &op);
+                inner.pending.push(op);
+            }
+            seen
+        };
+        self.sync()?;
+        Ok(if seen {
+            Delivered::Duplicate
+        } else {
+            Delivered::New
+        })
+    }
+
+    fn waiting(&self, key: &str) -> Result<Vec<Delivery>> {
+        kv::inbox_waiting(&self.lock(), key)
+    }
+
+    fn deliveries(&self, after: Option<(&str, &str)>, limit: usize) -> Result<Vec<Delivery>> {
+        kv::inbox_deliveries(&self.lock(), after, limit)
+    }
+
+    fn purge(&self, before: Timestamp) -> Result<usize> {
+        let mut inner = self.lock();
+        let ops = kv::inbox_purge_ops(&inner, before)?;
+        for op in &ops {
+            apply(&mut inner.visible, op);
+        }
+        let n = ops.len() / 2;
+        inner.pending.extend(ops);
+        drop(inner);
+        self.sync()?;
+        Ok(n)
     }
 }

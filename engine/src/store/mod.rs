@@ -15,8 +15,11 @@
 //! | `S` status saga-id | empty: the status index |
 //! | `T` due-time saga-id | empty: the durable retry timers |
 //! | `K` start-key | saga id: the start-key index (G6) |
+//! | `I` key-length key delivery-id | a delivered event ([`Inbox`]) |
+//! | `J` key-length key delivery-id | saga id: the saga that took it |
 
 mod check;
+pub mod inbox;
 // The byte layout is the stores' own business; tests that build damaged stores see it
 // through the `test-support` feature.
 #[cfg(feature = "test-support")]
@@ -43,6 +46,7 @@ use crate::ids::{Lsn, SagaId, StartKey};
 use crate::machine::SagaStatus;
 
 pub use check::{Finding, Report as CheckReport};
+pub use inbox::{Delivered, Delivery, Inbox, Taken};
 pub use lease::{Answer, Changes, Fence, Lease, Leases, OwnerId, Refused, Request};
 pub use memory::MemLog;
 #[cfg(feature = "postgres")]
@@ -253,6 +257,9 @@ pub struct Write {
     /// still at this epoch under this owner ([`Refused::Fenced`]). `None` in a store one
     /// process owns alone.
     pub fence: Option<Fence>,
+    /// Deliveries from the inbox that these records take (an await step's event): taken
+    /// in the same atomic write, so that an event is never lost nor applied twice.
+    pub taken: Vec<Taken>,
 }
 
 /// How many sagas a store holds, by status and by definition, as its counters say (a
@@ -309,6 +316,9 @@ pub trait SagaLog: Send + Sync + fmt::Debug + 'static {
         self.append(writes)?;
         Ok(vec![Ok(()); n])
     }
+
+    /// The store's inbox: events delivered for await steps (G10).
+    fn inbox(&self) -> &dyn Inbox;
 
     /// The lease operations, in a store several engine processes share; `None` in a
     /// store one process owns alone.

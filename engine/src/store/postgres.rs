@@ -32,11 +32,12 @@ use crate::ids::{Lsn, SagaId, StartKey};
 use crate::machine::SagaStatus;
 use crate::store::check::{Finding, Report};
 use crate::store::codec;
+use crate::store::inbox::{Delivered, Delivery, Inbox};
 use crate::store::lease::{Answer, Changes, Lease, Leases, OwnerId, Refused, Request};
 use crate::store::{Error, Result, SagaLog, SagaMeta, Write, WriteResult};
 
 /// The newest schema version this engine knows.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// How to open a [`PgLog`].
 #[derive(Clone, Debug)]
@@ -345,6 +346,18 @@ fn migrations(s: &str) -> Vec<String> {
         CREATE INDEX sagas_claimable ON {s}.sagas (lease_until NULLS FIRST) WHERE status IN {active};
         CREATE INDEX sagas_owner ON {s}.sagas (owner) WHERE owner IS NOT NULL;
         CREATE INDEX requests_open ON {s}.requests (saga) WHERE answer IS NULL;"
+    ),
+    // 2: the inbox of await steps (G10).
+    format!(
+        "CREATE TABLE {s}.inbox (
+            key text NOT NULL,
+            id text NOT NULL,
+            payload bytea NOT NULL,
+            received_at bigint NOT NULL,
+            taken_by bytea,
+            PRIMARY KEY (key, id)
+        );
+        CREATE INDEX inbox_received ON {s}.inbox (received_at);"
     )]
 }
 
@@ -587,6 +600,8 @@ impl PgLog {
 /// One write, as the parameters of its statement.
 struct Prepared {
     saga: SagaId,
+    /// Inbox deliveries the write takes: marked in its transaction, if it is accepted.
+    taken: Vec<(String, String)>,
     first: bool,
     owner: String,
     epoch: i64,
@@ -618,6 +633,7 @@ fn prepare(w: Write) -> Result<std::result::Result<Prepared, Refused>> {
     }
     Ok(Ok(Prepared {
         saga: w.saga,
+        taken: w.taken.into_iter().map(|t| (t.key, t.id)).collect(),
         // A saga's first write creates its row at epoch 1. A write without a previous
         // summary under a later epoch is to a row that exists (a saga claimed or adopted
         // whose summary did not decode): an update, fenced like any other.
@@ -637,6 +653,10 @@ fn prepare(w: Write) -> Result<std::result::Result<Prepared, Refused>> {
 }
 
 impl SagaLog for PgLog {
+    fn inbox(&self) -> &dyn Inbox {
+        self
+    }
+
     fn append(&self, writes: Vec<Write>) -> Result<()> {
         for r in self.append_each(writes)? {
             r.map_err(backend)?;
@@ -659,8 +679,17 @@ impl SagaLog for PgLog {
         // A saga that ends wakes whoever waits for it in another process.
         let ends = prepared.iter().any(|p| p.as_ref().is_ok_and(|p| !p.active));
         let channel = self.channel.clone();
-        // BEGIN, one statement per write, COMMIT, and the NOTIFY.
-        self.count(prepared.len() as u64 + 1 + u64::from(ends));
+        let take = format!(
+            "UPDATE {}.inbox SET taken_by = $1 WHERE key = $2 AND id = $3",
+            self.schema
+        );
+        let takes: u64 = prepared
+            .iter()
+            .map(|p| p.as_ref().map_or(0, |p| p.taken.len() as u64))
+            .sum();
+        // BEGIN, one statement per write (and per delivery taken), COMMIT, and the
+        // NOTIFY.
+        self.count(prepared.len() as u64 + takes + 1 + u64::from(ends));
         self.run(async move {
             let mut client = pool.get().await.map_err(backend)?;
             let insert = client.prepare_cached(&insert).await.map_err(backend)?;
@@ -735,6 +764,16 @@ impl SagaLog for PgLog {
                         }
                     }
                 });
+            }
+            // What the accepted writes take from the inbox, in their transaction.
+            for (p, r) in prepared.iter().zip(&results) {
+                if let (Ok(p), Ok(())) = (p, r) {
+                    for (key, id) in &p.taken {
+                        tx.execute(&take, &[&p.saga.as_bytes().as_slice(), key, id])
+                            .await
+                            .map_err(backend)?;
+                    }
+                }
             }
             if ends {
                 // Delivered at commit, to every process listening (this one too).
@@ -1219,5 +1258,103 @@ async fn listen(
         // time by nature, not an engine decision (those take the injected clock).
         #[allow(clippy::disallowed_methods)]
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// A delivery from an inbox row: key, id, value (encoded), received_at, taken_by.
+fn delivery_of(r: &tokio_postgres::Row) -> Result<Delivery> {
+    let key: String = r.get(0);
+    let id: String = r.get(1);
+    let payload: &[u8] = r.get(2);
+    let taken: Option<&[u8]> = r.get(4);
+    // The same value encoding as the other stores (it holds the time received, which
+    // is also a column for the purge); the key and id are columns.
+    codec::decode_delivery(&codec::inbox_key(&key, &id)?, payload, taken)
+}
+
+impl Inbox for PgLog {
+    fn deliver(
+        &self,
+        key: &str,
+        id: &str,
+        payload: &serde_json::Value,
+        at: Timestamp,
+    ) -> Result<Delivered> {
+        // Checked as the other stores check them, so that every store takes the same.
+        codec::inbox_key(key, id)?;
+        let value = codec::encode_delivery(payload, at)?;
+        let (pool, channel) = (self.pool.clone(), self.channel.clone());
+        let q = format!(
+            "INSERT INTO {}.inbox (key, id, payload, received_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT DO NOTHING",
+            self.schema
+        );
+        let (key, id, at) = (key.to_string(), id.to_string(), millis_param(at));
+        self.count(4);
+        self.run(async move {
+            let mut client = pool.get().await.map_err(backend)?;
+            let tx = client.transaction().await.map_err(backend)?;
+            let n = tx
+                .execute(&q, &[&key, &id, &value, &at])
+                .await
+                .map_err(backend)?;
+            if n == 1 {
+                // Wakes the await steps waiting in every process, at commit.
+                tx.execute("SELECT pg_notify($1, 'inbox')", &[&channel])
+                    .await
+                    .map_err(backend)?;
+            }
+            tx.commit().await.map_err(backend)?;
+            Ok(if n == 1 {
+                Delivered::New
+            } else {
+                Delivered::Duplicate
+            })
+        })
+    }
+
+    fn waiting(&self, key: &str) -> Result<Vec<Delivery>> {
+        let q = format!(
+            "SELECT key, id, payload, received_at, taken_by FROM {}.inbox \
+             WHERE key = $1 AND taken_by IS NULL ORDER BY received_at, id",
+            self.schema
+        );
+        self.rows(&self.pool, &q, vec![Box::new(key.to_string())])?
+            .iter()
+            .map(delivery_of)
+            .collect()
+    }
+
+    fn deliveries(&self, after: Option<(&str, &str)>, limit: usize) -> Result<Vec<Delivery>> {
+        let (k, i) = after.unwrap_or(("", ""));
+        let q = format!(
+            "SELECT key, id, payload, received_at, taken_by FROM {}.inbox \
+             WHERE (key, id) > ($1, $2) ORDER BY key, id LIMIT $3",
+            self.schema
+        );
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.rows(
+            &self.pool,
+            &q,
+            vec![
+                Box::new(k.to_string()),
+                Box::new(i.to_string()),
+                Box::new(limit),
+            ],
+        )?
+        .iter()
+        .map(delivery_of)
+        .collect()
+    }
+
+    fn purge(&self, before: Timestamp) -> Result<usize> {
+        let q = format!(
+            "WITH gone AS (DELETE FROM {}.inbox WHERE received_at < $1 RETURNING 1) \
+             SELECT count(*) FROM gone",
+            self.schema
+        );
+        let rows = self.rows(&self.pool, &q, vec![Box::new(millis_param(before))])?;
+        let n: i64 = rows.first().map_or(0, |r| r.get(0));
+        Ok(usize::try_from(n).unwrap_or(0))
     }
 }

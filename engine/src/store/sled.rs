@@ -31,6 +31,7 @@ use crate::clock::Timestamp;
 use crate::ids::{Lsn, SagaId, StartKey};
 use crate::machine::SagaStatus;
 use crate::store::codec::{self, Op};
+use crate::store::inbox::{Delivered, Delivery, Inbox};
 use crate::store::kv::{self, Kv};
 use crate::store::{Error, Result, SagaLog, SagaMeta, Write};
 
@@ -54,6 +55,9 @@ pub struct SledLog {
     /// The last commit number applied, and the witness of the last one synced. Held
     /// while a batch is applied, so that numbers reach sled in order.
     commits: Mutex<Commits>,
+    /// Held from a delivery's check for a duplicate to its sync: a duplicate is only
+    /// answered once the first delivery is durable.
+    delivering: Mutex<()>,
     /// For a read-only open: the private copy, removed when the store is dropped
     /// (declared last, so sled has let go of it by then).
     scratch: Option<Scratch>,
@@ -132,6 +136,7 @@ impl SledLog {
                 applied: found.unwrap_or(0),
                 witness,
             }),
+            delivering: Mutex::new(()),
             scratch: None,
         })
     }
@@ -410,6 +415,10 @@ impl SledLog {
 }
 
 impl SagaLog for SledLog {
+    fn inbox(&self) -> &dyn Inbox {
+        self
+    }
+
     fn check(&self) -> Result<super::check::Report> {
         self.check_inner(true)
     }
@@ -528,4 +537,45 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+impl Inbox for SledLog {
+    fn deliver(
+        &self,
+        key: &str,
+        id: &str,
+        payload: &serde_json::Value,
+        at: Timestamp,
+    ) -> Result<Delivered> {
+        let _one_at_a_time = self.delivering.lock().unwrap_or_else(|p| p.into_inner());
+        let k = codec::inbox_key(key, id)?;
+        let seen = Kv::get(&self.db, &k)?.is_some();
+        if !seen {
+            self.apply(vec![Op::Put(k, codec::encode_delivery(payload, at)?)])?;
+        }
+        self.sync()?;
+        Ok(if seen {
+            Delivered::Duplicate
+        } else {
+            Delivered::New
+        })
+    }
+
+    fn waiting(&self, key: &str) -> Result<Vec<Delivery>> {
+        kv::inbox_waiting(&self.db, key)
+    }
+
+    fn deliveries(&self, after: Option<(&str, &str)>, limit: usize) -> Result<Vec<Delivery>> {
+        kv::inbox_deliveries(&self.db, after, limit)
+    }
+
+    fn purge(&self, before: Timestamp) -> Result<usize> {
+        let ops = kv::inbox_purge_ops(&self.db, before)?;
+        let n = ops.len() / 2;
+        if !ops.is_empty() {
+            self.apply(ops)?;
+            self.sync()?;
+        }
+        Ok(n)
+    }
 }

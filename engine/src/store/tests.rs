@@ -55,6 +55,7 @@ fn first(saga: SagaId) -> Write {
         meta: meta(saga, SagaStatus::Running, 0, None),
         previous: None,
         fence: None,
+        taken: Vec::new(),
     }
 }
 
@@ -70,6 +71,7 @@ fn conformance(log: &dyn SagaLog) {
         }
         writes
     };
+    inbox_conformance(log, &fenced);
     let (a, b) = (id(1), id(2));
     log.append(fenced(vec![first(a), first(b)])).unwrap();
     log.sync().unwrap();
@@ -96,6 +98,7 @@ fn conformance(log: &dyn SagaLog) {
             meta: a1.clone(),
             previous: Some(meta(a, SagaStatus::Running, 0, None)),
             fence: None,
+            taken: Vec::new(),
         },
         Write {
             saga: b,
@@ -103,6 +106,7 @@ fn conformance(log: &dyn SagaLog) {
             meta: b1.clone(),
             previous: Some(meta(b, SagaStatus::Running, 0, None)),
             fence: None,
+            taken: Vec::new(),
         },
     ]))
     .unwrap();
@@ -163,6 +167,7 @@ fn conformance(log: &dyn SagaLog) {
         meta: a2,
         previous: Some(a1),
         fence: None,
+        taken: Vec::new(),
     }]))
     .unwrap();
     log.sync().unwrap();
@@ -227,6 +232,100 @@ fn counters_are_rebuilt_at_open_when_missing_or_wrong() {
         .unwrap();
     assert!(log.check().unwrap().findings.is_empty());
     assert_eq!(log.counts().unwrap().by_status[&SagaStatus::Running], 2);
+}
+
+/// The inbox's rules, on every store: a delivery is recorded once per key and id, waits
+/// until a write takes it (atomically with that write), lists in key and id order, and is
+/// purged by age; keys and ids are bounded.
+fn inbox_conformance(log: &dyn SagaLog, fenced: &dyn Fn(Vec<Write>) -> Vec<Write>) {
+    use crate::store::{Delivered, Taken};
+    let inbox = log.inbox();
+    let at = Timestamp::from_millis;
+    let deliver = |key: &str, id: &str, n: u64| inbox.deliver(key, id, &json!({ "n": n }), at(n));
+    assert_eq!(deliver("pay-1", "d1", 1).unwrap(), Delivered::New);
+    // The same id again, even with another payload: recorded once.
+    assert_eq!(deliver("pay-1", "d1", 9).unwrap(), Delivered::Duplicate);
+    assert_eq!(deliver("pay-1", "d2", 2).unwrap(), Delivered::New);
+    // The same id for another key is another delivery; a key that is a prefix of
+    // another does not see the other's deliveries.
+    assert_eq!(deliver("pay-10", "d1", 3).unwrap(), Delivered::New);
+    assert_eq!(deliver("pay-", "d1", 4).unwrap(), Delivered::New);
+    let ids = |v: Vec<crate::store::Delivery>| -> Vec<(String, String, u64)> {
+        v.into_iter()
+            .map(|d| (d.key, d.id, d.payload["n"].as_u64().unwrap()))
+            .collect()
+    };
+    let own = |k: &str, i: &str, n: u64| (k.to_string(), i.to_string(), n);
+    assert_eq!(
+        ids(inbox.waiting("pay-1").unwrap()),
+        [own("pay-1", "d1", 1), own("pay-1", "d2", 2)]
+    );
+    assert_eq!(ids(inbox.waiting("pay-").unwrap()), [own("pay-", "d1", 4)]);
+    assert!(inbox.waiting("nobody").unwrap().is_empty());
+    // Taken by a saga's write: gone from what waits, listed as taken.
+    let taker = id(90);
+    let mut w = first(taker);
+    w.taken = vec![Taken {
+        key: "pay-1".into(),
+        id: "d1".into(),
+    }];
+    log.append(fenced(vec![w])).unwrap();
+    log.sync().unwrap();
+    assert_eq!(
+        ids(inbox.waiting("pay-1").unwrap()),
+        [own("pay-1", "d2", 2)]
+    );
+    let all = inbox.deliveries(None, 10).unwrap();
+    assert_eq!(all.len(), 4);
+    let d1 = all
+        .iter()
+        .find(|d| d.key == "pay-1" && d.id == "d1")
+        .unwrap();
+    assert_eq!(d1.taken_by, Some(taker));
+    // Taken, it still answers duplicates.
+    assert_eq!(deliver("pay-1", "d1", 5).unwrap(), Delivered::Duplicate);
+    // Pages in key and id order.
+    let first_two = inbox.deliveries(None, 2).unwrap();
+    let next = inbox
+        .deliveries(Some((&first_two[1].key, &first_two[1].id)), 10)
+        .unwrap();
+    let mut keys: Vec<_> = first_two
+        .iter()
+        .chain(&next)
+        .map(|d| (d.key.clone(), d.id.clone()))
+        .collect();
+    assert_eq!(keys.len(), 4);
+    let sorted = {
+        let mut k = keys.clone();
+        k.sort();
+        k
+    };
+    assert_eq!(keys, sorted);
+    keys.dedup();
+    assert_eq!(keys.len(), 4);
+    // Bounded keys and ids.
+    assert!(deliver("", "d", 1).is_err());
+    assert!(deliver("k", "", 1).is_err());
+    assert!(deliver(&"k".repeat(300), "d", 1).is_err());
+    // Purged by age, taken or not.
+    assert_eq!(inbox.purge(at(3)).unwrap(), 2);
+    assert_eq!(ids(inbox.waiting("pay-1").unwrap()), []);
+    assert_eq!(inbox.deliveries(None, 10).unwrap().len(), 2);
+    assert_eq!(inbox.purge(at(100)).unwrap(), 2);
+    assert!(inbox.deliveries(None, 10).unwrap().is_empty());
+    // The taker is a saga like the others: removed, so the suite starts clean.
+    log.remove(taker).unwrap();
+    log.sync().unwrap();
+}
+
+#[test]
+fn a_delivery_survives_a_crash_once_acknowledged() {
+    let log = MemLog::new();
+    log.inbox()
+        .deliver("k", "d", &json!(1), Timestamp::from_millis(1))
+        .unwrap();
+    log.crash();
+    assert_eq!(log.inbox().waiting("k").unwrap().len(), 1);
 }
 
 #[test]
@@ -463,6 +562,7 @@ fn lease_conformance(log: &dyn SagaLog, ttl: std::time::Duration) {
         meta: meta(saga, status, lsn, None),
         previous: Some(meta(saga, SagaStatus::Running, lsn - 1, None)),
         fence: None,
+        taken: Vec::new(),
     };
     let s = id(21);
     let results = log
