@@ -374,6 +374,9 @@ impl Compensate for Gate {
 struct Discard;
 
 impl SagaLog for Discard {
+    fn inbox(&self) -> &dyn store::Inbox {
+        self
+    }
     fn append(&self, _: Vec<Write>) -> store::Result<()> {
         Ok(())
     }
@@ -408,6 +411,28 @@ impl SagaLog for Discard {
     }
     fn check(&self) -> store::Result<store::CheckReport> {
         Ok(store::CheckReport::default())
+    }
+}
+
+/// Keeps no delivery either (the bench has no await step).
+impl store::Inbox for Discard {
+    fn deliver(
+        &self,
+        _: &str,
+        _: &str,
+        _: &serde_json::Value,
+        _: Timestamp,
+    ) -> store::Result<store::Delivered> {
+        Ok(store::Delivered::New)
+    }
+    fn waiting(&self, _: &str) -> store::Result<Vec<store::Delivery>> {
+        Ok(Vec::new())
+    }
+    fn deliveries(&self, _: Option<(&str, &str)>, _: usize) -> store::Result<Vec<store::Delivery>> {
+        Ok(Vec::new())
+    }
+    fn purge(&self, _: Timestamp) -> store::Result<usize> {
+        Ok(0)
     }
 }
 

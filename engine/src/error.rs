@@ -121,6 +121,11 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A delivery (or approval) that cannot be accepted: an empty or too long key or
+    /// delivery id, a payload that does not serialize, or an approval of a step that does
+    /// not wait for an event. Nothing was written.
+    #[error("delivery refused: {0}")]
+    InvalidDelivery(String),
     /// In a store several engine processes share: this process no longer holds the
     /// saga's lease (it stalled past it, or lost the store for longer than the lease
     /// lasts), so its write was refused and it stopped driving the saga. The process
@@ -160,6 +165,7 @@ impl Error {
             Error::StartKeyConflict { .. } => "SAGA-0016",
             Error::CancelRefused { .. } => "SAGA-0017",
             Error::Fenced { .. } => "SAGA-0018",
+            Error::InvalidDelivery(_) => "SAGA-0019",
         }
     }
 }

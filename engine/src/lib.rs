@@ -201,8 +201,8 @@ pub use clock::{
     Clock, Entropy, OsEntropy, SeededEntropy, Sleep, SystemClock, Timestamp, TokioClock,
 };
 pub use definition::{
-    Compensate, GroupBuilder, Idempotence, Retention, RetryPolicy, SagaDefinition,
-    SagaDefinitionBuilder, Step, StepContext, StepError, StepKind, StepOptions,
+    Await, Compensate, GroupBuilder, Idempotence, OnTimeout, Retention, RetryPolicy,
+    SagaDefinition, SagaDefinitionBuilder, Step, StepContext, StepError, StepKind, StepOptions,
 };
 pub use error::{Error, Result};
 pub use executor::{

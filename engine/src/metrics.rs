@@ -72,6 +72,7 @@ pub(crate) struct Metrics {
     durable_writes: Counter,
     deleted: Counter,
     claimed: Counter,
+    deliveries: Counter,
     leases: Gauge,
     seen_commits: AtomicU64,
     seen_writes: AtomicU64,
@@ -101,12 +102,18 @@ impl Metrics {
             durable_writes: Counter::default(),
             deleted: Counter::default(),
             claimed: Counter::default(),
+            deliveries: Counter::default(),
             leases: Gauge::default(),
             seen_commits: AtomicU64::new(0),
             seen_writes: AtomicU64::new(0),
             registry: Registry::default(),
         };
         registry.register("sagas_started", "Sagas started", m.started.clone());
+        registry.register(
+            "deliveries",
+            "Events accepted for await steps (duplicates not counted)",
+            m.deliveries.clone(),
+        );
         registry.register(
             "sagas_ended",
             "Sagas that ended, by outcome (completed, compensated, parked, resolved)",
@@ -248,6 +255,10 @@ impl Metrics {
                 })
                 .inc();
         }
+    }
+
+    pub(crate) fn delivered(&self) {
+        self.deliveries.inc();
     }
 
     pub(crate) fn repaired(&self, definition: &str, action: &str) {

@@ -171,6 +171,10 @@ fn dead() -> store::Error {
 }
 
 impl SagaLog for CrashableStore {
+    fn inbox(&self) -> &dyn store::Inbox {
+        self
+    }
+
     fn append(&self, writes: Vec<Write>) -> store::Result<()> {
         let plan = &self.plan;
         match plan.on_append() {
@@ -239,5 +243,40 @@ impl SagaLog for CrashableStore {
             return Err(dead());
         }
         self.inner.remove_batch(sagas)
+    }
+}
+
+/// Deliveries are durable writes too: none is accepted once the process died.
+impl store::Inbox for CrashableStore {
+    fn deliver(
+        &self,
+        key: &str,
+        id: &str,
+        payload: &serde_json::Value,
+        at: sagaflow::Timestamp,
+    ) -> store::Result<store::Delivered> {
+        if self.plan.crashed() {
+            return Err(dead());
+        }
+        self.inner.inbox().deliver(key, id, payload, at)
+    }
+
+    fn waiting(&self, key: &str) -> store::Result<Vec<store::Delivery>> {
+        self.inner.inbox().waiting(key)
+    }
+
+    fn deliveries(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> store::Result<Vec<store::Delivery>> {
+        self.inner.inbox().deliveries(after, limit)
+    }
+
+    fn purge(&self, before: sagaflow::Timestamp) -> store::Result<usize> {
+        if self.plan.crashed() {
+            return Err(dead());
+        }
+        self.inner.inbox().purge(before)
     }
 }

@@ -51,6 +51,9 @@ impl Cut {
 }
 
 impl SagaLog for Cut {
+    fn inbox(&self) -> &dyn sagaflow::store::Inbox {
+        self
+    }
     fn append(&self, writes: Vec<Write>) -> sagaflow::store::Result<()> {
         self.inner.append(writes)
     }
@@ -658,4 +661,34 @@ async fn crossed_cancels_between_two_processes_both_return() {
     }
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
+}
+
+/// A process cut off from the store accepts no delivery and sees none.
+impl sagaflow::store::Inbox for Cut {
+    fn deliver(
+        &self,
+        key: &str,
+        id: &str,
+        payload: &serde_json::Value,
+        at: Timestamp,
+    ) -> sagaflow::store::Result<sagaflow::store::Delivered> {
+        self.refuse()?;
+        self.inner.inbox().deliver(key, id, payload, at)
+    }
+    fn waiting(&self, key: &str) -> sagaflow::store::Result<Vec<sagaflow::store::Delivery>> {
+        self.refuse()?;
+        self.inner.inbox().waiting(key)
+    }
+    fn deliveries(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> sagaflow::store::Result<Vec<sagaflow::store::Delivery>> {
+        self.refuse()?;
+        self.inner.inbox().deliveries(after, limit)
+    }
+    fn purge(&self, before: Timestamp) -> sagaflow::store::Result<usize> {
+        self.refuse()?;
+        self.inner.inbox().purge(before)
+    }
 }

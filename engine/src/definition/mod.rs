@@ -6,6 +6,7 @@
 //! under the same version is caught at recovery instead of being run against a log it
 //! does not match.
 
+mod await_event;
 mod retry;
 mod step;
 
@@ -14,6 +15,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use await_event::{Await, KeyFn, OnTimeout};
 pub use retry::RetryPolicy;
 pub(crate) use step::ErasedStep;
 pub use step::{Compensate, Step, StepContext, StepError};
@@ -194,6 +196,8 @@ pub(crate) struct StepDef {
     /// concurrently; stages run one after another.
     pub(crate) stage: u32,
     pub(crate) kind: StepKind,
+    /// For an await step: how it finds its event.
+    pub(crate) awaits: Option<Await>,
     pub(crate) options: StepOptions,
     pub(crate) code: Arc<dyn ErasedStep>,
 }
@@ -204,6 +208,7 @@ impl fmt::Debug for StepDef {
             .field("name", &self.name)
             .field("kind", &self.kind)
             .field("stage", &self.stage)
+            .field("awaits", &self.awaits)
             .field("options", &self.options)
             .finish_non_exhaustive()
     }
@@ -369,6 +374,11 @@ impl SagaDefinition {
         self.steps.get(index).map(|s| s.kind)
     }
 
+    /// Whether step `index` is an await step.
+    pub fn is_await(&self, index: usize) -> bool {
+        self.steps.get(index).is_some_and(|s| s.awaits.is_some())
+    }
+
     pub(crate) fn step(&self, index: usize) -> Option<&StepDef> {
         self.steps.get(index)
     }
@@ -473,10 +483,46 @@ impl SagaDefinitionBuilder {
             name,
             stage,
             kind,
+            awaits: None,
             options,
             code,
         });
         self
+    }
+
+    /// Adds an await step: it waits for the event addressed to its saga by the
+    /// correlation key `spec` derives, until `spec`'s deadline; the event's payload
+    /// becomes its output. Before the pivot it is compensatable (by
+    /// [`Await::compensate_with`], or by nothing if it has no undo); after it, retriable
+    /// in kind, but a timeout is never retried: it parks the saga.
+    ///
+    /// Events are delivered with [`crate::Engine::deliver`]; one that arrives before
+    /// the saga reaches the step waits for it.
+    pub fn await_event(self, name: impl Into<String>, spec: Await) -> Self {
+        let past_pivot = self.steps.iter().any(|s| s.kind == StepKind::Pivot);
+        let kind = if past_pivot {
+            StepKind::Retriable
+        } else {
+            StepKind::Compensatable
+        };
+        let code: Arc<dyn ErasedStep> = match &spec.compensation {
+            Some(c) => c.clone(),
+            None => Arc::new(step::NoUndo),
+        };
+        // One attempt: a wait that timed out is not waited again. A crash is not an
+        // attempt, and a long wait may see many: only a loop of them parks.
+        let options = StepOptions::default()
+            .with_retry(
+                RetryPolicy::default()
+                    .with_max_attempts(1)
+                    .with_attempt_timeout(spec.within),
+            )
+            .with_max_interruptions(1000);
+        let mut this = self.push(name, kind, code, options);
+        if let Some(last) = this.steps.last_mut() {
+            last.awaits = Some(spec);
+        }
+        this
     }
 
     /// Adds a parallel group: the steps `build` adds run concurrently, each with its
@@ -662,6 +708,11 @@ impl GroupBuilder {
     /// Adds a compensatable branch.
     pub fn step(self, name: impl Into<String>, step: impl Compensate) -> Self {
         self.with(|b| b.step(name, step))
+    }
+
+    /// Adds an await branch: see [`SagaDefinitionBuilder::await_event`].
+    pub fn await_event(self, name: impl Into<String>, spec: Await) -> Self {
+        self.with(|b| b.await_event(name, spec))
     }
 
     /// Adds a retriable branch (a group after the pivot).

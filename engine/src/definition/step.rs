@@ -379,6 +379,26 @@ pub(crate) trait ErasedStep: Send + Sync {
 /// A pivot or retriable step: never compensated.
 pub(crate) struct Forward<S>(pub(crate) S);
 
+/// The code of an await step without an undo: the engine waits for the event instead
+/// of executing anything, and there is nothing to compensate.
+pub(crate) struct NoUndo;
+
+#[async_trait]
+impl ErasedStep for NoUndo {
+    fn check_input(&self, _: &Value) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn execute(&self, _: StepContext) -> Result<Value, StepError> {
+        // The driver waits for an await step's event; it never executes its code.
+        Err(StepError::rejected("an await step has nothing to execute"))
+    }
+
+    async fn compensate(&self, _: StepContext, _: Option<Value>) -> Result<(), StepError> {
+        Ok(())
+    }
+}
+
 /// A compensatable step.
 pub(crate) struct Undoable<S>(pub(crate) S);
 

@@ -12,13 +12,13 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::clock::Timestamp;
-use crate::definition::{ErasedStep, SagaDefinition, StepContext, StepError};
+use crate::definition::{ErasedStep, OnTimeout, SagaDefinition, StepContext, StepError};
 use crate::error::{Error, Result};
-use crate::executor::{lock, Asked, Inner, PendingRepair, RepairError, SagaOutcome};
+use crate::executor::{inbox, lock, Asked, Inner, PendingRepair, RepairError, SagaOutcome};
 use crate::ids::{Attempt, IdempotencyKey, Phase};
 use crate::machine::{
     check_cancel, check_repair, decide, next_attempt_at, Decision, Event, FailureKind, Live,
-    LogRecord, Refusal, Repair, SagaState,
+    LogRecord, Progress, Refusal, Repair, SagaState,
 };
 use crate::store::{Fence, Lease, SagaMeta, Taken, Write};
 
@@ -72,6 +72,9 @@ impl Future for CatchPanic<'_> {
 
 /// An attempt whose start is recorded, ready to run in its own task.
 struct Launch {
+    /// For an await step: the key it waits on (or why there is none), and what its
+    /// timeout means.
+    awaits: Option<(std::result::Result<String, String>, OnTimeout)>,
     step: u32,
     phase: Phase,
     attempt: Attempt,
@@ -86,6 +89,8 @@ struct Launch {
 
 /// How an attempt ended, before it is written down.
 struct Ended {
+    /// For an await step whose event came: the delivery it takes.
+    delivery: Option<Taken>,
     step: u32,
     phase: Phase,
     attempt: Attempt,
@@ -97,7 +102,11 @@ struct Ended {
 impl Launch {
     /// Runs the attempt to its end or its deadline.
     async fn run(self, inner: Arc<Inner>) -> Ended {
+        if let Some((key, on_timeout)) = self.awaits.clone() {
+            return self.wait(inner, key, on_timeout).await;
+        }
         let Launch {
+            awaits: _,
             step,
             phase,
             attempt,
@@ -142,10 +151,63 @@ impl Launch {
             },
         };
         Ended {
+            delivery: None,
             step,
             phase,
             attempt,
             name,
+            took: inner.clock.now().duration_since(began),
+            result,
+        }
+    }
+
+    /// An await step's attempt: waits for its event until the deadline.
+    async fn wait(
+        self,
+        inner: Arc<Inner>,
+        key: std::result::Result<String, String>,
+        on_timeout: OnTimeout,
+    ) -> Ended {
+        let began = inner.clock.now();
+        let (result, delivery) = match key {
+            Err(why) => (
+                Err(Failure {
+                    kind: FailureKind::Rejected,
+                    message: crate::payload::bound_message(format!("no correlation key: {why}")),
+                    hint: None,
+                }),
+                None,
+            ),
+            Ok(key) => match inbox::await_event(&inner, &key, self.deadline).await {
+                inbox::Awaited::Event(d) => (
+                    Ok(d.payload),
+                    Some(Taken {
+                        key: d.key,
+                        id: d.id,
+                    }),
+                ),
+                inbox::Awaited::TimedOut => (
+                    Err(Failure {
+                        kind: match on_timeout {
+                            OnTimeout::Unknown => FailureKind::Timeout,
+                            _ => FailureKind::Rejected,
+                        },
+                        message: crate::payload::bound_message(format!(
+                            "no event for `{key}` by {}",
+                            self.deadline
+                        )),
+                        hint: None,
+                    }),
+                    None,
+                ),
+            },
+        };
+        Ended {
+            delivery,
+            step: self.step,
+            phase: self.phase,
+            attempt: self.attempt,
+            name: self.name,
             took: inner.clock.now().duration_since(began),
             result,
         }
@@ -538,7 +600,19 @@ impl Driver {
         };
         let name = sd.name.clone();
         let code = sd.code.clone();
-        let deadline = self.inner.clock.now().saturating_add(timeout);
+        let awaits = match phase {
+            Phase::Action => sd.awaits.clone(),
+            Phase::Compensation => None,
+        };
+        let now = self.inner.clock.now();
+        let deadline = match (&awaits, self.state.steps.get(i)) {
+            // An await step waits until its deadline counted from when it began
+            // waiting, across restarts: an attempt after a crash keeps it.
+            (Some(_), Some(s)) if matches!(s.action, Progress::InFlight { .. }) => {
+                s.deadline.unwrap_or_else(|| now.saturating_add(timeout))
+            }
+            _ => now.saturating_add(timeout),
+        };
         self.record(Event::attempt_started(phase, step, attempt, deadline))?;
         let ctx = StepContext {
             saga_id: self.state.id,
@@ -553,7 +627,32 @@ impl Driver {
                 (!outputs.is_empty()).then(|| Arc::new(outputs))
             },
         };
+        let awaits = match awaits {
+            Some(spec) => {
+                let key = (spec.key)(&ctx).and_then(|k| {
+                    let max = crate::store::inbox::MAX_INBOX_ID_LEN;
+                    if k.is_empty() || k.len() > max {
+                        Err(format!(
+                            "a key of {} bytes (1 to {max} are accepted)",
+                            k.len()
+                        ))
+                    } else {
+                        Ok(k)
+                    }
+                });
+                if let Ok(k) = &key {
+                    self.record(Event::Awaiting {
+                        step,
+                        attempt,
+                        key: k.clone(),
+                    })?;
+                }
+                Some((key, spec.on_timeout))
+            }
+            None => None,
+        };
         Ok(Launch {
+            awaits,
             step,
             phase,
             attempt,
@@ -576,6 +675,7 @@ impl Driver {
         // runtime is going away. The driver stops as in a crash: the attempt stays in
         // flight in the log, and whoever drives the saga next treats it as interrupted.
         let Ended {
+            delivery,
             step,
             phase,
             attempt,
@@ -597,11 +697,22 @@ impl Driver {
             result.as_ref().err().map(|f| f.kind),
         );
         match (phase, result) {
-            (Phase::Action, Ok(output)) => self.record(Event::StepSucceeded {
-                step,
-                attempt,
-                output,
-            }),
+            (Phase::Action, Ok(output)) => {
+                if let Some(taken) = delivery {
+                    // Taken in the write that records it: never lost, never twice.
+                    self.record(Event::EventReceived {
+                        step,
+                        attempt,
+                        delivery: taken.id.clone(),
+                    })?;
+                    self.taken.push(taken);
+                }
+                self.record(Event::StepSucceeded {
+                    step,
+                    attempt,
+                    output,
+                })
+            }
             (Phase::Compensation, Ok(_)) => {
                 self.record(Event::CompensationSucceeded { step, attempt })
             }

@@ -5,6 +5,7 @@
 
 mod commit;
 mod driver;
+mod inbox;
 mod ownership;
 mod retention;
 
@@ -212,6 +213,11 @@ pub struct EngineOptions {
     /// In a shared store: at most this many sagas claimed per store call (at least 1
     /// is used).
     pub claim_batch: usize,
+    /// How long the inbox keeps a delivered event (taken by a saga or not): an event
+    /// for a key no saga waits on is visible to operators that long, and a taken one
+    /// answers a repeated delivery as a duplicate that long. `None`: kept until purged
+    /// by hand. Default 7 days. Purged by the retention task.
+    pub inbox_retention: Option<Duration>,
 }
 
 impl Default for EngineOptions {
@@ -229,6 +235,7 @@ impl Default for EngineOptions {
             retention_max_per_sec: Some(2000),
             lease_tick: Duration::from_secs(1),
             claim_batch: 1000,
+            inbox_retention: Some(Duration::from_secs(7 * 24 * 3600)),
         }
     }
 }
@@ -274,6 +281,12 @@ impl EngineOptions {
     /// Sets [`EngineOptions::default_retention`].
     pub fn with_default_retention(mut self, r: crate::Retention) -> Self {
         self.default_retention = r;
+        self
+    }
+
+    /// Sets [`EngineOptions::inbox_retention`].
+    pub fn with_inbox_retention(mut self, keep: Option<Duration>) -> Self {
+        self.inbox_retention = keep;
         self
     }
 
@@ -342,6 +355,8 @@ pub(crate) struct Inner {
     /// are kept while a shutdown lets the attempts in flight finish.
     pub(crate) renewals_stop: watch::Sender<bool>,
     renewals: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The await steps of this process, by the correlation key they wait on.
+    pub(crate) waiters: inbox::Waiters,
 }
 
 /// What an operator (or a caller) asks of a saga's driver.
@@ -748,6 +763,7 @@ impl EngineBuilder {
             owner: self.owner.unwrap_or_else(OwnerId::generate),
             renewals_stop: watch::channel(false).0,
             renewals: Mutex::new(None),
+            waiters: inbox::Waiters::default(),
         });
         let report = recovery::recover(&inner).await?;
         if inner.shared() {

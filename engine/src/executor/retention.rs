@@ -5,6 +5,10 @@
 //! It walks the finish-time index (`F`), never the sagas themselves, and deletes only
 //! sagas whose summary says they ended for good (completed, compensated, cancelled,
 //! resolved): a parked or active saga is never deleted, whatever the index says.
+//!
+//! The same task deletes the inbox's deliveries older than
+//! [`crate::EngineOptions::inbox_retention`]: an event no saga waited for is kept that
+//! long for operators to see, and a taken one answers duplicates that long.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,6 +93,7 @@ pub(crate) async fn run(inner: Arc<Inner>, every: Duration, batch: usize) {
                 _ = stopping.changed() => return,
                 () = inner.clock.sleep_until(next) => {}
             }
+            purge_inbox(&inner).await;
         }
         let Some(shortest) = inner.shortest_retention() else {
             continue;
@@ -138,5 +143,26 @@ pub(crate) async fn run(inner: Arc<Inner>, every: Duration, batch: usize) {
                 backlog = false;
             }
         }
+    }
+}
+
+/// Deletes the deliveries received more than the inbox retention ago.
+async fn purge_inbox(inner: &Arc<Inner>) {
+    let Some(keep) = inner.options.inbox_retention else {
+        return;
+    };
+    let before = Timestamp::from_millis(
+        inner
+            .clock
+            .now()
+            .as_millis()
+            .saturating_sub(u64::try_from(keep.as_millis()).unwrap_or(u64::MAX)),
+    );
+    let store = inner.store.clone();
+    match tokio::task::spawn_blocking(move || store.inbox().purge(before)).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::debug!(deleted = n, "inbox purged"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "inbox purge failed; tried again later"),
+        Err(e) => tracing::warn!(error = %e, "inbox purge did not finish"),
     }
 }

@@ -254,6 +254,27 @@ pub enum Event {
         /// Why.
         reason: ParkReason,
     },
+    /// The attempt of an await step just started waits for the event addressed to
+    /// `key` (written with its start).
+    Awaiting {
+        /// Step index.
+        step: u32,
+        /// Attempt number.
+        attempt: Attempt,
+        /// The correlation key, derived from the saga's input and earlier outputs.
+        key: String,
+    },
+    /// The event an await step waited for arrived: delivery `delivery` of its key was
+    /// taken from the inbox (in the same write); the step's success, with the event's
+    /// payload as its output, follows.
+    EventReceived {
+        /// Step index.
+        step: u32,
+        /// Attempt number.
+        attempt: Attempt,
+        /// The sender's delivery id.
+        delivery: String,
+    },
     /// An operator repaired the saga.
     OperatorAction {
         /// What they did.
@@ -347,7 +368,9 @@ impl Event {
             | Event::StepFailed { step, .. }
             | Event::CompensationAttemptStarted { step, .. }
             | Event::CompensationSucceeded { step, .. }
-            | Event::CompensationFailed { step, .. } => Some(*step),
+            | Event::CompensationFailed { step, .. }
+            | Event::Awaiting { step, .. }
+            | Event::EventReceived { step, .. } => Some(*step),
             Event::OperatorAction {
                 action:
                     Repair::SkipStep { step }
@@ -368,6 +391,8 @@ impl Event {
             Event::StepSucceeded { .. } => "step_succeeded",
             Event::StepFailed { .. } => "step_failed",
             Event::CompensationBegan { .. } => "compensation_began",
+            Event::Awaiting { .. } => "awaiting",
+            Event::EventReceived { .. } => "event_received",
             Event::CompensationAttemptStarted { .. } => "compensation_attempt_started",
             Event::CompensationSucceeded { .. } => "compensation_succeeded",
             Event::CompensationFailed { .. } => "compensation_failed",

@@ -195,6 +195,10 @@ pub struct StepState {
     pub interrupted: Interruptions,
     /// Interrupted attempts of the compensation.
     pub compensation_interrupted: Interruptions,
+    /// For an await step: the correlation key its latest attempt waits (or waited) on.
+    pub awaits: Option<String>,
+    /// For an await step: the delivery it took, once its event arrived.
+    pub delivery: Option<String>,
 }
 
 impl StepState {
@@ -342,6 +346,8 @@ impl SagaState {
                         effect_possible: false,
                         interrupted: Interruptions::default(),
                         compensation_interrupted: Interruptions::default(),
+                        awaits: None,
+                        delivery: None,
                     })
                     .collect(),
                 kinds: (0..steps.len())
@@ -497,6 +503,30 @@ impl SagaState {
                     s.unknown_until = s.unknown_until.max(s.deadline);
                 }
                 s.interrupted.in_a_row = 0;
+            }
+            Event::Awaiting { step, attempt, key } => {
+                let i = step_mut(*step)?;
+                let s = &mut self.steps[i];
+                if s.action != (Progress::InFlight { attempt: *attempt }) || s.delivery.is_some() {
+                    return Err(err(format!(
+                        "attempt {attempt} of step {step} is not running"
+                    )));
+                }
+                s.awaits = Some(key.clone());
+            }
+            Event::EventReceived {
+                step,
+                attempt,
+                delivery,
+            } => {
+                let i = step_mut(*step)?;
+                let s = &mut self.steps[i];
+                if s.action != (Progress::InFlight { attempt: *attempt }) || s.awaits.is_none() {
+                    return Err(err(format!(
+                        "step {step} does not wait for an event at attempt {attempt}"
+                    )));
+                }
+                s.delivery = Some(delivery.clone());
             }
             Event::CompensationBegan { reason } => {
                 self.expect_status(SagaStatus::Running, lsn)?;

@@ -1,0 +1,248 @@
+//! Events for await steps: accepting a delivery (durable before it is acknowledged, G10)
+//! and the wait of an await step for its event.
+//!
+//! A delivery is written to the store's inbox first; then the await steps of this
+//! process that wait on its key are woken. An await step looks in the inbox when it
+//! begins (an event that came first is there), whenever it is woken, and, in a store
+//! other processes share, at every lease tick and on the store's change hint (a delivery
+//! accepted by another process). It takes the delivery in the write that records its
+//! success, so that an event is applied once, and never lost, whatever crashes when.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::clock::Timestamp;
+use crate::error::{Error, Result};
+use crate::executor::{lock, Engine, Inner};
+use crate::ids::SagaId;
+use crate::machine::SagaState;
+use crate::store::{Delivered, Delivery};
+
+/// The await steps of this process waiting on each correlation key.
+#[derive(Default)]
+pub(crate) struct Waiters {
+    keys: Mutex<HashMap<String, (watch::Sender<u64>, usize)>>,
+}
+
+/// One await step's registration; unregisters when dropped.
+pub(crate) struct Waiting<'a> {
+    waiters: &'a Waiters,
+    key: String,
+    pub(crate) woken: watch::Receiver<u64>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut keys = lock(&self.waiters.keys);
+        if let Some((_, n)) = keys.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                keys.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Waiters {
+    /// Registers a wait on `key`.
+    pub(crate) fn watch(&self, key: &str) -> Waiting<'_> {
+        let mut keys = lock(&self.keys);
+        let (tx, n) = keys
+            .entry(key.to_string())
+            .or_insert_with(|| (watch::channel(0).0, 0));
+        *n += 1;
+        Waiting {
+            waiters: self,
+            key: key.to_string(),
+            woken: tx.subscribe(),
+        }
+    }
+
+    /// Wakes the waits on `key`.
+    pub(crate) fn wake(&self, key: &str) {
+        if let Some((tx, _)) = lock(&self.keys).get(key) {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+}
+
+/// How an await step's wait ended.
+pub(crate) enum Awaited {
+    /// Its event: the delivery to take.
+    Event(Delivery),
+    /// Its deadline passed first.
+    TimedOut,
+}
+
+/// Waits for the event addressed to `key` until `deadline`. A store that cannot be read
+/// for a while only delays the wait: it is read again at the next tick.
+pub(crate) async fn await_event(inner: &Arc<Inner>, key: &str, deadline: Timestamp) -> Awaited {
+    let mut waiting = inner.waiters.watch(key);
+    // In a shared store a delivery may be accepted by another process: its hint, and a
+    // poll at every lease tick in case the hint is missed.
+    let mut hint = inner
+        .store
+        .leases()
+        .and_then(|l| l.changes())
+        .map(|c| c.outcomes);
+    let remote = inner.shared();
+    loop {
+        let k = key.to_string();
+        let mut failed = false;
+        match inner.io(move |s| s.inbox().waiting(&k)).await {
+            Ok(Ok(waiting)) => {
+                if let Some(d) = waiting.into_iter().next() {
+                    return Awaited::Event(d);
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(key, error = %e, "the inbox could not be read; trying again");
+                failed = true;
+            }
+            Err(e) => {
+                tracing::warn!(key, error = %e, "the inbox could not be read; trying again");
+                failed = true;
+            }
+        }
+        let poll = inner
+            .clock
+            .now()
+            .saturating_add(inner.options.lease_tick)
+            .min(deadline);
+        tokio::select! {
+            biased;
+            () = inner.clock.sleep_until(deadline) => return Awaited::TimedOut,
+            _ = waiting.woken.changed() => {}
+            _ = async {
+                match hint.as_mut() {
+                    Some(h) => { let _ = h.changed().await; }
+                    None => std::future::pending().await,
+                }
+            } => {}
+            () = inner.clock.sleep_until(poll), if remote || failed => {}
+        }
+    }
+}
+
+impl Engine {
+    /// Delivers an event for the await step waiting on `key` (or that will): returns
+    /// once it is durable (G10). A second delivery with the same key and `delivery_id`
+    /// is not recorded again and is answered [`Delivered::Duplicate`]. An event no saga
+    /// takes is kept for [`crate::EngineOptions::inbox_retention`] and listed by
+    /// [`Engine::deliveries`].
+    ///
+    /// With sled the engine must be up to accept it (the sender retries until it gets an
+    /// answer); with a shared store any process accepts it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidDelivery`] for an empty or too long key or id,
+    /// [`Error::PayloadTooLarge`] or [`Error::PayloadTooDeep`] for a payload over the
+    /// limits, [`Error::ShuttingDown`], or a store error (nothing acknowledged: retry).
+    pub async fn deliver(&self, key: &str, delivery_id: &str, payload: Value) -> Result<Delivered> {
+        let inner = &self.inner;
+        if *inner.stopping.borrow() {
+            return Err(Error::ShuttingDown);
+        }
+        let max = crate::store::inbox::MAX_INBOX_ID_LEN;
+        for (what, v) in [("correlation key", key), ("delivery id", delivery_id)] {
+            if v.is_empty() || v.len() > max {
+                return Err(Error::InvalidDelivery(format!(
+                    "a {what} has 1 to {max} bytes, not {}",
+                    v.len()
+                )));
+            }
+        }
+        let (limit, depth) = (
+            inner.options.max_payload_bytes,
+            inner.options.max_payload_depth,
+        );
+        let (payload, _) =
+            crate::payload::to_value(&payload, limit, depth).map_err(|e| match e {
+                crate::payload::Refused::Limit(crate::payload::Exceeded::Size { size, limit }) => {
+                    Error::PayloadTooLarge { size, limit }
+                }
+                crate::payload::Refused::Limit(crate::payload::Exceeded::Depth { limit }) => {
+                    Error::PayloadTooDeep { limit }
+                }
+                crate::payload::Refused::Invalid(e) => {
+                    Error::InvalidDelivery(format!("the payload does not serialize: {e}"))
+                }
+            })?;
+        let (k, id, at) = (key.to_string(), delivery_id.to_string(), inner.clock.now());
+        let delivered = inner
+            .io(move |s| s.inbox().deliver(&k, &id, &payload, at))
+            .await??;
+        if delivered == Delivered::New {
+            inner.waiters.wake(key);
+            inner.metrics.delivered();
+        }
+        tracing::info!(key, delivery_id, ?delivered, "event delivered");
+        Ok(delivered)
+    }
+
+    /// Approves the await step `step` of saga `id`: delivers to the key that step
+    /// waits on an event saying who approved and why (its output), with the delivery id
+    /// `approval/<saga>/<step>`, so that approving twice is a duplicate.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidDelivery`] if the saga has no such await step or it has not
+    /// begun waiting (its key is not known yet), [`Error::UnknownSaga`], or as
+    /// [`Engine::deliver`].
+    pub async fn approve(
+        &self,
+        id: SagaId,
+        step: &str,
+        operator: &str,
+        reason: &str,
+    ) -> Result<Delivered> {
+        crate::admin::check_who(id, operator, reason)?;
+        let history = self.history(id)?;
+        let state = SagaState::fold(id, &history).map_err(|e| Error::CorruptLog {
+            saga: id,
+            reason: e.to_string(),
+        })?;
+        let key = state
+            .steps
+            .iter()
+            .find(|s| s.name == step)
+            .ok_or_else(|| Error::InvalidDelivery(format!("saga {id} has no step `{step}`")))?
+            .awaits
+            .clone()
+            .ok_or_else(|| {
+                Error::InvalidDelivery(format!(
+                    "step `{step}` of saga {id} does not wait for an event (yet)"
+                ))
+            })?;
+        self.deliver(
+            &key,
+            &format!("approval/{id}/{step}"),
+            serde_json::json!({ "approved_by": operator, "reason": reason }),
+        )
+        .await
+    }
+
+    /// The inbox's deliveries, taken or not, in key and id order after `after`, at
+    /// most `limit`: what operators look at.
+    ///
+    /// # Errors
+    ///
+    /// A store error.
+    pub async fn deliveries(
+        &self,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<Delivery>> {
+        Ok(self
+            .inner
+            .io(move |s| {
+                s.inbox()
+                    .deliveries(after.as_ref().map(|(k, i)| (k.as_str(), i.as_str())), limit)
+            })
+            .await??)
+    }
+}
