@@ -67,6 +67,7 @@ fn write(n: u64, fence: Option<&OwnerId>) -> Write {
         last_lsn: Lsn(0),
         due: None,
         settling_until: None,
+        awaiting: None,
         starts_at: None,
         reason: (status == SagaStatus::Parked).then(|| "needs a look".to_string()),
         finished_at: (status == SagaStatus::Completed).then_some(at),

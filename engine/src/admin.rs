@@ -99,11 +99,12 @@ const PAGE: usize = 500;
 /// Whether a saga is stuck at `now`: running or compensating, with no transition for
 /// longer than `threshold`, and not waiting for a retry that is still to come (a saga
 /// that waits an hour for a 429's Retry-After is not stuck; one whose retry was due an
-/// hour ago and has not run is).
+/// hour ago and has not run is), nor for an event before the await step's deadline.
 pub fn is_stuck(meta: &SagaMeta, now: Timestamp, threshold: Duration) -> bool {
     meta.status.is_active()
         && now.duration_since(meta.updated_at) > threshold
         && meta.due.is_none_or(|due| due <= now)
+        && meta.awaiting.as_ref().is_none_or(|a| a.until <= now)
 }
 
 /// The sagas in `store` that pass `filter`, oldest first (or newest first), from its

@@ -213,4 +213,4 @@ pub use ids::{Attempt, IdempotencyKey, Lsn, Phase, SagaId, StartKey};
 pub use machine::{FailureKind, LogRecord, ParkKind, ParkReason, SagaStatus};
 pub use payload::{bound_message, MAX_MESSAGE_BYTES, MAX_PAYLOAD_DEPTH};
 pub use recovery::RecoveryReport;
-pub use store::SagaMeta;
+pub use store::{Awaiting, SagaMeta};

@@ -309,3 +309,35 @@ async fn bad_deliveries_are_refused_and_write_nothing() {
     ));
     assert!(e.deliveries(None, 10).await.unwrap().is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_saga_waiting_for_its_event_is_not_stuck() {
+    let ledger = Ledger::new();
+    let e = engine(Arc::new(MemLog::new()), &ledger, OnTimeout::Rejected).await;
+    let id = e.start("paid", json!({"order": "o8"}), None).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(30 * 60)).await;
+    let meta = e.status(id).unwrap();
+    let awaiting = meta.awaiting.clone().expect("waiting for its event");
+    assert_eq!(awaiting.key, "settlement/o8");
+    assert_eq!(
+        awaiting.until.as_millis(),
+        meta.created_at.as_millis() + 3_600_000
+    );
+    // Half an hour without a transition, with a 15-minute threshold: waiting, not stuck.
+    let now = Timestamp::from_millis(meta.created_at.as_millis() + 30 * 60_000);
+    assert!(!sagaflow::admin::is_stuck(
+        &meta,
+        now,
+        Duration::from_secs(15 * 60)
+    ));
+    // Past its deadline with nothing happening, it would be.
+    let later = Timestamp::from_millis(awaiting.until.as_millis() + 20 * 60_000);
+    assert!(sagaflow::admin::is_stuck(
+        &meta,
+        later,
+        Duration::from_secs(15 * 60)
+    ));
+    e.deliver("settlement/o8", "wh-8", json!({})).await.unwrap();
+    e.wait(id).await.unwrap();
+    assert_eq!(e.status(id).unwrap().awaiting, None);
+}

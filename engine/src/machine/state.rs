@@ -762,6 +762,19 @@ impl SagaState {
         }
     }
 
+    /// The key an await step of the saga waits on now and its deadline (the earliest,
+    /// if several branches wait).
+    pub fn awaiting(&self) -> Option<(String, Timestamp)> {
+        if !self.status.is_active() {
+            return None;
+        }
+        self.steps
+            .iter()
+            .filter(|s| matches!(s.action, Progress::InFlight { .. }) && s.delivery.is_none())
+            .filter_map(|s| Some((s.awaits.clone()?, s.deadline?)))
+            .min_by_key(|(_, until)| *until)
+    }
+
     /// The status the saga is in, or was in before it was parked.
     pub fn working_status(&self) -> SagaStatus {
         match (self.status, self.parked_from) {

@@ -418,6 +418,7 @@ pub(crate) fn check(kv: &impl Kv) -> Result<(Report, Vec<Op>)> {
             last_lsn: crate::ids::Lsn(0),
             due: None,
             settling_until: None,
+            awaiting: None,
             starts_at: None,
             reason: Some(crate::bound_message(format!("corrupt log: {why}"))),
             finished_at: None,

@@ -492,6 +492,7 @@ pub fn ops(write: Write) -> Result<Vec<Op>> {
             || p.reason != meta.reason
             || p.finished_at != meta.finished_at
             || p.settling_until != meta.settling_until
+            || p.awaiting != meta.awaiting
             || p.starts_at != meta.starts_at
     });
     if prev.map(|p| p.status) != Some(meta.status) {

@@ -164,6 +164,10 @@ pub struct SagaMeta {
     /// deadline before anything is undone (G4): until when. Shown as "settling until t".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settling_until: Option<Timestamp>,
+    /// While an await step waits for its event: the key, and until when (the saga is
+    /// waiting, not stuck). Shown as "event `key` until t".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awaiting: Option<Awaiting>,
     /// A delayed start not yet begun: when its first step runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub starts_at: Option<Timestamp>,
@@ -173,6 +177,15 @@ pub struct SagaMeta {
     /// counts from. `None` while it has not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Timestamp>,
+}
+
+/// What an await step waits for: see [`SagaMeta::awaiting`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Awaiting {
+    /// The correlation key.
+    pub key: String,
+    /// Its deadline.
+    pub until: Timestamp,
 }
 
 impl SagaMeta {
@@ -199,6 +212,7 @@ impl SagaMeta {
             last_lsn: lsn,
             due: None,
             settling_until: None,
+            awaiting: None,
             starts_at: None,
             reason: Some(reason),
             finished_at: status.is_final().then_some(now),
@@ -230,6 +244,7 @@ impl SagaMeta {
             last_lsn: Lsn(s.next_lsn.0.saturating_sub(1)),
             due: s.next_timer(),
             settling_until: s.settling_until(),
+            awaiting: s.awaiting().map(|(key, until)| Awaiting { key, until }),
             starts_at: s
                 .not_before
                 .filter(|_| s.status == SagaStatus::Running)

@@ -24,6 +24,7 @@ fn meta(saga: SagaId, status: SagaStatus, last: u64, due: Option<u64>) -> SagaMe
         last_lsn: Lsn(last),
         due: due.map(Timestamp::from_millis),
         settling_until: None,
+        awaiting: None,
         starts_at: None,
         reason: None,
         finished_at: None,
