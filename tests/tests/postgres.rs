@@ -13,6 +13,24 @@ use sagaflow::SagaDefinition;
 use sagaflow::{CommitMode, Engine, EngineOptions, Phase, SagaOutcome, StartKey};
 use sagaflow_tests::{checkout, fake, opts, Ledger, Outcome};
 
+/// payment → settle (await `settlement/<order>`, 1 h).
+fn settled(ledger: &Arc<Ledger>) -> SagaDefinition {
+    SagaDefinition::builder("settled", 1)
+        .step("payment", fake("payment", ledger))
+        .options(opts())
+        .await_event(
+            "settle",
+            sagaflow::Await::new(Duration::from_secs(3600), |ctx| {
+                ctx.saga_input()["order"]
+                    .as_str()
+                    .map(|o| format!("settlement/{o}"))
+                    .ok_or_else(|| "no order".to_string())
+            }),
+        )
+        .build()
+        .expect("valid definition")
+}
+
 /// payment → [inventory | courier] → order, all compensatable.
 fn grouped(ledger: &Arc<Ledger>) -> SagaDefinition {
     SagaDefinition::builder("grouped", 1)
@@ -69,6 +87,7 @@ async fn open(name: &str, schema: &str, ledger: &Arc<Ledger>) -> Engine {
     Engine::builder()
         .register(checkout(ledger))
         .register(grouped(ledger))
+        .register(settled(ledger))
         .owner(OwnerId::new(name))
         .options(
             EngineOptions::default()
@@ -229,6 +248,44 @@ async fn a_group_in_flight_is_taken_over_and_each_branch_runs_again_with_its_key
         assert_eq!(calls.len(), 2, "{step}: {calls:?}");
         assert_eq!(calls[0].0, calls[1].0, "{step}: one key");
     }
+    b.shutdown().await.unwrap();
+    cleanup(&schema);
+}
+
+/// Any process accepts a delivery: one delivered to process B is taken by the saga that
+/// waits for it in process A, and repeating it in A is a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_delivered_to_one_process_reaches_the_saga_waiting_in_another() {
+    let Some(schema) = schema() else { return };
+    let ledger = Ledger::new();
+    let a = open("A", &schema, &ledger).await;
+    let b = open("B", &schema, &ledger).await;
+    let id = a
+        .start("settled", json!({"order": "o1"}), None)
+        .await
+        .unwrap();
+    ledger.wait_for_call(id, "payment", Phase::Action).await;
+    let delivered = b
+        .deliver("settlement/o1", "wh-1", json!({"settled": true}))
+        .await
+        .unwrap();
+    assert_eq!(delivered, sagaflow::store::Delivered::New);
+    let outcome = tokio::time::timeout(Duration::from_secs(30), a.wait(id))
+        .await
+        .expect("taken within a lease tick or two")
+        .unwrap();
+    let SagaOutcome::Completed { outputs } = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(outputs["settle"], json!({"settled": true}));
+    assert_eq!(
+        a.deliver("settlement/o1", "wh-1", json!({})).await.unwrap(),
+        sagaflow::store::Delivered::Duplicate
+    );
+    let listed = b.deliveries(None, 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].taken_by, Some(id));
+    a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
     cleanup(&schema);
 }
