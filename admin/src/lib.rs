@@ -14,10 +14,20 @@
 //! | `POST /v1/sagas/{id}/repair` | admin | body `{ "action": "resume", "step": 2, "operator": "ana", "reason": "..." }` |
 //! | `POST /v1/sagas/{id}/cancel` | admin | body `{ "operator": "ana", "reason": "..." }` |
 //! | `POST /v1/purge` | admin | body `{ "finished_before_ms": 1763500000000, "dry_run": true }`: counts (or deletes) finished sagas |
+//! | `POST /v1/deliveries` | admin | body `{ "key": "settlement/o1", "id": "wh-81", "payload": {...} }`: an event for the await step waiting on `key`; answered once durable, 201 `{ "delivered": "new" }` or 200 `{ "delivered": "duplicate" }` (this key and id were delivered before: nothing written) |
+//! | `POST /v1/sagas/{id}/approve` | admin | body `{ "step": "review", "operator": "ana", "reason": "..." }`: delivers the approval the await step `step` waits for; 201 or 200 as above |
+//! | `GET /v1/deliveries?after_key=&after_id=&limit=` | read | the inbox's deliveries, taken (`taken_by`) or not, in key and id order after the cursor (both or neither); `limit` 1 to 1000, 100 if absent |
 //! | `GET /metrics` | read | Prometheus text format |
 //!
-//! Errors are `{ "error": "...", "code": "SAGA-0012" }` with 400 (bad request), 401,
-//! 403, 404 (unknown saga), 409 (repair or cancellation refused), 500 (store).
+//! Deliveries and approvals need the admin token: like a repair, they change what a
+//! saga does next (an approval is an operator's decision, recorded in the log with who
+//! and why), so a token that may only look must not send them.
+//!
+//! Errors are `{ "error": "...", "code": "SAGA-0012" }` with 400 (bad request, malformed
+//! JSON), 401, 403, 404 (unknown saga), 409 (repair or cancellation refused), 413 (a
+//! body over axum's default 2 MB, or a payload over the engine's limits: SAGA-0006,
+//! SAGA-0013), 422 (a delivery or approval refused, SAGA-0019; a corrupt log,
+//! SAGA-0009), 503 (shutting down), 500 (store).
 //!
 //! Serve the router on a listener of its own, bound to a loopback or internal address,
 //! never nested in a public application's routes. [`Auth::from_env`] reads the tokens
@@ -44,6 +54,7 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -52,6 +63,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use sagaflow::admin::{ListFilter, LogProblem, Stats};
 use sagaflow::machine::{LogRecord, Repair};
+use sagaflow::store::{Delivered, Delivery};
 use sagaflow::{Engine, Error, SagaId, SagaMeta, SagaStatus};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
@@ -262,6 +274,8 @@ pub fn router(engine: Arc<Engine>, auth: Auth) -> Router {
         .route("/v1/sagas/{id}/repair", post(repair))
         .route("/v1/sagas/{id}/cancel", post(cancel))
         .route("/v1/purge", post(purge))
+        .route("/v1/deliveries", post(deliver).get(deliveries))
+        .route("/v1/sagas/{id}/approve", post(approve))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
@@ -303,7 +317,10 @@ fn engine_error(e: Error) -> Response {
     let status = match &e {
         Error::UnknownSaga(_) => StatusCode::NOT_FOUND,
         Error::RepairRefused { .. } | Error::CancelRefused { .. } => StatusCode::CONFLICT,
-        Error::CorruptLog { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        Error::CorruptLog { .. } | Error::InvalidDelivery(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        Error::PayloadTooLarge { .. } | Error::PayloadTooDeep { .. } => {
+            StatusCode::PAYLOAD_TOO_LARGE
+        }
         Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
@@ -510,21 +527,33 @@ impl RepairRequest {
     }
 }
 
-/// The saga id of a path and the JSON body of a POST, or the 400 that refuses them.
+/// The answer to a POST body that cannot be read: 413 for a body over the limit (axum's
+/// default, 2 MB), else 400 (malformed JSON, a missing or mistyped field, no JSON
+/// content type).
+fn rejected(e: &JsonRejection) -> Response {
+    let status = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        StatusCode::PAYLOAD_TOO_LARGE
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    refuse(status, e.body_text(), None)
+}
+
+/// The saga id of a path and the JSON body of a POST, or the 400 (or 413) that refuses
+/// them.
 fn id_and_body<T>(
     id: &str,
-    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<T>, JsonRejection>,
 ) -> Result<(SagaId, T), Box<Response>> {
-    let bad = |e: String| Box::new(refuse(StatusCode::BAD_REQUEST, e, None));
-    let id = parse_id(id).map_err(bad)?;
-    let Json(req) = body.map_err(|e| bad(e.body_text()))?;
+    let id = parse_id(id).map_err(|e| Box::new(refuse(StatusCode::BAD_REQUEST, e, None)))?;
+    let Json(req) = body.map_err(|e| Box::new(rejected(&e)))?;
     Ok((id, req))
 }
 
 async fn repair(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: Result<Json<RepairRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<RepairRequest>, JsonRejection>,
 ) -> Response {
     let (id, req) = match id_and_body(&id, body) {
         Ok(x) => x,
@@ -556,7 +585,7 @@ pub struct CancelRequest {
 async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: Result<Json<CancelRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<CancelRequest>, JsonRejection>,
 ) -> Response {
     let (id, req) = match id_and_body(&id, body) {
         Ok(x) => x,
@@ -585,15 +614,145 @@ fn yes() -> bool {
 
 async fn purge(
     State(state): State<AppState>,
-    body: Result<Json<PurgeRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<PurgeRequest>, JsonRejection>,
 ) -> Response {
     let Json(req) = match body {
         Ok(b) => b,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.body_text(), None),
+        Err(e) => return rejected(&e),
     };
     let before = sagaflow::Timestamp::from_millis(req.finished_before_ms);
     match state.engine.purge(before, req.dry_run).await {
         Ok(p) => Json(p).into_response(),
+        Err(e) => engine_error(e),
+    }
+}
+
+/// The body of `POST /v1/deliveries`: an event for the await step waiting on `key`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeliverRequest {
+    /// The correlation key the await step waits on (1 to 256 bytes).
+    pub key: String,
+    /// The sender's delivery id (1 to 256 bytes): a second delivery with the same key
+    /// and id is a duplicate, whatever its payload.
+    pub id: String,
+    /// What the event says: the await step's output (`null` if it says nothing).
+    pub payload: serde_json::Value,
+}
+
+/// The answer to a delivery or an approval.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeliverResponse {
+    /// `new` (recorded now, durably: 201) or `duplicate` (recorded before: 200).
+    pub delivered: Delivered,
+}
+
+/// 201 for a new delivery, 200 for a duplicate; the engine's error otherwise.
+fn delivered(result: sagaflow::Result<Delivered>) -> Response {
+    match result {
+        Ok(d) => {
+            let status = if d == Delivered::New {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            (status, Json(DeliverResponse { delivered: d })).into_response()
+        }
+        Err(e) => engine_error(e),
+    }
+}
+
+async fn deliver(
+    State(state): State<AppState>,
+    body: Result<Json<DeliverRequest>, JsonRejection>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return rejected(&e),
+    };
+    // The engine answers once the delivery is durable (G10).
+    delivered(state.engine.deliver(&req.key, &req.id, req.payload).await)
+}
+
+/// The body of `POST /v1/sagas/{id}/approve`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ApproveRequest {
+    /// The await step to approve, by name.
+    pub step: String,
+    /// Who (the payload's `approved_by`).
+    pub operator: String,
+    /// Why.
+    pub reason: String,
+}
+
+async fn approve(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<Json<ApproveRequest>, JsonRejection>,
+) -> Response {
+    let (id, req) = match id_and_body(&id, body) {
+        Ok(x) => x,
+        Err(refused) => return *refused,
+    };
+    delivered(
+        state
+            .engine
+            .approve(id, &req.step, &req.operator, &req.reason)
+            .await,
+    )
+}
+
+/// Query parameters of `GET /v1/deliveries`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+pub struct DeliveriesQuery {
+    /// A cursor, with `after_id`: the key of the last delivery of the previous page.
+    pub after_key: Option<String>,
+    /// A cursor, with `after_key`: the delivery id of the last delivery of the previous
+    /// page.
+    pub after_id: Option<String>,
+    /// At most this many: 1 to [`MAX_DELIVERIES_PAGE`], [`DEFAULT_DELIVERIES_PAGE`] if
+    /// absent.
+    pub limit: Option<usize>,
+}
+
+/// The most deliveries one `GET /v1/deliveries` returns.
+pub const MAX_DELIVERIES_PAGE: usize = 1000;
+/// How many deliveries `GET /v1/deliveries` returns without a `limit`.
+pub const DEFAULT_DELIVERIES_PAGE: usize = 100;
+
+impl DeliveriesQuery {
+    /// The cursor and the limit this query asks for.
+    ///
+    /// # Errors
+    ///
+    /// A message for a cursor with only one of its halves, or a limit of 0 or over
+    /// [`MAX_DELIVERIES_PAGE`].
+    pub fn to_page(&self) -> Result<(Option<(String, String)>, usize), String> {
+        let after =
+            match (&self.after_key, &self.after_id) {
+                (Some(k), Some(i)) => Some((k.clone(), i.clone())),
+                (None, None) => None,
+                _ => return Err(
+                    "after_key and after_id go together (the last delivery of the previous page)"
+                        .into(),
+                ),
+            };
+        let limit = self.limit.unwrap_or(DEFAULT_DELIVERIES_PAGE);
+        if limit == 0 || limit > MAX_DELIVERIES_PAGE {
+            return Err(format!(
+                "limit must be 1 to {MAX_DELIVERIES_PAGE} (leave it out for {DEFAULT_DELIVERIES_PAGE})"
+            ));
+        }
+        Ok((after, limit))
+    }
+}
+
+async fn deliveries(State(state): State<AppState>, Query(q): Query<DeliveriesQuery>) -> Response {
+    let (after, limit) = match q.to_page() {
+        Ok(p) => p,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e, None),
+    };
+    match state.engine.deliveries(after, limit).await {
+        Ok(v) => Json::<Vec<Delivery>>(v).into_response(),
         Err(e) => engine_error(e),
     }
 }

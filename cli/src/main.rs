@@ -5,9 +5,13 @@
 //! sagaflow --data-dir /var/lib/shop/sagas list --status parked
 //! sagaflow --url http://127.0.0.1:7070 show 0190b3c4-5d6e-7f80-9a1b-2c3d4e5f6071
 //! sagaflow --url http://127.0.0.1:7070 resume <id> --reason "provider back up"
+//! sagaflow --url http://127.0.0.1:7070 deliver settlement/o1 --id wh-81 --payload '{"settled":500}'
+//! sagaflow --url http://127.0.0.1:7070 approve <id> --step review --reason "checked"
+//! sagaflow --data-dir /var/lib/shop/sagas inbox
 //! ```
 //!
-//! Exit codes: 0 done, 1 error, 2 usage, 3 repair refused (nothing was written).
+//! Exit codes: 0 done, 1 error, 2 usage, 3 refused (a repair, cancellation, delivery or
+//! approval; nothing was written).
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,8 +20,12 @@ use anyhow::{anyhow, Context};
 use clap::{Args, Parser, Subcommand};
 use sagaflow::admin::{Admin, Purged, Stats};
 use sagaflow::machine::{Event, LogRecord};
+use sagaflow::store::{Delivered, Delivery, SagaLog, SledLog};
 use sagaflow::{Error, IdempotencyKey, Lsn, Phase, SagaId, SagaMeta, Timestamp};
-use sagaflow_admin::{ApiError, CancelRequest, ListQuery, PurgeRequest, RepairRequest, SagaView};
+use sagaflow_admin::{
+    ApiError, ApproveRequest, CancelRequest, DeliverRequest, DeliverResponse, DeliveriesQuery,
+    ListQuery, PurgeRequest, RepairRequest, SagaView,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -115,6 +123,40 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Deliver an event to the await step waiting on KEY (or that will): answered once
+    /// it is durable. Needs the running engine (--url).
+    Deliver {
+        /// The correlation key the await step waits on.
+        key: String,
+        /// The delivery id: a second delivery with the same key and id is a duplicate.
+        #[arg(long)]
+        id: String,
+        /// What the event says, as JSON (the await step's output).
+        #[arg(long, value_parser = parse_json)]
+        payload: serde_json::Value,
+    },
+    /// Approve a saga's await step: delivers who approved and why to the key it waits
+    /// on. Needs the running engine (--url).
+    Approve {
+        #[command(flatten)]
+        target: Target,
+        /// The await step, by name.
+        #[arg(long)]
+        step: String,
+    },
+    /// List the inbox: delivered events, taken by a saga or still waiting for one, in
+    /// key and id order.
+    Inbox {
+        /// Only deliveries after this key and id: the last of the previous page.
+        #[arg(long, requires = "after_id")]
+        after_key: Option<String>,
+        /// With --after-key.
+        #[arg(long, requires = "after_key")]
+        after_id: Option<String>,
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = sagaflow_admin::DEFAULT_DELIVERIES_PAGE)]
+        limit: usize,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -127,6 +169,10 @@ struct Target {
     /// Who (recorded in the saga's log).
     #[arg(long, env = "USER", default_value = "operator")]
     operator: String,
+}
+
+fn parse_json(s: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(s).map_err(|e| format!("not JSON ({e}); quote a string: '\"text\"'"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -177,6 +223,19 @@ impl Backend {
                 token: std::env::var("SAGAFLOW_TOKEN")
                     .context("--url needs the API token in SAGAFLOW_TOKEN")?,
             }),
+            (None, Some(_))
+                if matches!(
+                    cli.command,
+                    Command::Deliver { .. } | Command::Approve { .. }
+                ) =>
+            {
+                // With sled, only the engine that holds the store may write to it, and
+                // only it can wake the step waiting for the event.
+                Err(anyhow!(
+                    "a delivery or an approval needs the running engine: give --url, not \
+                     --data-dir (start the engine if it is stopped)"
+                ))
+            }
             (None, Some(dir)) => {
                 // Reading commands never change the directory: they work on a private
                 // copy (sled's recovery and the consistency check write to what they
@@ -193,13 +252,7 @@ impl Backend {
                 } else {
                     Admin::open(dir)
                 };
-                let admin = opened.map_err(|e| match e {
-                    Error::Store(ref s) if matches!(**s, sagaflow::store::Error::Locked { .. }) => {
-                        anyhow!("{e}: the engine is running; use --url with its admin API")
-                    }
-                    other => anyhow!(other),
-                })?;
-                Ok(Backend::Local(admin))
+                Ok(Backend::Local(opened.map_err(locked)?))
             }
             (None, None) => Err(anyhow!(
                 "give --data-dir (engine stopped) or --url (engine running)"
@@ -272,7 +325,8 @@ impl Backend {
         }
     }
 
-    /// POSTs `body` to the API; a 409 is a refusal (exit 3).
+    /// POSTs `body` to the API; a 409, or a 422 with SAGA-0019 (a delivery or approval
+    /// refused), is a refusal (exit 3).
     async fn post<T: serde::de::DeserializeOwned>(
         &self,
         path: &str,
@@ -288,11 +342,30 @@ impl Backend {
             .send()
             .await
             .with_context(|| format!("calling {url}"))?;
-        if resp.status() == reqwest::StatusCode::CONFLICT {
-            let e: ApiError = resp.json().await?;
-            return Err(anyhow!(Refused(e.error)));
+        let status = resp.status();
+        if status == reqwest::StatusCode::CONFLICT
+            || status == reqwest::StatusCode::UNPROCESSABLE_ENTITY
+        {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(match serde_json::from_str::<ApiError>(&body) {
+                Ok(e) if status == reqwest::StatusCode::CONFLICT => anyhow!(Refused(e.error)),
+                Ok(e) if e.code.as_deref() == Some("SAGA-0019") => anyhow!(Refused(e.error)),
+                Ok(e) => anyhow!("{status}: {}", e.error),
+                Err(_) => anyhow!("{status}: {body}"),
+            });
         }
         decode(resp).await
+    }
+
+    /// Delivers an event through the API (a directory cannot take one: see `open`).
+    async fn deliver(&self, req: &DeliverRequest) -> anyhow::Result<Delivered> {
+        let r: DeliverResponse = self.post("/v1/deliveries", req).await?;
+        Ok(r.delivered)
+    }
+
+    async fn approve(&self, id: SagaId, req: &ApproveRequest) -> anyhow::Result<Delivered> {
+        let r: DeliverResponse = self.post(&format!("/v1/sagas/{id}/approve"), req).await?;
+        Ok(r.delivered)
     }
 
     async fn cancel(&self, id: SagaId, t: &Target) -> anyhow::Result<SagaMeta> {
@@ -324,6 +397,44 @@ impl Backend {
                 self.post("/v1/purge", &body).await
             }
         }
+    }
+}
+
+/// An error opening a directory, saying what to do if its engine is running.
+fn locked(e: Error) -> anyhow::Error {
+    match e {
+        Error::Store(ref s) if matches!(**s, sagaflow::store::Error::Locked { .. }) => {
+            anyhow!("{e}: the engine is running; use --url with its admin API")
+        }
+        other => anyhow!(other),
+    }
+}
+
+/// The inbox's deliveries after `after`, at most `limit`: from the running engine's API,
+/// or from a private copy of a stopped engine's directory (nothing in it changes).
+async fn inbox(
+    cli: &Cli,
+    after: Option<(String, String)>,
+    limit: usize,
+) -> anyhow::Result<Vec<Delivery>> {
+    let (after_key, after_id) = after.clone().unzip();
+    let q = DeliveriesQuery {
+        after_key,
+        after_id,
+        limit: Some(limit),
+    };
+    // The API's bounds, checked alike on a directory.
+    q.to_page().map_err(|e| anyhow!(e))?;
+    match (&cli.url, &cli.data_dir) {
+        (None, Some(dir)) => {
+            let store = SledLog::open_read_only(dir).map_err(|e| locked(e.into()))?;
+            let after = after.as_ref().map(|(k, i)| (k.as_str(), i.as_str()));
+            Ok(store
+                .inbox()
+                .deliveries(after, limit)
+                .map_err(Error::from)?)
+        }
+        _ => Backend::open(cli)?.get("/v1/deliveries", &q).await,
     }
 }
 
@@ -473,9 +584,13 @@ fn step_label(names: &[String], i: u32) -> String {
     }
 }
 
-/// What an active saga waits for: a retry, or the end of a settle window (an attempt of
-/// unknown outcome whose request may still land before anything is undone).
+/// What an active saga waits for: its await step's event, a retry, or the end of a
+/// settle window (an attempt of unknown outcome whose request may still land before
+/// anything is undone).
 fn waiting(m: &SagaMeta) -> String {
+    if let Some(a) = &m.awaiting {
+        return format!("event `{}` until {}", a.key, a.until);
+    }
     match (m.starts_at, m.settling_until, m.due) {
         (Some(t), _, _) => format!("starts at {t}"),
         (None, Some(t), _) => format!("settling until {t}"),
@@ -532,6 +647,9 @@ fn print_show(view: &SagaView) {
         }
         (None, None, Some(d)) => println!("next retry  {d}"),
         (None, None, None) => {}
+    }
+    if let Some(a) = &m.awaiting {
+        println!("waiting     event `{}` until {}", a.key, a.until);
     }
     if let Some(r) = &m.reason {
         println!("reason      {r}");
@@ -655,6 +773,18 @@ fn describe(id: SagaId, names: &[String], r: &LogRecord) -> (String, String, Str
         Event::CompensationSucceeded { step, attempt } => {
             (name(*step), attempt.to_string(), String::new())
         }
+        Event::Awaiting { step, attempt, key } => {
+            (name(*step), attempt.to_string(), format!("key {key}"))
+        }
+        Event::EventReceived {
+            step,
+            attempt,
+            delivery,
+        } => (
+            name(*step),
+            attempt.to_string(),
+            format!("delivery {delivery}"),
+        ),
         Event::CompensationBegan { reason } => (String::new(), String::new(), reason.clone()),
         Event::Parked { reason } => (
             String::new(),
@@ -674,6 +804,41 @@ fn describe(id: SagaId, names: &[String], r: &LogRecord) -> (String, String, Str
             )
         }
         _ => (String::new(), String::new(), String::new()),
+    }
+}
+
+/// A payload in one line, cut to `max` characters.
+fn one_line(v: &serde_json::Value, max: usize) -> String {
+    let s = v.to_string();
+    if s.chars().count() <= max {
+        s
+    } else {
+        format!("{}...", s.chars().take(max).collect::<String>())
+    }
+}
+
+/// A page of the inbox, and the limit it was asked with (a full page may have more
+/// after it).
+fn print_inbox(page: &[Delivery], limit: usize) {
+    let mut rows = vec![["KEY", "ID", "RECEIVED", "TAKEN BY", "PAYLOAD"]
+        .map(String::from)
+        .to_vec()];
+    for d in page {
+        rows.push(vec![
+            d.key.clone(),
+            d.id.clone(),
+            d.received_at.to_string(),
+            d.taken_by
+                .map_or_else(|| "-".to_string(), |s| s.to_string()),
+            one_line(&d.payload, 60),
+        ]);
+    }
+    for line in table(&rows, &[]) {
+        println!("{line}");
+    }
+    println!("{} delivery(ies)", page.len());
+    if let Some(last) = page.last().filter(|_| page.len() >= limit) {
+        println!("next page: --after-key {} --after-id {}", last.key, last.id);
     }
 }
 
@@ -750,6 +915,21 @@ fn emit<T: serde::Serialize>(json: bool, value: &T, table: fn(&T)) -> anyhow::Re
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Inbox {
+        after_key,
+        after_id,
+        limit,
+    } = &cli.command
+    {
+        let after = after_key.clone().zip(after_id.clone());
+        let page = inbox(&cli, after, *limit).await?;
+        if cli.json {
+            println!("{}", serde_json::to_string_pretty(&page)?);
+        } else {
+            print_inbox(&page, *limit);
+        }
+        return Ok(());
+    }
     let backend = Backend::open(&cli)?;
     let repair = |target: &Target, action: &str, step: Option<u32>| {
         (
@@ -832,6 +1012,53 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if !v.is_sound() {
                 return Err(anyhow!("the store is not sound"));
+            }
+            return Ok(());
+        }
+        Command::Inbox { .. } => unreachable!("answered above"),
+        Command::Deliver { key, id, payload } => {
+            let req = DeliverRequest {
+                key: key.clone(),
+                id: id.clone(),
+                payload: payload.clone(),
+            };
+            let d = backend.deliver(&req).await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&DeliverResponse { delivered: d })?
+                );
+            } else if d == Delivered::New {
+                println!("delivery {id} to {key}: accepted (durable)");
+            } else {
+                println!(
+                    "delivery {id} to {key}: a duplicate, accepted before; nothing was written"
+                );
+            }
+            return Ok(());
+        }
+        Command::Approve { target, step } => {
+            let req = ApproveRequest {
+                step: step.clone(),
+                operator: target.operator.clone(),
+                reason: target.reason.clone(),
+            };
+            let d = backend.approve(target.id, &req).await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&DeliverResponse { delivered: d })?
+                );
+            } else if d == Delivered::New {
+                println!(
+                    "saga {}: approval of step {step} delivered (by {}, durable)",
+                    target.id, target.operator
+                );
+            } else {
+                println!(
+                    "saga {}: step {step} was approved before; nothing was written",
+                    target.id
+                );
             }
             return Ok(());
         }

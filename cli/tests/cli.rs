@@ -588,3 +588,392 @@ async fn verify_reports_a_sound_store_and_the_damage_of_a_damaged_one_without_ch
     assert!(out.contains(&format!("log      {parked}:")), "{out}");
     assert_eq!(std::fs::read(tmp.path().join("db")).unwrap(), before);
 }
+
+/// payment → settle (await `settlement/<order>` for an hour) → order.
+fn settled(ledger: &Arc<Ledger>) -> sagaflow::SagaDefinition {
+    sagaflow::SagaDefinition::builder("settled", 1)
+        .step("payment", fake("payment", ledger))
+        .options(opts())
+        .await_event(
+            "settle",
+            sagaflow::Await::new(std::time::Duration::from_secs(3600), |ctx| {
+                ctx.saga_input()["order"]
+                    .as_str()
+                    .map(|o| format!("settlement/{o}"))
+                    .ok_or_else(|| "no order".to_string())
+            }),
+        )
+        .step("order", fake("order", ledger))
+        .options(opts())
+        .build()
+        .unwrap()
+}
+
+/// Waits until saga `id` waits for its event.
+async fn until_awaiting(engine: &sagaflow::Engine, id: SagaId) {
+    for _ in 0..1000 {
+        if engine.status(id).unwrap().awaiting.is_some() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    panic!("saga {id} never began waiting");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliver_and_approve_through_a_running_engine_and_list_its_inbox() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ledger = Ledger::new();
+    let engine = builder()
+        .register(settled(&ledger))
+        .open(tmp.path())
+        .await
+        .unwrap();
+    let paid = engine
+        .start("settled", json!({"order": "o1"}), None)
+        .await
+        .unwrap();
+    let reviewed = engine
+        .start("settled", json!({"order": "o2"}), None)
+        .await
+        .unwrap();
+    until_awaiting(&engine, reviewed).await;
+    let auth = Auth::new(Token::new(ADMIN).unwrap()).with_read_token(Token::new(READ).unwrap());
+    let engine = Arc::new(engine);
+    let app = router(engine.clone(), auth);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let d = tmp.path().to_str().unwrap().to_string();
+    let id = reviewed.to_string();
+    let url2 = url.clone();
+
+    tokio::task::spawn_blocking(move || {
+        let admin = [("SAGAFLOW_TOKEN", ADMIN)];
+        let deliver = |payload: &str, env: &[(&str, &str)]| {
+            sagaflow(
+                &[
+                    "--url",
+                    &url,
+                    "deliver",
+                    "settlement/o1",
+                    "--id",
+                    "wh-1",
+                    "--payload",
+                    payload,
+                ],
+                env,
+            )
+        };
+        // The read token cannot deliver; nothing is written.
+        let o = deliver(r#"{"settled": 500}"#, &[("SAGAFLOW_TOKEN", READ)]);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(text(&o).contains("403"), "{}", text(&o));
+        // A payload that is not JSON is a usage error.
+        let o = deliver("{oops", &admin);
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        let o = deliver(r#"{"settled": 500}"#, &admin);
+        assert!(o.status.success(), "{}", text(&o));
+        assert_eq!(
+            text(&o),
+            "delivery wh-1 to settlement/o1: accepted (durable)\n"
+        );
+        let o = deliver(r#"{"settled": 1}"#, &admin);
+        assert!(o.status.success(), "{}", text(&o));
+        assert_eq!(
+            text(&o),
+            "delivery wh-1 to settlement/o1: a duplicate, accepted before; nothing was written\n"
+        );
+        let o = sagaflow(
+            &[
+                "--url",
+                &url,
+                "--json",
+                "deliver",
+                "k",
+                "--id",
+                "i",
+                "--payload",
+                "\"x\"",
+            ],
+            &admin,
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v, json!({"delivered": "new"}));
+        // A refused delivery exits 3 and says nothing was written.
+        let o = sagaflow(
+            &["--url", &url, "deliver", "", "--id", "i", "--payload", "1"],
+            &admin,
+        );
+        assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+        assert!(
+            text(&o).starts_with("delivery refused: a correlation key has 1 to 256 bytes")
+                && text(&o).ends_with("; nothing was written\n"),
+            "{}",
+            text(&o)
+        );
+        // With the engine running, --data-dir is refused before the directory is touched.
+        let o = sagaflow(
+            &[
+                "--data-dir",
+                &d,
+                "deliver",
+                "k",
+                "--id",
+                "i",
+                "--payload",
+                "1",
+            ],
+            &[],
+        );
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(text(&o).contains("give --url"), "{}", text(&o));
+
+        // The saga to approve says what it waits for.
+        let o = sagaflow(&["--url", &url, "list"], &[("SAGAFLOW_TOKEN", READ)]);
+        assert!(
+            text(&o)
+                .lines()
+                .any(|l| l.starts_with(&id) && l.contains("event `settlement/o2` until ")),
+            "{}",
+            text(&o)
+        );
+
+        // Approvals: by step name; a step that does not wait for an event is refused.
+        let approve = |step: &str, env: &[(&str, &str)]| {
+            sagaflow(
+                &[
+                    "--url",
+                    &url,
+                    "approve",
+                    &id,
+                    "--step",
+                    step,
+                    "--reason",
+                    "checked the statement",
+                    "--operator",
+                    "ana",
+                ],
+                env,
+            )
+        };
+        let o = approve("settle", &[("SAGAFLOW_TOKEN", READ)]);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(text(&o).contains("403"), "{}", text(&o));
+        let o = approve("payment", &admin);
+        assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+        assert!(
+            text(&o).contains("does not wait for an event")
+                && text(&o).contains("nothing was written"),
+            "{}",
+            text(&o)
+        );
+        let o = approve("settle", &admin);
+        assert!(o.status.success(), "{}", text(&o));
+        assert_eq!(
+            text(&o),
+            format!("saga {id}: approval of step settle delivered (by ana, durable)\n")
+        );
+        let o = approve("settle", &admin);
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(
+            text(&o).contains("was approved before; nothing was written"),
+            "{}",
+            text(&o)
+        );
+        let o = sagaflow(
+            &[
+                "--data-dir",
+                &d,
+                "approve",
+                &id,
+                "--step",
+                "settle",
+                "--reason",
+                "x",
+            ],
+            &[],
+        );
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(text(&o).contains("give --url"), "{}", text(&o));
+
+        // The inbox through the API, with the read token.
+        let o = sagaflow(&["--url", &url, "inbox"], &[("SAGAFLOW_TOKEN", READ)]);
+        assert!(o.status.success(), "{}", text(&o));
+        let out = text(&o);
+        assert!(out.starts_with("KEY "), "{out}");
+        assert!(
+            out.lines().any(|l| l.starts_with("settlement/o1  wh-1 ")
+                && l.ends_with(r#"{"settled":500}"#)),
+            "{out}"
+        );
+        assert!(out.contains(&format!("approval/{id}/settle")), "{out}");
+        assert!(out.contains("3 delivery(ies)"), "{out}");
+    })
+    .await
+    .unwrap();
+
+    assert!(matches!(
+        engine.wait(paid).await.unwrap(),
+        SagaOutcome::Completed { .. }
+    ));
+    let SagaOutcome::Completed { outputs } = engine.wait(reviewed).await.unwrap() else {
+        panic!("not completed")
+    };
+    assert_eq!(
+        outputs["settle"],
+        json!({"approved_by": "ana", "reason": "checked the statement"})
+    );
+    // Taken now, each by its saga.
+    let o = tokio::task::spawn_blocking(move || {
+        sagaflow(
+            &["--url", &url2, "--json", "inbox"],
+            &[("SAGAFLOW_TOKEN", READ)],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let listed: Vec<sagaflow::store::Delivery> = serde_json::from_slice(&o.stdout).unwrap();
+    let taken: Vec<_> = listed
+        .iter()
+        .map(|d| (d.key.as_str(), d.taken_by))
+        .collect();
+    assert_eq!(
+        taken,
+        [
+            ("k", None),
+            ("settlement/o1", Some(paid)),
+            ("settlement/o2", Some(reviewed))
+        ]
+    );
+}
+
+/// Runs the CLI on a directory whose engine just shut down, again while sled still lets
+/// go of its lock (from its own thread, a moment later under load).
+fn on_directory(args: &[&str]) -> Output {
+    for _ in 0..200 {
+        let o = sagaflow(args, &[]);
+        if !text(&o).contains("the engine is running") {
+            return o;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("the directory stayed locked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbox_of_a_stopped_engine_is_listed_without_changing_it_and_deliveries_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ledger = Ledger::new();
+    let engine = builder()
+        .register(settled(&ledger))
+        .open(tmp.path())
+        .await
+        .unwrap();
+    for (key, id) in [
+        ("settlement/o1", "wh-1"),
+        ("settlement/zz", "wh-9"),
+        ("a", "1"),
+    ] {
+        engine.deliver(key, id, json!({"n": id})).await.unwrap();
+    }
+    let taker = engine
+        .start("settled", json!({"order": "o1"}), None)
+        .await
+        .unwrap();
+    engine.wait(taker).await.unwrap();
+    engine.shutdown().await.unwrap();
+    drop(engine);
+    let d = tmp.path().to_str().unwrap().to_string();
+
+    let out = tokio::task::spawn_blocking(move || {
+        let o = on_directory(&["--data-dir", &d, "inbox"]);
+        assert!(o.status.success(), "{}", text(&o));
+        let before = std::fs::read(Path::new(&d).join("db")).unwrap();
+        let lines: Vec<String> = text(&o).lines().map(str::to_string).collect();
+        let o = on_directory(&["--data-dir", &d, "inbox", "--limit", "2"]);
+        let page: Vec<String> = text(&o).lines().map(str::to_string).collect();
+        let o = on_directory(&[
+            "--data-dir",
+            &d,
+            "inbox",
+            "--after-key",
+            "settlement/o1",
+            "--after-id",
+            "wh-1",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let rest: Vec<sagaflow::store::Delivery> = serde_json::from_slice(&o.stdout).unwrap();
+        let half = on_directory(&["--data-dir", &d, "inbox", "--after-key", "a"]);
+        let zero = on_directory(&["--data-dir", &d, "inbox", "--limit", "0"]);
+        let deliver = on_directory(&[
+            "--data-dir",
+            &d,
+            "deliver",
+            "a",
+            "--id",
+            "2",
+            "--payload",
+            "1",
+        ]);
+        let show = on_directory(&["--data-dir", &d, "show", &taker.to_string()]);
+        assert!(
+            text(&show).lines().any(|l| l.contains("awaiting")
+                && l.contains(" 1 settle ")
+                && l.ends_with("key settlement/o1")),
+            "{}",
+            text(&show)
+        );
+        assert!(
+            text(&show)
+                .lines()
+                .any(|l| l.contains("event_received") && l.ends_with("delivery wh-1")),
+            "{}",
+            text(&show)
+        );
+        let after = std::fs::read(Path::new(&d).join("db")).unwrap();
+        assert_eq!(before, after, "the inbox changed the directory");
+        (lines, page, rest, half, zero, deliver)
+    })
+    .await
+    .unwrap();
+    let (lines, page, rest, half, zero, deliver) = out;
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    assert!(lines[0].starts_with("KEY"), "{lines:?}");
+    assert!(lines[1].starts_with("a              1     "), "{lines:?}");
+    assert!(
+        lines[2].starts_with("settlement/o1  wh-1  ")
+            && lines[2].contains(&format!("  {taker}  "))
+            && lines[2].ends_with(r#"{"n":"wh-1"}"#),
+        "{lines:?}"
+    );
+    assert!(lines[3].contains("  -  "), "{lines:?}");
+    assert_eq!(lines[4], "3 delivery(ies)");
+    assert_eq!(page.len(), 5, "{page:?}");
+    assert_eq!(page[3], "2 delivery(ies)");
+    assert_eq!(
+        page[4],
+        "next page: --after-key settlement/o1 --after-id wh-1"
+    );
+    assert_eq!(rest.len(), 1);
+    assert_eq!(
+        (rest[0].key.as_str(), rest[0].taken_by),
+        ("settlement/zz", None)
+    );
+    assert_eq!(half.status.code(), Some(2), "{}", text(&half));
+    assert_eq!(zero.status.code(), Some(1), "{}", text(&zero));
+    assert!(
+        text(&zero).contains("limit must be 1 to 1000"),
+        "{}",
+        text(&zero)
+    );
+    assert_eq!(deliver.status.code(), Some(1), "{}", text(&deliver));
+    assert!(
+        text(&deliver).contains("needs the running engine: give --url"),
+        "{}",
+        text(&deliver)
+    );
+}
