@@ -200,8 +200,19 @@ impl Engine {
         operator: &str,
         reason: &str,
     ) -> Result<Delivered> {
-        crate::admin::check_who(id, operator, reason)?;
-        let history = self.history(id)?;
+        // Who and why are bounded as a repair's are (they go into the saga's log as the
+        // step's output); said as a refused delivery.
+        crate::admin::check_who(id, operator, reason).map_err(|e| match e {
+            Error::RepairRefused { reason, .. } => {
+                Error::InvalidDelivery(reason.replace("a repair", "an approval"))
+            }
+            other => other,
+        })?;
+        let engine = self.clone();
+        // The log is read off the runtime: on a shared store it is a round trip.
+        let history = tokio::task::spawn_blocking(move || engine.history(id))
+            .await
+            .map_err(|e| Error::Store(Arc::new(crate::store::Error::Backend(e.to_string()))))??;
         let state = SagaState::fold(id, &history).map_err(|e| Error::CorruptLog {
             saga: id,
             reason: e.to_string(),

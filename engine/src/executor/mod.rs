@@ -1004,7 +1004,7 @@ impl Engine {
         for _ in 0..20 {
             let epoch = match ownership::ask_elsewhere(inner, id, &action, operator, reason).await?
             {
-                ownership::Elsewhere::Answered(answer) => return Ok(Routed::Answered(answer)),
+                ownership::Elsewhere::Answered(answer) => return Ok(Routed::Answered(*answer)),
                 ownership::Elsewhere::Adopted(epoch) => epoch,
             };
             let lease = Lease { saga: id, epoch };

@@ -279,8 +279,9 @@ async fn answer_one(inner: &Arc<Inner>, r: crate::store::Request) {
 
 /// What [`ask_elsewhere`] came to.
 pub(crate) enum Elsewhere {
-    /// The owner applied or refused it: its answer.
-    Answered(Result<SagaMeta>),
+    /// The owner applied or refused it: its answer (boxed: a summary is large, and the
+    /// other variant is a number).
+    Answered(Box<Result<SagaMeta>>),
     /// Nobody else drives the saga: this process holds its lease now, under this epoch,
     /// and drives it if it is active.
     Adopted(u64),
@@ -305,7 +306,7 @@ pub(crate) async fn ask_elsewhere(
         match holder_of(inner, id).await? {
             Some(owner) if owner != me => {
                 if let Some(answer) = ask_owner(inner, id, action, operator, reason, ttl).await? {
-                    return Ok(Elsewhere::Answered(answer));
+                    return Ok(Elsewhere::Answered(Box::new(answer)));
                 }
             }
             _ => {
