@@ -1,6 +1,9 @@
 //! The chaos run: providers in this process, the order service as a child process that
-//! is killed with SIGKILL again and again, clients that retry with the same
-//! idempotency keys, and a reconciliation of the providers' ledgers at the end.
+//! is killed with SIGKILL again and again (while orders are placed, charges made and
+//! settlement webhooks are in flight), clients that retry with the same idempotency
+//! keys, and at the end a reconciliation of the providers' ledgers and of every
+//! settlement payments sent against the engine's store (its inbox and the sagas'
+//! `event_received` records).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -72,8 +75,32 @@ pub struct Report {
     pub orders_created: usize,
     /// Shipments booked.
     pub shipments: usize,
-    /// Settlement webhooks delivered to the service.
-    pub webhooks_delivered: u64,
+    /// Settlements payments sent (one per charge taken), each a signed webhook retried
+    /// until it is answered 2xx.
+    pub settlements_sent: usize,
+    /// Of those, the ones the service answered 2xx (so the delivery was durable).
+    pub settlements_acknowledged: usize,
+    /// Of those, the ones whose 2xx said `duplicate`: the engine had recorded an
+    /// earlier attempt whose answer never reached payments (the service was killed
+    /// after the delivery was durable, before it answered).
+    pub settlements_redelivered: usize,
+    /// Settlements taken by a saga (an `event_received` record naming its event id).
+    pub settlements_taken: usize,
+    /// Acknowledged settlements no saga took because their saga was compensated before
+    /// its `settle` step began waiting (a sold-out order whose charge ran beside the
+    /// reservation): kept in the inbox, the charge refunded. Not lost.
+    pub settlements_unclaimed: usize,
+    /// Acknowledged settlements that no saga took, other than the unclaimed ones, plus
+    /// sagas that completed without taking a settlement. Must be 0.
+    pub settlements_lost: usize,
+    /// Settlements applied more than once: for each settlement, the `event_received`
+    /// records naming it beyond the first, plus, for each saga, the settlements it took
+    /// beyond one. Must be 0.
+    pub settlements_doubled: usize,
+    /// Acknowledged settlements replayed by payments at the end, after the kills.
+    pub settlements_replayed: usize,
+    /// Of those, the ones answered 2xx `duplicate` (all must be).
+    pub settlement_replays_duplicate: usize,
     /// Forged webhooks sent, all of which must be refused.
     pub forged_webhooks_refused: u32,
     /// Replays of an order with its key that returned the same order.
@@ -149,7 +176,7 @@ fn order_for(i: u32) -> OrderRequest {
 pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
     let started = Instant::now();
     std::fs::create_dir_all(&cfg.dir)?;
-    let webhook_url = Arc::new(Mutex::new(None));
+    let webhook_urls = Arc::new(Mutex::new(Vec::new()));
     let faults = Faults {
         fail_rate: cfg.fail_rate,
         latency_ms: cfg.latency_ms,
@@ -165,7 +192,7 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
         &cfg.dir.join("providers"),
         faults,
         300,
-        webhook_url.clone(),
+        webhook_urls.clone(),
         secrets,
     )
     .await?;
@@ -182,8 +209,12 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
         .map(|p| format!("http://127.0.0.1:{p}"))
         .collect();
     let base = bases[0].clone();
-    *webhook_url.lock().unwrap_or_else(|p| p.into_inner()) =
-        Some(format!("{base}/webhooks/payments"));
+    // Settlement webhooks go to every replica in turn (on PostgreSQL any of them
+    // accepts a delivery for any saga).
+    *webhook_urls.lock().unwrap_or_else(|p| p.into_inner()) = bases
+        .iter()
+        .map(|b| format!("{b}/webhooks/payments"))
+        .collect();
     let addresses = cfg.dir.join("addresses.json");
     std::fs::write(&addresses, serde_json::to_vec_pretty(&providers.addresses)?)?;
     let schema = format!(
@@ -439,25 +470,63 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
             }
         }
     }
-    // Let the settlement webhooks of the last charges arrive.
-    let charges_now = || {
-        providers
-            .payments
-            .entries()
-            .iter()
-            .filter(|e| e.kind == "charge")
-            .count() as u64
+    // Let the settlement webhooks of the last charges be acknowledged.
+    let settled = || {
+        let e = providers.settlements.entries();
+        let sent = e.iter().filter(|e| e.kind == "settlement").count();
+        let acked = e.iter().filter(|e| e.kind == "acknowledged").count();
+        (sent, acked)
     };
-    let until = Instant::now() + Duration::from_secs(20);
-    while providers.webhooks_delivered.load(Ordering::Relaxed) < charges_now()
-        && Instant::now() < until
-    {
+    let until = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < until {
+        let (sent, acked) = settled();
+        if acked >= sent {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Payments replays every acknowledged settlement once more, after all the kills and
+    // restarts: each must be answered 2xx as a duplicate (by its event id, from the
+    // engine's store) and be recorded once.
+    let (replayed, replays_duplicate) =
+        replay_settlements(&client, &bases, &providers, &problems).await;
     for s in &supervisors {
         s.kill().await?;
     }
-    // The run's schema goes with it (the reconciliation below reads the providers).
+    // The engine's store, read after the service is gone: its inbox and the sagas'
+    // histories.
+    let saga_ids: Vec<sagaflow::SagaId> = ids.values().filter_map(|s| s.parse().ok()).collect();
+    let view = match &cfg.database_url {
+        None => {
+            let data = cfg.dir.join("data");
+            read_store_when_unlocked(
+                move || {
+                    sagaflow::store::SledLog::open_read_only(&data)
+                        .map(|l| Arc::new(l) as Arc<dyn sagaflow::store::SagaLog>)
+                },
+                saga_ids,
+            )
+            .await
+        }
+        #[cfg(feature = "postgres")]
+        Some(url) => {
+            let options = sagaflow::store::PgOptions::default().schema(schema.clone());
+            let url = url.clone();
+            read_store_when_unlocked(
+                move || {
+                    sagaflow::store::PgLog::connect(&url, options.clone())
+                        .map(|l| Arc::new(l) as Arc<dyn sagaflow::store::SagaLog>)
+                },
+                saga_ids,
+            )
+            .await
+        }
+        #[cfg(not(feature = "postgres"))]
+        Some(_) => Err(anyhow::anyhow!(
+            "--database-url needs the `postgres` feature"
+        )),
+    };
+    // The run's schema goes with it.
     #[cfg(feature = "postgres")]
     if let Some(url) = &cfg.database_url {
         let options = sagaflow::store::PgOptions::default().schema(schema.clone());
@@ -486,12 +555,13 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
             .entry(reason_class(reason))
             .or_default() += 1;
     }
-    report.webhooks_delivered = providers.webhooks_delivered.load(Ordering::Relaxed);
-    if report.webhooks_delivered < report.charges as u64 {
-        report.problems.push(format!(
-            "{} charges but {} settlement webhooks accepted",
-            report.charges, report.webhooks_delivered
-        ));
+    report.settlements_replayed = replayed;
+    report.settlement_replays_duplicate = replays_duplicate;
+    match view {
+        Ok(view) => reconcile_settlements(&mut report, &providers, &ids, &status, &view),
+        Err(e) => report
+            .problems
+            .push(format!("the engine's store could not be read: {e:#}")),
     }
     // These providers never refuse an undo for good, so nothing here should need an
     // operator: a parked saga is a finding.
@@ -596,6 +666,251 @@ async fn place(
         }
     }
     Err("the service never answered".into())
+}
+
+/// Sends every acknowledged settlement once more, signed as payments signs, spread
+/// across `bases`; returns how many were sent and how many were answered 2xx
+/// `duplicate`. Anything else is a problem.
+async fn replay_settlements(
+    client: &reqwest::Client,
+    bases: &[String],
+    providers: &Providers,
+    problems: &Mutex<Vec<String>>,
+) -> (usize, usize) {
+    let acked: BTreeSet<String> = providers
+        .settlements
+        .entries()
+        .into_iter()
+        .filter(|e| e.kind == "acknowledged")
+        .filter_map(|e| e.key.strip_prefix("ack/").map(str::to_string))
+        .collect();
+    let (mut sent, mut duplicate) = (0, 0);
+    for (n, e) in providers
+        .settlements
+        .entries()
+        .into_iter()
+        .filter(|e| e.kind == "settlement" && acked.contains(&e.key))
+        .enumerate()
+    {
+        let body = e.answer.to_string();
+        let mut answer = None;
+        // The service may be starting: a transport error is no answer.
+        for k in 0..100 {
+            let sig = sagaflow_steps::webhook::sign(
+                &providers.secrets.webhook_secret,
+                SystemTime::now(),
+                body.as_bytes(),
+            );
+            let r = client
+                .post(format!(
+                    "{}/webhooks/payments",
+                    bases[(n + k) % bases.len()]
+                ))
+                .header("signature", sig)
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await;
+            if let Ok(r) = r {
+                let status = r.status().as_u16();
+                answer = Some((status, r.json::<Value>().await.unwrap_or(Value::Null)));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        sent += 1;
+        match answer {
+            Some((200, v)) if v["delivery"] == "duplicate" => duplicate += 1,
+            other => problems
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(format!(
+                    "settlement {} replayed after the run was answered {other:?}, not a duplicate",
+                    e.key
+                )),
+        }
+    }
+    (sent, duplicate)
+}
+
+/// What the engine's store says about settlements.
+#[derive(Debug, Default)]
+struct StoreView {
+    /// Every delivery in the inbox.
+    deliveries: Vec<sagaflow::store::Delivery>,
+    /// Per saga, the delivery ids of its `event_received` records, in log order.
+    received: BTreeMap<String, Vec<String>>,
+    /// The sagas whose `settle` step began waiting (an `awaiting` record).
+    awaited: BTreeSet<String>,
+}
+
+/// Opens the store with `open` (retrying for 30 s while a killed service's lock is
+/// being let go) and reads the inbox and the histories of `ids`.
+async fn read_store_when_unlocked(
+    open: impl Fn() -> sagaflow::store::Result<Arc<dyn sagaflow::store::SagaLog>> + Send + 'static,
+    ids: Vec<sagaflow::SagaId>,
+) -> anyhow::Result<StoreView> {
+    tokio::task::spawn_blocking(move || {
+        let until = Instant::now() + Duration::from_secs(30);
+        let store = loop {
+            match open() {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < until => {
+                    tracing::debug!(error = %e, "the store is not readable yet");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(anyhow::Error::from(e).context("opening the store")),
+            }
+        };
+        let mut view = StoreView::default();
+        let mut after: Option<(String, String)> = None;
+        loop {
+            let page = store
+                .inbox()
+                .deliveries(after.as_ref().map(|(k, i)| (k.as_str(), i.as_str())), 1000)?;
+            let Some(last) = page.last() else { break };
+            after = Some((last.key.clone(), last.id.clone()));
+            view.deliveries.extend(page);
+        }
+        for id in ids {
+            let history = sagaflow::admin::history(store.as_ref(), id)?;
+            let mut got = Vec::new();
+            for r in history {
+                match r.event {
+                    sagaflow::machine::Event::EventReceived { delivery, .. } => got.push(delivery),
+                    sagaflow::machine::Event::Awaiting { .. } => {
+                        view.awaited.insert(id.to_string());
+                    }
+                    _ => {}
+                }
+            }
+            view.received.insert(id.to_string(), got);
+        }
+        Ok(view)
+    })
+    .await?
+}
+
+/// Every settlement payments sent against the engine's store: see the fields
+/// `settlements_*` of [`Report`] for the definitions.
+fn reconcile_settlements(
+    r: &mut Report,
+    p: &Providers,
+    ids: &BTreeMap<u32, String>,
+    status: &BTreeMap<u32, String>,
+    view: &StoreView,
+) {
+    let entries = p.settlements.entries();
+    let settlements: Vec<&providers::Entry> =
+        entries.iter().filter(|e| e.kind == "settlement").collect();
+    let acks: BTreeMap<&str, &Value> = entries
+        .iter()
+        .filter(|e| e.kind == "acknowledged")
+        .filter_map(|e| e.key.strip_prefix("ack/").map(|k| (k, &e.answer)))
+        .collect();
+    let status_of: BTreeMap<&str, &str> = ids
+        .iter()
+        .filter_map(|(i, id)| status.get(i).map(|s| (id.as_str(), s.as_str())))
+        .collect();
+    // Who took what: delivery id -> the sagas whose logs took it (one entry per record).
+    let mut takers: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (saga, got) in &view.received {
+        for d in got {
+            takers.entry(d.as_str()).or_default().push(saga.as_str());
+        }
+        let distinct: BTreeSet<&String> = got.iter().collect();
+        if distinct.len() > 1 {
+            r.settlements_doubled += distinct.len() - 1;
+            r.problems.push(format!(
+                "saga {saga} took {} settlements: {got:?}",
+                distinct.len()
+            ));
+        }
+        if status_of.get(saga.as_str()) == Some(&"completed") && got.is_empty() {
+            r.settlements_lost += 1;
+            r.problems
+                .push(format!("saga {saga} completed without a settlement"));
+        }
+    }
+    let in_inbox: BTreeMap<&str, &sagaflow::store::Delivery> =
+        view.deliveries.iter().map(|d| (d.id.as_str(), d)).collect();
+    if in_inbox.len() != view.deliveries.len() {
+        r.problems
+            .push("the inbox holds one event id under two keys".to_string());
+    }
+    let sent: BTreeSet<&str> = settlements.iter().map(|e| e.key.as_str()).collect();
+    for d in &view.deliveries {
+        if !sent.contains(d.id.as_str()) {
+            r.problems
+                .push(format!("the inbox holds {} that payments never sent", d.id));
+        }
+    }
+    r.settlements_sent = settlements.len();
+    if r.settlements_sent != r.charges {
+        r.problems.push(format!(
+            "{} charges but {} settlements sent",
+            r.charges, r.settlements_sent
+        ));
+    }
+    for e in &settlements {
+        let id = e.key.as_str();
+        let own = e.answer["charge_key"]
+            .as_str()
+            .and_then(|k| k.split('/').next())
+            .unwrap_or("");
+        let ack = acks.get(id);
+        if let Some(a) = ack {
+            r.settlements_acknowledged += 1;
+            if a["answer"]["delivery"] == "duplicate" {
+                r.settlements_redelivered += 1;
+            }
+        } else {
+            r.problems
+                .push(format!("settlement {id} was never acknowledged"));
+        }
+        let took = takers.get(id).cloned().unwrap_or_default();
+        if !took.is_empty() {
+            r.settlements_taken += 1;
+            r.settlements_doubled += took.len() - 1;
+            if took.len() > 1 {
+                r.problems.push(format!(
+                    "settlement {id} taken {} times: {took:?}",
+                    took.len()
+                ));
+            }
+            for t in &took {
+                if *t != own {
+                    r.problems.push(format!(
+                        "settlement {id} of saga {own}'s charge taken by saga {t}"
+                    ));
+                }
+            }
+            match in_inbox.get(id) {
+                Some(d) if d.taken_by.map(|s| s.to_string()).as_deref() == Some(took[0]) => {}
+                other => r.problems.push(format!(
+                    "settlement {id} taken by {took:?} but the inbox says {:?}",
+                    other.map(|d| d.taken_by)
+                )),
+            }
+            continue;
+        }
+        if ack.is_none() {
+            continue;
+        }
+        let durable = in_inbox.contains_key(id);
+        let compensated_before_waiting =
+            status_of.get(own) == Some(&"compensated") && !view.awaited.contains(own);
+        if durable && compensated_before_waiting {
+            r.settlements_unclaimed += 1;
+        } else {
+            r.settlements_lost += 1;
+            r.problems.push(format!(
+                "settlement {id} acknowledged but taken by no saga (in the inbox: {durable}; its saga {own}: {:?}, waited: {})",
+                status_of.get(own),
+                view.awaited.contains(own)
+            ));
+        }
+    }
 }
 
 fn reconcile(p: &Providers, ids: &BTreeMap<u32, String>, status: &BTreeMap<u32, String>) -> Report {

@@ -84,9 +84,10 @@ enum Cmd {
         /// Inventory's rate limit, calls per second.
         #[arg(long, default_value_t = 300)]
         inventory_per_second: u64,
-        /// Where payments sends its signed webhooks.
+        /// Where payments sends its signed settlement webhooks; repeatable (each retry
+        /// goes to the next).
         #[arg(long)]
-        webhook_url: Option<String>,
+        webhook_url: Vec<String>,
         /// An outage window in seconds since start, like `30..60` (503 with
         /// Retry-After); repeatable.
         #[arg(long, value_parser = parse_window)]
@@ -99,8 +100,8 @@ enum Cmd {
     /// secret is rotated without downtime), and SAGAFLOW_ADMIN_TOKEN /
     /// SAGAFLOW_READ_TOKEN (at least 16 bytes; unset: no admin API).
     Serve {
-        /// The engine's sled directory (with --database-url: only the service's own
-        /// files, such as its memory of settled webhooks).
+        /// The engine's sled directory (with --database-url: created, and otherwise
+        /// unused).
         #[arg(long)]
         data_dir: PathBuf,
         /// A PostgreSQL database shared with other replicas, instead of the sled
@@ -238,7 +239,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
     });
     tracing::info!(recovered = ?engine.recovery(), "engine open");
-    let svc = service::Service::new(engine.clone(), secrets.webhook_secrets, &args.data_dir)?;
+    let svc = service::Service::new(engine.clone(), secrets.webhook_secrets)?;
     tracing::info!(listen = %public.local_addr()?, limits = ?args.limits, "order service listening");
     service::run(
         svc,
@@ -300,7 +301,7 @@ async fn main() -> anyhow::Result<()> {
                 &dir,
                 faults,
                 inventory_per_second,
-                Arc::new(Mutex::new(webhook_url)),
+                Arc::new(Mutex::new(webhook_url.into_iter().collect())),
                 secrets,
             )
             .await?;
@@ -392,8 +393,23 @@ async fn main() -> anyhow::Result<()> {
                 report.orders_created, report.shipments
             );
             println!(
-                "webhooks      {} settled, {} forged refused",
-                report.webhooks_delivered, report.forged_webhooks_refused
+                "settlements   {} sent, {} acknowledged, {} taken by a saga, {} unclaimed (saga compensated before it waited)",
+                report.settlements_sent,
+                report.settlements_acknowledged,
+                report.settlements_taken,
+                report.settlements_unclaimed
+            );
+            println!(
+                "  redelivered {} answered duplicate (a kill lost the first answer); replayed at the end {}, answered duplicate {}",
+                report.settlements_redelivered, report.settlements_replayed, report.settlement_replays_duplicate
+            );
+            println!(
+                "  lost        {}, doubled {}",
+                report.settlements_lost, report.settlements_doubled
+            );
+            println!(
+                "webhooks      {} forged refused",
+                report.forged_webhooks_refused
             );
             println!(
                 "replays       {} returned the same order",

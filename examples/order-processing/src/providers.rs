@@ -3,8 +3,10 @@
 //! Each honours idempotency keys (the same key returns the first answer and applies
 //! nothing twice), keeps its ledger in a file so it survives restarts and can be
 //! reconciled, and can be given a failure rate, a latency and outage windows. Payments
-//! also issues short-lived OAuth tokens and sends a signed webhook when a charge
-//! settles; inventory answers 429 with Retry-After past its rate.
+//! also issues short-lived OAuth tokens and, for every charge it takes, sends one signed
+//! `charge.settled` webhook, asynchronously, retrying until it is answered 2xx, as a real
+//! payment provider does (its outbox, `settlements.jsonl`, survives a restart of the
+//! providers); inventory answers 429 with Retry-After past its rate.
 //!
 //! The two secrets payments shares with the shop (the OAuth client secret and the
 //! webhook signing secret) are never in source and never printed: [`ProviderSecrets`]
@@ -82,9 +84,20 @@ impl Ledger {
 
     /// Applies `kind` under `key` once; returns the first answer for the key.
     pub fn apply(&self, kind: &str, key: &str, answer: Value) -> anyhow::Result<Value> {
+        self.apply_once(kind, key, answer).map(|(a, _)| a)
+    }
+
+    /// As [`Ledger::apply`], and says whether this call applied it (`true`) or an
+    /// earlier one had.
+    pub fn apply_once(
+        &self,
+        kind: &str,
+        key: &str,
+        answer: Value,
+    ) -> anyhow::Result<(Value, bool)> {
         let mut g = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = g.0.get(key) {
-            return Ok(e.answer.clone());
+            return Ok((e.answer.clone(), false));
         }
         let e = Entry {
             kind: kind.to_string(),
@@ -98,7 +111,7 @@ impl Ledger {
         writeln!(f, "{}", serde_json::to_string(&e)?)?;
         g.0.insert(key.to_string(), e.clone());
         g.1.push(e);
-        Ok(answer)
+        Ok((answer, true))
     }
 
     /// Every entry, in order.
@@ -345,8 +358,13 @@ pub struct Providers {
     pub inventory: Arc<Ledger>,
     /// Orders' ledger (orders, shipments).
     pub orders: Arc<Ledger>,
-    /// Webhooks payments delivered and had accepted.
-    pub webhooks_delivered: Arc<AtomicU64>,
+    /// Payments' settlement outbox: a `settlement` entry (key: the event id, answer:
+    /// the webhook's body) when a charge is first taken, an `acknowledged` entry (key:
+    /// `ack/<event id>`, answer: the status and body of the 2xx) when the shop accepted
+    /// it.
+    pub settlements: Arc<Ledger>,
+    /// Where payments sends its webhooks: it tries each in turn until one answers 2xx.
+    pub webhook_urls: Arc<Mutex<Vec<String>>>,
     /// The secrets payments shares with the shop.
     pub secrets: ProviderSecrets,
 }
@@ -357,8 +375,8 @@ struct PaymentsState {
     issued: AtomicU64,
     client_secret: Secret,
     webhook_secret: Secret,
-    webhook_url: Arc<Mutex<Option<String>>>,
-    delivered: Arc<AtomicU64>,
+    webhook_urls: Arc<Mutex<Vec<String>>>,
+    settlements: Arc<Ledger>,
 }
 
 async fn token(State(s): State<Arc<PaymentsState>>, headers: HeaderMap) -> Response {
@@ -407,33 +425,62 @@ async fn charge(
         Ok(json!({ "charge_id": format!("ch_{}", short(key)), "amount_cents": cents }))
     })
     .await;
-    if resp.status() == StatusCode::OK {
-        if let Some(key) = key_of(&headers) {
-            settle_later(s.clone(), key);
+    // Taken (whether or not its answer got back: an injected failure after applying
+    // loses only the answer): it settles, once. The outbox entry is written once per
+    // charge, so a retried charge does not settle twice.
+    if let Some(key) = key_of(&headers) {
+        if let Some(taken) = s.p.ledger.get(&key) {
+            let event = settlement_event(&key, &taken);
+            let id = event["id"].as_str().unwrap_or_default().to_string();
+            if s.settlements.get(&id).is_none() {
+                match s.settlements.apply_once("settlement", &id, event.clone()) {
+                    Ok((_, true)) => settle_later(s.clone(), event),
+                    Ok((_, false)) => {}
+                    Err(e) => tracing::error!(error = %e, "payments cannot record a settlement"),
+                }
+            }
         }
     }
     resp
 }
 
-/// Sends the signed `charge.settled` webhook, retrying until the service accepts it.
-fn settle_later(s: Arc<PaymentsState>, key: String) {
+/// The `charge.settled` event of the charge taken under `key` with answer `taken`.
+fn settlement_event(key: &str, taken: &Value) -> Value {
+    json!({
+        "id": format!("evt_{}", short(key)),
+        "type": "charge.settled",
+        "charge_id": taken["charge_id"],
+        "charge_key": key,
+        "amount_cents": taken["amount_cents"],
+        "settlement_id": format!("st_{}", short(key)),
+    })
+}
+
+/// Sends the signed settlement webhook `event`, retrying (100 ms, doubling to 2 s,
+/// across the webhook addresses in turn) until one answers 2xx, and records the
+/// acknowledgement in the outbox. Any other answer, or none, is retried: a 5xx, a
+/// refusal, a connection refused while the service restarts.
+fn settle_later(s: Arc<PaymentsState>, event: Value) {
     tokio::spawn(async move {
+        let id = event["id"].as_str().unwrap_or_default().to_string();
+        let body = event.to_string();
         let client = reqwest::Client::new();
-        let body = json!({ "id": format!("evt_{}", short(&key)), "type": "charge.settled", "charge_key": key }).to_string();
-        for _ in 0..600 {
-            let url = s
-                .webhook_url
+        let mut pause = Duration::from_millis(100);
+        for attempt in 0u64.. {
+            let urls = s
+                .webhook_urls
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
-            if let Some(url) = url {
+            if !urls.is_empty() {
+                let url = &urls[(attempt as usize) % urls.len()];
                 let sig = sagaflow_steps::webhook::sign(
                     &s.webhook_secret,
                     SystemTime::now(),
                     body.as_bytes(),
                 );
                 let sent = client
-                    .post(&url)
+                    .post(url)
                     .header("signature", sig)
                     .header("content-type", "application/json")
                     .body(body.clone())
@@ -441,13 +488,23 @@ fn settle_later(s: Arc<PaymentsState>, key: String) {
                     .send()
                     .await;
                 if let Ok(r) = sent {
-                    if r.status().is_success() || r.status() == StatusCode::CONFLICT {
-                        s.delivered.fetch_add(1, Ordering::Relaxed);
+                    let status = r.status().as_u16();
+                    if r.status().is_success() {
+                        let answer = r.json::<Value>().await.unwrap_or(Value::Null);
+                        let ack =
+                            json!({ "status": status, "answer": answer, "attempts": attempt + 1 });
+                        if let Err(e) =
+                            s.settlements
+                                .apply("acknowledged", &format!("ack/{id}"), ack)
+                        {
+                            tracing::error!(error = %e, "payments cannot record an acknowledgement");
+                        }
                         return;
                     }
                 }
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
         }
     });
 }
@@ -597,14 +654,16 @@ async fn serve(app: Router) -> anyhow::Result<String> {
     Ok(format!("http://{addr}"))
 }
 
-/// Starts the three providers with ledgers in `dir`. `webhook_url` is where payments
-/// delivers its webhooks (it can be set later, when the service's address is known);
-/// `secrets` are the ones payments shares with the shop.
+/// Starts the three providers with ledgers in `dir`. `webhook_urls` is where payments
+/// delivers its webhooks (it can be set later, when the service's address is known;
+/// with several, each retry goes to the next); `secrets` are the ones payments shares
+/// with the shop. Settlements in the outbox that were never acknowledged (the providers
+/// stopped before) are sent again.
 pub async fn start(
     dir: &Path,
     faults: Faults,
     inventory_per_second: u64,
-    webhook_url: Arc<Mutex<Option<String>>>,
+    webhook_urls: Arc<Mutex<Vec<String>>>,
     secrets: ProviderSecrets,
 ) -> anyhow::Result<Providers> {
     std::fs::create_dir_all(dir)?;
@@ -616,16 +675,21 @@ pub async fn start(
             calls: AtomicU64::new(0),
         })
     };
-    let delivered = Arc::new(AtomicU64::new(0));
+    let settlements = Ledger::open(&dir.join("settlements.jsonl"))?;
     let payments = Arc::new(PaymentsState {
         p: provider("payments")?,
         tokens: Mutex::new(HashMap::new()),
         issued: AtomicU64::new(0),
         client_secret: secrets.client_secret.clone(),
         webhook_secret: secrets.webhook_secret.clone(),
-        webhook_url,
-        delivered: delivered.clone(),
+        webhook_urls: webhook_urls.clone(),
+        settlements: settlements.clone(),
     });
+    for e in settlements.entries() {
+        if e.kind == "settlement" && settlements.get(&format!("ack/{}", e.key)).is_none() {
+            settle_later(payments.clone(), e.answer);
+        }
+    }
     let inventory = Arc::new(InventoryState {
         p: provider("inventory")?,
         per_second: inventory_per_second,
@@ -668,7 +732,8 @@ pub async fn start(
         payments: pl,
         inventory: il,
         orders: ol,
-        webhooks_delivered: delivered,
+        settlements,
+        webhook_urls,
         secrets,
     })
 }

@@ -1,6 +1,8 @@
 //! The order saga: reserve the stock and charge the card at once (a parallel group of
-//! two branches, each with its own compensation: release, refund), then create the order
-//! (the pivot, which needs both answers), then book shipping. Every call goes through the
+//! two branches, each with its own compensation: release, refund), then wait for the
+//! payment provider's settlement of the charge (an await step, `settle`: its signed
+//! webhook, delivered to the engine by the service's `POST /webhooks/payments`), then
+//! create the order (the pivot, which needs the answers), then book shipping. Every call goes through the
 //! steps toolkit: per-call timeouts, idempotency keys, inventory's rate limit, payments'
 //! breaker and OAuth tokens.
 //!
@@ -16,7 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sagaflow::{Compensate, RetryPolicy, SagaDefinition, Step, StepContext, StepError};
+use sagaflow::{
+    Await, Compensate, OnTimeout, RetryPolicy, SagaDefinition, Step, StepContext, StepError,
+};
 use sagaflow_steps::circuit_breaker::{BreakerConfig, CircuitBreaker};
 use sagaflow_steps::http::Integration;
 use sagaflow_steps::oauth::{ClientCredentials, TokenSource};
@@ -193,6 +197,7 @@ impl Step for CreateOrder {
     async fn execute(&self, ctx: &StepContext, o: OrderRequest) -> Result<Value, StepError> {
         let charge: Value = ctx.output_of("charge")?.unwrap_or(Value::Null);
         let reservation: Value = ctx.output_of("reserve")?.unwrap_or(Value::Null);
+        let settlement: Value = ctx.output_of("settle")?.unwrap_or(Value::Null);
         self.0
             .post_json(
                 ctx,
@@ -201,6 +206,7 @@ impl Step for CreateOrder {
                     "customer": o.customer,
                     "charge_id": charge["charge_id"],
                     "reservation_id": reservation["reservation_id"],
+                    "settlement_id": settlement["settlement_id"],
                 }),
             )
             .await
@@ -224,12 +230,66 @@ impl Step for BookShipping {
     }
 }
 
-/// The order saga over `i`.
+/// How long the `settle` step waits for the settlement webhook, from when it begins
+/// waiting (the charge and the reservation done), across restarts: an hour. The fake
+/// provider settles at once and retries its webhook until it is acknowledged, so only a
+/// settlement that is truly lost (the provider gave up, or the service refuses it for
+/// good, a wrong webhook secret say) lets it pass; a real provider's settlement may take
+/// longer, and the deadline with it.
+pub const SETTLEMENT_DEADLINE: Duration = Duration::from_secs(3600);
+
+/// The correlation key the `settle` step waits on, and the service delivers a
+/// `charge.settled` webhook to: `settlement/<charge id>`.
+pub fn settlement_key(charge_id: &str) -> String {
+    format!("settlement/{charge_id}")
+}
+
+/// The await step: the settlement of the saga's charge.
+///
+/// - Its key is [`settlement_key`] of the charge's `charge_id` (the charge step's output).
+/// - Its event's payload (the webhook's body) is its output; `create_order` sends its
+///   `settlement_id` to the orders provider.
+/// - A timeout (no settlement within `within`) fails it **rejected**: the wait itself
+///   took no effect, so it is not compensated; the steps before it are, so the charge is
+///   refunded and the stock released, and no order is made. A settlement that comes
+///   after that stays in the engine's inbox, taken by no saga (the money was refunded).
+/// - It has **no compensation of its own**: what the settlement stands for (the money
+///   received) is undone by refunding the charge, which the charge step's compensation
+///   already does (a refund by the charge's key returns the settled money too). A second
+///   refund here would refund twice. So when the saga compensates after the settlement
+///   came (the orders provider refuses the customer), the charge is refunded once.
+fn settlement(within: Duration) -> Await {
+    Await::new(within, |ctx| {
+        let charge: Value = ctx
+            .output_of("charge")
+            .map_err(|e| e.to_string())?
+            .unwrap_or(Value::Null);
+        charge["charge_id"]
+            .as_str()
+            .map(settlement_key)
+            .ok_or_else(|| "the charge has no charge_id".to_string())
+    })
+    .on_timeout(OnTimeout::Rejected)
+}
+
+/// The order saga over `i`, waiting [`SETTLEMENT_DEADLINE`] for each settlement.
 ///
 /// # Errors
 ///
 /// Never in practice: the definition is valid.
 pub fn definition(i: &Integrations) -> Result<SagaDefinition, sagaflow::definition::Error> {
+    definition_with(i, SETTLEMENT_DEADLINE)
+}
+
+/// The order saga over `i`, waiting `settlement_within` for each settlement.
+///
+/// # Errors
+///
+/// Never in practice: the definition is valid.
+pub fn definition_with(
+    i: &Integrations,
+    settlement_within: Duration,
+) -> Result<SagaDefinition, sagaflow::definition::Error> {
     let retry = RetryPolicy::default()
         .with_max_attempts(8)
         .with_initial_backoff(Duration::from_millis(50))
@@ -255,6 +315,7 @@ pub fn definition(i: &Integrations) -> Result<SagaDefinition, sagaflow::definiti
                 .compensation_retry(undo.clone())
                 .max_interruptions(KILLS_TOLERATED)
         })
+        .await_event("settle", settlement(settlement_within))
         .pivot("create_order", CreateOrder(i.orders.clone()))
         .retry(retry.clone())
         .max_interruptions(KILLS_TOLERATED)

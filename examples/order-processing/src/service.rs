@@ -1,12 +1,9 @@
 //! The order service: `POST /orders`, `GET /orders/{id}`, and the payments webhook;
 //! [`run`] serves it, and the admin API on a listener of its own.
 
-use std::collections::HashSet;
-use std::fs::File;
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::{anyhow, Context};
@@ -17,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use sagaflow::machine::Event;
+use sagaflow::store::Delivered;
 use sagaflow::{Engine, Error, SagaId, StartKey};
 use sagaflow_admin::Auth;
 use sagaflow_steps::secrets::{Secret, Secrets};
@@ -24,7 +22,7 @@ use sagaflow_steps::webhook::{Verifier, WebhookError};
 use serde_json::{json, Value};
 
 use crate::providers::{CLIENT_SECRET_VAR, WEBHOOK_SECRET_VAR};
-use crate::saga::OrderRequest;
+use crate::saga::{settlement_key, OrderRequest};
 use crate::server::{self, ConnStats, Limits};
 
 /// What the handlers share.
@@ -32,10 +30,10 @@ use crate::server::{self, ConnStats, Limits};
 pub struct Service {
     engine: Arc<Engine>,
     verifier: Verifier,
-    settled: Settled,
-    /// Webhooks accepted (and recorded).
+    /// Settlements delivered to the engine (new, and durable before the 2xx).
     pub webhooks_accepted: AtomicU64,
-    /// Authentic webhooks refused as already received, before or after a restart.
+    /// Authentic settlements the engine had already recorded (by event id), before or
+    /// after a restart: answered 2xx, recorded once.
     pub webhooks_duplicate: AtomicU64,
     /// Webhooks refused (forged, stale, malformed).
     pub webhooks_refused: AtomicU64,
@@ -43,132 +41,28 @@ pub struct Service {
 
 impl Service {
     /// The service over `engine`, verifying webhooks signed with any of
-    /// `webhook_secrets` (several while a secret is rotated) and recording settled
-    /// charges in `data_dir/settled.jsonl`. That file is also the memory of the event
-    /// ids already received: it is read here, so a webhook replayed after a restart is
-    /// still a duplicate.
+    /// `webhook_secrets` (several while a secret is rotated). A settlement webhook is
+    /// delivered to the engine's inbox, where the order's `settle` step takes it; the
+    /// inbox is also the memory of the event ids already received (the webhook's event
+    /// id is the delivery id), durable in the engine's store, so a webhook replayed after
+    /// a restart, or to another replica, is a duplicate.
     ///
     /// # Errors
     ///
-    /// If `webhook_secrets` is empty, or the settlements file cannot be read or opened,
-    /// or has a line that does not decode.
-    pub fn new(
-        engine: Arc<Engine>,
-        webhook_secrets: Vec<Secret>,
-        data_dir: &Path,
-    ) -> anyhow::Result<Arc<Self>> {
+    /// If `webhook_secrets` is empty.
+    pub fn new(engine: Arc<Engine>, webhook_secrets: Vec<Secret>) -> anyhow::Result<Arc<Self>> {
         if webhook_secrets.is_empty() {
             return Err(anyhow!("no webhook secret: every webhook would be refused"));
         }
         Ok(Arc::new(Service {
             engine,
-            verifier: Verifier::new(webhook_secrets),
-            settled: Settled::open(&data_dir.join("settled.jsonl"))?,
+            // The verifier's own memory of event ids is per process; the engine's inbox
+            // decides what is a duplicate (see `webhook`), so it is kept minimal.
+            verifier: Verifier::new(webhook_secrets).with_memory(1),
             webhooks_accepted: AtomicU64::new(0),
             webhooks_duplicate: AtomicU64::new(0),
             webhooks_refused: AtomicU64::new(0),
         }))
-    }
-}
-
-/// `settled.jsonl`: one line per accepted webhook, appended and fsynced before the 2xx,
-/// and the set of event ids in it.
-#[derive(Debug)]
-struct Settled {
-    path: PathBuf,
-    inner: Mutex<SettledInner>,
-}
-
-#[derive(Debug)]
-struct SettledInner {
-    file: File,
-    len: u64,
-    seen: HashSet<String>,
-}
-
-impl Settled {
-    fn open(path: &Path) -> anyhow::Result<Settled> {
-        let existed = path.exists();
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        if !existed {
-            // A new file's name is durable once its directory is synced.
-            let dir = path
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            File::open(dir).and_then(|d| d.sync_all())?;
-        }
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)
-            .with_context(|| format!("reading {}", path.display()))?;
-        // A line is written whole and fsynced before the webhook is answered, so bytes
-        // after the last newline are a write the sender was never told about: it sends
-        // the webhook again. They are cut off, or the next line would be glued to them.
-        let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-        if whole < bytes.len() {
-            tracing::warn!(
-                path = %path.display(),
-                bytes = bytes.len() - whole,
-                "settled.jsonl ends with a torn line (a crash mid-write); cutting it off"
-            );
-            file.set_len(whole as u64)?;
-            file.sync_all()?;
-        }
-        let mut seen = HashSet::new();
-        for (i, line) in bytes[..whole].split(|b| *b == b'\n').enumerate() {
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            let v: Value = serde_json::from_slice(line).map_err(|e| {
-                anyhow!(
-                    "{} line {}: {e}; the file is damaged: restore it or remove the line",
-                    path.display(),
-                    i + 1
-                )
-            })?;
-            let Some(id) = v["event"].as_str() else {
-                return Err(anyhow!("{} line {}: no `event` id", path.display(), i + 1));
-            };
-            seen.insert(id.to_string());
-        }
-        Ok(Settled {
-            path: path.to_path_buf(),
-            inner: Mutex::new(SettledInner {
-                file,
-                len: whole as u64,
-                seen,
-            }),
-        })
-    }
-
-    /// Records `event` once: `Ok(true)` when it is new and now durable, `Ok(false)` if
-    /// it was recorded before. Blocks on an fsync.
-    fn record(&self, event: &str, charge_key: &Value) -> std::io::Result<bool> {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if g.seen.contains(event) {
-            return Ok(false);
-        }
-        let mut line = json!({ "event": event, "charge_key": charge_key }).to_string();
-        line.push('\n');
-        let written = g
-            .file
-            .write_all(line.as_bytes())
-            .and_then(|()| g.file.sync_data());
-        if let Err(e) = written {
-            // Leave no partial line for the next append to be glued to.
-            let len = g.len;
-            let _ = g.file.set_len(len);
-            tracing::error!(path = %self.path.display(), error = %e, "cannot record a webhook");
-            return Err(e);
-        }
-        g.len += line.len() as u64;
-        g.seen.insert(event.to_string());
-        Ok(true)
     }
 }
 
@@ -433,6 +327,10 @@ async fn show(State(s): State<Arc<Service>>, UrlPath(id): UrlPath<String>) -> Re
                 "retry_at": retry_at.map(|t| t.to_string()),
             }),
             Event::CompensationBegan { reason } => json!({ "reason": reason }),
+            Event::Awaiting { attempt, key, .. } => json!({ "attempt": attempt, "key": key }),
+            Event::EventReceived {
+                attempt, delivery, ..
+            } => json!({ "attempt": attempt, "delivery": delivery }),
             Event::Parked { reason } => json!({ "reason": reason.message }),
             _ => Value::Null,
         }
@@ -478,7 +376,7 @@ async fn webhook(State(s): State<Arc<Service>>, headers: HeaderMap, body: Bytes)
         .await;
     match verdict {
         // The verifier checks the signature before its in-memory replay check, so both
-        // mean authentic; the durable record below decides what is a duplicate.
+        // mean authentic; the engine's inbox decides what is a duplicate.
         Ok(()) | Err(WebhookError::Replayed) => {}
         Err(e @ WebhookError::Interrupted(_)) => {
             return refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
@@ -489,26 +387,46 @@ async fn webhook(State(s): State<Arc<Service>>, headers: HeaderMap, body: Bytes)
             return refuse(StatusCode::UNAUTHORIZED, e.to_string());
         }
     }
-    let charge_key = event["charge_key"].clone();
-    let svc = s.clone();
-    let recorded = tokio::task::spawn_blocking(move || svc.settled.record(&id, &charge_key)).await;
-    match recorded {
-        Ok(Ok(true)) => {
-            s.webhooks_accepted.fetch_add(1, Ordering::Relaxed);
-            StatusCode::NO_CONTENT.into_response()
-        }
-        Ok(Ok(false)) => {
+    if event["type"] != "charge.settled" {
+        s.webhooks_refused.fetch_add(1, Ordering::Relaxed);
+        return refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "only `charge.settled` events are handled",
+        );
+    }
+    let Some(charge) = event["charge_id"].as_str().filter(|c| !c.is_empty()) else {
+        s.webhooks_refused.fetch_add(1, Ordering::Relaxed);
+        return refuse(StatusCode::BAD_REQUEST, "the event has no `charge_id`");
+    };
+    // Delivered to the `settle` step of the order that took this charge (now, or when
+    // it gets there), with the event id as the delivery id. `deliver` returns once the
+    // delivery is durable: only then is the sender told 2xx, so a crash before that is
+    // covered by its retries, and a retry after it is a duplicate.
+    match s.engine.deliver(&settlement_key(charge), &id, event).await {
+        Ok(Delivered::Duplicate) => {
             s.webhooks_duplicate.fetch_add(1, Ordering::Relaxed);
-            refuse(StatusCode::CONFLICT, "already received")
+            (StatusCode::OK, Json(json!({ "delivery": "duplicate" }))).into_response()
+        }
+        Ok(_) => {
+            s.webhooks_accepted.fetch_add(1, Ordering::Relaxed);
+            (StatusCode::ACCEPTED, Json(json!({ "delivery": "new" }))).into_response()
+        }
+        Err(
+            e @ (Error::InvalidDelivery(_)
+            | Error::PayloadTooLarge { .. }
+            | Error::PayloadTooDeep { .. }),
+        ) => {
+            s.webhooks_refused.fetch_add(1, Ordering::Relaxed);
+            refuse(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
         }
         // Not recorded: the sender is not told 2xx, so it sends it again.
-        Ok(Err(e)) => refuse(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot record the webhook: {e}"),
-        ),
-        Err(e) => refuse(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot record the webhook: {e}"),
-        ),
+        Err(e @ Error::ShuttingDown) => refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot deliver a settlement");
+            refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot record the webhook: {e}"),
+            )
+        }
     }
 }

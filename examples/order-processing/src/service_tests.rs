@@ -16,11 +16,12 @@ use crate::saga::{definition, Integrations};
 use crate::server::{self, ConnStats, Limits};
 use crate::service::{app, run, webhook_secrets, Listeners, Service, ServiceSecrets};
 
-/// An engine on a memory store, the providers, and a data directory for services.
+/// An engine on a memory store and the providers.
 pub(crate) struct Fixture {
     pub(crate) engine: Arc<Engine>,
     pub(crate) providers: Providers,
-    pub(crate) dir: tempfile::TempDir,
+    /// Where the providers' ledgers are (removed when the fixture is dropped).
+    pub(crate) _dir: tempfile::TempDir,
 }
 
 pub(crate) async fn fixture() -> Fixture {
@@ -29,7 +30,7 @@ pub(crate) async fn fixture() -> Fixture {
         &dir.path().join("p"),
         Faults::default(),
         1000,
-        Arc::new(Mutex::new(None)),
+        Arc::new(Mutex::new(Vec::new())),
         ProviderSecrets::generate().unwrap(),
     )
     .await
@@ -44,24 +45,30 @@ pub(crate) async fn fixture() -> Fixture {
     Fixture {
         engine: Arc::new(engine),
         providers,
-        dir,
+        _dir: dir,
     }
 }
 
 impl Fixture {
-    /// A new service instance on the fixture's data directory (a restart, as far as
-    /// the service's own files go).
+    /// A new service instance over the fixture's engine.
     pub(crate) fn service(&self, webhook_secrets: Vec<Secret>) -> Arc<Service> {
-        Service::new(self.engine.clone(), webhook_secrets, self.dir.path()).unwrap()
+        Service::new(self.engine.clone(), webhook_secrets).unwrap()
     }
 
-    pub(crate) fn settled(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.dir.path().join("settled.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+    /// The engine's inbox: (key, delivery id) of each delivery.
+    pub(crate) async fn deliveries(&self) -> Vec<(String, String)> {
+        inbox(&self.engine).await
     }
+}
+
+async fn inbox(engine: &Engine) -> Vec<(String, String)> {
+    engine
+        .deliveries(None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.key, d.id))
+        .collect()
 }
 
 /// Serves `svc` on a fresh port behind the real listener; returns its base URL.
@@ -84,6 +91,8 @@ async fn start() -> (String, Arc<Engine>, Fixture) {
     let f = fixture().await;
     let svc = f.service(vec![f.providers.secrets.webhook_secret.clone()]);
     let (base, _) = serve_public(svc, "t-contract", Limits::default()).await;
+    // Payments settles each charge with a webhook to this service.
+    *f.providers.webhook_urls.lock().unwrap() = vec![format!("{base}/webhooks/payments")];
     (base, f.engine.clone(), f)
 }
 
@@ -165,6 +174,19 @@ async fn orders_are_validated_idempotent_and_shown() {
         .collect();
     assert_eq!(events.first(), Some(&"started"));
     assert_eq!(events.last(), Some(&"completed"));
+    // The settlement webhook payments sent was delivered to the engine and taken by the
+    // `settle` step: its event id is the delivery id.
+    let received: Vec<&Value> = shown["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "event_received")
+        .collect();
+    assert_eq!(received.len(), 1, "{shown}");
+    assert_eq!(received[0]["step"], "settle");
+    let delivery = received[0]["detail"]["delivery"].as_str().unwrap();
+    assert!(delivery.starts_with("evt_"), "{delivery}");
+    assert!(events.contains(&"awaiting"), "{events:?}");
     assert_eq!(
         client
             .get(format!(
@@ -254,74 +276,115 @@ async fn send_webhook(base: &str, secret: &Secret, body: &Value) -> (u16, Value)
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
+/// Sends a webhook signed with `secret` to the service's routes in-process; the router
+/// (and with it the service and its engine) is dropped after.
+async fn send_in_process(svc: Arc<Service>, secret: &Secret, body: &Value) -> (u16, Value) {
+    use tower::ServiceExt;
+    let body = body.to_string();
+    let sig = sagaflow_steps::webhook::sign(secret, SystemTime::now(), body.as_bytes());
+    let req = axum::http::Request::post("/webhooks/payments")
+        .header("signature", sig)
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body))
+        .unwrap();
+    let r = app(svc).oneshot(req).await.unwrap();
+    let status = r.status().as_u16();
+    let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// A settlement is delivered to the engine's inbox, answered 2xx once durable; the same
+/// event id again is a duplicate, also after the engine restarts on the same store (no
+/// memory of event ids in the service).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_replayed_after_a_restart_is_a_duplicate() {
     let f = fixture().await;
     let secret = f.providers.secrets.webhook_secret.clone();
-    let evt =
-        |id: &str| json!({"id": id, "type": "charge.settled", "charge_key": format!("k-{id}")});
-    let duplicate = (409, json!({"error": "already received"}));
-
-    let first = f.service(vec![secret.clone()]);
-    let (base, _) = serve_public(first.clone(), "t-replay-1", Limits::default()).await;
-    assert_eq!(
-        send_webhook(&base, &secret, &evt("evt_1")).await,
-        (204, Value::Null)
+    let evt = |id: &str| json!({"id": id, "type": "charge.settled", "charge_id": format!("ch_{id}"), "settlement_id": "st"});
+    let (new, duplicate) = (
+        (202, json!({"delivery": "new"})),
+        (200, json!({"delivery": "duplicate"})),
     );
-    assert_eq!(send_webhook(&base, &secret, &evt("evt_1")).await, duplicate);
+    let store = Arc::new(MemLog::new());
+    let open = || async {
+        let integrations =
+            Integrations::new(&f.providers.addresses, &f.providers.secrets.client_secret);
+        Arc::new(
+            Engine::builder()
+                .register(definition(&integrations).unwrap())
+                .open_with(store.clone())
+                .await
+                .unwrap(),
+        )
+    };
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
 
-    // A new instance on the same data directory: its verifier's memory is empty.
-    let second = f.service(vec![secret.clone()]);
-    let (base, _) = serve_public(second.clone(), "t-replay-2", Limits::default()).await;
-    assert_eq!(send_webhook(&base, &secret, &evt("evt_1")).await, duplicate);
+    let engine = open().await;
+    let first = Service::new(engine.clone(), vec![secret.clone()]).unwrap();
     assert_eq!(
-        send_webhook(&base, &secret, &evt("evt_2")).await,
-        (204, Value::Null)
+        send_in_process(first.clone(), &secret, &evt("evt_1")).await,
+        new
     );
-    assert_eq!(send_webhook(&base, &secret, &evt("evt_2")).await, duplicate);
     assert_eq!(
-        f.settled(),
-        vec![
-            json!({"event": "evt_1", "charge_key": "k-evt_1"}),
-            json!({"event": "evt_2", "charge_key": "k-evt_2"}),
+        send_in_process(first.clone(), &secret, &evt("evt_1")).await,
+        duplicate
+    );
+    assert_eq!(
+        (
+            count(&first.webhooks_accepted),
+            count(&first.webhooks_duplicate)
+        ),
+        (1, 1)
+    );
+    drop(first);
+    Arc::try_unwrap(engine).unwrap().shutdown().await.unwrap();
+
+    // The engine restarts on the same store, with a new service: the duplicate is known
+    // from the store alone.
+    let engine = open().await;
+    let second = Service::new(engine.clone(), vec![secret.clone()]).unwrap();
+    assert_eq!(
+        send_in_process(second.clone(), &secret, &evt("evt_1")).await,
+        duplicate
+    );
+    assert_eq!(
+        send_in_process(second.clone(), &secret, &evt("evt_2")).await,
+        new
+    );
+    assert_eq!(
+        send_in_process(second.clone(), &secret, &evt("evt_2")).await,
+        duplicate
+    );
+    assert_eq!(
+        (
+            count(&second.webhooks_accepted),
+            count(&second.webhooks_duplicate)
+        ),
+        (1, 2)
+    );
+    // Recorded once each, under the key the `settle` step of the charge's order waits on.
+    assert_eq!(
+        inbox(&engine).await,
+        [
+            ("settlement/ch_evt_1".to_string(), "evt_1".to_string()),
+            ("settlement/ch_evt_2".to_string(), "evt_2".to_string()),
         ]
     );
-    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    // Only settlements are handled; one names its charge.
+    let other = json!({"id": "evt_3", "type": "charge.refunded", "charge_id": "ch_3"});
     assert_eq!(
-        [&first, &second].map(|s| (count(&s.webhooks_accepted), count(&s.webhooks_duplicate))),
-        [(1, 1), (1, 2)]
+        send_in_process(second.clone(), &secret, &other).await.0,
+        422
     );
-
-    // A crash mid-append leaves a torn line: the sender was never answered, so it is cut
-    // off at the next start and the redelivery is accepted, on a line of its own.
-    let path = f.dir.path().join("settled.jsonl");
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&path)
-        .unwrap();
-    std::io::Write::write_all(&mut file, br#"{"event":"evt_3","cha"#).unwrap();
-    drop(file);
-    let third = f.service(vec![secret.clone()]);
-    assert_eq!(f.settled().len(), 2, "the torn line is cut off");
-    let (base, _) = serve_public(third, "t-replay-3", Limits::default()).await;
+    let no_charge = json!({"id": "evt_4", "type": "charge.settled"});
     assert_eq!(
-        send_webhook(&base, &secret, &evt("evt_3")).await,
-        (204, Value::Null)
+        send_in_process(second.clone(), &secret, &no_charge).await,
+        (400, json!({"error": "the event has no `charge_id`"}))
     );
-    assert_eq!(send_webhook(&base, &secret, &evt("evt_1")).await, duplicate);
-    assert_eq!(
-        f.settled().last(),
-        Some(&json!({"event": "evt_3", "charge_key": "k-evt_3"}))
-    );
-
-    // A damaged complete line is not guessed at: the service does not start.
-    std::fs::write(&path, "{\"event\":\"evt_1\"}\nnot json\n").unwrap();
-    let e = Service::new(f.engine.clone(), vec![secret], f.dir.path()).unwrap_err();
-    assert!(
-        e.to_string()
-            .starts_with(&format!("{} line 2: ", path.display())),
-        "{e}"
-    );
+    assert_eq!(inbox(&engine).await.len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -333,15 +396,15 @@ async fn webhooks_signed_with_any_of_the_listed_secrets_are_accepted() {
         ["whsec_new", "whsec_old"]
     );
     let (base, _) = serve_public(f.service(secrets), "t-rotate", Limits::default()).await;
-    let evt = |id: &str| json!({"id": id, "type": "charge.settled", "charge_key": "k"});
+    let evt = |id: &str| json!({"id": id, "type": "charge.settled", "charge_id": "ch_k"});
     let (old, new) = (Secret::new("whsec_old"), Secret::new("whsec_new"));
     assert_eq!(
         send_webhook(&base, &old, &evt("evt_a")).await,
-        (204, Value::Null)
+        (202, json!({"delivery": "new"}))
     );
     assert_eq!(
         send_webhook(&base, &new, &evt("evt_b")).await,
-        (204, Value::Null)
+        (202, json!({"delivery": "new"}))
     );
     assert_eq!(
         send_webhook(&base, &Secret::new("whsec_other"), &evt("evt_c")).await,
@@ -351,7 +414,7 @@ async fn webhooks_signed_with_any_of_the_listed_secrets_are_accepted() {
         send_webhook(&base, &new, &json!({"type": "charge.settled"})).await,
         (400, json!({"error": "the event has no `id`"}))
     );
-    assert_eq!(f.settled().len(), 2);
+    assert_eq!(f.deliveries().await.len(), 2);
 
     for bad in ["", " , ", "a,,b", "a,"] {
         assert!(webhook_secrets(bad).is_err(), "{bad:?}");

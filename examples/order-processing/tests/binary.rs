@@ -239,7 +239,7 @@ async fn idle_sockets_past_the_descriptor_limit_do_not_lock_clients_out() {
         &tmp.path().join("providers"),
         Faults::default(),
         1000,
-        Arc::new(Mutex::new(None)),
+        Arc::new(Mutex::new(Vec::new())),
         secrets,
     )
     .await

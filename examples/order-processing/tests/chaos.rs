@@ -1,5 +1,6 @@
 //! End to end at a small size: the real service binary, killed with SIGKILL while it
-//! works, reconciled against the providers' ledgers.
+//! works (orders placed, charges made, settlement webhooks in flight), reconciled
+//! against the providers' ledgers and, for every settlement, against the engine's store.
 
 use std::time::Duration;
 
@@ -43,6 +44,30 @@ async fn a_hundred_orders_survive_three_kills_with_nothing_double_charged() {
         report.completed as usize + report.releases
     );
     assert_eq!(report.orders_created, report.completed as usize);
+    // Every settlement payments sent was acknowledged, and taken by exactly one saga,
+    // its own, or left unclaimed only because its saga was compensated before it waited.
+    assert_eq!(report.settlements_lost, 0, "{report:?}");
+    assert_eq!(report.settlements_doubled, 0, "{report:?}");
+    assert_eq!(report.settlements_sent, report.charges, "{report:?}");
+    assert_eq!(
+        report.settlements_acknowledged, report.settlements_sent,
+        "{report:?}"
+    );
+    assert_eq!(
+        report.settlements_taken + report.settlements_unclaimed,
+        report.settlements_sent,
+        "{report:?}"
+    );
+    assert!(
+        report.settlements_taken >= report.completed as usize,
+        "{report:?}"
+    );
+    // Replayed after the kills, every one is a duplicate by its event id.
+    assert_eq!(report.settlements_replayed, report.settlements_acknowledged);
+    assert_eq!(
+        report.settlement_replays_duplicate, report.settlements_replayed,
+        "{report:?}"
+    );
     assert_eq!(report.forged_webhooks_refused, 3);
     assert_eq!(report.idempotent_replays, 10);
     // Every compensation is counted under its reason, with no saga's id in it: the
@@ -113,5 +138,29 @@ async fn two_replicas_on_postgres_survive_kills_of_one() {
     assert_eq!(
         report.reservations,
         report.completed as usize + report.releases
+    );
+    // Every settlement payments sent was acknowledged, and taken by exactly one saga,
+    // its own, or left unclaimed only because its saga was compensated before it waited.
+    assert_eq!(report.settlements_lost, 0, "{report:?}");
+    assert_eq!(report.settlements_doubled, 0, "{report:?}");
+    assert_eq!(report.settlements_sent, report.charges, "{report:?}");
+    assert_eq!(
+        report.settlements_acknowledged, report.settlements_sent,
+        "{report:?}"
+    );
+    assert_eq!(
+        report.settlements_taken + report.settlements_unclaimed,
+        report.settlements_sent,
+        "{report:?}"
+    );
+    assert!(
+        report.settlements_taken >= report.completed as usize,
+        "{report:?}"
+    );
+    // Replayed after the kills, every one is a duplicate by its event id.
+    assert_eq!(report.settlements_replayed, report.settlements_acknowledged);
+    assert_eq!(
+        report.settlement_replays_duplicate, report.settlements_replayed,
+        "{report:?}"
     );
 }
