@@ -234,7 +234,7 @@ async fn an_approval_is_delivered_to_the_key_the_step_waits_on_once() {
     let sid = id.to_string();
 
     // Refused, nothing written: a step that does not wait for an event, a step the
-    // saga does not have (422, SAGA-0019); no who or why (409, SAGA-0012); an unknown
+    // saga does not have, no who or why (422, SAGA-0019); an unknown
     // saga (404); a bad id or body (400).
     for step in ["payment", "shipping"] {
         let r = approve(
@@ -254,8 +254,8 @@ async fn an_approval_is_delivered_to_the_key_the_step_waits_on_once() {
     )
     .await
     .unwrap();
-    assert_eq!(r.status(), StatusCode::CONFLICT);
-    assert_eq!(error(r).await.code.as_deref(), Some("SAGA-0012"));
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(error(r).await.code.as_deref(), Some("SAGA-0019"));
     let r = approve(
         "01a211a2-b615-786a-9e5b-8fc806097d67",
         json!({"step": "settle", "operator": "ana", "reason": "ok"}),
