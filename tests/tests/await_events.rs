@@ -341,3 +341,100 @@ async fn a_saga_waiting_for_its_event_is_not_stuck() {
     e.wait(id).await.unwrap();
     assert_eq!(e.status(id).unwrap().awaiting, None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_does_not_wait_for_an_await_steps_deadline_and_the_wait_goes_on_after() {
+    let store = Arc::new(MemLog::new());
+    let ledger = Ledger::new();
+    let e = engine(store.clone(), &ledger, OnTimeout::Rejected).await;
+    let id = e.start("paid", json!({"order": "o9"}), None).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let before = tokio::time::Instant::now();
+    e.shutdown().await.unwrap();
+    assert!(
+        before.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        before.elapsed()
+    );
+    drop(e);
+    let e = engine(store, &ledger, OnTimeout::Rejected).await;
+    e.deliver("settlement/o9", "wh-9", json!({"ok": 1}))
+        .await
+        .unwrap();
+    assert!(matches!(
+        e.wait(id).await.unwrap(),
+        SagaOutcome::Completed { .. }
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_saga_stops_waiting_at_once() {
+    let ledger = Ledger::new();
+    let e = engine(Arc::new(MemLog::new()), &ledger, OnTimeout::Rejected).await;
+    let id = e
+        .start("paid", json!({"order": "o10"}), None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let asked = tokio::time::Instant::now();
+    e.cancel(id, "ana", "the customer cancelled").await.unwrap();
+    assert!(matches!(
+        e.wait(id).await.unwrap(),
+        SagaOutcome::Cancelled { .. }
+    ));
+    // Not an hour later, at the wait's deadline: a wait has nothing in flight to settle.
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(ledger.calls_of(id, "payment", Phase::Compensation).len(), 1);
+    assert!(ledger
+        .calls_of(id, "settle", Phase::Compensation)
+        .is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_beside_a_branch_that_failed_is_given_up_at_once() {
+    let ledger = Ledger::new();
+    ledger.script("card", Phase::Action, [Outcome::Rejected]);
+    let def = SagaDefinition::builder("paired", 1)
+        .parallel(|g| {
+            g.step("card", fake("card", &ledger))
+                .options(opts())
+                .await_event(
+                    "approval",
+                    Await::new(Duration::from_secs(3600), |_| Ok("approval/x".into())),
+                )
+        })
+        .build()
+        .unwrap();
+    let clock = CLOCK.with(Arc::clone);
+    let e = paused_builder(clock)
+        .register(def)
+        .open_with(Arc::new(MemLog::new()))
+        .await
+        .unwrap();
+    let began = tokio::time::Instant::now();
+    let id = e.start("paired", json!({}), None).await.unwrap();
+    assert!(matches!(
+        e.wait(id).await.unwrap(),
+        SagaOutcome::Compensated { .. }
+    ));
+    assert!(
+        began.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        began.elapsed()
+    );
+    // The wait ended rejected (it took no event): nothing of it is undone.
+    let kinds: Vec<FailureKind> = e
+        .history(id)
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r.event {
+            Event::StepFailed { kind, .. } => Some(kind),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kinds, [FailureKind::Rejected, FailureKind::Rejected]);
+}

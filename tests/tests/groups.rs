@@ -277,12 +277,13 @@ async fn forced_compensation_of_a_group_in_flight_waits_for_its_branches() {
         matches!(outcome, SagaOutcome::Compensated { .. }),
         "{outcome:?}"
     );
-    // d had ended when compensation was forced; b and c were still running. Each is
-    // undone only after its own action ended, and a after all three.
+    // d had ended when compensation was forced; b and c were still running. Nothing of
+    // the group is undone before every branch settled (c, the last, at 600 ms), then the
+    // three together, and a after all three.
+    let settled = journal.at("c", Phase::Action, "ended").unwrap();
     for step in ["b", "c", "d"] {
         assert!(
-            journal.at(step, Phase::Compensation, "began").unwrap()
-                >= journal.at(step, Phase::Action, "ended").unwrap(),
+            journal.at(step, Phase::Compensation, "began").unwrap() >= settled,
             "{step}"
         );
     }

@@ -75,6 +75,8 @@ struct Launch {
     /// For an await step: the key it waits on (or why there is none), and what its
     /// timeout means.
     awaits: Option<(std::result::Result<String, String>, OnTimeout)>,
+    /// For an await step: told when its wait is given up ([`Decision::Withdraw`]).
+    withdrawn: Option<tokio::sync::watch::Receiver<bool>>,
     step: u32,
     phase: Phase,
     attempt: Attempt,
@@ -89,6 +91,9 @@ struct Launch {
 
 /// How an attempt ended, before it is written down.
 struct Ended {
+    /// An await step's wait given up because the engine stops: nothing is recorded (the
+    /// wait goes on after a restart, with the same deadline).
+    stopped: bool,
     /// For an await step whose event came: the delivery it takes.
     delivery: Option<Taken>,
     step: u32,
@@ -107,6 +112,7 @@ impl Launch {
         }
         let Launch {
             awaits: _,
+            withdrawn: _,
             step,
             phase,
             attempt,
@@ -151,6 +157,7 @@ impl Launch {
             },
         };
         Ended {
+            stopped: false,
             delivery: None,
             step,
             phase,
@@ -169,6 +176,7 @@ impl Launch {
         on_timeout: OnTimeout,
     ) -> Ended {
         let began = inner.clock.now();
+        let mut stopped = false;
         let (result, delivery) = match key {
             Err(why) => (
                 Err(Failure {
@@ -178,31 +186,50 @@ impl Launch {
                 }),
                 None,
             ),
-            Ok(key) => match inbox::await_event(&inner, &key, self.deadline).await {
-                inbox::Awaited::Event(d) => (
-                    Ok(d.payload),
-                    Some(Taken {
-                        key: d.key,
-                        id: d.id,
-                    }),
-                ),
-                inbox::Awaited::TimedOut => (
-                    Err(Failure {
-                        kind: match on_timeout {
-                            OnTimeout::Unknown => FailureKind::Timeout,
-                            _ => FailureKind::Rejected,
-                        },
-                        message: crate::payload::bound_message(format!(
-                            "no event for `{key}` by {}",
-                            self.deadline
-                        )),
-                        hint: None,
-                    }),
-                    None,
-                ),
-            },
+            Ok(key) => {
+                match inbox::await_event(&inner, &key, self.deadline, self.withdrawn.clone()).await
+                {
+                    inbox::Awaited::Withdrawn => (
+                        Err(Failure {
+                            kind: FailureKind::Rejected,
+                            message: format!(
+                                "no longer waited for `{key}`: its stage failed or the saga was \
+                             cancelled"
+                            ),
+                            hint: None,
+                        }),
+                        None,
+                    ),
+                    inbox::Awaited::Stopped => {
+                        stopped = true;
+                        (Ok(Value::Null), None)
+                    }
+                    inbox::Awaited::Event(d) => (
+                        Ok(d.payload),
+                        Some(Taken {
+                            key: d.key,
+                            id: d.id,
+                        }),
+                    ),
+                    inbox::Awaited::TimedOut => (
+                        Err(Failure {
+                            kind: match on_timeout {
+                                OnTimeout::Unknown => FailureKind::Timeout,
+                                _ => FailureKind::Rejected,
+                            },
+                            message: crate::payload::bound_message(format!(
+                                "no event for `{key}` by {}",
+                                self.deadline
+                            )),
+                            hint: None,
+                        }),
+                        None,
+                    ),
+                }
+            }
         };
         Ended {
+            stopped,
             delivery,
             step: self.step,
             phase: self.phase,
@@ -343,6 +370,9 @@ impl Driver {
         // Dropping the driver (a crash, a dropped engine) aborts them.
         let mut attempts: JoinSet<Ended> = JoinSet::new();
         let mut live = Live::new();
+        // The await steps in flight, by step: how to give up their waits.
+        let mut waits: std::collections::HashMap<u32, tokio::sync::watch::Sender<bool>> =
+            std::collections::HashMap::new();
         loop {
             if *stopping.borrow() {
                 // No new attempt; those in flight end (each within its deadline) and
@@ -398,6 +428,12 @@ impl Driver {
                         self.record(Event::CompensationBegan { reason })?;
                     }
                     Decision::Wait { until } => wait = Some(until),
+                    // Nothing to write: the wait ends, and its result is recorded then.
+                    Decision::Withdraw { step } => {
+                        if let Some(tx) = waits.get(&step) {
+                            tx.send_replace(true);
+                        }
+                    }
                     Decision::Complete => {
                         changed = true;
                         self.record(Event::Completed)?;
@@ -441,9 +477,15 @@ impl Driver {
                 // The starts are durable before any of the attempts runs (G1); the
                 // results before them travel in the same write.
                 self.flush().await?;
-                for a in launch {
+                for mut a in launch {
                     live.insert(a.step);
-                    attempts.spawn(a.run(self.inner.clone()));
+                    if a.awaits.is_some() {
+                        let (tx, rx) = tokio::sync::watch::channel(false);
+                        waits.insert(a.step, tx);
+                        a.withdrawn = Some(rx);
+                    }
+                    // In the saga's span: what a step logs carries the saga's id.
+                    attempts.spawn(a.run(self.inner.clone()).in_current_span());
                 }
                 continue;
             }
@@ -653,6 +695,7 @@ impl Driver {
         };
         Ok(Launch {
             awaits,
+            withdrawn: None,
             step,
             phase,
             attempt,
@@ -675,6 +718,7 @@ impl Driver {
         // runtime is going away. The driver stops as in a crash: the attempt stays in
         // flight in the log, and whoever drives the saga next treats it as interrupted.
         let Ended {
+            stopped,
             delivery,
             step,
             phase,
@@ -687,6 +731,10 @@ impl Driver {
             Error::NotRunning(self.state.id)
         })?;
         live.remove(&step);
+        if stopped {
+            // Left in flight in the log, as a crash leaves it.
+            return Ok(());
+        }
         let result = result.and_then(|v| self.check_size(v));
         let now = self.inner.clock.now();
         self.inner.metrics.attempt(

@@ -75,12 +75,23 @@ pub(crate) enum Awaited {
     Event(Delivery),
     /// Its deadline passed first.
     TimedOut,
+    /// The engine stops: a wait has nothing to finish (no request is in flight), so it
+    /// ends at once and goes on after a restart.
+    Stopped,
+    /// The saga gave the wait up (its stage failed, or it was cancelled).
+    Withdrawn,
 }
 
 /// Waits for the event addressed to `key` until `deadline`. A store that cannot be read
 /// for a while only delays the wait: it is read again at the next tick.
-pub(crate) async fn await_event(inner: &Arc<Inner>, key: &str, deadline: Timestamp) -> Awaited {
+pub(crate) async fn await_event(
+    inner: &Arc<Inner>,
+    key: &str,
+    deadline: Timestamp,
+    mut withdrawn: Option<watch::Receiver<bool>>,
+) -> Awaited {
     let mut waiting = inner.waiters.watch(key);
+    let mut stopping = inner.stopping.subscribe();
     // In a shared store a delivery may be accepted by another process: its hint, and a
     // poll at every lease tick in case the hint is missed.
     let mut hint = inner
@@ -90,6 +101,12 @@ pub(crate) async fn await_event(inner: &Arc<Inner>, key: &str, deadline: Timesta
         .map(|c| c.outcomes);
     let remote = inner.shared();
     loop {
+        if *stopping.borrow_and_update() {
+            return Awaited::Stopped;
+        }
+        if withdrawn.as_mut().is_some_and(|w| *w.borrow_and_update()) {
+            return Awaited::Withdrawn;
+        }
         let k = key.to_string();
         let mut failed = false;
         match inner.io(move |s| s.inbox().waiting(&k)).await {
@@ -115,10 +132,18 @@ pub(crate) async fn await_event(inner: &Arc<Inner>, key: &str, deadline: Timesta
         tokio::select! {
             biased;
             () = inner.clock.sleep_until(deadline) => return Awaited::TimedOut,
+            _ = stopping.changed() => {}
+            _ = async {
+                match withdrawn.as_mut() {
+                    // A sender gone never wakes again: not a reason to spin.
+                    Some(w) => if w.changed().await.is_err() { std::future::pending::<()>().await },
+                    None => std::future::pending().await,
+                }
+            } => {}
             _ = waiting.woken.changed() => {}
             _ = async {
                 match hint.as_mut() {
-                    Some(h) => { let _ = h.changed().await; }
+                    Some(h) => if h.changed().await.is_err() { std::future::pending::<()>().await },
                     None => std::future::pending().await,
                 }
             } => {}

@@ -32,6 +32,13 @@ pub enum Decision {
         /// The interrupted attempt.
         attempt: Attempt,
     },
+    /// Stop the wait of await step `step` (in flight here): its stage failed or the saga
+    /// is cancelled, and a wait has no request in flight to settle. The attempt ends
+    /// `rejected` (no event, no effect).
+    Withdraw {
+        /// Step index.
+        step: u32,
+    },
     /// Record `compensation_began`.
     BeginCompensation {
         /// Why.
@@ -192,7 +199,7 @@ fn decide_running(
     now: Timestamp,
 ) -> Vec<Decision> {
     if let Some((who, why)) = &state.cancellation {
-        return decide_cancelling(state, live, now, who, why);
+        return decide_cancelling(def, state, live, now, who, why);
     }
     if let Some(deadline) = state.deadline.filter(|d| now >= *d) {
         return match crate::machine::check_cancel(state) {
@@ -230,12 +237,27 @@ fn decide_running(
         Some(until) => vec![Decision::Wait { until }],
         None => decide_forward(def, state, live, now),
     };
-    // A wait never sleeps through the deadline: it fires while the saga waits, and after
-    // a restart (recovery decides again).
-    if let (Some(Decision::Wait { until }), Some(d)) = (out.last_mut(), state.deadline) {
-        *until = (*until).min(d);
+    // A wait never sleeps through the deadline: it fires while the saga waits, while
+    // attempts are in flight, and after a restart (recovery decides again).
+    if let Some(d) = state.deadline {
+        if let Some(Decision::Wait { until }) = out.last_mut() {
+            *until = (*until).min(d);
+        } else if out.iter().all(is_attempt) {
+            out.push(Decision::Wait { until: d });
+        }
     }
     out
+}
+
+/// Whether `d` acts on one attempt (rather than on the whole saga).
+fn is_attempt(d: &Decision) -> bool {
+    matches!(
+        d,
+        Decision::RunStep { .. }
+            | Decision::Compensate { .. }
+            | Decision::CloseInterrupted { .. }
+            | Decision::Withdraw { .. }
+    )
 }
 
 /// A cancelled saga going forward: no new attempt; attempts a crash interrupted are
@@ -243,6 +265,7 @@ fn decide_running(
 /// attempt of the current stage that may still land has reached its deadline,
 /// compensation begins.
 fn decide_cancelling(
+    def: &SagaDefinition,
     state: &SagaState,
     live: &Live,
     now: Timestamp,
@@ -271,7 +294,7 @@ fn decide_cancelling(
         return closes;
     }
     if !live.is_empty() {
-        return Vec::new();
+        return withdrawals(def, live);
     }
     match stage
         .filter_map(|i| state.steps[i].unknown_until)
@@ -394,6 +417,7 @@ fn decide_forward(
     // siblings in flight settle: their results are recorded, and what they did is
     // compensated with the rest.
     if !plan.due.is_empty() || !live.is_empty() {
+        plan.due.extend(withdrawals(def, live));
         return plan.due;
     }
     // Settle before undo (G4): a request an attempt sent may land until its deadline;
@@ -402,6 +426,15 @@ fn decide_forward(
         return vec![Decision::Wait { until }];
     }
     vec![stage_failure(def, state, stage)]
+}
+
+/// The waits of the await steps in flight, given up: nothing they wait for matters any
+/// more.
+fn withdrawals(def: &SagaDefinition, live: &Live) -> Vec<Decision> {
+    live.iter()
+        .filter(|&&step| def.is_await(step as usize))
+        .map(|&step| Decision::Withdraw { step })
+        .collect()
 }
 
 /// What a stage that cannot succeed leads to: compensation before the pivot; past it
@@ -525,6 +558,27 @@ fn decide_backward(
     let stage = state.compensation_stage_by(|i| def.step_kind(i));
     if stage.is_empty() {
         return when_settled(live, Decision::FinishCompensation);
+    }
+    // Every branch of the stage settles before any of them is undone (G5): an action
+    // still running (compensation was forced while its group was in flight), or an
+    // attempt whose request may still land (interrupted, or of unknown outcome), holds
+    // the whole stage, as the settle window before compensation begins does.
+    let mut settle: Option<Timestamp> = None;
+    for &i in &stage {
+        let s = &state.steps[i];
+        let running = matches!(s.action, Progress::InFlight { .. })
+            && !matches!(s.compensation, Progress::InFlight { .. })
+            && live.contains(&(i as u32));
+        if running {
+            return Vec::new();
+        }
+        let undoing = !matches!(s.compensation, Progress::NotStarted);
+        if let Some(t) = s.undo_not_before().filter(|t| now < *t && !undoing) {
+            settle = Some(settle.map_or(t, |w| w.max(t)));
+        }
+    }
+    if let Some(until) = settle {
+        return vec![Decision::Wait { until }];
     }
     let mut plan = Plan::default();
     let mut park: Option<ParkReason> = None;

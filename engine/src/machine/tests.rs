@@ -1158,16 +1158,27 @@ fn forced_compensation_of_a_group_in_flight_waits_for_its_branches() {
     assert_eq!(s.status, SagaStatus::Compensating);
     // Both branches in flight: nothing is undone yet.
     assert_eq!(all(&def, events.clone(), &[1, 2], 100), []);
-    // b's result is recorded while compensating; c is still running.
+    // b's result is recorded while compensating; c is still running: nothing of the
+    // group is undone until every branch settled (G5).
     events.push(ok(1, 1));
-    assert_eq!(all(&def, events.clone(), &[2], 100), [comp(1, 1)]);
+    assert_eq!(all(&def, events.clone(), &[2], 100), []);
     events.push(failed(2, 1, FailureKind::Timeout, None));
-    // c timed out at its deadline (500): it is undone from then on.
+    // c timed out at its deadline (500): both are undone from then on, together.
     assert_eq!(
         all(&def, events.clone(), &[], 400),
-        [comp(1, 1), Decision::Wait { until: t(500) }]
+        [Decision::Wait { until: t(500) }]
     );
-    assert_eq!(all(&def, events, &[], 500), [comp(1, 1), comp(2, 1)]);
+    assert_eq!(
+        all(&def, events.clone(), &[], 500),
+        [comp(1, 1), comp(2, 1)]
+    );
+    // After a crash with c's action interrupted instead, the stage waits for c's
+    // deadline before undoing b.
+    events.pop();
+    assert_eq!(
+        all(&def, events, &[], 100),
+        [Decision::Wait { until: t(500) }]
+    );
 }
 
 #[test]
@@ -1587,4 +1598,24 @@ fn the_reason_names_the_failed_branch_before_the_siblings_closed_after_it() {
         reason.contains("step `c`'s attempt 1 was interrupted by a crash and not run again"),
         "{reason}"
     );
+}
+
+#[test]
+fn the_sagas_deadline_is_a_timer_while_branches_are_in_flight() {
+    let def = grouped();
+    let mut records = log(&def, fanned_out(vec![ok(2, 1), ok(3, 1)]));
+    if let Event::Started { deadline, .. } = &mut records[0].event {
+        *deadline = Some(t(1_000));
+    }
+    let s = SagaState::fold(id(), &records).unwrap();
+    // b runs: nothing to do but wait for it, or for the deadline, whichever comes first.
+    assert_eq!(
+        decide(&def, &s, &[1].into_iter().collect(), t(500)),
+        [Decision::Wait { until: t(1_000) }]
+    );
+    // At the deadline the saga is cancelled (before its pivot), b still running.
+    assert!(matches!(
+        &decide(&def, &s, &[1].into_iter().collect(), t(1_000))[..],
+        [Decision::Cancel { .. }]
+    ));
 }
