@@ -7,7 +7,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use sagaflow::machine::{Event, LogRecord, SagaState};
-use sagaflow::{Idempotence, IdempotencyKey, Phase, SagaId, SagaStatus, StepKind};
+use sagaflow::store::Delivery;
+use sagaflow::{
+    FailureKind, Idempotence, IdempotencyKey, OnTimeout, Phase, SagaId, SagaStatus, StepKind,
+    Timestamp,
+};
 
 use crate::Call;
 
@@ -41,6 +45,35 @@ pub struct ObservedSaga {
     /// share one): what the compensation checks order by, and what the log's `started`
     /// record must say.
     pub stages: Vec<u32>,
+    /// The saga's await step, if its definition has one, and what happened to its
+    /// events.
+    pub events: Option<AwaitObservation>,
+}
+
+/// A delivery the simulated sender was told was accepted (`deliver` returned `Ok`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Acked {
+    /// Correlation key.
+    pub key: String,
+    /// Delivery id.
+    pub id: String,
+    /// When the answer came (virtual time).
+    pub at: Timestamp,
+}
+
+/// What is known about one saga's await step and its events after a run (G10).
+#[derive(Clone, Debug)]
+pub struct AwaitObservation {
+    /// The await step's index.
+    pub step: u32,
+    /// The key it waits on (derived from the saga's input).
+    pub key: String,
+    /// What its timeout means.
+    pub on_timeout: OnTimeout,
+    /// Every delivery the sender was told was accepted, for any key.
+    pub acknowledged: Vec<Acked>,
+    /// Every delivery in the store's inbox after the run, for any key.
+    pub inbox: Vec<Delivery>,
 }
 
 impl ObservedSaga {
@@ -75,6 +108,7 @@ impl ObservedSaga {
                 .cloned()
                 .collect(),
             stages: (0u32..).take(shape_len).collect(),
+            events: None,
         })
     }
 
@@ -84,6 +118,18 @@ impl ObservedSaga {
     pub fn with_stages(mut self, stages: Vec<u32>) -> Self {
         self.stages = stages;
         self
+    }
+
+    /// The same saga, whose definition has an await step observed so.
+    #[must_use]
+    pub fn with_events(mut self, events: AwaitObservation) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    /// Whether step `i` is an await step (it calls no service forward).
+    fn awaits(&self, i: usize) -> bool {
+        self.events.as_ref().is_some_and(|e| e.step as usize == i)
     }
 
     /// The stage of step `i` (as the definition says).
@@ -345,8 +391,9 @@ pub fn check_effects(s: &ObservedSaga) -> Result<(), String> {
     };
     match s.status {
         Some(SagaStatus::Completed) => {
-            for st in &s.shape {
-                if !applied(&st.name, Phase::Action) {
+            for (i, st) in s.shape.iter().enumerate() {
+                // An await step's effect is its event: `check_events` holds it to that.
+                if !s.awaits(i) && !applied(&st.name, Phase::Action) {
                     return Err(format!(
                         "saga {} completed but step `{}` never took effect",
                         s.id, st.name
@@ -412,7 +459,277 @@ pub fn check_saga(s: &ObservedSaga) -> Result<(), String> {
     check_not_idempotent_once(s)?;
     check_compensation_order(s)?;
     check_compensation_stages(s)?;
-    check_effects(s)
+    check_effects(s)?;
+    check_events(s)
+}
+
+/// G10 and G7 for a saga with an await step:
+///
+/// - every acknowledged delivery is in the inbox (never lost);
+/// - the await step took at most one delivery, recorded once (`event_received`, for the
+///   attempt that succeeded, right before its success); it succeeded only with one, and
+///   that one was acknowledged to its sender, is addressed to its key, reached the inbox
+///   no later than the wait's deadline, and is marked taken by this saga and no other;
+///   no other delivery of its key is taken (an event delivered twice is taken once);
+/// - every attempt of the wait kept the deadline of the first (across restarts);
+/// - a wait that failed did so at its deadline (not before, and within a second of it
+///   under virtual time) and as its definition says (rejected, or timeout for
+///   `OnTimeout::Unknown`), or earlier and rejected if it was given up (its saga was
+///   cancelled or a sibling of its group failed first), and the saga did not complete;
+/// - a saga that waited and ended (not parked) with an acknowledged delivery for its key
+///   received before the deadline (or before the wait was given up) took one; one that
+///   ended without such a delivery failed the wait.
+///
+/// Sagas without an await step pass.
+pub fn check_events(s: &ObservedSaga) -> Result<(), String> {
+    let Some(ev) = &s.events else {
+        return Ok(());
+    };
+    let id = s.id;
+    let name = s
+        .shape
+        .get(ev.step as usize)
+        .map_or("?", |st| st.name.as_str());
+    let stored = |key: &str, did: &str| ev.inbox.iter().find(|d| d.key == key && d.id == did);
+    for a in &ev.acknowledged {
+        if stored(&a.key, &a.id).is_none() {
+            return Err(format!(
+                "G10: delivery `{}` for `{}` was acknowledged at {} but is not in the inbox",
+                a.id, a.key, a.at
+            ));
+        }
+    }
+    for d in &ev.inbox {
+        match d.taken_by {
+            Some(by) if d.key == ev.key && by != id => {
+                return Err(format!(
+                    "G10: delivery `{}` for `{}` (saga {id}'s key) was taken by saga {by}",
+                    d.id, d.key
+                ))
+            }
+            Some(by) if d.key != ev.key && by == id => {
+                return Err(format!(
+                    "G10: saga {id} took delivery `{}` for `{}`, a key it never waited on",
+                    d.id, d.key
+                ))
+            }
+            _ => {}
+        }
+    }
+    let mut deadline: Option<Timestamp> = None;
+    let mut received: Vec<(usize, u32, &str)> = Vec::new();
+    let mut succeeded: Option<(usize, u32)> = None;
+    // (when, kind, whether the wait could have been given up by then: the saga was
+    // cancelled or compensating, or a sibling of its stage failed).
+    let mut failed: Vec<(Timestamp, FailureKind, bool)> = Vec::new();
+    let mut awaited = false;
+    let mut withdrawable = false;
+    let stage = s.stage(ev.step as usize);
+    // A crash's recovery closes the interrupted branches of a failed stage together, in
+    // step order: a sibling failing at the same moment counts.
+    let sibling_failed_by = |t: Timestamp| {
+        s.history.iter().any(|r| {
+            matches!(&r.event, Event::StepFailed { step, .. }
+                if *step != ev.step && s.stage(*step as usize) == stage && r.at <= t)
+        })
+    };
+    for (pos, r) in s.history.iter().enumerate() {
+        match &r.event {
+            Event::CancelRequested { .. } | Event::CompensationBegan { .. } => withdrawable = true,
+            Event::StepFailed { step, .. }
+                if *step != ev.step && s.stage(*step as usize) == stage =>
+            {
+                withdrawable = true;
+            }
+            Event::StepAttemptStarted {
+                step, deadline: d, ..
+            } if *step == ev.step => match deadline {
+                None => deadline = Some(*d),
+                Some(first) if first != *d => {
+                    return Err(format!(
+                        "G7: saga {id}: the wait of step `{name}` began with deadline {first} \
+                         but a later attempt waits until {d}"
+                    ))
+                }
+                Some(_) => {}
+            },
+            Event::Awaiting { step, key, .. } if *step == ev.step => {
+                if *key != ev.key {
+                    return Err(format!(
+                        "saga {id}: step `{name}` waits on `{key}`, not on `{}`",
+                        ev.key
+                    ));
+                }
+                awaited = true;
+            }
+            Event::Awaiting { step, .. } => {
+                return Err(format!(
+                    "saga {id}: step {step} waits for an event but is not an await step"
+                ))
+            }
+            Event::EventReceived {
+                step,
+                attempt,
+                delivery,
+            } => {
+                if *step != ev.step {
+                    return Err(format!(
+                        "saga {id}: step {step} took delivery `{delivery}` but is not an await step"
+                    ));
+                }
+                received.push((pos, attempt.0, delivery));
+            }
+            Event::StepSucceeded { step, attempt, .. } if *step == ev.step => {
+                succeeded = Some((pos, attempt.0));
+            }
+            Event::StepFailed { step, kind, .. } if *step == ev.step => {
+                failed.push((r.at, *kind, withdrawable || sibling_failed_by(r.at)));
+            }
+            _ => {}
+        }
+    }
+    if received.len() > 1 {
+        return Err(format!(
+            "G10: saga {id}: step `{name}` took {} deliveries ({:?}): an event is taken once",
+            received.len(),
+            received.iter().map(|r| r.2).collect::<Vec<_>>()
+        ));
+    }
+    let taken_here: Vec<&Delivery> = ev
+        .inbox
+        .iter()
+        .filter(|d| d.key == ev.key && d.taken_by == Some(id))
+        .collect();
+    if taken_here.len() > 1 {
+        return Err(format!(
+            "G10: saga {id}: {} deliveries for `{}` are marked taken by it: an event is taken once",
+            taken_here.len(),
+            ev.key
+        ));
+    }
+    match (succeeded, received.first()) {
+        (Some((pos, attempt)), Some(&(rpos, rattempt, did))) => {
+            if rattempt != attempt || rpos > pos {
+                return Err(format!(
+                    "saga {id}: step `{name}` succeeded at attempt {attempt} but took its event \
+                     at attempt {rattempt}"
+                ));
+            }
+            if !ev
+                .acknowledged
+                .iter()
+                .any(|a| a.key == ev.key && a.id == did)
+            {
+                return Err(format!(
+                    "G10: saga {id}: step `{name}` completed with delivery `{did}`, which no \
+                     sender was told was accepted"
+                ));
+            }
+            let Some(d) = stored(&ev.key, did) else {
+                return Err(format!(
+                    "G10: saga {id}: step `{name}` took delivery `{did}`, which is not in the inbox"
+                ));
+            };
+            if d.taken_by != Some(id) {
+                return Err(format!(
+                    "G10: saga {id} took delivery `{did}` but the inbox says it was taken by {:?}",
+                    d.taken_by
+                ));
+            }
+            if let Some(dl) = deadline.filter(|dl| d.received_at > *dl) {
+                return Err(format!(
+                    "G7: saga {id}: step `{name}` took delivery `{did}`, received at {}, after \
+                     its deadline {dl}",
+                    d.received_at
+                ));
+            }
+        }
+        (Some(_), None) => {
+            return Err(format!(
+                "G10: saga {id}: await step `{name}` succeeded without taking a delivery"
+            ))
+        }
+        (None, Some(&(_, _, did))) => {
+            return Err(format!(
+                "G10: saga {id}: step `{name}` took delivery `{did}` but did not succeed"
+            ))
+        }
+        (None, None) => {
+            if let Some(d) = taken_here.first() {
+                return Err(format!(
+                    "G10: the inbox marks delivery `{}` taken by saga {id}, whose log never took it",
+                    d.id
+                ));
+            }
+        }
+    }
+    let want = match ev.on_timeout {
+        OnTimeout::Unknown => FailureKind::Timeout,
+        _ => FailureKind::Rejected,
+    };
+    for &(at, kind, withdrawable) in &failed {
+        let Some(dl) = deadline else {
+            return Err(format!("saga {id}: step `{name}` failed but never started"));
+        };
+        // A wait given up (its saga cancelled, a sibling failed) ends at once, rejected;
+        // one a crash interrupted then is closed as interrupted.
+        if at < dl
+            && withdrawable
+            && matches!(kind, FailureKind::Rejected | FailureKind::Interrupted)
+        {
+            continue;
+        }
+        if at < dl {
+            return Err(format!(
+                "G7: saga {id}: the wait of step `{name}` failed at {at}, before its deadline {dl}"
+            ));
+        }
+        if at.duration_since(dl) > std::time::Duration::from_secs(1) {
+            return Err(format!(
+                "G7: saga {id}: the wait of step `{name}` failed at {at}, long after its \
+                 deadline {dl}"
+            ));
+        }
+        if kind != want {
+            return Err(format!(
+                "saga {id}: the wait of step `{name}` timed out as {kind:?}, but its definition \
+                 says {want:?}"
+            ));
+        }
+        if s.status == Some(SagaStatus::Completed) {
+            return Err(format!(
+                "saga {id} completed although its wait `{name}` failed"
+            ));
+        }
+    }
+    let ended = s.status.is_some_and(SagaStatus::is_final);
+    if let (true, true, Some(dl)) = (awaited, ended, deadline) {
+        // Until the deadline, or until the wait was given up.
+        let dl = failed.first().map_or(dl, |f| f.0.min(dl));
+        let in_time = ev
+            .acknowledged
+            .iter()
+            .filter(|a| a.key == ev.key)
+            .filter_map(|a| stored(&a.key, &a.id))
+            .find(|d| d.received_at < dl);
+        match (in_time, succeeded) {
+            (Some(d), None) => {
+                return Err(format!(
+                    "G10: saga {id}: delivery `{}` for `{}` came at {}, before the end {dl} of \
+                     its wait, but was never taken",
+                    d.id, d.key, d.received_at
+                ))
+            }
+            (None, None) if failed.is_empty() => {
+                return Err(format!(
+                    "saga {id}: no event came for step `{name}` by its deadline {dl}, and the \
+                     wait never failed"
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// G6: each start key names exactly one saga.

@@ -23,6 +23,12 @@ pub enum CrashPoint {
     AfterSyncBeforeEffect,
     /// The service applied the effect; its answer is never recorded.
     AfterEffectBeforeRecord,
+    /// A delivery of an event is never written: the sender is not answered and sends
+    /// it again to the next incarnation.
+    BeforeDelivery,
+    /// A delivery of an event is durable, but the process dies before acknowledging
+    /// it: the sender sends it again, and it must be a duplicate.
+    AfterDelivery,
 }
 
 impl CrashPoint {
@@ -34,16 +40,31 @@ impl CrashPoint {
         CrashPoint::AfterEffectBeforeRecord,
     ];
 
+    /// The points at a delivery's durable write (counted by deliveries).
+    pub const DELIVERY: [CrashPoint; 2] = [CrashPoint::BeforeDelivery, CrashPoint::AfterDelivery];
+
     fn counts_appends(self) -> bool {
         matches!(
             self,
             CrashPoint::BeforeAppend | CrashPoint::AfterAppendBeforeSync
         )
     }
+
+    fn counts_effects(self) -> bool {
+        matches!(
+            self,
+            CrashPoint::AfterSyncBeforeEffect | CrashPoint::AfterEffectBeforeRecord
+        )
+    }
+
+    fn counts_deliveries(self) -> bool {
+        matches!(self, CrashPoint::BeforeDelivery | CrashPoint::AfterDelivery)
+    }
 }
 
 /// A crash at the `nth` (from 0) event of its kind in one incarnation: the `nth` append
-/// for the append points, the `nth` service call for the effect points. A small `nth`
+/// for the append points, the `nth` service call for the effect points, the `nth`
+/// delivery of an event for the delivery points. A small `nth`
 /// right after a restart is a crash during recovery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Crash {
@@ -83,6 +104,7 @@ pub struct CrashPlan {
     crash: Option<Crash>,
     appends: AtomicU32,
     effects: AtomicU32,
+    deliveries: AtomicU32,
     crashed: tokio::sync::watch::Sender<bool>,
 }
 
@@ -93,6 +115,7 @@ impl CrashPlan {
             crash,
             appends: AtomicU32::new(0),
             effects: AtomicU32::new(0),
+            deliveries: AtomicU32::new(0),
             crashed: tokio::sync::watch::channel(false).0,
         })
     }
@@ -138,7 +161,7 @@ impl CrashPlan {
         }
         let n = self.effects.fetch_add(1, Ordering::SeqCst);
         match self.crash {
-            Some(c) if !c.point.counts_appends() && c.nth == n => {
+            Some(c) if c.point.counts_effects() && c.nth == n => {
                 self.die();
                 if c.point == CrashPoint::AfterSyncBeforeEffect {
                     EffectFate::CrashBefore
@@ -147,6 +170,28 @@ impl CrashPlan {
                 }
             }
             _ => EffectFate::Proceed,
+        }
+    }
+}
+
+impl CrashPlan {
+    /// Called by the store before each delivery's durable write: like an append,
+    /// [`AppendFate::CrashAfter`] writes it and then dies (before it is acknowledged).
+    pub fn on_deliver(&self) -> AppendFate {
+        if self.crashed() {
+            return AppendFate::Dead;
+        }
+        let n = self.deliveries.fetch_add(1, Ordering::SeqCst);
+        match self.crash {
+            Some(c) if c.point.counts_deliveries() && c.nth == n => {
+                if c.point == CrashPoint::BeforeDelivery {
+                    self.die();
+                    AppendFate::Dead
+                } else {
+                    AppendFate::CrashAfter
+                }
+            }
+            _ => AppendFate::Proceed,
         }
     }
 }
@@ -246,7 +291,9 @@ impl SagaLog for CrashableStore {
     }
 }
 
-/// Deliveries are durable writes too: none is accepted once the process died.
+/// Deliveries are durable writes too: none is accepted once the process died, and the
+/// plan may kill the process right before one or right after one (durable, never
+/// acknowledged).
 impl store::Inbox for CrashableStore {
     fn deliver(
         &self,
@@ -255,10 +302,15 @@ impl store::Inbox for CrashableStore {
         payload: &serde_json::Value,
         at: sagaflow::Timestamp,
     ) -> store::Result<store::Delivered> {
-        if self.plan.crashed() {
-            return Err(dead());
+        match self.plan.on_deliver() {
+            AppendFate::Proceed => self.inner.inbox().deliver(key, id, payload, at),
+            AppendFate::Dead => Err(dead()),
+            AppendFate::CrashAfter => {
+                self.inner.inbox().deliver(key, id, payload, at)?;
+                self.plan.die();
+                Err(dead())
+            }
         }
-        self.inner.inbox().deliver(key, id, payload, at)
     }
 
     fn waiting(&self, key: &str) -> store::Result<Vec<store::Delivery>> {

@@ -9,20 +9,22 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+use sagaflow::machine::{Event, SagaState};
 use sagaflow::store::{MemLog, SagaLog, SledLog};
 use sagaflow::{
-    Clock, CommitMode, Engine, EngineOptions, Idempotence, Retention, RetryPolicy, SagaDefinition,
-    SagaId, SagaStatus, StartKey, StartOptions, StepKind, StepOptions, Timestamp, TokioClock,
+    Await, Clock, CommitMode, Engine, EngineOptions, Idempotence, OnTimeout, Retention,
+    RetryPolicy, SagaDefinition, SagaId, SagaStatus, StartKey, StartOptions, StepKind, StepOptions,
+    Timestamp, TokioClock,
 };
 use serde_json::json;
 
-use crate::check::{self, ObservedSaga, StepShape};
+use crate::check::{self, Acked, AwaitObservation, ObservedSaga, StepShape};
 use crate::crash::{Crash, CrashPlan, CrashPoint, CrashableStore};
 use crate::{FakeStep, Ledger, Outcome};
 
@@ -42,6 +44,103 @@ pub struct StepSpec {
     /// Its stage: steps of one parallel group share a stage; stages count 0, 1, 2, ..
     /// in step order, as [`SagaDefinition::step_stages`] does.
     pub stage: u32,
+    /// An await step (compensatable, before the pivot) instead of a call to a service.
+    pub awaits: Option<AwaitSpec>,
+}
+
+/// An await step of a generated definition: it waits for the event addressed to
+/// `event/<tag>` (the saga's tag), and its undo is a call to a fake service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AwaitSpec {
+    /// How long it waits (virtual ms).
+    pub within_ms: u64,
+    /// What its timeout means.
+    pub on_timeout: OnTimeout,
+}
+
+/// When a saga's event is delivered, by a simulated sender outside the engine that
+/// sends until it is answered (a delivery refused by a crashed process is sent again to
+/// the next one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventPlan {
+    /// Before the saga is started.
+    Before,
+    /// While it waits: `permille` of the wait after its `awaiting` record.
+    During {
+        /// Thousandths of the wait.
+        permille: u64,
+    },
+    /// This long after the wait's deadline.
+    After {
+        /// Virtual ms past the deadline.
+        late_ms: u64,
+    },
+    /// During the wait, and again `gap_ms` later with the same delivery id.
+    TwiceSameId {
+        /// Thousandths of the wait.
+        permille: u64,
+        /// Virtual ms between the two.
+        gap_ms: u64,
+    },
+    /// During the wait, and again `gap_ms` later with another delivery id.
+    TwiceNewId {
+        /// Thousandths of the wait.
+        permille: u64,
+        /// Virtual ms between the two.
+        gap_ms: u64,
+    },
+    /// Never.
+    Never,
+}
+
+impl EventPlan {
+    /// A short name, for counting.
+    pub fn name(self) -> &'static str {
+        match self {
+            EventPlan::Before => "before",
+            EventPlan::During { .. } => "during",
+            EventPlan::After { .. } => "after",
+            EventPlan::TwiceSameId { .. } => "twice_same_id",
+            EventPlan::TwiceNewId { .. } => "twice_new_id",
+            EventPlan::Never => "never",
+        }
+    }
+
+    /// The deliveries after the wait began at `at` with deadline `deadline`: (when,
+    /// delivery id). [`EventPlan::Before`] is sent before the saga starts instead.
+    fn after_awaiting(self, at: Timestamp, deadline: Timestamp) -> Vec<(Timestamp, &'static str)> {
+        let within = deadline.duration_since(at);
+        let during = |permille: u64| at.saturating_add(within.mul_f64(permille as f64 / 1000.0));
+        match self {
+            EventPlan::Before | EventPlan::Never => Vec::new(),
+            EventPlan::During { permille } => vec![(during(permille), "e1")],
+            EventPlan::After { late_ms } => {
+                vec![(
+                    deadline.saturating_add(Duration::from_millis(late_ms)),
+                    "e1",
+                )]
+            }
+            EventPlan::TwiceSameId { permille, gap_ms } => {
+                let t = during(permille);
+                vec![
+                    (t, "e1"),
+                    (t.saturating_add(Duration::from_millis(gap_ms)), "e1"),
+                ]
+            }
+            EventPlan::TwiceNewId { permille, gap_ms } => {
+                let t = during(permille);
+                vec![
+                    (t, "e1"),
+                    (t.saturating_add(Duration::from_millis(gap_ms)), "e2"),
+                ]
+            }
+        }
+    }
+}
+
+/// The correlation key of saga `tag`'s event.
+pub fn event_key(tag: &str) -> String {
+    format!("event/{tag}")
 }
 
 /// The scripts of one saga: per step, the outcomes of its first action attempts and of
@@ -57,6 +156,8 @@ pub struct SagaSpec {
     pub cancel_after: Option<u64>,
     /// A deadline this long (ms) after the run began.
     pub deadline_after: Option<u64>,
+    /// When its event is delivered, if the definition has an await step.
+    pub event: EventPlan,
 }
 
 /// A whole simulated run.
@@ -145,10 +246,95 @@ fn layout() -> impl Strategy<Value = Vec<(StepKind, u32)>> {
     })
 }
 
+fn event_plan() -> impl Strategy<Value = EventPlan> {
+    prop_oneof![
+        2 => Just(EventPlan::Before),
+        3 => (0u64..1000).prop_map(|permille| EventPlan::During { permille }),
+        2 => (1u64..5_000).prop_map(|late_ms| EventPlan::After { late_ms }),
+        1 => (0u64..1000, 0u64..3_000)
+            .prop_map(|(permille, gap_ms)| EventPlan::TwiceSameId { permille, gap_ms }),
+        1 => (0u64..1000, 0u64..3_000)
+            .prop_map(|(permille, gap_ms)| EventPlan::TwiceNewId { permille, gap_ms }),
+        2 => Just(EventPlan::Never),
+    ]
+}
+
+fn delivery_crash() -> impl Strategy<Value = Crash> {
+    (prop::sample::select(CrashPoint::DELIVERY.to_vec()), 0u32..3)
+        .prop_map(|(point, nth)| Crash { point, nth })
+}
+
+/// What turns a case into one with an await step: which compensatable step (if any)
+/// waits, how long and what its timeout means; when each saga's event comes; crashes at
+/// deliveries and where they go among the others. Drawn after the rest of the case, so
+/// a seed's case without an await step is what it was before await steps existed.
+#[derive(Clone, Debug)]
+struct AwaitExtras {
+    step: Option<(prop::sample::Index, u64, bool)>,
+    plans: Vec<EventPlan>,
+    crashes: Vec<(prop::sample::Index, Crash)>,
+}
+
+fn await_extras() -> impl Strategy<Value = AwaitExtras> {
+    (
+        prop::option::weighted(
+            0.45,
+            (
+                any::<prop::sample::Index>(),
+                2_000u64..20_000,
+                any::<bool>(),
+            ),
+        ),
+        prop::collection::vec(event_plan(), 4),
+        prop::collection::vec((any::<prop::sample::Index>(), delivery_crash()), 0..=2),
+    )
+        .prop_map(|(step, plans, crashes)| AwaitExtras {
+            step,
+            plans,
+            crashes,
+        })
+}
+
+impl AwaitExtras {
+    fn apply(self, mut case: Case) -> Case {
+        let candidates: Vec<usize> = (0..case.steps.len())
+            .filter(|&i| case.steps[i].kind == StepKind::Compensatable)
+            .collect();
+        let Some((which, within_ms, unknown)) = self.step.filter(|_| !candidates.is_empty()) else {
+            return case;
+        };
+        let i = candidates[which.index(candidates.len())];
+        let s = &mut case.steps[i];
+        s.idempotence = Idempotence::Idempotent;
+        s.awaits = Some(AwaitSpec {
+            within_ms,
+            on_timeout: if unknown {
+                OnTimeout::Unknown
+            } else {
+                OnTimeout::Rejected
+            },
+        });
+        for (saga, plan) in case.sagas.iter_mut().zip(self.plans) {
+            saga.event = plan;
+        }
+        for (at, crash) in self.crashes {
+            let at = at.index(case.crashes.len() + 1);
+            case.crashes.insert(at, crash);
+        }
+        case
+    }
+}
+
 /// The strategy that generates cases: 1 to 3 stages with or without a pivot (and 0 to 2
 /// stages after it), each stage a single step or a parallel group of 2 to 4 branches; 1
-/// to 4 sagas, 0 to 4 crashes.
+/// to 4 sagas, 0 to 4 crashes. In about two cases in five, one compensatable step (maybe
+/// a branch of a group) is an await step instead, each saga's event comes before, during
+/// or after its wait, twice or never, and up to two more crashes strike at deliveries.
 pub fn case_strategy() -> impl Strategy<Value = Case> {
+    (base_case_strategy(), await_extras()).prop_map(|(case, extras)| extras.apply(case))
+}
+
+fn base_case_strategy() -> impl Strategy<Value = Case> {
     (
         layout(),
         any::<u64>(),
@@ -170,6 +356,7 @@ pub fn case_strategy() -> impl Strategy<Value = Case> {
                         compensation,
                         cancel_after,
                         deadline_after,
+                        event: EventPlan::Never,
                     },
                 );
             let sagas = prop::collection::vec(saga, sagas);
@@ -186,6 +373,7 @@ pub fn case_strategy() -> impl Strategy<Value = Case> {
                             Idempotence::NotIdempotent
                         },
                         stage,
+                        awaits: None,
                     })
                     .collect(),
                 sagas,
@@ -250,6 +438,16 @@ impl Case {
             name: NAMES[i],
             ledger: ledger.clone(),
         };
+        let wait = |i: usize, a: AwaitSpec| {
+            Await::new(Duration::from_millis(a.within_ms), |ctx| {
+                ctx.saga_input()["tag"]
+                    .as_str()
+                    .map(event_key)
+                    .ok_or_else(|| "the input has no tag".to_string())
+            })
+            .on_timeout(a.on_timeout)
+            .compensate_with(step(i))
+        };
         let mut i = 0;
         while i < self.steps.len() {
             let stage = self.steps[i].stage;
@@ -263,11 +461,17 @@ impl Case {
                 && (self.seed.is_multiple_of(2) || self.steps[i].kind != StepKind::Compensatable);
             if one {
                 let s = &self.steps[i];
-                b = b.step_with(NAMES[i], s.kind, step(i), options(s));
+                b = match s.awaits {
+                    Some(a) => b.await_event(NAMES[i], wait(i, a)),
+                    None => b.step_with(NAMES[i], s.kind, step(i), options(s)),
+                };
             } else {
                 b = b.parallel(|mut g| {
                     for (j, s) in self.steps.iter().enumerate().take(end).skip(i) {
-                        g = g.step_with(NAMES[j], s.kind, step(j), options(s));
+                        g = match s.awaits {
+                            Some(a) => g.await_event(NAMES[j], wait(j, a)),
+                            None => g.step_with(NAMES[j], s.kind, step(j), options(s)),
+                        };
                     }
                     g
                 });
@@ -288,6 +492,14 @@ impl Case {
     /// The stage of each step.
     pub fn stages(&self) -> impl Iterator<Item = u32> + '_ {
         self.steps.iter().map(|s| s.stage)
+    }
+
+    /// The await step, if the definition has one.
+    pub fn await_step(&self) -> Option<(usize, AwaitSpec)> {
+        self.steps
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| Some((i, s.awaits?)))
     }
 
     /// Whether some stage is a parallel group of two or more branches.
@@ -474,13 +686,155 @@ struct Run<'a> {
     /// When the run began (virtual time): cancellations and deadlines count from it.
     began: Timestamp,
     clock: Arc<TokioClock>,
+    /// Per saga, its event sender's progress: senders live outside the engine and
+    /// outlast its incarnations.
+    senders: Mutex<Vec<Sender>>,
 }
 
-impl Run<'_> {
+/// A simulated sender of one saga's events.
+#[derive(Clone, Debug, Default)]
+struct Sender {
+    /// When the saga's wait began and its deadline, once the log shows it.
+    awaiting: Option<(Timestamp, Timestamp)>,
+    /// The deliveries it was told were accepted, in order.
+    acked: Vec<Acked>,
+}
+
+/// When saga `id`'s wait at `step` began, with its deadline (the first attempt's, kept
+/// across restarts); `Err` if the saga ended (or parked) without waiting.
+fn awaiting_in(
+    engine: &Engine,
+    id: SagaId,
+    step: u32,
+) -> Result<Option<(Timestamp, Timestamp)>, ()> {
+    let Ok(history) = engine.history(id) else {
+        return Ok(None);
+    };
+    let mut deadline = None;
+    for r in &history {
+        match &r.event {
+            Event::StepAttemptStarted {
+                step: s,
+                deadline: d,
+                ..
+            } if *s == step => deadline = deadline.or(Some(*d)),
+            Event::Awaiting { step: s, .. } if *s == step => {
+                if let Some(d) = deadline {
+                    return Ok(Some((r.at, d)));
+                }
+            }
+            _ => {}
+        }
+    }
+    match SagaState::fold(id, &history) {
+        Ok(state) if state.status.is_final() || state.status == SagaStatus::Parked => Err(()),
+        _ => Ok(None),
+    }
+}
+
+impl<'a> Run<'a> {
+    fn new(case: &'a Case, clock: Arc<TokioClock>) -> Self {
+        Run {
+            case,
+            ids: vec![None; case.sagas.len()],
+            began: clock.now(),
+            clock,
+            senders: Mutex::new(vec![Sender::default(); case.sagas.len()]),
+        }
+    }
+
+    fn senders(&self) -> std::sync::MutexGuard<'_, Vec<Sender>> {
+        self.senders
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Every acknowledged delivery so far.
+    fn acked(&self) -> Vec<Acked> {
+        self.senders()
+            .iter()
+            .flat_map(|s| s.acked.iter().cloned())
+            .collect()
+    }
+
+    /// Saga `i`'s sender delivers `did`; `false` if it was not acknowledged (the
+    /// process died: it is sent again to the next one).
+    async fn deliver(&self, engine: &Engine, i: usize, did: &str) -> bool {
+        let key = event_key(&i.to_string());
+        match engine
+            .deliver(&key, did, json!({ "event": did, "saga": i }))
+            .await
+        {
+            Ok(_) => {
+                let at = self.clock.now();
+                self.senders()[i].acked.push(Acked {
+                    key,
+                    id: did.to_string(),
+                    at,
+                });
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Saga `i`'s sender, for the events it sends once the saga waits: watches the log
+    /// for the wait, then delivers at the planned times. `false`: a delivery was not
+    /// acknowledged.
+    async fn send(&self, engine: &Engine, i: usize) -> bool {
+        let Some((step, _)) = self.case.await_step() else {
+            return true;
+        };
+        let Some(spec) = self.case.sagas.get(i) else {
+            return true;
+        };
+        if matches!(spec.event, EventPlan::Before | EventPlan::Never) {
+            return true;
+        }
+        let Some(id) = self.ids[i] else {
+            return true;
+        };
+        let awaiting = loop {
+            if let Some(a) = self.senders()[i].awaiting {
+                break a;
+            }
+            match awaiting_in(engine, id, step as u32) {
+                Ok(Some(a)) => {
+                    self.senders()[i].awaiting = Some(a);
+                    break a;
+                }
+                Ok(None) => {}
+                Err(()) => return true,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let planned = spec.event.after_awaiting(awaiting.0, awaiting.1);
+        loop {
+            let n = self.senders()[i].acked.len();
+            let Some(&(at, did)) = planned.get(n) else {
+                return true;
+            };
+            self.clock.sleep_until(at).await;
+            if !self.deliver(engine, i, did).await {
+                return false;
+            }
+        }
+    }
+
     /// Starts (again) every saga and waits for them all. `Ok(false)`: something failed,
     /// which is only allowed if the process crashed.
     async fn drive(&mut self, engine: &Engine) -> Result<bool, String> {
         let began = self.began;
+        // Events that come before their sagas start (sent again until acknowledged).
+        if self.case.await_step().is_some() {
+            for i in 0..self.case.sagas.len() {
+                let due = self.case.sagas[i].event == EventPlan::Before
+                    && self.senders()[i].acked.is_empty();
+                if due && !self.deliver(engine, i, "e1").await {
+                    return Ok(false);
+                }
+            }
+        }
         for i in 0..self.case.sagas.len() {
             let key = StartKey::new(format!("saga-{i}")).map_err(|e| e.to_string())?;
             let mut options = StartOptions::default().key(key);
@@ -531,8 +885,19 @@ impl Run<'_> {
             }
             true
         };
-        let (done, ()) = tokio::join!(waiting, cancelling);
-        Ok(done)
+        let this = &*self;
+        // At most 4 sagas.
+        let sending = async {
+            let (a, b, c, d) = tokio::join!(
+                this.send(engine, 0),
+                this.send(engine, 1),
+                this.send(engine, 2),
+                this.send(engine, 3)
+            );
+            a && b && c && d
+        };
+        let (done, (), sent) = tokio::join!(waiting, cancelling, sending);
+        Ok(done && sent)
     }
 }
 
@@ -546,12 +911,7 @@ async fn run(case: &Case, store: &SimStore, resume: Option<Resume>) -> Result<Ru
         }
     };
     let clock = clock();
-    let mut state = Run {
-        case,
-        ids: vec![None; case.sagas.len()],
-        began: clock.now(),
-        clock: clock.clone(),
-    };
+    let mut state = Run::new(case, clock.clone());
     let mut crashes = case.crashes.iter().copied();
     let (mut struck, mut incarnations) = (0u32, 0u32);
     let (mut mid_fan_out, mut mid_compensation) = (0u32, 0u32);
@@ -615,7 +975,15 @@ async fn run(case: &Case, store: &SimStore, resume: Option<Resume>) -> Result<Ru
         // Observed before retention may delete anything (every write is synced, so the
         // durable store is complete), then two hours pass with the engine open: every
         // finished saga (retention 1 h) goes, nothing else does.
-        let mut report = observe(case, &state.ids, &*mem, &ledger, struck, incarnations)?;
+        let mut report = observe(
+            case,
+            &state.ids,
+            &state.acked(),
+            &*mem,
+            &ledger,
+            struck,
+            incarnations,
+        )?;
         report.dump = Some(mem.dump());
         tokio::time::sleep(Duration::from_secs(2 * 3600)).await;
         let mut retention = Vec::new();
@@ -649,6 +1017,7 @@ async fn run(case: &Case, store: &SimStore, resume: Option<Resume>) -> Result<Ru
     observe(
         case,
         &state.ids,
+        &state.acked(),
         &*final_store,
         &ledger,
         struck,
@@ -694,6 +1063,7 @@ fn in_flight_branches(store: &dyn SagaLog) -> Result<(usize, usize), String> {
 fn observe(
     case: &Case,
     ids: &[Option<SagaId>],
+    acked: &[Acked],
     store: &dyn SagaLog,
     ledger: &Ledger,
     crashes: u32,
@@ -713,13 +1083,28 @@ fn observe(
         }
     }
     let calls = ledger.calls();
+    let inbox = match case.await_step() {
+        Some(_) => store
+            .inbox()
+            .deliveries(None, 100_000)
+            .map_err(|e| format!("the inbox could not be read: {e}"))?,
+        None => Vec::new(),
+    };
     let mut sagas = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         let id = id.ok_or_else(|| format!("saga {i} was never started"))?;
-        sagas.push(
-            ObservedSaga::read(store, id, case.shape(), &calls)?
-                .with_stages(case.stages().collect()),
-        );
+        let mut saga = ObservedSaga::read(store, id, case.shape(), &calls)?
+            .with_stages(case.stages().collect());
+        if let Some((step, spec)) = case.await_step() {
+            saga = saga.with_events(AwaitObservation {
+                step: step as u32,
+                key: event_key(&i.to_string()),
+                on_timeout: spec.on_timeout,
+                acknowledged: acked.to_vec(),
+                inbox: inbox.clone(),
+            });
+        }
+        sagas.push(saga);
     }
     // A call for a saga nobody knows would be an effect without a durable start.
     if let Some(c) = calls.iter().find(|c| {
@@ -775,12 +1160,7 @@ pub fn run_to_first_crash(case: &Case) -> Result<Option<Crashed>, String> {
         )
         .await;
         if let Ok(engine) = engine {
-            let mut state = Run {
-                case,
-                ids: vec![None; case.sagas.len()],
-                began: clock.now(),
-                clock,
-            };
+            let mut state = Run::new(case, clock);
             tokio::select! {
                 biased;
                 r = state.drive(&engine) => { r?; }

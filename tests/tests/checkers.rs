@@ -6,7 +6,9 @@ use sagaflow::machine::Event;
 use sagaflow::{Idempotence, Phase, SagaId, SagaStatus, StepKind};
 use sagaflow_tests::check::{self, ObservedSaga};
 use sagaflow_tests::crash::{Crash, CrashPoint};
-use sagaflow_tests::sim::{run_and_check, run_case, Case, SagaSpec, SimStore, StepSpec};
+use sagaflow_tests::sim::{
+    run_and_check, run_case, AwaitSpec, Case, EventPlan, SagaSpec, SimStore, StepSpec,
+};
 use sagaflow_tests::Outcome;
 
 /// Three compensatable steps, one saga; `fail` fails that step with `how`.
@@ -30,6 +32,7 @@ fn staged(stages: &[u32], fail: Option<usize>, how: Outcome) -> Case {
                 kind: StepKind::Compensatable,
                 idempotence: Idempotence::Idempotent,
                 stage,
+                awaits: None,
             })
             .collect(),
         sagas: vec![SagaSpec {
@@ -37,6 +40,7 @@ fn staged(stages: &[u32], fail: Option<usize>, how: Outcome) -> Case {
             compensation: vec![Vec::new(); n],
             cancel_after: None,
             deadline_after: None,
+            event: EventPlan::Never,
         }],
         crashes: Vec::new(),
     }
@@ -456,4 +460,200 @@ async fn the_kill_ledger_rejects_undos_out_of_stage_order() {
         r.problems[0].contains("s0 (stage 0) was undone before the undo of s1"),
         "{r:?}"
     );
+}
+
+/// s0, then an await step s1 (5 s, `on_timeout`), then s2; one saga whose event comes
+/// as `plan`. The clean run passes every check.
+fn awaited(plan: EventPlan, on_timeout: sagaflow::OnTimeout) -> ObservedSaga {
+    let mut c = case(None);
+    c.steps[1].awaits = Some(AwaitSpec {
+        within_ms: 5_000,
+        on_timeout,
+    });
+    c.sagas[0].event = plan;
+    observe_case(&c)
+}
+
+fn during() -> ObservedSaga {
+    let s = awaited(
+        EventPlan::During { permille: 500 },
+        sagaflow::OnTimeout::Rejected,
+    );
+    assert_eq!(s.status, Some(SagaStatus::Completed));
+    let received = s
+        .history
+        .iter()
+        .filter(|r| matches!(r.event, Event::EventReceived { .. }))
+        .count();
+    assert_eq!(received, 1);
+    s
+}
+
+fn never() -> ObservedSaga {
+    let s = awaited(EventPlan::Never, sagaflow::OnTimeout::Unknown);
+    assert_eq!(s.status, Some(SagaStatus::Compensated));
+    s
+}
+
+fn events(s: &mut ObservedSaga) -> &mut check::AwaitObservation {
+    s.events.as_mut().expect("an await step")
+}
+
+fn await_deadline(s: &ObservedSaga) -> sagaflow::Timestamp {
+    s.history
+        .iter()
+        .find_map(|r| match r.event {
+            Event::StepAttemptStarted {
+                step: 1, deadline, ..
+            } => Some(deadline),
+            _ => None,
+        })
+        .expect("the wait began")
+}
+
+#[test]
+fn clean_await_runs_pass() {
+    for plan in [
+        EventPlan::Before,
+        EventPlan::TwiceSameId {
+            permille: 100,
+            gap_ms: 10,
+        },
+        EventPlan::TwiceNewId {
+            permille: 100,
+            gap_ms: 10,
+        },
+        EventPlan::After { late_ms: 10 },
+    ] {
+        let s = awaited(plan, sagaflow::OnTimeout::Rejected);
+        check::check_events(&s).unwrap();
+    }
+}
+
+#[test]
+fn an_await_step_completed_without_an_acknowledged_delivery_is_rejected() {
+    let mut s = during();
+    events(&mut s).acknowledged.clear();
+    let e = check::check_events(&s).unwrap_err();
+    assert!(e.contains("which no sender was told was accepted"), "{e}");
+}
+
+#[test]
+fn an_acknowledged_delivery_lost_is_rejected() {
+    let mut s = during();
+    events(&mut s).inbox.clear();
+    let e = check::check_events(&s).unwrap_err();
+    assert!(e.contains("is not in the inbox"), "{e}");
+}
+
+#[test]
+fn an_event_taken_twice_is_rejected() {
+    // Recorded twice in the log.
+    let mut s = during();
+    let i = s
+        .history
+        .iter()
+        .position(|r| matches!(r.event, Event::EventReceived { .. }))
+        .unwrap();
+    let again = s.history[i].clone();
+    s.history.insert(i, again);
+    let e = check::check_events(&s).unwrap_err();
+    assert!(e.contains("took 2 deliveries"), "{e}");
+
+    // Two deliveries with different ids, both marked taken by the saga.
+    let mut s = awaited(
+        EventPlan::TwiceNewId {
+            permille: 100,
+            gap_ms: 10,
+        },
+        sagaflow::OnTimeout::Rejected,
+    );
+    let id = s.id;
+    assert_eq!(events(&mut s).inbox.len(), 2);
+    for d in &mut events(&mut s).inbox {
+        d.taken_by = Some(id);
+    }
+    let e = check::check_events(&s).unwrap_err();
+    assert!(
+        e.contains("2 deliveries for `event/0` are marked taken"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_event_taken_by_another_saga_is_rejected() {
+    let mut s = during();
+    for d in &mut events(&mut s).inbox {
+        d.taken_by = Some(SagaId::from_bytes([7; 16]));
+    }
+    let e = check::check_events(&s).unwrap_err();
+    assert!(e.contains("was taken by saga"), "{e}");
+}
+
+#[test]
+fn a_wait_failing_before_its_deadline_is_rejected() {
+    let mut s = never();
+    check::check_events(&s).unwrap();
+    let deadline = await_deadline(&s);
+    let r = s
+        .history
+        .iter_mut()
+        .find(|r| matches!(r.event, Event::StepFailed { step: 1, .. }))
+        .unwrap();
+    assert!(r.at >= deadline);
+    r.at = sagaflow::Timestamp::from_millis(deadline.as_millis() - 1_000);
+    let e = check::check_events(&s).unwrap_err();
+    assert!(e.contains("before its deadline"), "{e}");
+}
+
+#[test]
+fn a_wait_that_never_failed_without_its_event_is_rejected() {
+    let mut s = never();
+    s.history
+        .retain(|r| !matches!(r.event, Event::StepFailed { step: 1, .. }));
+    let e = check::check_events(&s).unwrap_err();
+    assert!(e.contains("the wait never failed"), "{e}");
+}
+
+#[test]
+fn a_delivery_in_time_never_taken_is_rejected() {
+    // The event came one second into the wait, and the wait timed out anyway.
+    let mut s = never();
+    let mut d = during().events.unwrap().inbox.remove(0);
+    let began = s
+        .history
+        .iter()
+        .find(|r| matches!(r.event, Event::Awaiting { .. }))
+        .unwrap()
+        .at;
+    d.received_at = began.saturating_add(std::time::Duration::from_secs(1));
+    d.taken_by = None;
+    events(&mut s).acknowledged.push(check::Acked {
+        key: d.key.clone(),
+        id: d.id.clone(),
+        at: d.received_at,
+    });
+    events(&mut s).inbox.push(d);
+    let e = check::check_events(&s).unwrap_err();
+    assert!(e.contains("but was never taken"), "{e}");
+}
+
+#[test]
+fn a_delivery_taken_after_its_deadline_is_rejected() {
+    let mut s = during();
+    let deadline = await_deadline(&s);
+    events(&mut s).inbox[0].received_at =
+        deadline.saturating_add(std::time::Duration::from_secs(1));
+    let e = check::check_events(&s).unwrap_err();
+    assert!(e.contains("after its deadline"), "{e}");
+}
+
+#[test]
+fn a_wait_timing_out_as_the_definition_does_not_say_is_rejected() {
+    let mut s = never();
+    if let Some(o) = s.events.as_mut() {
+        o.on_timeout = sagaflow::OnTimeout::Rejected;
+    }
+    let e = check::check_events(&s).unwrap_err();
+    assert!(e.contains("but its definition says"), "{e}");
 }
