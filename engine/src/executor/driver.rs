@@ -410,15 +410,37 @@ impl Driver {
                     }
                     Decision::CloseInterrupted { step, attempt } => {
                         changed = true;
+                        // A wait for an event sent nothing and took nothing: closed, it
+                        // had no effect.
+                        let waited = self
+                            .state
+                            .steps
+                            .get(step as usize)
+                            .is_some_and(|s| s.awaits.is_some() && s.delivery.is_none());
+                        let (kind, error) = if waited {
+                            (
+                                FailureKind::Rejected,
+                                format!(
+                                    "the wait of attempt {attempt} was interrupted by a crash \
+                                     and is not resumed (the saga is cancelled or its stage \
+                                     failed); it took no event"
+                                ),
+                            )
+                        } else {
+                            (
+                                FailureKind::Interrupted,
+                                format!(
+                                    "attempt {attempt} was interrupted by a crash and will not \
+                                     run again (the step is not idempotent, or the saga is \
+                                     cancelled or compensating), so it may have taken effect"
+                                ),
+                            )
+                        };
                         self.record(Event::StepFailed {
                             step,
                             attempt,
-                            kind: FailureKind::Interrupted,
-                            error: format!(
-                                "attempt {attempt} was interrupted by a crash and will not run \
-                                 again (the step is not idempotent, or the saga is cancelled \
-                                 or compensating), so it may have taken effect"
-                            ),
+                            kind,
+                            error,
                             retry_at: None,
                         })?;
                     }

@@ -205,7 +205,17 @@ impl StepState {
     /// Whether the action may have taken effect, so that compensating it is owed (G5):
     /// an attempt was started and did not end rejected.
     pub fn may_have_taken_effect(&self) -> bool {
-        self.effect_possible || matches!(self.action, Progress::InFlight { .. })
+        self.effect_possible || (self.in_flight() && !self.waiting())
+    }
+
+    fn in_flight(&self) -> bool {
+        matches!(self.action, Progress::InFlight { .. })
+    }
+
+    /// Whether the attempt in flight is an await step's wait that took no event: it
+    /// sent nothing and took nothing, so it had no effect, interrupted or not.
+    fn waiting(&self) -> bool {
+        self.awaits.is_some() && self.delivery.is_none()
     }
 
     /// Not before when the action may be undone (or, for a step that cannot be undone,
@@ -213,16 +223,17 @@ impl StepState {
     /// including one still in flight (interrupted by a crash, not yet closed). A request
     /// such an attempt sent may land until then (G4).
     pub fn undo_not_before(&self) -> Option<Timestamp> {
-        match self.action {
-            Progress::InFlight { .. } => self.unknown_until.max(self.deadline),
-            _ => self.unknown_until,
+        if self.in_flight() && !self.waiting() {
+            self.unknown_until.max(self.deadline)
+        } else {
+            self.unknown_until
         }
     }
 
     /// Whether some attempt of the action may have taken effect without anyone knowing:
     /// one failed with an unknown outcome or was interrupted.
     pub fn outcome_unknown(&self) -> bool {
-        self.unknown_until.is_some() || matches!(self.action, Progress::InFlight { .. })
+        self.unknown_until.is_some() || (self.in_flight() && !self.waiting())
     }
 
     /// The action's attempts that ended (succeeded or failed): what the retry budget
@@ -449,10 +460,14 @@ impl SagaState {
                 }
                 if matches!(s.action, Progress::InFlight { .. }) {
                     // The previous attempt was interrupted: it may have taken effect, and
-                    // its request may land until its deadline.
+                    // its request may land until its deadline. Not a wait for an event:
+                    // it sent nothing, and took no event (that is written with its
+                    // success).
                     s.interrupted.one_more();
-                    s.effect_possible = true;
-                    s.unknown_until = s.unknown_until.max(s.deadline);
+                    if s.awaits.is_none() {
+                        s.effect_possible = true;
+                        s.unknown_until = s.unknown_until.max(s.deadline);
+                    }
                 }
                 s.deadline = Some(*deadline);
                 s.action = Progress::InFlight { attempt: *attempt };
@@ -730,6 +745,7 @@ impl SagaState {
     fn settles_at(&self, i: usize) -> Option<Timestamp> {
         let s = self.steps.get(i)?;
         match &s.action {
+            Progress::InFlight { .. } if s.waiting() => s.unknown_until,
             Progress::InFlight { .. } => s.deadline.max(s.unknown_until),
             Progress::Failed { kind, .. } if kind.outcome_unknown() => {
                 s.deadline.max(s.unknown_until)

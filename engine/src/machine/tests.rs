@@ -1619,3 +1619,59 @@ fn the_sagas_deadline_is_a_timer_while_branches_are_in_flight() {
         [Decision::Cancel { .. }]
     ));
 }
+
+#[test]
+fn an_interrupted_wait_had_no_effect() {
+    let def = SagaDefinition::builder("w", 1)
+        .step("a", Noop)
+        .await_event(
+            "settle",
+            crate::definition::Await::new(std::time::Duration::from_secs(3600), |_| Ok("k".into())),
+        )
+        .build()
+        .unwrap();
+    let events = vec![
+        started(0, 1),
+        ok(0, 1),
+        started(1, 1),
+        Event::Awaiting {
+            step: 1,
+            attempt: a(1),
+            key: "k".into(),
+        },
+        Event::CancelRequested {
+            operator: "ana".into(),
+            reason: "changed her mind".into(),
+        },
+    ];
+    let s = state(&def, events.clone());
+    // A wait sends nothing: interrupted, it may not have taken effect, and nothing
+    // waits for its deadline (a million ms here) before closing it and undoing `a`.
+    assert!(!s.steps[1].may_have_taken_effect());
+    assert_eq!(s.steps[1].undo_not_before(), None);
+    assert_eq!(
+        all(&def, events, &[], 10),
+        [Decision::CloseInterrupted {
+            step: 1,
+            attempt: a(1)
+        }]
+    );
+    // Run again after a crash (not cancelled), its next attempt does not count the
+    // first as a possible effect either.
+    let s = state(
+        &def,
+        vec![
+            started(0, 1),
+            ok(0, 1),
+            started(1, 1),
+            Event::Awaiting {
+                step: 1,
+                attempt: a(1),
+                key: "k".into(),
+            },
+            started(1, 2),
+        ],
+    );
+    assert!(!s.steps[1].effect_possible);
+    assert_eq!(s.steps[1].unknown_until, None);
+}
