@@ -84,6 +84,10 @@ pub struct Report {
     /// earlier attempt whose answer never reached payments (the service was killed
     /// after the delivery was durable, before it answered).
     pub settlements_redelivered: usize,
+    /// Attempts of settlement webhooks beyond the first, over the acknowledged ones:
+    /// sends that got no 2xx (the service was down, being killed or starting) and were
+    /// retried.
+    pub settlement_retries: u64,
     /// Settlements taken by a saga (an `event_received` record naming its event id).
     pub settlements_taken: usize,
     /// Acknowledged settlements no saga took because their saga was compensated before
@@ -181,6 +185,9 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
         fail_rate: cfg.fail_rate,
         latency_ms: cfg.latency_ms,
         outages: vec![(3, 4)],
+        // Settlements spread over a second after their charges: many are in flight when
+        // the service is killed, or arrive while it is down.
+        settle_within_ms: 1000,
     };
     let secrets = ProviderSecrets::generate()?;
     let env_file = cfg.dir.join("secrets.env");
@@ -861,6 +868,7 @@ fn reconcile_settlements(
         let ack = acks.get(id);
         if let Some(a) = ack {
             r.settlements_acknowledged += 1;
+            r.settlement_retries += a["attempts"].as_u64().unwrap_or(1).saturating_sub(1);
             if a["answer"]["delivery"] == "duplicate" {
                 r.settlements_redelivered += 1;
             }

@@ -92,6 +92,10 @@ enum Cmd {
         /// Retry-After); repeatable.
         #[arg(long, value_parser = parse_window)]
         outage: Vec<(u64, u64)>,
+        /// Payments settles each charge a pseudo-random 0 to this many ms after taking
+        /// it.
+        #[arg(long, default_value_t = 0)]
+        settle_within_ms: u64,
     },
     /// Run the order service.
     ///
@@ -277,11 +281,13 @@ async fn main() -> anyhow::Result<()> {
             inventory_per_second,
             webhook_url,
             outage,
+            settle_within_ms,
         } => {
             let faults = Faults {
                 fail_rate,
                 latency_ms,
                 outages: outage,
+                settle_within_ms,
             };
             std::fs::create_dir_all(&dir)?;
             let (secrets, generated) =
@@ -400,7 +406,8 @@ async fn main() -> anyhow::Result<()> {
                 report.settlements_unclaimed
             );
             println!(
-                "  redelivered {} answered duplicate (a kill lost the first answer); replayed at the end {}, answered duplicate {}",
+                "  retried     {} sends; redelivered {} answered duplicate (a kill lost the first answer); replayed at the end {}, answered duplicate {}",
+                report.settlement_retries,
                 report.settlements_redelivered, report.settlements_replayed, report.settlement_replays_duplicate
             );
             println!(

@@ -38,6 +38,10 @@ pub struct Faults {
     pub latency_ms: u64,
     /// Seconds since start during which the provider answers 503 with Retry-After.
     pub outages: Vec<(u64, u64)>,
+    /// Payments settles each charge a pseudo-random 0 to this many ms after taking it
+    /// (0: at once), so that settlement webhooks are spread out in time.
+    #[serde(default)]
+    pub settle_within_ms: u64,
 }
 
 /// One line of a provider's ledger.
@@ -464,6 +468,14 @@ fn settle_later(s: Arc<PaymentsState>, event: Value) {
     tokio::spawn(async move {
         let id = event["id"].as_str().unwrap_or_default().to_string();
         let body = event.to_string();
+        let within = s.p.faults.settle_within_ms;
+        if within > 0 {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in id.bytes() {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+            tokio::time::sleep(Duration::from_millis(h % (within + 1))).await;
+        }
         let client = reqwest::Client::new();
         let mut pause = Duration::from_millis(100);
         for attempt in 0u64.. {
