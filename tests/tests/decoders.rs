@@ -53,6 +53,16 @@ fn valid_records() -> Vec<LogRecord> {
             attempt: Attempt(1),
             deadline: at,
         },
+        Event::Awaiting {
+            step: 0,
+            attempt: Attempt(1),
+            key: "settlement/1".into(),
+        },
+        Event::EventReceived {
+            step: 0,
+            attempt: Attempt(1),
+            delivery: "wh-1".into(),
+        },
         Event::StepSucceeded {
             step: 0,
             attempt: Attempt(1),
@@ -99,7 +109,39 @@ fn valid_values() -> Vec<(Lsn, Vec<u8>)> {
     let mut group = vec![codec::FORMAT_V2];
     group.extend_from_slice(&serde_json::to_vec(&records[1..3]).unwrap());
     out.push((Lsn(1), group));
+    // A `started` record with stages (format 3), and a delivery's value.
+    let mut grouped = records[0].clone();
+    if let Event::Started { steps, stages, .. } = &mut grouped.event {
+        *stages = vec![0; steps.len()];
+    }
+    out.push((Lsn(0), codec::encode_record(&grouped).unwrap()));
     out
+}
+
+/// An inbox entry cut and flipped byte by byte: every damaged key or value is an error,
+/// never a panic, and the intact one decodes.
+#[test]
+fn damaged_deliveries_never_panic_a_decoder() {
+    let key = codec::inbox_key("settlement/1", "wh-1").unwrap();
+    let value =
+        codec::encode_delivery(&json!({"settled": 1200}), Timestamp::from_millis(5)).unwrap();
+    let d = codec::decode_delivery(&key, &value, None).unwrap();
+    assert_eq!((d.key.as_str(), d.id.as_str()), ("settlement/1", "wh-1"));
+    for bytes in [&key, &value] {
+        for i in 0..bytes.len() {
+            let mut cut = bytes.clone();
+            cut.truncate(i);
+            let _ = codec::decode_delivery(&cut, &value, None);
+            let _ = codec::decode_delivery(&key, &cut, Some(&cut));
+            let _ = codec::inbox_ids_of(&cut);
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut v = bytes.clone();
+                v[i] ^= flip;
+                let _ = codec::decode_delivery(&v, &value, None);
+                let _ = codec::decode_delivery(&key, &v, Some(&v));
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -194,6 +236,12 @@ fn decode_every_way(lsn: Lsn, bytes: &[u8]) {
     let _ = codec::saga_of_index_key(bytes);
     let _ = codec::due_of_timer_key(bytes);
     let _ = codec::saga_of_start_key_value(bytes);
+    // The inbox: a delivery's key and value, a taken mark.
+    let _ = codec::inbox_ids_of(bytes);
+    let _ = codec::decode_delivery(bytes, bytes, Some(bytes));
+    if let Ok(key) = codec::inbox_key("settlement/1", "wh-1") {
+        let _ = codec::decode_delivery(&key, bytes, None);
+    }
 }
 
 #[test]
