@@ -438,3 +438,35 @@ async fn a_wait_beside_a_branch_that_failed_is_given_up_at_once() {
         .collect();
     assert_eq!(kinds, [FailureKind::Rejected, FailureKind::Rejected]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_approval_of_a_wait_that_ended_is_refused_but_a_repeat_is_a_duplicate() {
+    let ledger = Ledger::new();
+    let e = engine(Arc::new(MemLog::new()), &ledger, OnTimeout::Rejected).await;
+    // Settled by its webhook: approving afterwards would leave an event for nobody.
+    let id = e
+        .start("paid", json!({"order": "o11"}), None)
+        .await
+        .unwrap();
+    e.deliver("settlement/o11", "wh-11", json!({}))
+        .await
+        .unwrap();
+    e.wait(id).await.unwrap();
+    assert!(matches!(
+        e.approve(id, "settle", "ana", "late").await,
+        Err(Error::InvalidDelivery(_))
+    ));
+    // Approved and taken: approving again is answered as a duplicate.
+    let id = e
+        .start("paid", json!({"order": "o12"}), None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    e.approve(id, "settle", "ana", "ok").await.unwrap();
+    e.wait(id).await.unwrap();
+    assert_eq!(
+        e.approve(id, "settle", "ana", "ok").await.unwrap(),
+        Delivered::Duplicate
+    );
+    assert_eq!(e.deliveries(None, 10).await.unwrap().len(), 2);
+}

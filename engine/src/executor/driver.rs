@@ -693,17 +693,8 @@ impl Driver {
         };
         let awaits = match awaits {
             Some(spec) => {
-                let key = (spec.key)(&ctx).and_then(|k| {
-                    let max = crate::store::inbox::MAX_INBOX_ID_LEN;
-                    if k.is_empty() || k.len() > max {
-                        Err(format!(
-                            "a key of {} bytes (1 to {max} are accepted)",
-                            k.len()
-                        ))
-                    } else {
-                        Ok(k)
-                    }
-                });
+                let key = (spec.key)(&ctx)
+                    .and_then(|k| crate::store::inbox::check_id("correlation key", &k).map(|()| k));
                 if let Ok(k) = &key {
                     self.record(Event::Awaiting {
                         step,

@@ -107,22 +107,15 @@ pub(crate) async fn await_event(
         if withdrawn.as_mut().is_some_and(|w| *w.borrow_and_update()) {
             return Awaited::Withdrawn;
         }
-        let k = key.to_string();
-        let mut failed = false;
-        match inner.io(move |s| s.inbox().waiting(&k)).await {
-            Ok(Ok(waiting)) => {
-                if let Some(d) = waiting.into_iter().next() {
-                    return Awaited::Event(d);
-                }
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(key, error = %e, "the inbox could not be read; trying again");
-                failed = true;
-            }
-            Err(e) => {
-                tracing::warn!(key, error = %e, "the inbox could not be read; trying again");
-                failed = true;
-            }
+        let failed = match first_in_time(inner, key, deadline).await {
+            Ok(Some(d)) => return Awaited::Event(d),
+            Ok(None) => false,
+            Err(()) => true,
+        };
+        // Past the deadline already (a wait resumed after a restart): what came in time
+        // was read just now.
+        if inner.clock.now() >= deadline {
+            return Awaited::TimedOut;
         }
         let poll = inner
             .clock
@@ -131,7 +124,14 @@ pub(crate) async fn await_event(
             .min(deadline);
         tokio::select! {
             biased;
-            () = inner.clock.sleep_until(deadline) => return Awaited::TimedOut,
+            () = inner.clock.sleep_until(deadline) => {
+                // One last look: an event accepted in time, whose wake-up (or, in
+                // another process, whose notification or poll) had not come yet, counts.
+                return match first_in_time(inner, key, deadline).await {
+                    Ok(Some(d)) => Awaited::Event(d),
+                    _ => Awaited::TimedOut,
+                };
+            }
             _ = stopping.changed() => {}
             _ = async {
                 match withdrawn.as_mut() {
@@ -148,6 +148,28 @@ pub(crate) async fn await_event(
                 }
             } => {}
             () = inner.clock.sleep_until(poll), if remote || failed => {}
+        }
+    }
+}
+
+/// The oldest delivery for `key` no saga took that was accepted by `deadline`: one that
+/// came later is too late for this wait, as it would be for a wait that never stopped.
+/// `Err` (logged) if the inbox could not be read.
+async fn first_in_time(
+    inner: &Arc<Inner>,
+    key: &str,
+    deadline: Timestamp,
+) -> std::result::Result<Option<Delivery>, ()> {
+    let k = key.to_string();
+    match inner.io(move |s| s.inbox().waiting(&k)).await {
+        Ok(Ok(waiting)) => Ok(waiting.into_iter().find(|d| d.received_at <= deadline)),
+        Ok(Err(e)) => {
+            tracing::warn!(key, error = %e, "the inbox could not be read; trying again");
+            Err(())
+        }
+        Err(e) => {
+            tracing::warn!(key, error = %e, "the inbox could not be read; trying again");
+            Err(())
         }
     }
 }
@@ -172,14 +194,8 @@ impl Engine {
         if *inner.stopping.borrow() {
             return Err(Error::ShuttingDown);
         }
-        let max = crate::store::inbox::MAX_INBOX_ID_LEN;
         for (what, v) in [("correlation key", key), ("delivery id", delivery_id)] {
-            if v.is_empty() || v.len() > max {
-                return Err(Error::InvalidDelivery(format!(
-                    "a {what} has 1 to {max} bytes, not {}",
-                    v.len()
-                )));
-            }
+            crate::store::inbox::check_id(what, v).map_err(Error::InvalidDelivery)?;
         }
         let (limit, depth) = (
             inner.options.max_payload_bytes,
@@ -215,8 +231,8 @@ impl Engine {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidDelivery`] if the saga has no such await step or it has not
-    /// begun waiting (its key is not known yet), [`Error::UnknownSaga`], or as
+    /// [`Error::InvalidDelivery`] if the saga has no such await step, or it is not
+    /// waiting now (its key is not known yet, or it took its event, or its wait ended), [`Error::UnknownSaga`], or as
     /// [`Engine::deliver`].
     pub async fn approve(
         &self,
@@ -242,21 +258,36 @@ impl Engine {
             saga: id,
             reason: e.to_string(),
         })?;
-        let key = state
+        let s = state
             .steps
             .iter()
             .find(|s| s.name == step)
-            .ok_or_else(|| Error::InvalidDelivery(format!("saga {id} has no step `{step}`")))?
-            .awaits
-            .clone()
-            .ok_or_else(|| {
-                Error::InvalidDelivery(format!(
-                    "step `{step}` of saga {id} does not wait for an event (yet)"
-                ))
-            })?;
+            .ok_or_else(|| Error::InvalidDelivery(format!("saga {id} has no step `{step}`")))?;
+        let key = s.awaits.clone().ok_or_else(|| {
+            Error::InvalidDelivery(format!(
+                "step `{step}` of saga {id} does not wait for an event (yet)"
+            ))
+        })?;
+        let approval = format!("approval/{id}/{step}");
+        // Approved before, and taken: the same answer as to any repeated delivery.
+        if s.delivery.as_deref() == Some(approval.as_str()) {
+            return Ok(Delivered::Duplicate);
+        }
+        // Otherwise only a wait going on now: an approval of one that took another event,
+        // or ended, would sit in the inbox for nobody.
+        let waiting = state.status.is_active()
+            && matches!(s.action, crate::machine::Progress::InFlight { .. })
+            && s.delivery.is_none();
+        if !waiting {
+            return Err(Error::InvalidDelivery(format!(
+                "step `{step}` of saga {id} is not waiting for an event now (it took one, or \
+                 its wait ended; the saga is {})",
+                state.status
+            )));
+        }
         self.deliver(
             &key,
-            &format!("approval/{id}/{step}"),
+            &approval,
             serde_json::json!({ "approved_by": operator, "reason": reason }),
         )
         .await

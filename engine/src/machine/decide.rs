@@ -294,7 +294,7 @@ fn decide_cancelling(
         return closes;
     }
     if !live.is_empty() {
-        return withdrawals(def, live);
+        return withdrawals(def, state, live);
     }
     match stage
         .filter_map(|i| state.steps[i].unknown_until)
@@ -417,7 +417,7 @@ fn decide_forward(
     // siblings in flight settle: their results are recorded, and what they did is
     // compensated with the rest.
     if !plan.due.is_empty() || !live.is_empty() {
-        plan.due.extend(withdrawals(def, live));
+        plan.due.extend(withdrawals(def, state, live));
         return plan.due;
     }
     // Settle before undo (G4): a request an attempt sent may land until its deadline;
@@ -430,9 +430,16 @@ fn decide_forward(
 
 /// The waits of the await steps in flight, given up: nothing they wait for matters any
 /// more.
-fn withdrawals(def: &SagaDefinition, live: &Live) -> Vec<Decision> {
+fn withdrawals(def: &SagaDefinition, state: &SagaState, live: &Live) -> Vec<Decision> {
     live.iter()
-        .filter(|&&step| def.is_await(step as usize))
+        .filter(|&&step| {
+            let i = step as usize;
+            def.is_await(i)
+                && state
+                    .steps
+                    .get(i)
+                    .is_some_and(|s| matches!(s.action, Progress::InFlight { .. }))
+        })
         .map(|&step| Decision::Withdraw { step })
         .collect()
 }
@@ -555,6 +562,12 @@ fn decide_backward(
 ) -> Vec<Decision> {
     // Only compensatable steps that may have taken effect are undone (G5), judged by
     // the definition's kinds (the same as the log's, where it recorded them).
+    // Waits still going on (compensation was forced while the saga waited for an
+    // event) have nothing to settle: they are given up first.
+    let withdraw = withdrawals(def, state, live);
+    if !withdraw.is_empty() {
+        return withdraw;
+    }
     let stage = state.compensation_stage_by(|i| def.step_kind(i));
     if stage.is_empty() {
         return when_settled(live, Decision::FinishCompensation);

@@ -568,16 +568,9 @@ pub fn removal(meta: &SagaMeta, log_keys: impl IntoIterator<Item = Vec<u8>>) -> 
 /// The part of an inbox key after its prefix byte: the correlation key's length, the
 /// key, the delivery id.
 fn inbox_suffix(key: &str, id: &str) -> Result<Vec<u8>> {
-    use crate::store::inbox::MAX_INBOX_ID_LEN;
-    if key.is_empty()
-        || key.len() > MAX_INBOX_ID_LEN
-        || id.is_empty()
-        || id.len() > MAX_INBOX_ID_LEN
-    {
-        return Err(Error::Backend(format!(
-            "a correlation key and a delivery id have 1 to {MAX_INBOX_ID_LEN} bytes"
-        )));
-    }
+    use crate::store::inbox::check_id;
+    check_id("correlation key", key).map_err(Error::Backend)?;
+    check_id("delivery id", id).map_err(Error::Backend)?;
     let len = u16::try_from(key.len()).map_err(|_| Error::Backend("key too long".into()))?;
     let mut k = Vec::with_capacity(2 + key.len() + id.len());
     k.extend_from_slice(&len.to_be_bytes());

@@ -19,6 +19,26 @@ use crate::store::Result;
 /// The longest correlation key or delivery id accepted, in bytes.
 pub const MAX_INBOX_ID_LEN: usize = 256;
 
+/// Whether `v` can be a correlation key or delivery id (`what` names which): 1 to
+/// [`MAX_INBOX_ID_LEN`] bytes, and no NUL, which not every store can keep. Every store
+/// takes exactly what this accepts.
+///
+/// # Errors
+///
+/// Why not, as a sentence.
+pub fn check_id(what: &str, v: &str) -> std::result::Result<(), String> {
+    if v.is_empty() || v.len() > MAX_INBOX_ID_LEN {
+        return Err(format!(
+            "a {what} has 1 to {MAX_INBOX_ID_LEN} bytes, not {}",
+            v.len()
+        ));
+    }
+    if v.contains('\0') {
+        return Err(format!("a {what} cannot hold a NUL character"));
+    }
+    Ok(())
+}
+
 /// One delivered event.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]

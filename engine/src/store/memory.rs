@@ -496,9 +496,15 @@ impl Inbox for MemLog {
             let mut inner = self.lock();
             let seen = inner.visible.contains_key(&k);
             if !seen {
-                let op = Op::Put(k, value);
-                apply(&mut inner.visible, &op);
-                inner.pending.push(op);
+                // A taken mark left from a delivery purged meanwhile is not this one's.
+                let ops = [
+                    Op::Delete(codec::taken_key(key, id)?),
+                    Op::Put(k, value),
+                ];
+                for op in ops {
+                    apply(&mut inner.visible, &op);
+                    inner.pending.push(op);
+                }
             }
             seen
         };

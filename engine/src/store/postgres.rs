@@ -1314,6 +1314,10 @@ impl Inbox for PgLog {
     }
 
     fn waiting(&self, key: &str) -> Result<Vec<Delivery>> {
+        // A key no store takes has no deliveries (and PostgreSQL's text refuses a NUL).
+        if crate::store::inbox::check_id("correlation key", key).is_err() {
+            return Ok(Vec::new());
+        }
         let q = format!(
             "SELECT key, id, payload, received_at, taken_by FROM {}.inbox \
              WHERE key = $1 AND taken_by IS NULL ORDER BY received_at, id",
@@ -1326,6 +1330,10 @@ impl Inbox for PgLog {
     }
 
     fn deliveries(&self, after: Option<(&str, &str)>, limit: usize) -> Result<Vec<Delivery>> {
+        if let Some((k, i)) = after {
+            // As the other stores: a cursor no store could hold is refused.
+            codec::inbox_key(k, i)?;
+        }
         let (k, i) = after.unwrap_or(("", ""));
         let q = format!(
             "SELECT key, id, payload, received_at, taken_by FROM {}.inbox \

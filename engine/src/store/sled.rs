@@ -551,7 +551,11 @@ impl Inbox for SledLog {
         let k = codec::inbox_key(key, id)?;
         let seen = Kv::get(&self.db, &k)?.is_some();
         if !seen {
-            self.apply(vec![Op::Put(k, codec::encode_delivery(payload, at)?)])?;
+            // A taken mark left from a delivery purged meanwhile is not this one's.
+            self.apply(vec![
+                Op::Delete(codec::taken_key(key, id)?),
+                Op::Put(k, codec::encode_delivery(payload, at)?),
+            ])?;
         }
         self.sync()?;
         Ok(if seen {
