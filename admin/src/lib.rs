@@ -16,7 +16,7 @@
 //! | `POST /v1/purge` | admin | body `{ "finished_before_ms": 1763500000000, "dry_run": true }`: counts (or deletes) finished sagas |
 //! | `POST /v1/deliveries` | admin | body `{ "key": "settlement/o1", "id": "wh-81", "payload": {...} }`: an event for the await step waiting on `key`; answered once durable, 201 `{ "delivered": "new" }` or 200 `{ "delivered": "duplicate" }` (this key and id were delivered before: nothing written) |
 //! | `POST /v1/sagas/{id}/approve` | admin | body `{ "step": "review", "operator": "ana", "reason": "..." }`: delivers the approval the await step `step` waits for; 201 or 200 as above |
-//! | `GET /v1/deliveries?after_key=&after_id=&limit=` | read | the inbox's deliveries, taken (`taken_by`) or not, in key and id order after the cursor (both or neither); `limit` 1 to 1000, 100 if absent |
+//! | `GET /v1/deliveries?after_key=&after_id=&limit=` | read | the inbox's deliveries, taken (`taken_by`) or not, in the store's stable order after the cursor (both or neither); `limit` 1 to 1000, 100 if absent |
 //! | `GET /metrics` | read | Prometheus text format |
 //!
 //! Deliveries and approvals need the admin token: like a repair, they change what a

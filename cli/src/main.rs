@@ -145,7 +145,7 @@ enum Command {
         step: String,
     },
     /// List the inbox: delivered events, taken by a saga or still waiting for one, in
-    /// key and id order.
+    /// the store's order (the same on every page).
     Inbox {
         /// Only deliveries after this key and id: the last of the previous page.
         #[arg(long, requires = "after_id")]

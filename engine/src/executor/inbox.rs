@@ -293,8 +293,8 @@ impl Engine {
         .await
     }
 
-    /// The inbox's deliveries, taken or not, in key and id order after `after`, at
-    /// most `limit`: what operators look at.
+    /// The inbox's deliveries, taken or not, after `after` (in the store's stable
+    /// order), at most `limit`: what operators look at.
     ///
     /// # Errors
     ///

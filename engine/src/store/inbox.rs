@@ -93,8 +93,9 @@ pub trait Inbox: Send + Sync {
     /// An I/O error, or a stored delivery that does not decode.
     fn waiting(&self, key: &str) -> Result<Vec<Delivery>>;
 
-    /// Every delivery (taken or not) in key and id order, after `after` (a key and an
-    /// id), at most `limit`: what operators list.
+    /// Every delivery (taken or not), after `after` (a key and an id), at most `limit`,
+    /// in an order of the store's that is the same on every call, so that pages neither
+    /// skip nor repeat: what operators list.
     ///
     /// # Errors
     ///
