@@ -497,10 +497,7 @@ impl Inbox for MemLog {
             let seen = inner.visible.contains_key(&k);
             if !seen {
                 // A taken mark left from a delivery purged meanwhile is not this one's.
-                let ops = [
-                    Op::Delete(codec::taken_key(key, id)?),
-                    Op::Put(k, value),
-                ];
+                let ops = [Op::Delete(codec::taken_key(key, id)?), Op::Put(k, value)];
                 for op in ops {
                     apply(&mut inner.visible, &op);
                     inner.pending.push(op);
