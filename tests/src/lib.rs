@@ -504,3 +504,51 @@ pub fn event_names(engine: &Engine, id: SagaId) -> Vec<String> {
         .map(|r| r.event.name().to_string())
         .collect()
 }
+
+/// The step after an await step in the await tests: reports what the settlement said.
+#[derive(Debug)]
+pub struct Ship;
+
+#[async_trait]
+impl Step for Ship {
+    type Input = Value;
+    type Output = Value;
+    async fn execute(&self, ctx: &StepContext, _: Value) -> Result<Value, StepError> {
+        let settled: Option<Value> = ctx.output_of("settle")?;
+        Ok(json!({ "shipped_after": settled }))
+    }
+}
+
+#[async_trait]
+impl Compensate for Ship {
+    async fn compensate(
+        &self,
+        _: &StepContext,
+        _: Value,
+        _: Option<Value>,
+    ) -> Result<(), StepError> {
+        Ok(())
+    }
+}
+
+/// payment → settle (await `settlement/<input.order>` for an hour, undone by the fake
+/// `settle` step of `ledger`) → ship: the definition `paid` of the await tests.
+pub fn paid(ledger: &Arc<Ledger>, on_timeout: sagaflow::OnTimeout) -> SagaDefinition {
+    SagaDefinition::builder("paid", 1)
+        .step("payment", fake("payment", ledger))
+        .options(opts())
+        .await_event(
+            "settle",
+            sagaflow::Await::new(Duration::from_secs(3600), |ctx| {
+                ctx.saga_input()["order"]
+                    .as_str()
+                    .map(|o| format!("settlement/{o}"))
+                    .ok_or_else(|| "the input has no order".to_string())
+            })
+            .on_timeout(on_timeout)
+            .compensate_with(fake("settle", ledger)),
+        )
+        .step("ship", Ship)
+        .build()
+        .expect("valid definition")
+}

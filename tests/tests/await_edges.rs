@@ -5,57 +5,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use sagaflow::machine::{Event, Repair};
 use sagaflow::store::{MemLog, OwnerId, SagaLog};
 use sagaflow::{
-    Await, Clock, CommitMode, Compensate, Engine, EngineOptions, FailureKind, OnTimeout,
-    SagaDefinition, SagaOutcome, Step, StepContext, StepError, Timestamp, TokioClock,
+    Clock, CommitMode, Engine, EngineOptions, FailureKind, OnTimeout, SagaOutcome, Timestamp,
+    TokioClock,
 };
 use sagaflow_tests::*;
-use serde_json::{json, Value};
-
-struct Ship;
-
-#[async_trait]
-impl Step for Ship {
-    type Input = Value;
-    type Output = Value;
-    async fn execute(&self, _: &StepContext, _: Value) -> Result<Value, StepError> {
-        Ok(json!({}))
-    }
-}
-
-#[async_trait]
-impl Compensate for Ship {
-    async fn compensate(
-        &self,
-        _: &StepContext,
-        _: Value,
-        _: Option<Value>,
-    ) -> Result<(), StepError> {
-        Ok(())
-    }
-}
-
-fn paid(ledger: &Arc<Ledger>) -> SagaDefinition {
-    SagaDefinition::builder("paid", 1)
-        .step("payment", fake("payment", ledger))
-        .options(opts())
-        .await_event(
-            "settle",
-            Await::new(Duration::from_secs(3600), |ctx| {
-                ctx.saga_input()["order"]
-                    .as_str()
-                    .map(|o| format!("settlement/{o}"))
-                    .ok_or_else(|| "no order".to_string())
-            })
-            .on_timeout(OnTimeout::Rejected),
-        )
-        .step("ship", Ship)
-        .build()
-        .unwrap()
-}
+use serde_json::json;
 
 const T0: u64 = 1_700_000_000_000;
 
@@ -70,7 +27,7 @@ async fn shared_engine(
     ledger: &Arc<Ledger>,
 ) -> Engine {
     Engine::builder()
-        .register(paid(ledger))
+        .register(paid(ledger, OnTimeout::Rejected))
         .clock(clock.clone())
         .seed(7)
         .owner(OwnerId::new(name))
@@ -173,7 +130,7 @@ async fn an_event_after_the_deadline_is_not_taken_after_a_restart_private_store(
     let ledger = Ledger::new();
     let open = |store: Arc<MemLog>| {
         paused_builder(clock.clone())
-            .register(paid(&ledger))
+            .register(paid(&ledger, OnTimeout::Rejected))
             .open_with(store)
     };
     let a = open(store.clone()).await.unwrap();
@@ -203,7 +160,7 @@ async fn force_compensate_gives_up_a_wait_at_once() {
     let clock = clock();
     let ledger = Ledger::new();
     let e = paused_builder(clock.clone())
-        .register(paid(&ledger))
+        .register(paid(&ledger, OnTimeout::Rejected))
         .open_with(Arc::new(MemLog::new()))
         .await
         .unwrap();

@@ -4,61 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use sagaflow::machine::Event;
 use sagaflow::store::{Delivered, MemLog, SagaLog};
 use sagaflow::{
-    Await, Compensate, Engine, EngineOptions, Error, FailureKind, OnTimeout, Phase, SagaDefinition,
-    SagaOutcome, SagaStatus, Step, StepContext, StepError, Timestamp, TokioClock,
+    Await, Engine, EngineOptions, Error, FailureKind, OnTimeout, Phase, SagaDefinition,
+    SagaOutcome, SagaStatus, Timestamp, TokioClock,
 };
 use sagaflow_tests::*;
-use serde_json::{json, Value};
-
-/// The step after the wait: reports what the settlement said.
-struct Ship;
-
-#[async_trait]
-impl Step for Ship {
-    type Input = Value;
-    type Output = Value;
-    async fn execute(&self, ctx: &StepContext, _: Value) -> Result<Value, StepError> {
-        let settled: Option<Value> = ctx.output_of("settle")?;
-        Ok(json!({ "shipped_after": settled }))
-    }
-}
-
-#[async_trait]
-impl Compensate for Ship {
-    async fn compensate(
-        &self,
-        _: &StepContext,
-        _: Value,
-        _: Option<Value>,
-    ) -> Result<(), StepError> {
-        Ok(())
-    }
-}
-
-/// payment → settle (await `settlement/<order>` for 1 h) → ship.
-fn paid(ledger: &Arc<Ledger>, on_timeout: OnTimeout) -> SagaDefinition {
-    SagaDefinition::builder("paid", 1)
-        .step("payment", fake("payment", ledger))
-        .options(opts())
-        .await_event(
-            "settle",
-            Await::new(Duration::from_secs(3600), |ctx| {
-                ctx.saga_input()["order"]
-                    .as_str()
-                    .map(|o| format!("settlement/{o}"))
-                    .ok_or_else(|| "the input has no order".to_string())
-            })
-            .on_timeout(on_timeout)
-            .compensate_with(fake("settle", ledger)),
-        )
-        .step("ship", Ship)
-        .build()
-        .unwrap()
-}
+use serde_json::json;
 
 const T0: u64 = 1_700_000_000_000;
 
