@@ -147,8 +147,11 @@ async fn idle_sockets_past_the_limit_wait_are_timed_out_and_a_new_client_gets_in
         .filter(|l| l.contains("closed a connection that sent no complete request head in time"))
         .collect();
     assert_eq!(timeouts.len(), 1, "throttled to one line: {lines:#?}");
+    // The two idle sockets time out together: the line counts the first alone, or both
+    // when the second closed before the line was written (a loaded machine).
     assert!(
-        timeouts[0].contains("header_read_timeout=300ms times=1"),
+        timeouts[0].contains("header_read_timeout=300ms times=1")
+            || timeouts[0].contains("header_read_timeout=300ms times=2"),
         "{}",
         timeouts[0]
     );
