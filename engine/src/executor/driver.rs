@@ -417,6 +417,11 @@ impl Driver {
                             .steps
                             .get(step as usize)
                             .is_some_and(|s| s.awaits.is_some() && s.delivery.is_none());
+                        // Unless its event came meanwhile: then it is taken, as the
+                        // wait would have taken it had no crash interrupted it.
+                        if waited && self.take_waiting(step, attempt).await? {
+                            continue;
+                        }
                         let (kind, error) = if waited {
                             (
                                 FailureKind::Rejected,
@@ -719,6 +724,40 @@ impl Driver {
             deadline,
             timeout,
         })
+    }
+
+    /// For an interrupted wait about to be closed: takes the event that came for it by
+    /// its deadline, if one did, recording the step's success. Whether it did.
+    async fn take_waiting(&mut self, step: u32, attempt: Attempt) -> Result<bool> {
+        let Some((key, deadline)) = self
+            .state
+            .steps
+            .get(step as usize)
+            .and_then(|s| Some((s.awaits.clone()?, s.deadline?)))
+        else {
+            return Ok(false);
+        };
+        let Ok(Some(d)) = inbox::first_in_time(&self.inner, &key, deadline).await else {
+            return Ok(false);
+        };
+        let Ok(output) = self.check_size(d.payload) else {
+            return Ok(false);
+        };
+        self.record(Event::EventReceived {
+            step,
+            attempt,
+            delivery: d.id.clone(),
+        })?;
+        self.taken.push(Taken {
+            key: d.key,
+            id: d.id,
+        });
+        self.record(Event::StepSucceeded {
+            step,
+            attempt,
+            output,
+        })?;
+        Ok(true)
     }
 
     /// Records how an attempt ended; the record is written with whatever comes next.

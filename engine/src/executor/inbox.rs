@@ -104,14 +104,17 @@ pub(crate) async fn await_event(
         if *stopping.borrow_and_update() {
             return Awaited::Stopped;
         }
-        if withdrawn.as_mut().is_some_and(|w| *w.borrow_and_update()) {
-            return Awaited::Withdrawn;
-        }
+        // Read before anything ends the wait: an event that came before the wait was
+        // given up is taken, whatever woke the wait first.
+        let given_up = withdrawn.as_mut().is_some_and(|w| *w.borrow_and_update());
         let failed = match first_in_time(inner, key, deadline).await {
             Ok(Some(d)) => return Awaited::Event(d),
             Ok(None) => false,
             Err(()) => true,
         };
+        if given_up {
+            return Awaited::Withdrawn;
+        }
         // Past the deadline already (a wait resumed after a restart): what came in time
         // was read just now.
         if inner.clock.now() >= deadline {
@@ -155,7 +158,7 @@ pub(crate) async fn await_event(
 /// The oldest delivery for `key` no saga took that was accepted by `deadline`: one that
 /// came later is too late for this wait, as it would be for a wait that never stopped.
 /// `Err` (logged) if the inbox could not be read.
-async fn first_in_time(
+pub(crate) async fn first_in_time(
     inner: &Arc<Inner>,
     key: &str,
     deadline: Timestamp,

@@ -104,17 +104,16 @@ pub(crate) async fn run(inner: Arc<Inner>, every: Duration, batch: usize) {
                 .saturating_sub(u64::try_from(shortest.as_millis()).unwrap_or(u64::MAX)),
         );
         let worker = inner.clone();
-        let done = tokio::task::spawn_blocking(move || {
-            pass(
-                &*worker.store,
-                until,
-                cursor,
-                batch,
-                now,
-                &|name, version| worker.retention_of(name, version),
-            )
-        })
-        .await;
+        // Through `io`: off the runtime on a remote store, inline on a local one (a
+        // bounded batch), as the engine's other store calls: a blocking task would let
+        // a simulation's virtual time run on while it works, and its runs differ.
+        let done = inner
+            .io(move |store| {
+                pass(store, until, cursor, batch, now, &|name, version| {
+                    worker.retention_of(name, version)
+                })
+            })
+            .await;
         match done {
             Ok(Ok(p)) => {
                 if p.deleted > 0 {
@@ -158,8 +157,9 @@ async fn purge_inbox(inner: &Arc<Inner>) {
             .as_millis()
             .saturating_sub(u64::try_from(keep.as_millis()).unwrap_or(u64::MAX)),
     );
-    let store = inner.store.clone();
-    match tokio::task::spawn_blocking(move || store.inbox().purge(before)).await {
+    // Through `io`: inline on a local store, as the engine's other store calls, so that
+    // a simulation stays a pure function of its seed.
+    match inner.io(move |s| s.inbox().purge(before)).await {
         Ok(Ok(0)) => {}
         Ok(Ok(n)) => tracing::debug!(deleted = n, "inbox purged"),
         Ok(Err(e)) => tracing::warn!(error = %e, "inbox purge failed; tried again later"),

@@ -496,16 +496,17 @@ impl Inbox for MemLog {
             let mut inner = self.lock();
             let seen = inner.visible.contains_key(&k);
             if !seen {
+                // Durable at once, as a write of its own: the group commit's pending
+                // writes are not made durable by it (a crash still loses exactly those).
                 // A taken mark left from a delivery purged meanwhile is not this one's.
                 let ops = [Op::Delete(codec::taken_key(key, id)?), Op::Put(k, value)];
-                for op in ops {
-                    apply(&mut inner.visible, &op);
-                    inner.pending.push(op);
+                for op in &ops {
+                    apply(&mut inner.visible, op);
+                    apply(&mut inner.durable, op);
                 }
             }
             seen
         };
-        self.sync()?;
         Ok(if seen {
             Delivered::Duplicate
         } else {
@@ -524,13 +525,11 @@ impl Inbox for MemLog {
     fn purge(&self, before: Timestamp) -> Result<usize> {
         let mut inner = self.lock();
         let ops = kv::inbox_purge_ops(&inner, before)?;
+        // A write of its own, like a delivery: other pending writes stay pending.
         for op in &ops {
             apply(&mut inner.visible, op);
+            apply(&mut inner.durable, op);
         }
-        let n = ops.len() / 2;
-        inner.pending.extend(ops);
-        drop(inner);
-        self.sync()?;
-        Ok(n)
+        Ok(ops.len() / 2)
     }
 }
