@@ -21,8 +21,9 @@ impl Write for Buffer {
     }
 }
 
-#[test]
-fn every_line_of_a_saga_carries_its_id_definition_and_attempt() {
+/// Runs `work` on a runtime of its own with JSON logs (with their spans) captured: its
+/// result, and the log's text.
+fn logged<T>(work: impl std::future::Future<Output = T>) -> (T, String) {
     let buffer = Buffer::default();
     let writer = buffer.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -38,7 +39,14 @@ fn every_line_of_a_saga_carries_its_id_definition_and_attempt() {
         .enable_all()
         .build()
         .unwrap();
-    let id = rt.block_on(async {
+    let result = rt.block_on(work);
+    let out = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    (result, out)
+}
+
+#[test]
+fn every_line_of_a_saga_carries_its_id_definition_and_attempt() {
+    let (id, out) = logged(async {
         let ledger = Ledger::new();
         ledger.script("inventory", Phase::Action, [Outcome::Retryable]);
         let engine = builder()
@@ -54,7 +62,6 @@ fn every_line_of_a_saga_carries_its_id_definition_and_attempt() {
         engine.shutdown().await.unwrap();
         id
     });
-    let out = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
     let lines: Vec<Value> = out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
@@ -107,22 +114,7 @@ fn what_a_step_logs_carries_its_sagas_id() {
         }
     }
 
-    let buffer = Buffer::default();
-    let writer = buffer.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_current_span(true)
-        .with_span_list(true)
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let id = rt.block_on(async {
+    let (id, out) = logged(async {
         let def = SagaDefinition::builder("chatty", 1)
             .parallel(|g| g.step("a", Chatty).step("b", Chatty))
             .build()
@@ -137,7 +129,6 @@ fn what_a_step_logs_carries_its_sagas_id() {
         engine.shutdown().await.unwrap();
         id
     });
-    let out = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
     let inside: Vec<Value> = out
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())

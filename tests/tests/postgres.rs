@@ -11,25 +11,7 @@ use serde_json::json;
 use sagaflow::store::{OwnerId, PgLog, PgOptions};
 use sagaflow::SagaDefinition;
 use sagaflow::{CommitMode, Engine, EngineOptions, Phase, SagaOutcome, StartKey};
-use sagaflow_tests::{checkout, fake, opts, Ledger, Outcome};
-
-/// payment → settle (await `settlement/<order>`, 1 h).
-fn settled(ledger: &Arc<Ledger>) -> SagaDefinition {
-    SagaDefinition::builder("settled", 1)
-        .step("payment", fake("payment", ledger))
-        .options(opts())
-        .await_event(
-            "settle",
-            sagaflow::Await::new(Duration::from_secs(3600), |ctx| {
-                ctx.saga_input()["order"]
-                    .as_str()
-                    .map(|o| format!("settlement/{o}"))
-                    .ok_or_else(|| "no order".to_string())
-            }),
-        )
-        .build()
-        .expect("valid definition")
-}
+use sagaflow_tests::{checkout, fake, opts, paid, Ledger, Outcome};
 
 /// payment → [inventory | courier] → order, all compensatable.
 fn grouped(ledger: &Arc<Ledger>) -> SagaDefinition {
@@ -87,7 +69,7 @@ async fn open(name: &str, schema: &str, ledger: &Arc<Ledger>) -> Engine {
     Engine::builder()
         .register(checkout(ledger))
         .register(grouped(ledger))
-        .register(settled(ledger))
+        .register(paid(ledger, sagaflow::OnTimeout::Rejected))
         .owner(OwnerId::new(name))
         .options(
             EngineOptions::default()
@@ -261,7 +243,7 @@ async fn an_event_delivered_to_one_process_reaches_the_saga_waiting_in_another()
     let a = open("A", &schema, &ledger).await;
     let b = open("B", &schema, &ledger).await;
     let id = a
-        .start("settled", json!({"order": "o1"}), None)
+        .start("paid", json!({"order": "o1"}), None)
         .await
         .unwrap();
     ledger.wait_for_call(id, "payment", Phase::Action).await;

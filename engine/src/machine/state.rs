@@ -745,12 +745,12 @@ impl SagaState {
     fn settles_at(&self, i: usize) -> Option<Timestamp> {
         let s = self.steps.get(i)?;
         match &s.action {
-            Progress::InFlight { .. } if s.waiting() => s.unknown_until,
-            Progress::InFlight { .. } => s.deadline.max(s.unknown_until),
+            // Failed for good of unknown outcome (an exhausted retry included): its
+            // request may land until its deadline too.
             Progress::Failed { kind, .. } if kind.outcome_unknown() => {
                 s.deadline.max(s.unknown_until)
             }
-            _ => s.unknown_until,
+            _ => s.undo_not_before(),
         }
     }
 
