@@ -242,10 +242,7 @@ async fn an_event_delivered_to_one_process_reaches_the_saga_waiting_in_another()
     let ledger = Ledger::new();
     let a = open("A", &schema, &ledger).await;
     let b = open("B", &schema, &ledger).await;
-    let id = a
-        .start("paid", json!({"order": "o1"}), None)
-        .await
-        .unwrap();
+    let id = a.start("paid", json!({"order": "o1"}), None).await.unwrap();
     ledger.wait_for_call(id, "payment", Phase::Action).await;
     let delivered = b
         .deliver("settlement/o1", "wh-1", json!({"settled": true}))
