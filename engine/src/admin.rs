@@ -459,6 +459,53 @@ pub(crate) struct PreparedRepair {
     pub(crate) write: Write,
 }
 
+/// One open drift, with the saga it is recorded on.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct DriftEntry {
+    /// The saga.
+    pub saga: SagaId,
+    /// Its definition.
+    pub definition: String,
+    /// Its definition's version.
+    pub version: u32,
+    /// How it ended.
+    pub status: SagaStatus,
+    /// The drift (its `lsn` is what [`Repair::HandleDrift`] names).
+    pub drift: crate::machine::DriftRecord,
+}
+
+/// The open drifts of up to `limit` sagas, in saga id order after `after` (a cursor:
+/// the last saga of the previous page), each saga's drifts in the order found: a walk
+/// of the store's drift index, never of every saga. A saga whose log cannot be read is
+/// skipped with a warning (`verify` reports it).
+///
+/// # Errors
+///
+/// [`Error::Store`].
+pub fn drifts(store: &dyn SagaLog, after: Option<SagaId>, limit: usize) -> Result<Vec<DriftEntry>> {
+    let mut out = Vec::new();
+    for meta in store.drifted(after, limit)? {
+        let state = match state(store, meta.id) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(saga_id = %meta.id, error = %e, "drift listing: log unreadable");
+                continue;
+            }
+        };
+        for d in state.open_drifts() {
+            out.push(DriftEntry {
+                saga: state.id,
+                definition: state.definition.clone(),
+                version: state.version,
+                status: state.status,
+                drift: d.clone(),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Refuses a repair without who (operator) and why (reason): both go into the log.
 pub(crate) fn check_who(id: SagaId, operator: &str, reason: &str) -> Result<()> {
     if operator.trim().is_empty() || reason.trim().is_empty() {
@@ -749,6 +796,15 @@ impl Admin {
     /// As [`verify`].
     pub fn verify(&self) -> Result<Verified> {
         verify(&*self.store, self.check.findings.clone())
+    }
+
+    /// See [`drifts`].
+    ///
+    /// # Errors
+    ///
+    /// As [`drifts`].
+    pub fn drifts(&self, after: Option<SagaId>, limit: usize) -> Result<Vec<DriftEntry>> {
+        drifts(&*self.store, after, limit)
     }
 
     /// See [`purge`].

@@ -204,10 +204,11 @@ pub use definition::{
     Await, Compensate, GroupBuilder, Idempotence, OnTimeout, Retention, RetryPolicy,
     SagaDefinition, SagaDefinitionBuilder, Step, StepContext, StepError, StepKind, StepOptions,
 };
+pub use definition::{Finished, Reconcile, Verdict};
 pub use error::{Error, Result};
 pub use executor::{
-    CommitMode, CommitStats, Engine, EngineBuilder, EngineOptions, SagaOutcome, StartOptions,
-    Started,
+    CommitMode, CommitStats, Engine, EngineBuilder, EngineOptions, FoundDrift, Pace,
+    ReconcileOptions, ReconcileReport, SagaOutcome, StartOptions, Started,
 };
 pub use ids::{Attempt, IdempotencyKey, Lsn, Phase, SagaId, StartKey};
 pub use machine::{FailureKind, LogRecord, ParkKind, ParkReason, SagaStatus};

@@ -44,6 +44,18 @@ struct FailLabels {
     kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DriftLabels {
+    definition: String,
+    step: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IntegrationLabels {
+    integration: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn saga_buckets() -> Histogram {
@@ -74,6 +86,8 @@ pub(crate) struct Metrics {
     claimed: Counter,
     deliveries: Counter,
     leases: Gauge,
+    drifts: Family<DriftLabels, Counter>,
+    lookups: Family<IntegrationLabels, Counter>,
     seen_commits: AtomicU64,
     seen_writes: AtomicU64,
 }
@@ -104,11 +118,23 @@ impl Metrics {
             claimed: Counter::default(),
             deliveries: Counter::default(),
             leases: Gauge::default(),
+            drifts: Family::default(),
+            lookups: Family::default(),
             seen_commits: AtomicU64::new(0),
             seen_writes: AtomicU64::new(0),
             registry: Registry::default(),
         };
         registry.register("sagas_started", "Sagas started", m.started.clone());
+        registry.register(
+            "reconcile_drift",
+            "Drifts the reconciler recorded: a system disagrees with a finished saga's log",
+            m.drifts.clone(),
+        );
+        registry.register(
+            "reconcile_lookups",
+            "Lookups the reconciler made, by integration",
+            m.lookups.clone(),
+        );
         registry.register(
             "deliveries",
             "Events accepted for await steps (duplicates not counted)",
@@ -195,6 +221,26 @@ impl Metrics {
     /// The number of leases this process held at its last renewal.
     pub(crate) fn leases_held(&self, n: usize) {
         self.leases.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a drift the reconciler recorded.
+    pub(crate) fn drift(&self, definition: &str, step: &str, kind: crate::machine::DriftKind) {
+        self.drifts
+            .get_or_create(&DriftLabels {
+                definition: definition.to_string(),
+                step: step.to_string(),
+                kind: kind.name().to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a lookup the reconciler made.
+    pub(crate) fn reconcile_lookup(&self, integration: &str) {
+        self.lookups
+            .get_or_create(&IntegrationLabels {
+                integration: integration.to_string(),
+            })
+            .inc();
     }
 
     /// Counts finished sagas deleted by the retention task.

@@ -47,6 +47,16 @@ pub struct RateLimiter {
     max_pause: Duration,
 }
 
+/// The reconciler's lookups of an integration are paced by the limiter its steps use,
+/// so that checking a provider never takes more from it than calling it may:
+/// `ReconcileOptions::limit("payments", limiter.clone())`.
+#[sagaflow::async_trait]
+impl sagaflow::Pace for RateLimiter {
+    async fn admit(&self) -> Box<dyn Send> {
+        Box::new(self.acquire().await)
+    }
+}
+
 /// Held for the duration of one call: it keeps a concurrency slot.
 #[derive(Debug)]
 pub struct LimitPermit {

@@ -7,6 +7,7 @@
 //! does not match.
 
 mod await_event;
+mod reconcile;
 mod retry;
 mod step;
 
@@ -16,6 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use await_event::{Await, KeyFn, OnTimeout};
+pub(crate) use reconcile::Checker;
+pub use reconcile::{Finished, Reconcile, Verdict};
 pub use retry::RetryPolicy;
 pub(crate) use step::ErasedStep;
 pub use step::{Compensate, Step, StepContext, StepError};
@@ -200,6 +203,8 @@ pub(crate) struct StepDef {
     pub(crate) awaits: Option<Await>,
     pub(crate) options: StepOptions,
     pub(crate) code: Arc<dyn ErasedStep>,
+    /// How the reconciler asks the system the step calls for its view, if it can.
+    pub(crate) reconcile: Option<Checker>,
 }
 
 impl fmt::Debug for StepDef {
@@ -210,6 +215,7 @@ impl fmt::Debug for StepDef {
             .field("stage", &self.stage)
             .field("awaits", &self.awaits)
             .field("options", &self.options)
+            .field("reconcile", &self.reconcile)
             .finish_non_exhaustive()
     }
 }
@@ -486,6 +492,7 @@ impl SagaDefinitionBuilder {
             awaits: None,
             options,
             code,
+            reconcile: None,
         });
         self
     }
@@ -613,6 +620,25 @@ impl SagaDefinitionBuilder {
     /// Sets [`StepOptions::max_interruptions`] of the step added last.
     pub fn max_interruptions(self, n: u32) -> Self {
         self.last(|o| o.max_interruptions = n.max(1))
+    }
+
+    /// Gives the step added last a reconcile hook: once a saga has finished, the
+    /// reconciler (see [`crate::ReconcileOptions`]) asks `hook` whether the system the
+    /// step called agrees with the log. `integration` names that system: lookups are
+    /// paced per integration.
+    pub fn reconcile(mut self, integration: impl Into<String>, hook: impl Reconcile) -> Self {
+        let checker = Checker {
+            integration: Arc::from(integration.into()),
+            hook: Arc::new(hook),
+        };
+        match self.steps.last_mut() {
+            Some(s) => s.reconcile = Some(checker),
+            None => {
+                self.error
+                    .get_or_insert_with(|| Error::OptionWithoutStep(self.name.clone()));
+            }
+        }
+        self
     }
 
     /// Validates and returns the definition.
@@ -759,6 +785,12 @@ impl GroupBuilder {
     /// Sets [`StepOptions::max_interruptions`] of the branch added last.
     pub fn max_interruptions(self, n: u32) -> Self {
         self.option(|b| b.max_interruptions(n))
+    }
+
+    /// Gives the branch added last a reconcile hook: see
+    /// [`SagaDefinitionBuilder::reconcile`].
+    pub fn reconcile(self, integration: impl Into<String>, hook: impl Reconcile) -> Self {
+        self.option(|b| b.reconcile(integration, hook))
     }
 }
 

@@ -7,6 +7,7 @@ mod commit;
 mod driver;
 mod inbox;
 mod ownership;
+mod reconciler;
 mod retention;
 
 use std::collections::{BTreeMap, HashMap};
@@ -24,6 +25,7 @@ use commit::Committer;
 pub use commit::{CommitMode, CommitStats};
 pub(crate) use driver::Driver;
 pub(crate) use ownership::claim_all;
+pub use reconciler::{FoundDrift, Pace, ReconcileOptions, ReconcileReport};
 
 use crate::admin::{self, ListFilter, Stats};
 use crate::clock::{Clock, Entropy, OsEntropy, SeededEntropy, SystemClock, Timestamp};
@@ -218,6 +220,10 @@ pub struct EngineOptions {
     /// answers a repeated delivery as a duplicate that long. `None`: kept until purged
     /// by hand. Default 7 days. Purged by the retention task.
     pub inbox_retention: Option<Duration>,
+    /// How the reconciler checks finished sagas against the systems their steps
+    /// called (the steps' [`crate::Reconcile`] hooks). `None` (the default): no
+    /// background task; [`Engine::reconcile_now`] still runs with the defaults.
+    pub reconcile: Option<ReconcileOptions>,
 }
 
 impl Default for EngineOptions {
@@ -236,6 +242,7 @@ impl Default for EngineOptions {
             lease_tick: Duration::from_secs(1),
             claim_batch: 1000,
             inbox_retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            reconcile: None,
         }
     }
 }
@@ -287,6 +294,12 @@ impl EngineOptions {
     /// Sets [`EngineOptions::inbox_retention`].
     pub fn with_inbox_retention(mut self, keep: Option<Duration>) -> Self {
         self.inbox_retention = keep;
+        self
+    }
+
+    /// Sets [`EngineOptions::reconcile`]: the reconciler runs in the background.
+    pub fn with_reconciler(mut self, options: ReconcileOptions) -> Self {
+        self.reconcile = Some(options);
         self
     }
 
@@ -357,6 +370,9 @@ pub(crate) struct Inner {
     renewals: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The await steps of this process, by the correlation key they wait on.
     pub(crate) waiters: inbox::Waiters,
+    /// One reconciler pass at a time in this process (the background task's and
+    /// [`Engine::reconcile_now`]'s).
+    pub(crate) reconciling: tokio::sync::Mutex<()>,
 }
 
 /// What an operator (or a caller) asks of a saga's driver.
@@ -764,6 +780,7 @@ impl EngineBuilder {
             renewals_stop: watch::channel(false).0,
             renewals: Mutex::new(None),
             waiters: inbox::Waiters::default(),
+            reconciling: tokio::sync::Mutex::new(()),
         });
         let report = recovery::recover(&inner).await?;
         if inner.shared() {
@@ -778,6 +795,10 @@ impl EngineBuilder {
         }
         if let Some(every) = inner.options.retention_every {
             let task = retention::run(inner.clone(), every, inner.options.retention_batch);
+            lock(&inner.tasks).spawn(task);
+        }
+        if let Some(opts) = inner.options.reconcile.clone() {
+            let task = reconciler::run(inner.clone(), Arc::new(opts));
             lock(&inner.tasks).spawn(task);
         }
         Ok(Engine {
@@ -1329,8 +1350,15 @@ impl Engine {
         {
             return answer;
         }
-        // Not held while another process is asked: that process may be asking this one.
-        drop(one_at_a_time);
+        // Not held while another process is asked: that process may be asking this one
+        // (there, the lease keeps writes to the saga apart). Held otherwise, so that two
+        // writes to a stored saga (a repair, a drift) never take the same lsn.
+        let one_at_a_time = if inner.shared() {
+            drop(one_at_a_time);
+            None
+        } else {
+            Some(one_at_a_time)
+        };
         let mut lease = None;
         if inner.shared() {
             match self
@@ -1347,7 +1375,34 @@ impl Engine {
         if let (Some(l), Err(_)) = (lease, &repaired) {
             ownership::give_back(inner, l).await;
         }
+        drop(one_at_a_time);
         repaired
+    }
+
+    /// Runs the reconciler now, with [`EngineOptions::reconcile`] (or the defaults):
+    /// passes over the finished sagas in its window, from where the last pass stopped,
+    /// until it has caught up. Every drift it finds is recorded on its saga and
+    /// returned. One pass runs at a time per engine: this waits for the background
+    /// task's.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] if the store fails (the position stays where the last complete
+    /// batch left it), [`Error::ShuttingDown`].
+    pub async fn reconcile_now(&self) -> Result<ReconcileReport> {
+        let inner = &self.inner;
+        let opts = Arc::new(inner.options.reconcile.clone().unwrap_or_default());
+        let _one_at_a_time = inner.reconciling.lock().await;
+        reconciler::catch_up(inner, &opts).await
+    }
+
+    /// The open drifts (see [`admin::drifts`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`admin::drifts`].
+    pub fn drifts(&self, after: Option<SagaId>, limit: usize) -> Result<Vec<admin::DriftEntry>> {
+        admin::drifts(&*self.inner.store, after, limit)
     }
 
     /// Applies a repair to a saga no driver drives (parked, or it ended meanwhile), in a
@@ -1374,8 +1429,8 @@ impl Engine {
         let def = stored
             .as_ref()
             .and_then(|s| inner.definition(&s.definition, s.version));
-        if let (Some(stored), None, false) = (&stored, &def, matches!(action, Repair::MarkResolved))
-        {
+        let needs_code = !matches!(action, Repair::MarkResolved | Repair::HandleDrift { .. });
+        if let (Some(stored), None, true) = (&stored, &def, needs_code) {
             // Checked before anything is written: a resumed saga needs its code.
             check_repair(stored, &action).map_err(|r| Error::RepairRefused {
                 saga: id,

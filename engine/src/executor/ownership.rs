@@ -114,6 +114,41 @@ pub(crate) async fn give_back(inner: &Arc<Inner>, lease: Lease) {
     }
 }
 
+/// Takes the lease of a saga no process drives (a finished one) for one write of this
+/// process, waiting while another process holds it for a write of its own, up to two
+/// leases' time.
+///
+/// # Errors
+///
+/// [`Error::Store`] if it is still held then, or the store fails.
+pub(crate) async fn adopt(inner: &Arc<Inner>, id: SagaId) -> Result<Lease> {
+    let ttl = inner
+        .store
+        .leases()
+        .map_or(Duration::from_secs(10), |l| l.ttl());
+    let give_up = inner.clock.now().saturating_add(ttl.saturating_mul(2));
+    loop {
+        let owner = inner.owner.clone();
+        if let Some(lease) = inner
+            .lease_io(move |l| l.acquire(&owner, id))
+            .await?
+            .flatten()
+        {
+            return Ok(lease);
+        }
+        let now = inner.clock.now();
+        if now >= give_up || *inner.stopping.borrow() {
+            return Err(Error::Store(Arc::new(crate::store::Error::Backend(
+                format!("saga {id} is held by another process"),
+            ))));
+        }
+        inner
+            .clock
+            .sleep_until(now.saturating_add(Duration::from_millis(50)))
+            .await;
+    }
+}
+
 /// Renews this process's leases every third of a lease, and gives back those it holds
 /// without a driver here (seen so at two renewals in a row, so that a saga being
 /// claimed and started meanwhile is not given back).

@@ -8,6 +8,7 @@ use serde_json::Value;
 use crate::clock::Timestamp;
 use crate::definition::StepKind;
 use crate::ids::{Attempt, Lsn, Phase, StartKey};
+use crate::machine::drift::{DriftKind, Expected};
 
 /// Why an attempt failed, as recorded in the log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -275,6 +276,18 @@ pub enum Event {
         /// The sender's delivery id.
         delivery: String,
     },
+    /// The reconciler found that the system step `step` called disagrees with this
+    /// (finished) log. Recorded after the saga's end; changes nothing but its drift list.
+    Drift {
+        /// Step index.
+        step: u32,
+        /// How the system disagrees.
+        kind: DriftKind,
+        /// What the log says the system should hold.
+        expected: Expected,
+        /// What the reconcile hook said it found.
+        detail: String,
+    },
     /// An operator repaired the saga.
     OperatorAction {
         /// What they did.
@@ -314,6 +327,12 @@ pub enum Repair {
     },
     /// The operator settled the saga by hand; the engine stops driving it.
     MarkResolved,
+    /// The operator dealt with the drift recorded at lsn `drift` (a finished saga's
+    /// only repair): it no longer counts as open.
+    HandleDrift {
+        /// The lsn of the [`Event::Drift`] record.
+        drift: Lsn,
+    },
 }
 
 impl Repair {
@@ -325,6 +344,7 @@ impl Repair {
             Repair::ForceCompensate => "force_compensate",
             Repair::SkipStep { .. } => "skip_step",
             Repair::MarkResolved => "mark_resolved",
+            Repair::HandleDrift { .. } => "handle_drift",
         }
     }
 }
@@ -370,7 +390,8 @@ impl Event {
             | Event::CompensationSucceeded { step, .. }
             | Event::CompensationFailed { step, .. }
             | Event::Awaiting { step, .. }
-            | Event::EventReceived { step, .. } => Some(*step),
+            | Event::EventReceived { step, .. }
+            | Event::Drift { step, .. } => Some(*step),
             Event::OperatorAction {
                 action:
                     Repair::SkipStep { step }
@@ -401,6 +422,7 @@ impl Event {
             Event::CancelRequested { .. } => "cancel_requested",
             Event::Cancelled => "cancelled",
             Event::Parked { .. } => "parked",
+            Event::Drift { .. } => "drift",
             Event::OperatorAction { .. } => "operator_action",
         }
     }

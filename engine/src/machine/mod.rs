@@ -5,6 +5,7 @@
 //! it decides, and records the result; recovery replays the log through the same code.
 
 mod decide;
+mod drift;
 mod event;
 mod retry;
 mod state;
@@ -12,6 +13,7 @@ mod state;
 mod tests;
 
 pub use decide::{decide, definition_mismatch, Decision, Live};
+pub use drift::{DriftKind, DriftRecord, Expected, Handled};
 pub use event::{Event, FailureKind, LogRecord, ParkKind, ParkReason, Repair};
 pub use retry::next_attempt_at;
 pub use state::{

@@ -11,6 +11,7 @@ use serde_json::Value;
 use crate::clock::Timestamp;
 use crate::definition::StepKind;
 use crate::ids::{Attempt, Lsn, SagaId, StartKey};
+use crate::machine::drift::{DriftRecord, Handled};
 use crate::machine::event::{Event, FailureKind, LogRecord, ParkKind, ParkReason, Repair};
 
 /// Where a saga is in its life.
@@ -310,6 +311,12 @@ pub struct SagaState {
     pub updated_at: Timestamp,
     /// The lsn the next record gets.
     pub next_lsn: Lsn,
+    /// Drifts the reconciler recorded after the saga ended, oldest first, handled or
+    /// not.
+    pub drifts: Vec<DriftRecord>,
+    /// When it ended (completed, compensated, cancelled or resolved): the time of that
+    /// record, which the drift records that may follow do not move.
+    pub ended_at: Option<Timestamp>,
 }
 
 impl SagaState {
@@ -375,6 +382,8 @@ impl SagaState {
                 created_at: first.at,
                 updated_at: first.at,
                 next_lsn: Lsn(1),
+                drifts: Vec::new(),
+                ended_at: None,
             }),
             _ => Err(err("the first record must be `started`")),
         }
@@ -421,8 +430,20 @@ impl SagaState {
         if lsn != self.next_lsn {
             return Err(err(format!("expected lsn {}", self.next_lsn)));
         }
-        if self.status.is_final() {
-            return Err(err(format!("the saga already ended ({})", self.status)));
+        let after_the_end = matches!(
+            record.event,
+            Event::Drift { .. }
+                | Event::OperatorAction {
+                    action: Repair::HandleDrift { .. },
+                    ..
+                }
+        );
+        if self.status.is_final() != after_the_end {
+            return Err(err(if after_the_end {
+                format!("`{}` before the saga ended", record.event.name())
+            } else {
+                format!("the saga already ended ({})", self.status)
+            }));
         }
         // A parked saga waits for an operator: only a repair moves it.
         if self.status == SagaStatus::Parked
@@ -640,6 +661,24 @@ impl SagaState {
                 self.status = SagaStatus::Parked;
                 self.parked = Some(reason.clone());
             }
+            Event::Drift {
+                step,
+                kind,
+                expected,
+                detail,
+            } => {
+                let i = step_mut(*step)?;
+                self.drifts.push(DriftRecord {
+                    lsn,
+                    at: record.at,
+                    step: *step,
+                    step_name: self.steps[i].name.clone(),
+                    kind: *kind,
+                    expected: *expected,
+                    detail: detail.clone(),
+                    handled: None,
+                });
+            }
             Event::OperatorAction {
                 action,
                 operator,
@@ -656,6 +695,9 @@ impl SagaState {
             .checked_add(1)
             .ok_or_else(|| err("no lsn follows this one".into()))?);
         self.updated_at = record.at;
+        if self.status.is_final() && self.ended_at.is_none() {
+            self.ended_at = Some(record.at);
+        }
         Ok(())
     }
 
@@ -935,7 +977,21 @@ impl SagaState {
                 self.parked_from = None;
                 self.resolution = Some((operator.to_string(), reason.to_string()));
             }
+            Repair::HandleDrift { drift } => {
+                if let Some(d) = self.drifts.iter_mut().find(|d| d.lsn == *drift) {
+                    d.handled = Some(Handled {
+                        operator: operator.to_string(),
+                        reason: reason.to_string(),
+                        at,
+                    });
+                }
+            }
         }
+    }
+
+    /// The drifts no operator has marked handled yet.
+    pub fn open_drifts(&self) -> impl Iterator<Item = &DriftRecord> {
+        self.drifts.iter().filter(|d| d.handled.is_none())
     }
 
     fn expect_active(&self, lsn: Lsn) -> Result<(), FoldError> {
@@ -1007,6 +1063,16 @@ pub struct Refusal(pub String);
 /// A [`Refusal`] saying why.
 pub fn check_repair(state: &SagaState, action: &Repair) -> Result<(), Refusal> {
     let no = |why: String| Err(Refusal(why));
+    if let Repair::HandleDrift { drift } = action {
+        // Drift is recorded only after the end, so this is a finished saga's repair.
+        return match state.drifts.iter().find(|d| d.lsn == *drift) {
+            None => no(format!("no drift is recorded at lsn {drift}")),
+            Some(d) if d.handled.is_some() => {
+                no(format!("the drift at lsn {drift} is already handled"))
+            }
+            Some(_) => Ok(()),
+        };
+    }
     if state.status.is_final() {
         return no(format!("the saga has ended ({})", state.status));
     }
@@ -1124,6 +1190,8 @@ pub fn check_repair(state: &SagaState, action: &Repair) -> Result<(), Refusal> {
             }
         }
         Repair::MarkResolved => {}
+        // Answered above.
+        Repair::HandleDrift { .. } => {}
     }
     Ok(())
 }

@@ -57,6 +57,7 @@ struct Indexed {
     statuses: Vec<SagaStatus>,
     timers: Vec<Timestamp>,
     finished: Vec<Timestamp>,
+    drift: bool,
 }
 
 /// The part of a summary the indexes derive from.
@@ -66,6 +67,7 @@ struct Summary {
     due: Option<Timestamp>,
     start_key: Option<StartKey>,
     finished_at: Option<Timestamp>,
+    drifts: bool,
 }
 
 impl From<&SagaMeta> for Summary {
@@ -76,6 +78,7 @@ impl From<&SagaMeta> for Summary {
             due: m.due,
             start_key: m.start_key.clone(),
             finished_at: m.finished_at,
+            drifts: m.open_drifts > 0,
         }
     }
 }
@@ -187,6 +190,13 @@ pub(crate) fn check(kv: &impl Kv) -> Result<(Report, Vec<Op>)> {
         match (codec::due_of_timer_key(k), saga_at(k, 9)) {
             (Ok(at), Some(id)) if k.len() == 25 => indexed.entry(id).or_default().finished.push(at),
             _ => bad_index.push((k.to_vec(), "finish-time index key")),
+        }
+        Ok(true)
+    })?;
+    kv.visit(&codec::drift_prefix(), None, &mut |k, _| {
+        match saga_at(k, 1) {
+            Some(id) if k.len() == 17 => indexed.entry(id).or_default().drift = true,
+            _ => bad_index.push((k.to_vec(), "drift index key")),
         }
         Ok(true)
     })?;
@@ -314,7 +324,25 @@ pub(crate) fn check(kv: &impl Kv) -> Result<(Report, Vec<Op>)> {
                 ops.push(Op::Delete(codec::finished_key(*t, id)));
             }
         }
+        if have.drift && !want.is_some_and(|w| w.drifts) {
+            let why = if known {
+                "drift index entry that the summary does not hold"
+            } else {
+                "drift index entry for a saga that does not exist"
+            };
+            note(&mut report, Some(id), why.into(), "deleted");
+            ops.push(Op::Delete(codec::drift_key(id)));
+        }
         let Some(want) = want else { continue };
+        if want.drifts && !have.drift {
+            note(
+                &mut report,
+                Some(id),
+                "missing from the drift index".into(),
+                "rebuilt from the summary",
+            );
+            ops.push(Op::Put(codec::drift_key(id), Vec::new()));
+        }
         if let Some(t) = want.finished_at.filter(|t| !have.finished.contains(t)) {
             if !upgraded_ids.contains(&id) {
                 note(
@@ -422,6 +450,7 @@ pub(crate) fn check(kv: &impl Kv) -> Result<(Report, Vec<Op>)> {
             starts_at: None,
             reason: Some(crate::bound_message(format!("corrupt log: {why}"))),
             finished_at: None,
+            open_drifts: 0,
         };
         ops.push(Op::Put(
             codec::meta_key(*id),

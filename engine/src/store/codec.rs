@@ -60,6 +60,11 @@ const INBOX: u8 = b'I';
 /// That a saga took a delivered event: `J` and the rest of the delivery's key; the value
 /// is the saga's id.
 const TAKEN: u8 = b'J';
+/// The drift index: `D` and the id of a saga with open drifts; empty value.
+const DRIFT: u8 = b'D';
+/// A named position in the finish-time index (the reconciler's cursor): `P` and the
+/// name; the value is the format byte and the JSON of the position.
+const POSITION: u8 = b'P';
 
 /// The key a value stored under `key` is moved to when the consistency check sets it
 /// aside.
@@ -494,6 +499,7 @@ pub fn ops(write: Write) -> Result<Vec<Op>> {
             || p.settling_until != meta.settling_until
             || p.awaiting != meta.awaiting
             || p.starts_at != meta.starts_at
+            || p.open_drifts != meta.open_drifts
     });
     if prev.map(|p| p.status) != Some(meta.status) {
         if let Some(p) = prev {
@@ -519,6 +525,14 @@ pub fn ops(write: Write) -> Result<Vec<Op>> {
         }
         if let Some(t) = meta.finished_at {
             ops.push(Op::Put(finished_key(t, saga), Vec::new()));
+        }
+    }
+    let had_drift = prev.is_some_and(|p| p.open_drifts > 0);
+    if had_drift != (meta.open_drifts > 0) {
+        if had_drift {
+            ops.push(Op::Delete(drift_key(saga)));
+        } else {
+            ops.push(Op::Put(drift_key(saga), Vec::new()));
         }
     }
     if prev.is_none() {
@@ -562,7 +576,74 @@ pub fn removal(meta: &SagaMeta, log_keys: impl IntoIterator<Item = Vec<u8>>) -> 
     if let Some(t) = meta.finished_at {
         ops.push(Op::Delete(finished_key(t, meta.id)));
     }
+    if meta.open_drifts > 0 {
+        ops.push(Op::Delete(drift_key(meta.id)));
+    }
     ops
+}
+
+/// The drift index's prefix.
+pub fn drift_prefix() -> Vec<u8> {
+    vec![DRIFT]
+}
+
+/// The drift index entry of `saga`.
+pub fn drift_key(saga: SagaId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.push(DRIFT);
+    k.extend_from_slice(saga.as_bytes());
+    k
+}
+
+/// The key of the position named `name`.
+pub fn position_key(name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + name.len());
+    k.push(POSITION);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredPosition {
+    at: Timestamp,
+    saga: SagaId,
+}
+
+/// A position's stored value.
+///
+/// # Errors
+///
+/// [`Error::Backend`] if it does not encode (it always does).
+pub fn encode_position(at: (Timestamp, SagaId)) -> Result<Vec<u8>> {
+    let mut v = vec![FORMAT_V1];
+    serde_json::to_writer(
+        &mut v,
+        &StoredPosition {
+            at: at.0,
+            saga: at.1,
+        },
+    )
+    .map_err(|e| Error::Backend(e.to_string()))?;
+    Ok(v)
+}
+
+/// Reads a position's stored value.
+///
+/// # Errors
+///
+/// [`Error::CorruptIndex`] if it does not decode.
+pub fn decode_position(name: &str, bytes: &[u8]) -> Result<(Timestamp, SagaId)> {
+    let json = match bytes.split_first() {
+        Some((&FORMAT_V1, rest)) => rest,
+        _ => {
+            return Err(Error::CorruptIndex(format!(
+                "position `{name}`: unknown format"
+            )))
+        }
+    };
+    let p: StoredPosition = serde_json::from_slice(json)
+        .map_err(|e| Error::CorruptIndex(format!("position `{name}`: {e}")))?;
+    Ok((p.at, p.saga))
 }
 
 /// The part of an inbox key after its prefix byte: the correlation key's length, the

@@ -161,6 +161,40 @@ pub(crate) fn finished_before(
     Ok(out)
 }
 
+/// Summaries of the sagas in the drift index, in id order after `after`, at most
+/// `limit`.
+pub(crate) fn drifted(kv: &impl Kv, after: Option<SagaId>, limit: usize) -> Result<Vec<SagaMeta>> {
+    let mut ids = Vec::new();
+    let from = after.map(codec::drift_key);
+    if limit > 0 {
+        kv.visit(&codec::drift_prefix(), from.as_deref(), &mut |k, _| {
+            // A malformed key is the consistency check's business.
+            if let Ok(id) = codec::saga_of_index_key(k) {
+                if Some(id) != after {
+                    ids.push(id);
+                }
+            }
+            Ok(ids.len() < limit)
+        })?;
+    }
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        match meta(kv, id) {
+            Ok(Some(m)) => out.push(m),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(saga_id = %id, error = %e, "summary does not decode"),
+        }
+    }
+    Ok(out)
+}
+
+/// The position stored under `name`.
+pub(crate) fn position(kv: &impl Kv, name: &str) -> Result<Option<(Timestamp, SagaId)>> {
+    kv.get(&codec::position_key(name))?
+        .map(|v| codec::decode_position(name, &v))
+        .transpose()
+}
+
 /// The deletions that remove `saga`, or none if it is unknown.
 pub(crate) fn removal(kv: &impl Kv, saga: SagaId) -> Result<Vec<Op>> {
     let Some(m) = meta(kv, saga)? else {

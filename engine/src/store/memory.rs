@@ -420,6 +420,24 @@ impl SagaLog for MemLog {
         kv::due(&self.lock(), until)
     }
 
+    fn drifted(&self, after: Option<SagaId>, limit: usize) -> Result<Vec<SagaMeta>> {
+        kv::drifted(&self.lock(), after, limit)
+    }
+
+    fn position(&self, name: &str) -> Result<Option<(Timestamp, SagaId)>> {
+        kv::position(&self.lock(), name)
+    }
+
+    fn set_position(&self, name: &str, at: (Timestamp, SagaId)) -> Result<()> {
+        let op = Op::Put(codec::position_key(name), codec::encode_position(at)?);
+        let mut inner = self.lock();
+        // A write of its own, durable at once, like a delivery: the pending writes of
+        // the group commit stay pending.
+        apply(&mut inner.visible, &op);
+        apply(&mut inner.durable, &op);
+        Ok(())
+    }
+
     fn remove(&self, saga: SagaId) -> Result<()> {
         let mut inner = self.lock();
         let ops = kv::removal(&inner, saga)?;

@@ -177,6 +177,14 @@ pub struct SagaMeta {
     /// counts from. `None` while it has not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Timestamp>,
+    /// Drifts the reconciler recorded on the finished saga that no operator has marked
+    /// handled yet. A saga with any is in the drift index.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub open_drifts: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// What an await step waits for: see [`SagaMeta::awaiting`].
@@ -216,6 +224,7 @@ impl SagaMeta {
             starts_at: None,
             reason: Some(reason),
             finished_at: status.is_final().then_some(now),
+            open_drifts: 0,
         }
     }
 
@@ -250,7 +259,10 @@ impl SagaMeta {
                 .filter(|_| s.status == SagaStatus::Running)
                 .filter(|_| s.steps.iter().all(|st| !st.action.started())),
             reason,
-            finished_at: s.status.is_final().then_some(s.updated_at),
+            // The end's time, not the latest record's: drift records and their handling
+            // come after the end and must not move the saga in the finish-time index.
+            finished_at: s.ended_at.filter(|_| s.status.is_final()),
+            open_drifts: u32::try_from(s.open_drifts().count()).unwrap_or(u32::MAX),
         }
     }
 }
@@ -517,6 +529,47 @@ pub trait SagaLog: Send + Sync + fmt::Debug + 'static {
         }
         Ok(c)
     }
+
+    /// Up to `limit` summaries of sagas with open drifts (see [`SagaMeta::open_drifts`]),
+    /// in id order after `after`: a walk of the drift index.
+    ///
+    /// The default reads every summary; every store of this crate keeps the index.
+    ///
+    /// # Errors
+    ///
+    /// An I/O or backend error.
+    fn drifted(&self, after: Option<SagaId>, limit: usize) -> Result<Vec<SagaMeta>> {
+        let mut out = Vec::new();
+        let mut cursor = after;
+        loop {
+            let page = self.page(None, cursor, 1000, false)?;
+            let Some(last) = page.last() else {
+                return Ok(out);
+            };
+            cursor = Some(last.id);
+            for m in page.into_iter().filter(|m| m.open_drifts > 0) {
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+                out.push(m);
+            }
+        }
+    }
+
+    /// The position stored under `name` by [`SagaLog::set_position`]: where a walk of
+    /// the finish-time index (the reconciler's) goes on after a restart.
+    ///
+    /// # Errors
+    ///
+    /// An I/O or backend error, or [`Error::CorruptIndex`] if it does not decode.
+    fn position(&self, name: &str) -> Result<Option<(Timestamp, SagaId)>>;
+
+    /// Stores `at` under `name`. Durable after the next [`SagaLog::sync`].
+    ///
+    /// # Errors
+    ///
+    /// An I/O or backend error.
+    fn set_position(&self, name: &str, at: (Timestamp, SagaId)) -> Result<()>;
 
     /// The sagas the engine must drive: running or compensating.
     ///

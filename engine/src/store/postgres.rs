@@ -37,7 +37,7 @@ use crate::store::lease::{Answer, Changes, Lease, Leases, OwnerId, Refused, Requ
 use crate::store::{Error, Result, SagaLog, SagaMeta, Write, WriteResult};
 
 /// The newest schema version this engine knows.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// How to open a [`PgLog`].
 #[derive(Clone, Debug)]
@@ -196,6 +196,9 @@ struct Sql {
     page_up: String,
     page_down: String,
     counts: String,
+    drifted: String,
+    position: String,
+    set_position: String,
 }
 
 impl Sql {
@@ -223,7 +226,7 @@ impl Sql {
             ),
             update: format!(
                 "WITH ok AS (UPDATE {s}.sagas SET status = $4, due = $5, finished_at = $6, \
-                 meta = $7, owner = CASE WHEN $8 THEN owner END \
+                 meta = $7, owner = CASE WHEN $8 THEN owner END, drifts = $11 \
                  WHERE id = $1 AND owner = $2 AND epoch = $3 RETURNING id), {log_rows}"
             ),
             why_refused: format!(
@@ -299,6 +302,14 @@ impl Sql {
             counts: format!(
                 "SELECT status, definition, count(*) FROM {s}.sagas GROUP BY status, definition"
             ),
+            drifted: format!(
+                "SELECT id, meta FROM {s}.sagas WHERE drifts AND id > $1 ORDER BY id LIMIT $2"
+            ),
+            position: format!("SELECT at, saga FROM {s}.positions WHERE name = $1"),
+            set_position: format!(
+                "INSERT INTO {s}.positions (name, at, saga) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO UPDATE SET at = excluded.at, saga = excluded.saga"
+            ),
         }
     }
 }
@@ -358,6 +369,16 @@ fn migrations(s: &str) -> Vec<String> {
             PRIMARY KEY (key, id)
         );
         CREATE INDEX inbox_received ON {s}.inbox (received_at);"
+    ),
+    // 3: reconciliation: the drift index and the reconciler's durable cursor.
+    format!(
+        "ALTER TABLE {s}.sagas ADD COLUMN drifts boolean NOT NULL DEFAULT false;
+        CREATE INDEX sagas_drifts ON {s}.sagas (id) WHERE drifts;
+        CREATE TABLE {s}.positions (
+            name text PRIMARY KEY,
+            at bigint NOT NULL,
+            saga bytea NOT NULL
+        );"
     )]
 }
 
@@ -610,6 +631,7 @@ struct Prepared {
     finished: Option<i64>,
     meta: Vec<u8>,
     active: bool,
+    drifts: bool,
     lsns: Vec<i64>,
     values: Vec<Vec<u8>>,
     start_key: Option<String>,
@@ -645,6 +667,7 @@ fn prepare(w: Write) -> Result<std::result::Result<Prepared, Refused>> {
         finished: w.meta.finished_at.map(millis_param),
         meta: codec::encode_meta(&w.meta)?,
         active: w.meta.status.is_active(),
+        drifts: w.meta.open_drifts > 0,
         lsns,
         values,
         start_key: w.meta.start_key.as_ref().map(|k| k.to_string()),
@@ -721,11 +744,14 @@ impl SagaLog for PgLog {
                         &p.definition,
                     ];
                     // A first write creates the row (and its lease); a later one updates
-                    // it, which takes only the first ten parameters.
+                    // it, which takes the first ten parameters and whether the saga has
+                    // open drifts (a new saga has none).
                     let row = if p.first {
                         tx.query_one(insert, &params).await?
                     } else {
-                        tx.query_one(update, &params[..10]).await?
+                        let mut update_params = params[..10].to_vec();
+                        update_params.push(&p.drifts);
+                        tx.query_one(update, &update_params).await?
                     };
                     Ok::<i64, tokio_postgres::Error>(row.get(0))
                 }
@@ -968,6 +994,62 @@ impl SagaLog for PgLog {
 
     fn remove(&self, saga: SagaId) -> Result<()> {
         self.remove_batch(&[saga])
+    }
+
+    fn drifted(&self, after: Option<SagaId>, limit: usize) -> Result<Vec<SagaMeta>> {
+        let pool = self.pool.clone();
+        let q = self.sql.drifted.clone();
+        // Every id is above the empty byte string.
+        let cursor: Vec<u8> = after.map_or_else(Vec::new, |a| a.as_bytes().to_vec());
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            let rows = client
+                .query(&q, &[&cursor, &limit])
+                .await
+                .map_err(backend)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let id = saga_of(r.get::<_, &[u8]>(0))?;
+                match codec::decode_meta(id, r.get::<_, &[u8]>(1)) {
+                    Ok(m) => out.push(m),
+                    Err(e) => tracing::warn!(saga_id = %id, error = %e, "summary does not decode"),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn position(&self, name: &str) -> Result<Option<(Timestamp, SagaId)>> {
+        let pool = self.pool.clone();
+        let q = self.sql.position.clone();
+        let name = name.to_string();
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            let Some(row) = client.query_opt(&q, &[&name]).await.map_err(backend)? else {
+                return Ok(None);
+            };
+            let at = u64::try_from(row.get::<_, i64>(0))
+                .map_err(|_| Error::CorruptIndex(format!("position `{name}`: a negative time")))?;
+            let saga = saga_of(row.get::<_, &[u8]>(1))?;
+            Ok(Some((Timestamp::from_millis(at), saga)))
+        })
+    }
+
+    fn set_position(&self, name: &str, at: (Timestamp, SagaId)) -> Result<()> {
+        let pool = self.pool.clone();
+        let q = self.sql.set_position.clone();
+        let name = name.to_string();
+        let (t, id) = (millis_param(at.0), at.1.as_bytes().to_vec());
+        self.count(1);
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            client
+                .execute(&q, &[&name, &t, &id])
+                .await
+                .map_err(backend)?;
+            Ok(())
+        })
     }
 
     fn remove_batch(&self, sagas: &[SagaId]) -> Result<()> {

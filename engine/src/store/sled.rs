@@ -495,6 +495,21 @@ impl SagaLog for SledLog {
         kv::due(&self.db, until)
     }
 
+    fn drifted(&self, after: Option<SagaId>, limit: usize) -> Result<Vec<SagaMeta>> {
+        kv::drifted(&self.db, after, limit)
+    }
+
+    fn position(&self, name: &str) -> Result<Option<(Timestamp, SagaId)>> {
+        kv::position(&self.db, name)
+    }
+
+    fn set_position(&self, name: &str, at: (Timestamp, SagaId)) -> Result<()> {
+        self.apply(vec![Op::Put(
+            codec::position_key(name),
+            codec::encode_position(at)?,
+        )])
+    }
+
     fn remove(&self, saga: SagaId) -> Result<()> {
         let ops = kv::removal(&self.db, saga)?;
         self.apply(ops)
