@@ -398,6 +398,12 @@ impl SagaLog for Discard {
     fn due(&self, _: Timestamp) -> store::Result<Vec<(Timestamp, SagaId)>> {
         Ok(Vec::new())
     }
+    fn position(&self, _: &str) -> store::Result<Option<(Timestamp, SagaId)>> {
+        Ok(None)
+    }
+    fn set_position(&self, _: &str, _: (Timestamp, SagaId)) -> store::Result<()> {
+        Ok(())
+    }
     fn remove(&self, _: SagaId) -> store::Result<()> {
         Ok(())
     }

@@ -260,6 +260,21 @@ impl SagaLog for CrashableStore {
         self.inner.due(until)
     }
 
+    fn drifted(&self, after: Option<SagaId>, limit: usize) -> store::Result<Vec<SagaMeta>> {
+        self.inner.drifted(after, limit)
+    }
+
+    fn position(&self, name: &str) -> store::Result<Option<(Timestamp, SagaId)>> {
+        self.inner.position(name)
+    }
+
+    fn set_position(&self, name: &str, at: (Timestamp, SagaId)) -> store::Result<()> {
+        if self.plan.crashed() {
+            return Err(dead());
+        }
+        self.inner.set_position(name, at)
+    }
+
     fn finished_before(
         &self,
         until: Timestamp,

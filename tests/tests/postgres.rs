@@ -268,3 +268,94 @@ async fn an_event_delivered_to_one_process_reaches_the_saga_waiting_in_another()
     b.shutdown().await.unwrap();
     cleanup(&schema);
 }
+
+/// Finds the order step's record missing, whatever it is asked.
+struct OrderGone;
+
+#[sagaflow::async_trait]
+impl sagaflow::Reconcile for OrderGone {
+    async fn reconcile(&self, step: &sagaflow::Finished) -> sagaflow::Verdict {
+        step.judge(None::<()>, |_| None)
+    }
+}
+
+async fn open_checked(name: &str, schema: &str, ledger: &Arc<Ledger>) -> Engine {
+    let def = SagaDefinition::builder("checked", 1)
+        .step("payment", fake("payment", ledger))
+        .options(opts())
+        .step("order", fake("order", ledger))
+        .options(opts())
+        .reconcile("orders", OrderGone)
+        .build()
+        .expect("valid definition");
+    let reconcile = sagaflow::ReconcileOptions::default()
+        .window(Duration::ZERO, Duration::from_secs(3600))
+        .every(Duration::from_secs(3600));
+    Engine::builder()
+        .register(def)
+        .owner(OwnerId::new(name))
+        .options(
+            EngineOptions::default()
+                .with_commit_mode(CommitMode::Thread)
+                .with_lease_tick(Duration::from_millis(100))
+                .with_reconciler(reconcile),
+        )
+        .open_postgres(&url(), PgOptions::default().schema(schema).lease_ttl(TTL))
+        .await
+        .expect("engine opens on PostgreSQL")
+}
+
+/// Drift found by one process is recorded under the saga's lease, listed from every
+/// process, handled from another, and the reconciler's position is the store's: a
+/// second process goes on where the first stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_is_recorded_under_a_lease_and_the_position_is_shared() {
+    let Some(schema) = schema() else { return };
+    let ledger = Ledger::new();
+    let a = open_checked("a", &schema, &ledger).await;
+    let b = open_checked("b", &schema, &ledger).await;
+    let id = a.start("checked", json!({}), None).await.unwrap();
+    assert!(matches!(
+        a.wait(id).await.unwrap(),
+        SagaOutcome::Completed { .. }
+    ));
+
+    let report = b.reconcile_now().await.unwrap();
+    assert_eq!(report.sagas, 1);
+    assert_eq!(report.drifts.len(), 1);
+    assert_eq!(report.drifts[0].kind, sagaflow::machine::DriftKind::Missing);
+    let lsn = report.drifts[0].lsn.expect("recorded");
+    // Seen from the other process, through the store's drift index.
+    let listed = tokio::task::spawn_blocking({
+        let a = a.clone();
+        move || a.drifts(None, 10)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].saga, listed[0].drift.lsn), (id, lsn));
+    // The position is in the store: the other process has nothing left to look at.
+    let again = a.reconcile_now().await.unwrap();
+    assert_eq!((again.sagas, again.lookups), (0, 0));
+    // Handled from the process that did not record it.
+    a.repair(
+        id,
+        sagaflow::machine::Repair::HandleDrift { drift: lsn },
+        "ana",
+        "order recreated by hand",
+    )
+    .await
+    .unwrap();
+    let meta = tokio::task::spawn_blocking({
+        let b = b.clone();
+        move || b.status(id)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(meta.open_drifts, 0);
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    cleanup(&schema);
+}

@@ -86,6 +86,12 @@ impl SagaLog for Cut {
     ) -> sagaflow::store::Result<Vec<(Timestamp, SagaId)>> {
         self.inner.finished_before(until, after, limit)
     }
+    fn position(&self, name: &str) -> sagaflow::store::Result<Option<(Timestamp, SagaId)>> {
+        self.inner.position(name)
+    }
+    fn set_position(&self, name: &str, at: (Timestamp, SagaId)) -> sagaflow::store::Result<()> {
+        self.inner.set_position(name, at)
+    }
     fn remove(&self, saga: SagaId) -> sagaflow::store::Result<()> {
         self.inner.remove(saga)
     }

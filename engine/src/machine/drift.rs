@@ -14,7 +14,7 @@ use crate::clock::Timestamp;
 use crate::ids::Lsn;
 
 /// What a finished saga's log says a step should have left in the system it called.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Expected {

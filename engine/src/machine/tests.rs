@@ -1675,3 +1675,67 @@ fn an_interrupted_wait_had_no_effect() {
     assert!(!s.steps[1].effect_possible);
     assert_eq!(s.steps[1].unknown_until, None);
 }
+
+fn drift(step: u32, kind: crate::machine::DriftKind) -> Event {
+    Event::Drift {
+        step,
+        kind,
+        expected: crate::machine::Expected::Present,
+        detail: "amount differs".into(),
+    }
+}
+
+fn handle(lsn: u64) -> Event {
+    Event::OperatorAction {
+        action: Repair::HandleDrift { drift: Lsn(lsn) },
+        operator: "ana".into(),
+        reason: "fixed by hand".into(),
+    }
+}
+
+#[test]
+fn drift_comes_only_after_the_end_and_is_handled_once() {
+    use crate::machine::DriftKind::{Different, Missing};
+    let def = abc();
+    let done = vec![
+        started(0, 1),
+        ok(0, 1),
+        started(1, 1),
+        ok(1, 1),
+        started(2, 1),
+        ok(2, 1),
+        Event::Completed,
+    ];
+    // Before the end, drift does not fit, nor does its handling.
+    let e = fold_err(&def, vec![started(0, 1), drift(0, Missing)]);
+    assert!(e.reason.contains("before the saga ended"), "{e}");
+    // After it: recorded, the status and the end's time unchanged.
+    let mut events = done.clone();
+    events.push(drift(1, Different));
+    events.push(drift(2, Missing));
+    let s = state(&def, events.clone());
+    assert_eq!(s.status, SagaStatus::Completed);
+    assert_eq!(s.ended_at, Some(t(70)));
+    assert_eq!(s.updated_at, t(90));
+    assert_eq!(s.open_drifts().count(), 2);
+    assert_eq!(
+        (s.drifts[0].lsn, s.drifts[0].step_name.as_str()),
+        (Lsn(8), "b")
+    );
+    // A drift of a step that does not exist does not fit.
+    let mut bad = done.clone();
+    bad.push(drift(7, Missing));
+    assert!(fold_err(&def, bad).reason.contains("does not exist"));
+    // Handled: by lsn, once, with who and why; other repairs stay refused.
+    assert!(crate::machine::check_repair(&s, &Repair::HandleDrift { drift: Lsn(3) }).is_err());
+    assert!(crate::machine::check_repair(&s, &Repair::Resume).is_err());
+    events.push(handle(8));
+    let s = state(&def, events.clone());
+    assert_eq!(s.open_drifts().count(), 1);
+    let h = s.drifts[0].handled.as_ref().unwrap();
+    assert_eq!((h.operator.as_str(), h.at), ("ana", t(100)));
+    assert_eq!(crate::store::SagaMeta::of(&s).open_drifts, 1);
+    assert_eq!(crate::store::SagaMeta::of(&s).finished_at, Some(t(70)));
+    events.push(handle(8));
+    assert!(fold_err(&def, events).reason.contains("already handled"));
+}

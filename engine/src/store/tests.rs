@@ -28,6 +28,7 @@ fn meta(saga: SagaId, status: SagaStatus, last: u64, due: Option<u64>) -> SagaMe
         starts_at: None,
         reason: None,
         finished_at: None,
+        open_drifts: 0,
     }
 }
 
@@ -73,6 +74,7 @@ fn conformance(log: &dyn SagaLog) {
         writes
     };
     inbox_conformance(log, &fenced);
+    drift_conformance(log, &fenced);
     let (a, b) = (id(1), id(2));
     log.append(fenced(vec![first(a), first(b)])).unwrap();
     log.sync().unwrap();
@@ -238,6 +240,71 @@ fn counters_are_rebuilt_at_open_when_missing_or_wrong() {
 /// The inbox's rules, on every store: a delivery is recorded once per key and id, waits
 /// until a write takes it (atomically with that write), lists in key and id order, and is
 /// purged by age; keys and ids are bounded.
+/// The drift index follows the summaries' open drifts, and a position reads back.
+fn drift_conformance(log: &dyn SagaLog, fenced: &dyn Fn(Vec<Write>) -> Vec<Write>) {
+    let (a, b) = (id(40), id(41));
+    let ended = |saga, last, drifts| {
+        let mut m = meta(saga, SagaStatus::Completed, last, None);
+        m.finished_at = Some(Timestamp::from_millis(1));
+        m.open_drifts = drifts;
+        m
+    };
+    let mut w = vec![first(a), first(b)];
+    for w in &mut w {
+        w.meta = ended(w.saga, 0, 0);
+    }
+    log.append(fenced(w)).unwrap();
+    assert!(log.drifted(None, 10).unwrap().is_empty());
+    let drift = |saga, lsn, before, after| Write {
+        saga,
+        records: vec![record(lsn)],
+        meta: ended(saga, lsn, after),
+        previous: Some(ended(saga, lsn - 1, before)),
+        fence: None,
+        taken: Vec::new(),
+    };
+    // A finished saga has no owner: a shared store takes a write to it under a lease
+    // taken for it, as the reconciler takes one.
+    let owner = OwnerId::new("conformance");
+    let leased = |mut w: Write| {
+        if let Some(l) = log.leases() {
+            let lease = l.acquire(&owner, w.saga).unwrap().unwrap();
+            w.fence = Some(Fence {
+                owner: owner.clone(),
+                epoch: lease.epoch,
+            });
+        }
+        w
+    };
+    log.append(vec![leased(drift(a, 1, 0, 1)), leased(drift(b, 1, 0, 2))])
+        .unwrap();
+    log.sync().unwrap();
+    let listed = |after, limit| -> Vec<(SagaId, u32)> {
+        log.drifted(after, limit)
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.id, m.open_drifts))
+            .collect()
+    };
+    assert_eq!(listed(None, 10), vec![(a, 1), (b, 2)]);
+    assert_eq!(listed(None, 1), vec![(a, 1)]);
+    assert_eq!(listed(Some(a), 10), vec![(b, 2)]);
+    // Handled: out of the index; removed: gone with the saga.
+    log.append(vec![leased(drift(a, 2, 1, 0))]).unwrap();
+    assert_eq!(listed(None, 10), vec![(b, 2)]);
+    log.remove(b).unwrap();
+    log.remove(a).unwrap();
+    log.sync().unwrap();
+    assert!(listed(None, 10).is_empty());
+    // A position: none until set, then what was set.
+    assert_eq!(log.position("reconciler").unwrap(), None);
+    let at = (Timestamp::from_millis(77), id(42));
+    log.set_position("reconciler", at).unwrap();
+    log.sync().unwrap();
+    assert_eq!(log.position("reconciler").unwrap(), Some(at));
+    assert_eq!(log.position("other").unwrap(), None);
+}
+
 fn inbox_conformance(log: &dyn SagaLog, fenced: &dyn Fn(Vec<Write>) -> Vec<Write>) {
     use crate::store::{Delivered, Taken};
     let inbox = log.inbox();
