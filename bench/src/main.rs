@@ -528,6 +528,92 @@ fn limiter_rate(rt: &tokio::runtime::Runtime, per_second: u32, calls: u64) -> f6
     })
 }
 
+/// How long one reconcile lookup takes: a provider's round trip.
+const LOOKUP_LATENCY: Duration = Duration::from_millis(5);
+
+/// A reconcile hook that takes a provider's round trip and agrees.
+struct Agrees;
+
+#[async_trait]
+impl sagaflow::Reconcile for Agrees {
+    async fn reconcile(&self, _: &sagaflow::Finished) -> sagaflow::Verdict {
+        tokio::time::sleep(LOOKUP_LATENCY).await;
+        sagaflow::Verdict::Matches
+    }
+}
+
+/// What the reconciler achieved against its limit.
+#[derive(Debug)]
+struct Reconciled {
+    limit: u32,
+    sagas: usize,
+    lookups: u64,
+    secs: f64,
+}
+
+impl Reconciled {
+    /// Lookups per second per integration (two integrations share the lookups).
+    fn per_integration(&self) -> f64 {
+        self.lookups as f64 / 2.0 / self.secs
+    }
+}
+
+/// Finishes `sagas` two-step sagas (each step with a hook of its own integration),
+/// then times the reconciler over them with each integration limited to `limit`
+/// lookups/s by the steps toolkit's rate limiter.
+fn reconcile_rate(rt: &tokio::runtime::Runtime, sagas: u64, limit: u32) -> Reconciled {
+    use sagaflow_steps::rate_limit::RateLimiter;
+    rt.block_on(async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let def = SagaDefinition::builder("recon", 1)
+            .step("alpha", Noop)
+            .reconcile("alpha", Agrees)
+            .step("beta", Noop)
+            .reconcile("beta", Agrees)
+            .build()
+            .expect("definition");
+        // A burst of one: the figure is the steady rate, not a burst spent at once.
+        let alpha = Arc::new(RateLimiter::new("alpha").per_second(limit, 1));
+        let beta = Arc::new(RateLimiter::new("beta").per_second(limit, 1));
+        let opts = sagaflow::ReconcileOptions::default()
+            .window(Duration::ZERO, Duration::from_secs(3600))
+            .every(Duration::from_secs(3600))
+            .limit("alpha", alpha.clone())
+            .limit("beta", beta.clone());
+        let engine = Engine::builder()
+            .register(def)
+            .options(EngineOptions::default().with_reconciler(opts))
+            .open(dir.path())
+            .await
+            .expect("engine");
+        let mut starts = tokio::task::JoinSet::new();
+        for i in 0..sagas {
+            let e = engine.clone();
+            starts.spawn(async move {
+                let id = e.start("recon", json!({ "n": i }), None).await?;
+                e.wait(id).await
+            });
+            while starts.len() >= 256 {
+                starts.join_next().await;
+            }
+        }
+        while starts.join_next().await.is_some() {}
+        // Spend each limiter's first token so it does not flatter the figure.
+        drop(alpha.acquire().await);
+        drop(beta.acquire().await);
+        let start = Instant::now();
+        let report = engine.reconcile_now().await.expect("reconciler");
+        let secs = start.elapsed().as_secs_f64();
+        let _ = engine.shutdown().await;
+        Reconciled {
+            limit,
+            sagas: report.sagas,
+            lookups: report.lookups,
+            secs,
+        }
+    })
+}
+
 #[derive(Debug)]
 struct Run {
     name: String,
@@ -845,6 +931,8 @@ fn main() {
         )
     });
     let limiter = limiter_rate(&rt, 1_000, 3_000);
+    // Three seconds of lookups at the limit: enough batches to count their seams.
+    let reconciled = reconcile_rate(&rt, a.sagas.clamp(300, 1_500), 500);
     let probe = memory_probe(&rt, 1024, false);
     let probe_sled = memory_probe(&rt, 1024, true);
 
@@ -903,6 +991,17 @@ fn main() {
     println!(
         "rate limiter (sagaflow-steps), 200 callers, limit 1000/s: {limiter:.0}/s ({:.3} of the limit)",
         limiter / 1000.0
+    );
+    println!(
+        "reconciler: {} sagas, {} lookups ({} ms each) over 2 integrations limited to {}/s \
+         each: {:.0} lookups/s per integration in {:.2} s ({:.3} of the limit)",
+        reconciled.sagas,
+        reconciled.lookups,
+        LOOKUP_LATENCY.as_millis(),
+        reconciled.limit,
+        reconciled.per_integration(),
+        reconciled.secs,
+        reconciled.per_integration() / f64::from(reconciled.limit)
     );
     if let Some(r) = c1 {
         println!(
@@ -997,6 +1096,10 @@ fn main() {
         "parallel_p99_ms_c1024": par_c1024.map(|r| r.p99_ms),
         "parallel_writes_per_saga": par_c1024.map(Run::writes_per_saga),
         "parallel_ratio_to_group_commit": par_c1024.map(|r| r.writes_per_sec() / group),
+        "reconcile_limit_per_sec": reconciled.limit,
+        "reconcile_lookups_per_sec": reconciled.per_integration().round(),
+        "reconcile_ratio_to_limit": reconciled.per_integration() / f64::from(reconciled.limit),
+        "reconcile_lookup_ms": LOOKUP_LATENCY.as_millis() as u64,
     });
     let mut json = json;
     if let (Some(o), Some(e)) = (json.as_object_mut(), extras.as_object()) {

@@ -71,6 +71,7 @@ fn write(n: u64, fence: Option<&OwnerId>) -> Write {
         starts_at: None,
         reason: (status == SagaStatus::Parked).then(|| "needs a look".to_string()),
         finished_at: (status == SagaStatus::Completed).then_some(at),
+        open_drifts: 0,
     };
     let mut w = Write {
         saga,

@@ -68,7 +68,8 @@ pub struct ReconcileOptions {
     /// How often the background task looks for newly finished sagas once it has
     /// caught up. Default 1 minute.
     pub every: Duration,
-    /// At most this many sagas per batch. Default 200.
+    /// At most this many sagas per batch: the position moves on once per batch, and a
+    /// batch's lookups run concurrently. Default 1000.
     pub batch: usize,
     /// At most this many lookups at once, over every integration. Default 32.
     pub concurrency: usize,
@@ -103,7 +104,7 @@ impl Default for ReconcileOptions {
             min_age: Duration::from_secs(10 * 60),
             max_age: Duration::from_secs(7 * 24 * 3600),
             every: Duration::from_secs(60),
-            batch: 200,
+            batch: 1000,
             concurrency: 32,
             unknown_attempts: 3,
             unknown_backoff: Duration::from_secs(1),
