@@ -1,7 +1,7 @@
 //! The admin HTTP API of a running engine: the queries and repairs of the `sagaflow` CLI,
 //! as JSON, behind bearer tokens.
 //!
-//! Two tokens: a **read** token (list, show, stats, metrics) and an **admin** token
+//! Two tokens: a **read** token (list, show, stats, drifts, metrics) and an **admin** token
 //! (everything, repairs included). Tokens are compared in constant time; a call without
 //! a valid token is refused with 401, a read token attempting a repair with 403, and
 //! both are logged (without the token).
@@ -11,17 +11,24 @@
 //! | `GET /v1/sagas?status=&definition=&older_than_secs=&stuck_for_secs=&limit=` | read | summaries, oldest first; `limit` is 1 or more (`limit=0` is a 400), absent for no limit |
 //! | `GET /v1/sagas/{id}` | read | `{ "summary": ..., "history": [...], "problems": [...] }` (problems: what of a damaged log could not be read) |
 //! | `GET /v1/stats?stuck_after_secs=` | read | counts by status and definition, oldest, stuck |
-//! | `POST /v1/sagas/{id}/repair` | admin | body `{ "action": "resume", "step": 2, "operator": "ana", "reason": "..." }` |
+//! | `POST /v1/sagas/{id}/repair` | admin | body `{ "action": "resume", "step": 2, "operator": "ana", "reason": "..." }`; `{ "action": "handle_drift", "drift": 7, ... }` marks the drift recorded at lsn 7 handled |
 //! | `POST /v1/sagas/{id}/cancel` | admin | body `{ "operator": "ana", "reason": "..." }` |
 //! | `POST /v1/purge` | admin | body `{ "finished_before_ms": 1763500000000, "dry_run": true }`: counts (or deletes) finished sagas |
 //! | `POST /v1/deliveries` | admin | body `{ "key": "settlement/o1", "id": "wh-81", "payload": {...} }`: an event for the await step waiting on `key`; answered once durable, 201 `{ "delivered": "new" }` or 200 `{ "delivered": "duplicate" }` (this key and id were delivered before: nothing written) |
 //! | `POST /v1/sagas/{id}/approve` | admin | body `{ "step": "review", "operator": "ana", "reason": "..." }`: delivers the approval the await step `step` waits for; 201 or 200 as above |
 //! | `GET /v1/deliveries?after_key=&after_id=&limit=` | read | the inbox's deliveries, taken (`taken_by`) or not, in the store's stable order after the cursor (both or neither); `limit` 1 to 1000, 100 if absent |
+//! | `GET /v1/drifts?after=&limit=` | read | `{ "drifts": [...], "next": "<saga id>" or null }`: the open drifts of up to `limit` sagas (1 to 1000, 100 if absent) in saga id order after the saga `after`, each `{ "saga", "definition", "version", "status", "drift": { "lsn", "at", "step", "step_name", "kind", "expected", "detail", "handled" } }`; `next` is the `after` of the next page, null on the last |
+//! | `POST /v1/reconcile` | admin | body none or `{}`: runs the reconciler until it has caught up, answers `{ "sagas", "lookups", "matched", "skipped", "drifts": [...], "position" }` (the drifts it found; `lsn` null for one recorded before) |
 //! | `GET /metrics` | read | Prometheus text format |
 //!
 //! Deliveries and approvals need the admin token: like a repair, they change what a
 //! saga does next (an approval is an operator's decision, recorded in the log with who
 //! and why), so a token that may only look must not send them.
+//!
+//! Marking a drift handled is a repair (admin token, 409 with SAGA-0012 if no open drift
+//! is recorded at that lsn: none, or handled already); listing drifts needs only the
+//! read token. Running the reconciler writes drift records, so it needs the admin token;
+//! it answers once caught up, which with paced lookups can take a while.
 //!
 //! Errors are `{ "error": "...", "code": "SAGA-0012" }` with 400 (bad request, malformed
 //! JSON), 401, 403, 404 (unknown saga), 409 (repair or cancellation refused), 413 (a
@@ -61,10 +68,10 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use sagaflow::admin::{ListFilter, LogProblem, Stats};
-use sagaflow::machine::{LogRecord, Repair};
+use sagaflow::admin::{DriftEntry, ListFilter, LogProblem, Stats};
+use sagaflow::machine::{DriftKind, Expected, LogRecord, Repair};
 use sagaflow::store::{Delivered, Delivery};
-use sagaflow::{Engine, Error, SagaId, SagaMeta, SagaStatus};
+use sagaflow::{Engine, Error, Lsn, ReconcileReport, SagaId, SagaMeta, SagaStatus, Timestamp};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
@@ -276,6 +283,8 @@ pub fn router(engine: Arc<Engine>, auth: Auth) -> Router {
         .route("/v1/purge", post(purge))
         .route("/v1/deliveries", post(deliver).get(deliveries))
         .route("/v1/sagas/{id}/approve", post(approve))
+        .route("/v1/drifts", get(drifts))
+        .route("/v1/reconcile", post(reconcile))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
@@ -496,11 +505,15 @@ async fn stats(State(state): State<AppState>, Query(q): Query<StatsQuery>) -> Re
 /// The body of `POST /v1/sagas/{id}/repair`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RepairRequest {
-    /// `retry_now`, `resume`, `force_compensate`, `skip_step` or `mark_resolved`.
+    /// `retry_now`, `resume`, `force_compensate`, `skip_step`, `mark_resolved` or
+    /// `handle_drift`.
     pub action: String,
     /// The step: required for `skip_step`; for `retry_now`, the one step (a branch of a
     /// parallel group) to retry, every step waiting for a retry if absent.
     pub step: Option<u32>,
+    /// The lsn of the drift record: required for `handle_drift`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<u64>,
     /// Who.
     pub operator: String,
     /// Why.
@@ -512,7 +525,8 @@ impl RepairRequest {
     ///
     /// # Errors
     ///
-    /// A message for an unknown action or a `skip_step` without a step.
+    /// A message for an unknown action, a `skip_step` without a step or a
+    /// `handle_drift` without a drift.
     pub fn to_repair(&self) -> Result<Repair, String> {
         Ok(match self.action.as_str() {
             "retry_now" => Repair::RetryNow { step: self.step },
@@ -521,6 +535,11 @@ impl RepairRequest {
             "mark_resolved" => Repair::MarkResolved,
             "skip_step" => Repair::SkipStep {
                 step: self.step.ok_or("skip_step needs `step`")?,
+            },
+            "handle_drift" => Repair::HandleDrift {
+                drift: Lsn(self
+                    .drift
+                    .ok_or("handle_drift needs `drift` (the lsn of the drift record)")?),
             },
             other => return Err(format!("unknown action `{other}`")),
         })
@@ -753,6 +772,175 @@ async fn deliveries(State(state): State<AppState>, Query(q): Query<DeliveriesQue
     };
     match state.engine.deliveries(after, limit).await {
         Ok(v) => Json::<Vec<Delivery>>(v).into_response(),
+        Err(e) => engine_error(e),
+    }
+}
+
+/// Query parameters of `GET /v1/drifts`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+pub struct DriftsQuery {
+    /// A cursor: only sagas after this saga id (the `next` of the previous page).
+    pub after: Option<String>,
+    /// At most this many sagas (each with all its open drifts): 1 to
+    /// [`MAX_DRIFTS_PAGE`], [`DEFAULT_DRIFTS_PAGE`] if absent.
+    pub limit: Option<usize>,
+}
+
+/// The most sagas one `GET /v1/drifts` returns the drifts of.
+pub const MAX_DRIFTS_PAGE: usize = 1000;
+/// How many sagas `GET /v1/drifts` returns the drifts of without a `limit`.
+pub const DEFAULT_DRIFTS_PAGE: usize = 100;
+
+impl DriftsQuery {
+    /// The cursor and the limit (in sagas) this query asks for.
+    ///
+    /// # Errors
+    ///
+    /// A message for a cursor that is not a saga id, or a limit of 0 or over
+    /// [`MAX_DRIFTS_PAGE`].
+    pub fn to_page(&self) -> Result<(Option<SagaId>, usize), String> {
+        let after = self.after.as_deref().map(parse_id).transpose()?;
+        let limit = self.limit.unwrap_or(DEFAULT_DRIFTS_PAGE);
+        if limit == 0 || limit > MAX_DRIFTS_PAGE {
+            return Err(format!(
+                "limit must be 1 to {MAX_DRIFTS_PAGE} (leave it out for {DEFAULT_DRIFTS_PAGE})"
+            ));
+        }
+        Ok((after, limit))
+    }
+}
+
+/// A page of open drifts: the answer to `GET /v1/drifts`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DriftPage {
+    /// The open drifts of up to `limit` sagas, in saga id order, each saga's in the
+    /// order they were found.
+    pub drifts: Vec<DriftEntry>,
+    /// The `after` of the next page; `None` on the last.
+    pub next: Option<SagaId>,
+}
+
+impl DriftPage {
+    /// The page of `limit` sagas out of `entries`, the open drifts of up to `limit + 1`
+    /// sagas as [`sagaflow::admin::drifts`] returns them: the drifts of the first
+    /// `limit` sagas, and the cursor of the next page if there was another saga after
+    /// them. Asking for one saga more tells a full last page from one with more after
+    /// it, so that a walk never ends on an empty page.
+    pub fn of(mut entries: Vec<DriftEntry>, limit: usize) -> DriftPage {
+        let mut sagas = 0;
+        let mut previous = None;
+        let mut cut = None;
+        for (i, e) in entries.iter().enumerate() {
+            if previous != Some(e.saga) {
+                previous = Some(e.saga);
+                sagas += 1;
+                if sagas > limit {
+                    cut = Some(i);
+                    break;
+                }
+            }
+        }
+        let next = cut.and_then(|i| {
+            entries.truncate(i);
+            entries.last().map(|e| e.saga)
+        });
+        DriftPage {
+            drifts: entries,
+            next,
+        }
+    }
+}
+
+async fn drifts(State(state): State<AppState>, Query(q): Query<DriftsQuery>) -> Response {
+    let (after, limit) = match q.to_page() {
+        Ok(p) => p,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e, None),
+    };
+    // Every saga of a page has its log read: off the runtime, as `show`.
+    match off_runtime(&state.engine, move |e| e.drifts(after, limit + 1)).await {
+        Ok(Ok(v)) => Json(DriftPage::of(v, limit)).into_response(),
+        Ok(Err(e)) => engine_error(e),
+        Err(r) => r,
+    }
+}
+
+/// One drift a reconciler run found, in the answer to `POST /v1/reconcile`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FoundDriftView {
+    /// The saga.
+    pub saga: SagaId,
+    /// Its definition.
+    pub definition: String,
+    /// The step's name.
+    pub step: String,
+    /// How the system disagrees.
+    pub kind: DriftKind,
+    /// What the log says the system should hold.
+    pub expected: Expected,
+    /// What the reconcile hook found.
+    pub detail: String,
+    /// The lsn of the drift record (what `handle_drift` names); `None` if the same
+    /// drift (step and kind) was recorded on the saga before.
+    pub lsn: Option<Lsn>,
+}
+
+/// Where the reconciler's walk of finished sagas stands.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReconcilePosition {
+    /// When the last saga looked at finished.
+    pub finished_at: Timestamp,
+    /// That saga.
+    pub saga: SagaId,
+}
+
+/// What a reconciler run did: the answer to `POST /v1/reconcile`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReconcileSummary {
+    /// Finished sagas looked at.
+    pub sagas: usize,
+    /// Lookups made (each attempt counts).
+    pub lookups: u64,
+    /// Steps whose system agreed with the log.
+    pub matched: u64,
+    /// Sagas not checked (resolved by hand, an unreadable log, a definition this engine
+    /// does not have).
+    pub skipped: usize,
+    /// Every drift found.
+    pub drifts: Vec<FoundDriftView>,
+    /// Where the walk stands; `None` before any saga was looked at.
+    pub position: Option<ReconcilePosition>,
+}
+
+impl From<ReconcileReport> for ReconcileSummary {
+    fn from(r: ReconcileReport) -> Self {
+        ReconcileSummary {
+            sagas: r.sagas,
+            lookups: r.lookups,
+            matched: r.matched,
+            skipped: r.skipped,
+            drifts: r
+                .drifts
+                .into_iter()
+                .map(|d| FoundDriftView {
+                    saga: d.saga,
+                    definition: d.definition,
+                    step: d.step,
+                    kind: d.kind,
+                    expected: d.expected,
+                    detail: d.detail,
+                    lsn: d.lsn,
+                })
+                .collect(),
+            position: r
+                .position
+                .map(|(finished_at, saga)| ReconcilePosition { finished_at, saga }),
+        }
+    }
+}
+
+async fn reconcile(State(state): State<AppState>) -> Response {
+    match state.engine.reconcile_now().await {
+        Ok(r) => Json(ReconcileSummary::from(r)).into_response(),
         Err(e) => engine_error(e),
     }
 }

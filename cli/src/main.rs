@@ -8,6 +8,8 @@
 //! sagaflow --url http://127.0.0.1:7070 deliver settlement/o1 --id wh-81 --payload '{"settled":500}'
 //! sagaflow --url http://127.0.0.1:7070 approve <id> --step review --reason "checked"
 //! sagaflow --data-dir /var/lib/shop/sagas inbox
+//! sagaflow --url http://127.0.0.1:7070 drift
+//! sagaflow --url http://127.0.0.1:7070 drift handle <id> 7 --reason "refund booked by hand"
 //! ```
 //!
 //! Exit codes: 0 done, 1 error, 2 usage, 3 refused (a repair, cancellation, delivery or
@@ -19,12 +21,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, Context};
 use clap::{Args, Parser, Subcommand};
 use sagaflow::admin::{Admin, Purged, Stats};
-use sagaflow::machine::{Event, LogRecord};
+use sagaflow::machine::{Event, LogRecord, Repair};
 use sagaflow::store::{Delivered, Delivery, SagaLog, SledLog};
 use sagaflow::{Error, IdempotencyKey, Lsn, Phase, SagaId, SagaMeta, Timestamp};
 use sagaflow_admin::{
     ApiError, ApproveRequest, CancelRequest, DeliverRequest, DeliverResponse, DeliveriesQuery,
-    ListQuery, PurgeRequest, RepairRequest, SagaView,
+    DriftPage, DriftsQuery, ListQuery, PurgeRequest, RepairRequest, SagaView,
 };
 
 #[derive(Parser, Debug)]
@@ -157,6 +159,31 @@ enum Command {
         #[arg(long, default_value_t = sagaflow_admin::DEFAULT_DELIVERIES_PAGE)]
         limit: usize,
     },
+    /// List the open drifts: where the reconciler found that a system a finished saga's
+    /// step called disagrees with its log. `drift handle` marks one handled.
+    #[command(args_conflicts_with_subcommands = true)]
+    Drift {
+        #[command(subcommand)]
+        handle: Option<DriftCommand>,
+        /// Only sagas after this one: the `--after` the previous page ends with.
+        #[arg(long)]
+        after: Option<SagaId>,
+        /// The drifts of at most this many sagas (1 to 1000).
+        #[arg(long, default_value_t = sagaflow_admin::DEFAULT_DRIFTS_PAGE)]
+        limit: usize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DriftCommand {
+    /// Mark the drift recorded at LSN on saga ID handled: who and why go into its log,
+    /// and it leaves the list of open drifts.
+    Handle {
+        #[command(flatten)]
+        target: Target,
+        /// The drift record's lsn, as `drift` and `show` print it.
+        lsn: u64,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -246,6 +273,7 @@ impl Backend {
                         | Command::Show { .. }
                         | Command::Stats { .. }
                         | Command::Verify
+                        | Command::Drift { handle: None, .. }
                 );
                 let opened = if read_only {
                     Admin::open_read_only(dir)
@@ -298,6 +326,20 @@ impl Backend {
                 })
             }
             Backend::Remote { .. } => self.get(&format!("/v1/sagas/{id}"), &()).await,
+        }
+    }
+
+    /// A page of open drifts: the drifts of up to `limit` sagas after `after`.
+    async fn drifts(&self, after: Option<SagaId>, limit: usize) -> anyhow::Result<DriftPage> {
+        let q = DriftsQuery {
+            after: after.map(|id| id.to_string()),
+            limit: Some(limit),
+        };
+        // The API's bounds, checked alike on a directory.
+        q.to_page().map_err(|e| anyhow!(e))?;
+        match self {
+            Backend::Local(a) => Ok(DriftPage::of(a.drifts(after, limit + 1)?, limit)),
+            Backend::Remote { .. } => self.get("/v1/drifts", &q).await,
         }
     }
 
@@ -601,29 +643,34 @@ fn waiting(m: &SagaMeta) -> String {
 
 fn print_list(metas: &Vec<SagaMeta>) {
     let now = now();
-    let mut rows = vec![[
-        "ID",
-        "STATUS",
-        "DEFINITION",
-        "AGE",
-        "IDLE",
-        "WAITING",
-        "REASON",
-    ]
-    .map(String::from)
-    .to_vec()];
+    // Open drifts get a column only on a page that has some: finished sagas rarely do.
+    let drifts = metas.iter().any(|m| m.open_drifts > 0);
+    let mut header = vec!["ID", "STATUS", "DEFINITION", "AGE", "IDLE", "WAITING"];
+    if drifts {
+        header.push("DRIFTS");
+    }
+    header.push("REASON");
+    let mut rows = vec![header.into_iter().map(String::from).collect::<Vec<_>>()];
     for m in metas {
-        rows.push(vec![
+        let mut row = vec![
             m.id.to_string(),
             m.status.as_str().to_string(),
             format!("{} v{}", m.definition, m.version),
             human(now.duration_since(m.created_at)),
             human(now.duration_since(m.updated_at)),
             waiting(m),
-            m.reason.clone().unwrap_or_default(),
-        ]);
+        ];
+        if drifts {
+            row.push(match m.open_drifts {
+                0 => "-".to_string(),
+                n => n.to_string(),
+            });
+        }
+        row.push(m.reason.clone().unwrap_or_default());
+        rows.push(row);
     }
-    for line in table(&rows, &[3, 4]) {
+    let right: &[usize] = if drifts { &[3, 4, 6] } else { &[3, 4] };
+    for line in table(&rows, right) {
         println!("{line}");
     }
     println!("{} saga(s)", metas.len());
@@ -654,6 +701,25 @@ fn print_show(view: &SagaView) {
     if let Some(r) = &m.reason {
         println!("reason      {r}");
     }
+    let found = view
+        .history
+        .iter()
+        .filter(|r| matches!(r.event, Event::Drift { .. }))
+        .count();
+    if found > 0 {
+        let handled = view
+            .history
+            .iter()
+            .filter(|r| handled_drift(&r.event).is_some())
+            .count();
+        let open = found.saturating_sub(handled);
+        let hint = if open > 0 {
+            format!(" (sagaflow drift handle {} LSN --reason ...)", m.id)
+        } else {
+            String::new()
+        };
+        println!("drifts      {open} open, {handled} handled{hint}");
+    }
     if !names.is_empty() {
         let stages = match view.history.first().map(|r| &r.event) {
             Some(Event::Started { stages, .. }) => stages.clone(),
@@ -679,7 +745,7 @@ fn print_show(view: &SagaView) {
         })
         .collect();
     for r in &view.history {
-        let (step, attempt, detail) = describe(m.id, &names, r);
+        let (step, attempt, detail) = describe(m.id, &names, &view.history, r);
         rows.push((
             r.lsn,
             vec![
@@ -704,7 +770,25 @@ fn print_show(view: &SagaView) {
     }
 }
 
-fn describe(id: SagaId, names: &[String], r: &LogRecord) -> (String, String, String) {
+/// The lsn of the drift record an operator marked handled, if `event` is that action.
+fn handled_drift(event: &Event) -> Option<Lsn> {
+    match event {
+        Event::OperatorAction {
+            action: Repair::HandleDrift { drift },
+            ..
+        } => Some(*drift),
+        _ => None,
+    }
+}
+
+/// A record's step, attempt and detail cells in `show`'s timeline; `history` is the
+/// whole log, for the records that refer to another (a drift and its handling).
+fn describe(
+    id: SagaId,
+    names: &[String],
+    history: &[LogRecord],
+    r: &LogRecord,
+) -> (String, String, String) {
     let name = |i: u32| step_label(names, i);
     let key = |i: u32, phase: Phase| {
         let step = names
@@ -791,6 +875,48 @@ fn describe(id: SagaId, names: &[String], r: &LogRecord) -> (String, String, Str
             String::new(),
             format!("{:?}: {}", reason.kind, reason.message),
         ),
+        Event::Drift {
+            step,
+            kind,
+            expected,
+            detail,
+        } => {
+            let state = history
+                .iter()
+                .find(|h| handled_drift(&h.event) == Some(r.lsn))
+                .map_or_else(
+                    || "open".to_string(),
+                    |h| format!("handled at lsn {}", h.lsn),
+                );
+            (
+                name(*step),
+                String::new(),
+                format!(
+                    "{kind} (expected {expected}, {state}): {}",
+                    one_line_text(detail, 200)
+                ),
+            )
+        }
+        Event::OperatorAction {
+            action: Repair::HandleDrift { drift },
+            operator,
+            reason,
+        } => {
+            // The step is the drift's: found by the lsn the action names.
+            let step = history
+                .iter()
+                .find(|h| h.lsn == *drift)
+                .and_then(|h| match h.event {
+                    Event::Drift { step, .. } => Some(name(step)),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            (
+                step,
+                String::new(),
+                format!("handle_drift of lsn {drift} by {operator}: {reason}"),
+            )
+        }
         Event::OperatorAction {
             action,
             operator,
@@ -814,6 +940,67 @@ fn one_line(v: &serde_json::Value, max: usize) -> String {
         s
     } else {
         format!("{}...", s.chars().take(max).collect::<String>())
+    }
+}
+
+/// Free text (a reconcile hook's detail, from another system) in one line of at most
+/// `max` characters: control characters (a newline, a terminal escape) are shown
+/// escaped, so that they can neither break the table nor drive the terminal.
+fn one_line_text(s: &str, max: usize) -> String {
+    let mut escaped = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    if escaped.chars().count() <= max {
+        escaped
+    } else {
+        format!("{}...", escaped.chars().take(max).collect::<String>())
+    }
+}
+
+/// A page of open drifts; a full page ends with the cursor of the next.
+fn print_drifts(page: &DriftPage) {
+    let mut rows = vec![[
+        "SAGA",
+        "DEFINITION",
+        "STEP",
+        "KIND",
+        "EXPECTED",
+        "FOUND AT",
+        "LSN",
+        "DETAIL",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for e in &page.drifts {
+        let d = &e.drift;
+        rows.push(vec![
+            e.saga.to_string(),
+            format!("{} v{}", e.definition, e.version),
+            format!("{} {}", d.step, d.step_name),
+            d.kind.to_string(),
+            d.expected.to_string(),
+            d.at.to_string(),
+            d.lsn.to_string(),
+            one_line_text(&d.detail, 60),
+        ]);
+    }
+    for line in table(&rows, &[6]) {
+        println!("{line}");
+    }
+    let mut sagas: Vec<SagaId> = page.drifts.iter().map(|e| e.saga).collect();
+    sagas.dedup();
+    println!(
+        "{} open drift(s) on {} saga(s)",
+        page.drifts.len(),
+        sagas.len()
+    );
+    if let Some(next) = page.next {
+        println!("next page: --after {next}");
     }
 }
 
@@ -937,6 +1124,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             RepairRequest {
                 action: action.to_string(),
                 step,
+                drift: None,
                 operator: target.operator.clone(),
                 reason: target.reason.clone(),
             },
@@ -1016,6 +1204,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Inbox { .. } => unreachable!("answered above"),
+        Command::Drift {
+            handle: None,
+            after,
+            limit,
+        } => {
+            let page = backend.drifts(*after, *limit).await?;
+            return emit(cli.json, &page, print_drifts);
+        }
+        Command::Drift {
+            handle: Some(DriftCommand::Handle { target, lsn }),
+            ..
+        } => {
+            let req = RepairRequest {
+                action: "handle_drift".to_string(),
+                step: None,
+                drift: Some(*lsn),
+                operator: target.operator.clone(),
+                reason: target.reason.clone(),
+            };
+            let meta = backend.repair(target.id, &req).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&meta)?);
+            } else {
+                println!(
+                    "saga {}: drift at lsn {lsn} marked handled (by {}); {} open drift(s) left \
+                     on it",
+                    target.id, target.operator, meta.open_drifts
+                );
+            }
+            return Ok(());
+        }
         Command::Deliver { key, id, payload } => {
             let req = DeliverRequest {
                 key: key.clone(),

@@ -977,3 +977,324 @@ async fn the_inbox_of_a_stopped_engine_is_listed_without_changing_it_and_deliver
         text(&deliver)
     );
 }
+
+/// A system whose books disagree (with `kind`) on every saga started with
+/// `{"drift": true}`, and agree on the others. Another system's text can hold anything:
+/// the order system's detail runs long and has a newline.
+struct Books(sagaflow::machine::DriftKind);
+
+#[sagaflow::async_trait]
+impl sagaflow::Reconcile for Books {
+    async fn reconcile(&self, step: &sagaflow::Finished) -> sagaflow::Verdict {
+        use sagaflow::machine::DriftKind;
+        if step.input["drift"] != true {
+            return sagaflow::Verdict::Matches;
+        }
+        let detail = match self.0 {
+            DriftKind::Missing => "no charge for this key".to_string(),
+            _ => format!("amount 400, the log says 500\nraw {}", "x".repeat(100)),
+        };
+        sagaflow::Verdict::drift(self.0, detail)
+    }
+}
+
+/// payment (its books miss the charge) → order (its books hold another amount).
+fn checked(ledger: &Arc<Ledger>) -> sagaflow::SagaDefinition {
+    use sagaflow::machine::DriftKind;
+    sagaflow::SagaDefinition::builder("checked", 1)
+        .step("payment", fake("payment", ledger))
+        .options(opts())
+        .reconcile("payments", Books(DriftKind::Missing))
+        .step("order", fake("order", ledger))
+        .options(opts())
+        .reconcile("orders", Books(DriftKind::Different))
+        .build()
+        .unwrap()
+}
+
+/// A data directory with two completed sagas whose books disagree (two drifts each,
+/// recorded by the reconciler) and one whose books agree; the engine is stopped when
+/// this returns. The drifted sagas come in id order.
+async fn drifted_directory(dir: &Path) -> (Vec<SagaId>, SagaId, Arc<Ledger>) {
+    let ledger = Ledger::new();
+    let reconcile = sagaflow::ReconcileOptions::default()
+        .window(
+            std::time::Duration::ZERO,
+            std::time::Duration::from_secs(3600),
+        )
+        .every(std::time::Duration::from_secs(3600));
+    let engine = builder()
+        .register(checked(&ledger))
+        .options(sagaflow::EngineOptions::default().with_reconciler(reconcile))
+        .open(dir)
+        .await
+        .unwrap();
+    let mut drifted = Vec::new();
+    for drift in [true, true, false] {
+        let id = engine
+            .start("checked", json!({ "drift": drift }), None)
+            .await
+            .unwrap();
+        engine.wait(id).await.unwrap();
+        drifted.push(id);
+    }
+    let clean = drifted.pop().unwrap();
+    drifted.sort();
+    assert_eq!(engine.reconcile_now().await.unwrap().drifts.len(), 4);
+    engine.shutdown().await.unwrap();
+    drop(engine);
+    (drifted, clean, ledger)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_lists_and_handles_drifts_on_a_stopped_engines_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (drifted, clean, _ledger) = drifted_directory(tmp.path()).await;
+    let d = tmp.path().to_str().unwrap().to_string();
+    tokio::task::spawn_blocking(move || {
+        let run = |args: &[&str]| {
+            let mut all = vec!["--data-dir", d.as_str()];
+            all.extend_from_slice(args);
+            on_directory(&all)
+        };
+        let db = || std::fs::read(Path::new(&d).join("db")).unwrap();
+        let (s, other) = (drifted[0], drifted[1]);
+
+        let o = run(&["drift", "--json"]);
+        assert!(o.status.success(), "{}", text(&o));
+        let before = db();
+        let all: sagaflow_admin::DriftPage = serde_json::from_slice(&o.stdout).unwrap();
+        let listed: Vec<(SagaId, &str)> = all
+            .drifts
+            .iter()
+            .map(|e| (e.saga, e.drift.step_name.as_str()))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                (s, "payment"),
+                (s, "order"),
+                (other, "payment"),
+                (other, "order")
+            ]
+        );
+        assert_eq!(all.next, None);
+        let (payment, order) = (all.drifts[0].drift.lsn, all.drifts[1].drift.lsn);
+
+        let o = run(&["drift"]);
+        assert!(o.status.success(), "{}", text(&o));
+        let lines: Vec<String> = text(&o).lines().map(str::to_string).collect();
+        assert_eq!(lines.len(), 6, "{lines:?}");
+        assert!(
+            lines[0].starts_with("SAGA")
+                && lines[0].contains("DEFINITION  STEP")
+                && lines[0].contains("KIND")
+                && lines[0].contains("EXPECTED  FOUND AT")
+                && lines[0].ends_with("LSN  DETAIL"),
+            "{lines:?}"
+        );
+        let row = &lines[1];
+        assert!(
+            row.starts_with(&format!(
+                "{s}  checked v1  0 payment  missing    present   "
+            )) && row.ends_with(&format!(" {payment}  no charge for this key")),
+            "{lines:?}"
+        );
+        // Another system's text is cut and kept on one line.
+        let row = &lines[2];
+        assert!(
+            row.contains("  1 order    different  present   ")
+                && row.contains(&format!(" {order}  amount 400, the log says 500\\nraw xxx"))
+                && row.ends_with("x...")
+                && !row.contains(&"x".repeat(60)),
+            "{lines:?}"
+        );
+        assert_eq!(lines[5], "4 open drift(s) on 2 saga(s)");
+
+        // A page of one saga, with its cursor; the next page from it.
+        let o = run(&["drift", "--limit", "1"]);
+        let out = text(&o);
+        assert!(out.contains("2 open drift(s) on 1 saga(s)"), "{out}");
+        assert!(out.ends_with(&format!("next page: --after {s}\n")), "{out}");
+        let o = run(&["drift", "--after", &s.to_string(), "--json"]);
+        let rest: sagaflow_admin::DriftPage = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(rest.drifts.iter().all(|e| e.saga == other) && rest.drifts.len() == 2);
+        assert_eq!(rest.next, None);
+        let o = run(&["drift", "--limit", "0"]);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(text(&o).contains("limit must be 1 to 1000"), "{}", text(&o));
+
+        // The timeline shows each drift, open, on its step.
+        let o = run(&["show", &s.to_string()]);
+        let out = text(&o);
+        assert!(out.contains("drifts      2 open, 0 handled"), "{out}");
+        assert!(
+            out.lines().any(|l| l.contains(" drift ")
+                && l.contains(" 0 payment ")
+                && l.ends_with("missing (expected present, open): no charge for this key")),
+            "{out}"
+        );
+        let o = run(&["list"]);
+        let out = text(&o);
+        assert!(
+            out.lines().next().unwrap().contains("WAITING  DRIFTS"),
+            "{out}"
+        );
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&s.to_string()) && l.ends_with(" 2")),
+            "{out}"
+        );
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&clean.to_string()) && l.ends_with(" -")),
+            "{out}"
+        );
+        assert_eq!(before, db(), "reading drifts changed the directory");
+
+        // Marking one handled: who and why into the log, once.
+        let handle = |lsn: &str| {
+            run(&[
+                "drift",
+                "handle",
+                &s.to_string(),
+                lsn,
+                "--reason",
+                "refund booked by hand",
+                "--operator",
+                "ana",
+            ])
+        };
+        let o = handle("999");
+        assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+        assert_refusal(&o, s, "no drift is recorded at lsn 999");
+        let o = handle(&payment.to_string());
+        assert!(o.status.success(), "{}", text(&o));
+        assert_eq!(
+            text(&o),
+            format!(
+                "saga {s}: drift at lsn {payment} marked handled (by ana); \
+                 1 open drift(s) left on it\n"
+            )
+        );
+        let o = handle(&payment.to_string());
+        assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+        assert_refusal(
+            &o,
+            s,
+            &format!("the drift at lsn {payment} is already handled"),
+        );
+        let o = run(&["drift", "handle", &s.to_string(), &order.to_string()]);
+        assert_eq!(o.status.code(), Some(2), "no --reason: {}", text(&o));
+
+        let o = run(&["show", &s.to_string()]);
+        let out = text(&o);
+        assert!(out.contains("drifts      1 open, 1 handled"), "{out}");
+        let handled_at = out
+            .lines()
+            .find(|l| l.contains("handle_drift of lsn"))
+            .unwrap_or_else(|| panic!("{out}"));
+        assert!(
+            handled_at.contains(" 0 payment ")
+                && handled_at.ends_with(&format!(
+                    "handle_drift of lsn {payment} by ana: refund booked by hand"
+                )),
+            "{out}"
+        );
+        let at = handled_at.split_whitespace().next().unwrap();
+        assert!(
+            out.lines().any(|l| l.contains(" 0 payment ")
+                && l.contains(&format!("missing (expected present, handled at lsn {at})"))),
+            "{out}"
+        );
+        let o = run(&["drift", "--json"]);
+        let left: sagaflow_admin::DriftPage = serde_json::from_slice(&o.stdout).unwrap();
+        let listed: Vec<(SagaId, &str)> = left
+            .drifts
+            .iter()
+            .map(|e| (e.saga, e.drift.step_name.as_str()))
+            .collect();
+        assert_eq!(listed, [(s, "order"), (other, "payment"), (other, "order")]);
+        let o = run(&["list", "--json"]);
+        let metas: Vec<SagaMeta> = serde_json::from_slice(&o.stdout).unwrap();
+        let count = |id: SagaId| metas.iter().find(|m| m.id == id).unwrap().open_drifts;
+        assert_eq!((count(s), count(other), count(clean)), (1, 2, 0));
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_and_drift_handle_through_a_running_engine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (drifted, _clean, ledger) = drifted_directory(tmp.path()).await;
+    let engine = Arc::new(
+        builder()
+            .register(checked(&ledger))
+            .open(tmp.path())
+            .await
+            .unwrap(),
+    );
+    let auth = Auth::new(Token::new(ADMIN).unwrap()).with_read_token(Token::new(READ).unwrap());
+    let app = router(engine.clone(), auth);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let s = drifted[0];
+    let payment = engine.drifts(None, 1).unwrap()[0].drift.lsn;
+
+    tokio::task::spawn_blocking(move || {
+        let o = sagaflow(&["--url", &url, "drift"], &[("SAGAFLOW_TOKEN", READ)]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(
+            text(&o).ends_with("4 open drift(s) on 2 saga(s)\n"),
+            "{}",
+            text(&o)
+        );
+        let o = sagaflow(
+            &["--url", &url, "drift", "--limit", "1", "--json"],
+            &[("SAGAFLOW_TOKEN", READ)],
+        );
+        let page: sagaflow_admin::DriftPage = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(page.drifts.len(), 2);
+        assert_eq!(page.next, Some(s));
+
+        let handle = |token: &str| {
+            sagaflow(
+                &[
+                    "--url",
+                    &url,
+                    "drift",
+                    "handle",
+                    &s.to_string(),
+                    &payment.to_string(),
+                    "--reason",
+                    "refund booked by hand",
+                ],
+                &[("SAGAFLOW_TOKEN", token)],
+            )
+        };
+        let o = handle(READ);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(text(&o).contains("403"), "{}", text(&o));
+        let o = handle(ADMIN);
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(
+            text(&o).contains("marked handled") && text(&o).contains("1 open drift(s) left"),
+            "{}",
+            text(&o)
+        );
+        let o = handle(ADMIN);
+        assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+        assert_refusal(
+            &o,
+            s,
+            &format!("the drift at lsn {payment} is already handled"),
+        );
+    })
+    .await
+    .unwrap();
+    let open = engine.drifts(None, 10).unwrap();
+    assert_eq!(open.len(), 3);
+    assert!(open.iter().all(|e| e.drift.lsn != payment || e.saga != s));
+}
