@@ -939,9 +939,13 @@ impl From<ReconcileReport> for ReconcileSummary {
 }
 
 async fn reconcile(State(state): State<AppState>) -> Response {
-    match state.engine.reconcile_now().await {
-        Ok(r) => Json(ReconcileSummary::from(r)).into_response(),
-        Err(e) => engine_error(e),
+    // On a task of its own: a client that hangs up must not cut a pass short between
+    // taking a saga's lease and giving it back (a shared store), or mid-batch.
+    let engine = state.engine.clone();
+    match tokio::spawn(async move { engine.reconcile_now().await }).await {
+        Ok(Ok(r)) => Json(ReconcileSummary::from(r)).into_response(),
+        Ok(Err(e)) => engine_error(e),
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
     }
 }
 
