@@ -387,9 +387,12 @@ pub(crate) async fn pass(
         if drifts.is_empty() {
             continue;
         }
-        report
-            .drifts
-            .extend(record(inner, id, &state.definition, drifts).await?);
+        match record(inner, id, &state.definition, drifts).await {
+            Ok(found) => report.drifts.extend(found),
+            // Deleted meanwhile (retention, a purge): nothing left to record it on.
+            Err(Error::UnknownSaga(_)) => {}
+            Err(e) => return Err(e),
+        }
     }
     inner
         .io(move |s| {
@@ -539,7 +542,7 @@ pub(crate) async fn run(inner: Arc<Inner>, opts: Arc<ReconcileOptions>) {
             _ = stopping.changed() => return,
             () = inner.clock.sleep_until(next) => {}
         }
-        let _ = inner.reconciling.lock().await;
+        let _one_at_a_time = inner.reconciling.lock().await;
         tokio::select! {
             biased;
             _ = stopping.changed() => return,
