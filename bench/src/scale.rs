@@ -72,6 +72,7 @@ fn write(n: u64, fence: Option<&OwnerId>) -> Write {
         reason: (status == SagaStatus::Parked).then(|| "needs a look".to_string()),
         finished_at: (status == SagaStatus::Completed).then_some(at),
         open_drifts: 0,
+        park_kind: (status == SagaStatus::Parked).then_some(sagaflow::ParkKind::OutcomeUnknown),
     };
     let mut w = Write {
         saga,

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::error::{Error, Result};
 use crate::ids::{Lsn, SagaId};
-use crate::machine::{check_repair, Event, LogRecord, Repair, SagaState, SagaStatus};
+use crate::machine::{check_repair, Event, LogRecord, ParkKind, Repair, SagaState, SagaStatus};
 use crate::store::{codec, SagaLog, SagaMeta, SledLog, Write};
 
 /// Which sagas to list.
@@ -38,8 +38,17 @@ pub struct ListFilter {
     pub definition: Option<String>,
     /// Only sagas started at least this long ago.
     pub older_than: Option<Duration>,
+    /// Only sagas started at most this long ago.
+    pub newer_than: Option<Duration>,
     /// Only sagas stuck for at least this long (see [`is_stuck`]).
     pub stuck_for: Option<Duration>,
+    /// Only parked sagas of this kind.
+    pub park_kind: Option<ParkKind>,
+    /// Only the saga started with this start key (looked up in the start-key index).
+    pub start_key: Option<String>,
+    /// Only sagas whose reason (why they compensated, parked or were resolved)
+    /// contains this text, ignoring case.
+    pub text: Option<String>,
     /// At most this many.
     pub limit: Option<usize>,
     /// Only sagas after this one (a cursor: the last id of the previous page), or
@@ -72,6 +81,58 @@ impl ListFilter {
     pub fn stuck_for(mut self, d: Duration) -> Self {
         self.stuck_for = Some(d);
         self
+    }
+
+    /// Sets [`ListFilter::newer_than`].
+    pub fn newer_than(mut self, d: Duration) -> Self {
+        self.newer_than = Some(d);
+        self
+    }
+
+    /// Sets [`ListFilter::park_kind`] (and the status to parked).
+    pub fn park_kind(mut self, kind: ParkKind) -> Self {
+        self.park_kind = Some(kind);
+        self.status = Some(SagaStatus::Parked);
+        self
+    }
+
+    /// Sets [`ListFilter::start_key`].
+    pub fn start_key(mut self, key: impl Into<String>) -> Self {
+        self.start_key = Some(key.into());
+        self
+    }
+
+    /// Sets [`ListFilter::text`].
+    pub fn text(mut self, text: impl Into<String>) -> Self {
+        self.text = Some(text.into());
+        self
+    }
+
+    /// Whether `meta` passes every part of the filter but the cursor and the limit.
+    pub fn matches(&self, meta: &SagaMeta, now: Timestamp) -> bool {
+        let text = self.text.as_ref().map(|t| t.to_lowercase());
+        self.status.is_none_or(|s| s == meta.status)
+            && self
+                .definition
+                .as_ref()
+                .is_none_or(|d| *d == meta.definition)
+            && self
+                .older_than
+                .is_none_or(|d| now.duration_since(meta.created_at) >= d)
+            && self
+                .newer_than
+                .is_none_or(|d| now.duration_since(meta.created_at) <= d)
+            && self.stuck_for.is_none_or(|d| is_stuck(meta, now, d))
+            && self.park_kind.is_none_or(|k| meta.park_kind == Some(k))
+            && self
+                .start_key
+                .as_ref()
+                .is_none_or(|k| meta.start_key.as_ref().is_some_and(|m| m.as_str() == k))
+            && text.is_none_or(|t| {
+                meta.reason
+                    .as_ref()
+                    .is_some_and(|r| r.to_lowercase().contains(&t))
+            })
     }
 
     /// Sets [`ListFilter::limit`].
@@ -122,16 +183,28 @@ pub fn list(store: &dyn SagaLog, filter: &ListFilter, now: Timestamp) -> Result<
     if want == 0 {
         return Ok(out);
     }
-    let keep = |meta: &SagaMeta| {
-        filter
-            .definition
-            .as_ref()
-            .is_none_or(|d| *d == meta.definition)
-            && filter
-                .older_than
-                .is_none_or(|d| now.duration_since(meta.created_at) >= d)
-            && filter.stuck_for.is_none_or(|d| is_stuck(meta, now, d))
-    };
+    let keep = |meta: &SagaMeta| filter.matches(meta, now);
+    if let Some(key) = &filter.start_key {
+        // One saga at most: the start-key index says which.
+        let Ok(key) = crate::ids::StartKey::new(key.clone()) else {
+            return Ok(out);
+        };
+        let found = match store.find_start_key(&key)? {
+            Some(id) => store.meta(id)?,
+            None => None,
+        };
+        let past_cursor = |m: &SagaMeta| {
+            filter.after.is_none_or(|a| {
+                if filter.newest_first {
+                    m.id < a
+                } else {
+                    m.id > a
+                }
+            })
+        };
+        out.extend(found.filter(|m| keep(m) && past_cursor(m)));
+        return Ok(out);
+    }
     let statuses: Vec<Option<SagaStatus>> = match (filter.status, filter.stuck_for) {
         (Some(s), _) => vec![Some(s)],
         // Stuck means active: the two active statuses, merged in id order below.
@@ -143,7 +216,10 @@ pub fn list(store: &dyn SagaLog, filter: &ListFilter, now: Timestamp) -> Result<
     // asked for.
     let unfiltered = filter.definition.is_none()
         && filter.older_than.is_none()
+        && filter.newer_than.is_none()
         && filter.stuck_for.is_none()
+        && filter.park_kind.is_none()
+        && filter.text.is_none()
         && single;
     for status in statuses {
         let mut cursor = filter.after;
@@ -155,8 +231,19 @@ pub fn list(store: &dyn SagaLog, filter: &ListFilter, now: Timestamp) -> Result<
             };
             let page = store.page(status, cursor, size, filter.newest_first)?;
             let full = page.len() == size;
+            // Ids grow with creation time: newest first, the first saga older than
+            // `newer_than` ends the walk.
+            let mut too_old = false;
             for meta in page {
                 cursor = Some(meta.id);
+                if filter.newest_first
+                    && filter
+                        .newer_than
+                        .is_some_and(|d| now.duration_since(meta.created_at) > d)
+                {
+                    too_old = true;
+                    break;
+                }
                 if keep(&meta) {
                     out.push(meta);
                     if single && out.len() >= want {
@@ -164,7 +251,7 @@ pub fn list(store: &dyn SagaLog, filter: &ListFilter, now: Timestamp) -> Result<
                     }
                 }
             }
-            if !full {
+            if !full || too_old {
                 break;
             }
         }
@@ -230,6 +317,133 @@ pub fn stats(store: &dyn SagaLog, now: Timestamp, stuck_after: Duration) -> Resu
         }
     }
     Ok(s)
+}
+
+/// What happened over the last minutes, in equal buckets (oldest first): what an
+/// overview charts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Activity {
+    /// The length of each bucket, in seconds.
+    pub bucket_secs: u64,
+    /// When the first bucket begins.
+    pub since: Timestamp,
+    /// Sagas started in each bucket.
+    pub started: Vec<u64>,
+    /// Sagas completed in each bucket.
+    pub completed: Vec<u64>,
+    /// Sagas compensated or cancelled in each bucket.
+    pub compensated: Vec<u64>,
+    /// The median time from start to completion of the sagas completed in each bucket,
+    /// in milliseconds (`None`: none completed).
+    pub p50_ms: Vec<Option<u64>>,
+    /// Over the whole window: median and 95th percentile from start to completion.
+    pub p50_ms_all: Option<u64>,
+    /// Likewise, the 95th percentile.
+    pub p95_ms_all: Option<u64>,
+    /// Whether more sagas started or finished in the window than were read
+    /// ([`ACTIVITY_CAP`] of each): the counts are then lower bounds.
+    pub truncated: bool,
+}
+
+/// At most this many started and this many finished sagas are read for [`activity`].
+pub const ACTIVITY_CAP: usize = 20_000;
+
+/// Starts, completions, compensations and completion latency over the `window` before
+/// `now`, in `buckets` buckets. Reads the newest sagas through the id index (ids grow
+/// with time) and the finished ones through the finish-time index, each up to
+/// [`ACTIVITY_CAP`]: never the whole store.
+///
+/// # Errors
+///
+/// [`Error::Store`].
+pub fn activity(
+    store: &dyn SagaLog,
+    now: Timestamp,
+    window: Duration,
+    buckets: usize,
+) -> Result<Activity> {
+    let buckets = buckets.clamp(1, 1000);
+    let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
+    let bucket_ms = window_ms.div_ceil(buckets as u64).max(1);
+    let since = Timestamp::from_millis(now.as_millis().saturating_sub(window_ms));
+    let slot = |t: Timestamp| -> Option<usize> {
+        let off = t.as_millis().checked_sub(since.as_millis())?;
+        usize::try_from(off / bucket_ms)
+            .ok()
+            .filter(|&i| i < buckets)
+    };
+    let mut a = Activity {
+        bucket_secs: bucket_ms / 1000,
+        since,
+        started: vec![0; buckets],
+        completed: vec![0; buckets],
+        compensated: vec![0; buckets],
+        p50_ms: vec![None; buckets],
+        p50_ms_all: None,
+        p95_ms_all: None,
+        truncated: false,
+    };
+    // Started: newest first, until older than the window.
+    let mut cursor = None;
+    let mut read = 0;
+    'started: loop {
+        let page = store.page(None, cursor, PAGE, true)?;
+        let full = page.len() == PAGE;
+        for m in page {
+            cursor = Some(m.id);
+            if m.created_at < since {
+                break 'started;
+            }
+            read += 1;
+            if read > ACTIVITY_CAP {
+                a.truncated = true;
+                break 'started;
+            }
+            if let Some(i) = slot(m.created_at) {
+                a.started[i] += 1;
+            }
+        }
+        if !full {
+            break;
+        }
+    }
+    // Finished: by finish time, from the window's start.
+    let floor = (
+        Timestamp::from_millis(since.as_millis().saturating_sub(1)),
+        SagaId::from_bytes([0xff; 16]),
+    );
+    let finished = store.finished_before(now, Some(floor), ACTIVITY_CAP + 1)?;
+    a.truncated |= finished.len() > ACTIVITY_CAP;
+    let mut by_bucket: Vec<Vec<u64>> = vec![Vec::new(); buckets];
+    let mut all = Vec::new();
+    for (at, id) in finished.into_iter().take(ACTIVITY_CAP) {
+        let Some(i) = slot(at) else { continue };
+        let Ok(Some(m)) = store.meta(id) else {
+            continue;
+        };
+        match m.status {
+            SagaStatus::Completed => {
+                a.completed[i] += 1;
+                let ms = at.as_millis().saturating_sub(m.created_at.as_millis());
+                by_bucket[i].push(ms);
+                all.push(ms);
+            }
+            SagaStatus::Compensated | SagaStatus::Cancelled => a.compensated[i] += 1,
+            _ => {}
+        }
+    }
+    let pct = |v: &mut Vec<u64>, p: usize| -> Option<u64> {
+        v.sort_unstable();
+        let last = v.len().checked_sub(1)?;
+        v.get(last * p / 100).copied()
+    };
+    for (i, v) in by_bucket.iter_mut().enumerate() {
+        a.p50_ms[i] = pct(v, 50);
+    }
+    a.p50_ms_all = pct(&mut all, 50);
+    a.p95_ms_all = pct(&mut all, 95);
+    Ok(a)
 }
 
 /// A saga's log, decoded.

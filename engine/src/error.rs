@@ -126,6 +126,11 @@ pub enum Error {
     /// not wait for an event. Nothing was written.
     #[error("delivery refused: {0}")]
     InvalidDelivery(String),
+    /// A bulk repair was refused as a whole before any saga was touched: it lacks who
+    /// or why. (A saga the repair does not fit is counted in its report, not refused
+    /// here.)
+    #[error("bulk repair refused: {0}")]
+    BulkRefused(String),
     /// In a store several engine processes share: this process no longer holds the
     /// saga's lease (it stalled past it, or lost the store for longer than the lease
     /// lasts), so its write was refused and it stopped driving the saga. The process
@@ -166,6 +171,7 @@ impl Error {
             Error::CancelRefused { .. } => "SAGA-0017",
             Error::Fenced { .. } => "SAGA-0018",
             Error::InvalidDelivery(_) => "SAGA-0019",
+            Error::BulkRefused(_) => "SAGA-0020",
         }
     }
 }

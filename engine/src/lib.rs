@@ -207,8 +207,9 @@ pub use definition::{
 pub use definition::{Finished, Reconcile, Verdict};
 pub use error::{Error, Result};
 pub use executor::{
-    CommitMode, CommitStats, Engine, EngineBuilder, EngineOptions, FoundDrift, Pace,
-    ReconcileOptions, ReconcileReport, SagaOutcome, StartOptions, Started,
+    BulkAction, BulkReport, CommitMode, CommitStats, Engine, EngineBuilder, EngineOptions,
+    FoundDrift, Pace, ReconcileOptions, ReconcileReport, SagaOutcome, StartOptions, Started,
+    BULK_MAX,
 };
 pub use ids::{Attempt, IdempotencyKey, Lsn, Phase, SagaId, StartKey};
 pub use machine::{FailureKind, LogRecord, ParkKind, ParkReason, SagaStatus};

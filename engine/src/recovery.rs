@@ -261,7 +261,7 @@ async fn park(
     };
     // Without a readable summary, the consistency check has removed the saga's index
     // entries: this write creates them afresh, as for a saga's first write.
-    let parked = SagaMeta::over_unreadable_log(
+    let mut parked = SagaMeta::over_unreadable_log(
         id,
         meta.as_ref(),
         SagaStatus::Parked,
@@ -269,6 +269,7 @@ async fn park(
         now,
         reason.message.clone(),
     );
+    parked.park_kind = Some(reason.kind);
     let definition = parked.definition.clone();
     let write = Write {
         saga: id,

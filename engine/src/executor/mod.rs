@@ -3,6 +3,7 @@
 //! It owns the store, the group-commit writer, the clock and the entropy; it runs one
 //! task per active saga, each a loop of decide → record → sync → effect → record.
 
+mod bulk;
 mod commit;
 mod driver;
 mod inbox;
@@ -21,6 +22,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+pub use bulk::{BulkAction, BulkReport, BULK_MAX};
 use commit::Committer;
 pub use commit::{CommitMode, CommitStats};
 pub(crate) use driver::Driver;
@@ -1544,6 +1546,16 @@ impl Engine {
     /// [`Error::Store`].
     pub fn stats(&self, stuck_after: Duration) -> Result<Stats> {
         admin::stats(&*self.inner.store, self.inner.clock.now(), stuck_after)
+    }
+
+    /// Starts, completions, compensations and completion latency over the last
+    /// `window`, in `buckets` (see [`admin::activity`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`admin::activity`].
+    pub fn activity(&self, window: Duration, buckets: usize) -> Result<admin::Activity> {
+        admin::activity(&*self.inner.store, self.inner.clock.now(), window, buckets)
     }
 
     /// The engine's metrics in the Prometheus (OpenMetrics) text format.

@@ -451,6 +451,7 @@ pub(crate) fn check(kv: &impl Kv) -> Result<(Report, Vec<Op>)> {
             reason: Some(crate::bound_message(format!("corrupt log: {why}"))),
             finished_at: None,
             open_drifts: 0,
+            park_kind: Some(crate::machine::ParkKind::CorruptLog),
         };
         ops.push(Op::Put(
             codec::meta_key(*id),

@@ -500,6 +500,7 @@ pub fn ops(write: Write) -> Result<Vec<Op>> {
             || p.awaiting != meta.awaiting
             || p.starts_at != meta.starts_at
             || p.open_drifts != meta.open_drifts
+            || p.park_kind != meta.park_kind
     });
     if prev.map(|p| p.status) != Some(meta.status) {
         if let Some(p) = prev {

@@ -181,6 +181,10 @@ pub struct SagaMeta {
     /// handled yet. A saga with any is in the drift index.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub open_drifts: u32,
+    /// While parked: the kind of attention it needs (what an operator filters on).
+    /// `None` in summaries written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub park_kind: Option<crate::machine::ParkKind>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -225,6 +229,8 @@ impl SagaMeta {
             reason: Some(reason),
             finished_at: status.is_final().then_some(now),
             open_drifts: 0,
+            park_kind: (status == SagaStatus::Parked)
+                .then_some(crate::machine::ParkKind::CorruptLog),
         }
     }
 
@@ -263,6 +269,11 @@ impl SagaMeta {
             // come after the end and must not move the saga in the finish-time index.
             finished_at: s.ended_at.filter(|_| s.status.is_final()),
             open_drifts: u32::try_from(s.open_drifts().count()).unwrap_or(u32::MAX),
+            park_kind: s
+                .parked
+                .as_ref()
+                .filter(|_| s.status == SagaStatus::Parked)
+                .map(|p| p.kind),
         }
     }
 }

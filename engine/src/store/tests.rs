@@ -29,6 +29,7 @@ fn meta(saga: SagaId, status: SagaStatus, last: u64, due: Option<u64>) -> SagaMe
         reason: None,
         finished_at: None,
         open_drifts: 0,
+        park_kind: None,
     }
 }
 
