@@ -3,8 +3,9 @@
 //! An [`Integration`] is one downstream service: its base URL, a per-call timeout, and
 //! optionally a [`RateLimiter`], a [`CircuitBreaker`] and a [`TokenSource`], all shared
 //! by every saga that calls it. Each call sends the step's idempotency key as
-//! `Idempotency-Key` and the saga id as `X-Correlation-Id`, and its outcome becomes the
-//! [`StepError`] the engine needs:
+//! `Idempotency-Key` and the saga id as `X-Correlation-Id` (and, with the `otel`
+//! feature, the W3C `traceparent` and `tracestate` of the current span: see
+//! `trace_context`), and its outcome becomes the [`StepError`] the engine needs:
 //!
 //! | outcome | step error | why |
 //! | --- | --- | --- |
@@ -381,6 +382,10 @@ impl Integration {
         let url = format!("{}{}", self.base, path);
         let mut req = self.client.request(method.clone(), &url).timeout(timeout);
         for (name, value) in crate::correlation_headers(ctx) {
+            req = req.header(name, value);
+        }
+        #[cfg(feature = "otel")]
+        for (name, value) in crate::trace_context::headers() {
             req = req.header(name, value);
         }
         if let Some(t) = token {

@@ -11,6 +11,7 @@
 //! | [`oauth`] | `oauth` | expired tokens: cached client-credentials tokens (a day at most by default), refreshed before expiry by one caller, replayed once on a 401 |
 //! | [`webhook`] | `webhook` | forged, stale, future-dated, replayed, id-less and oversized webhooks, and headers crafted to burn CPU |
 //! | [`secrets`] | `secrets` | keys in source and in logs |
+//! | `trace_context` | `otel` (not in `full`) | downstream services that cannot join the saga's trace: W3C `traceparent` and `tracestate` from the current span on every [`http`] call |
 //!
 //! Retries belong to the engine, which makes them durable: a piece here reports how a
 //! call failed and never loops on its own.
@@ -32,6 +33,8 @@ pub mod oauth;
 pub mod rate_limit;
 #[cfg(feature = "secrets")]
 pub mod secrets;
+#[cfg(feature = "otel")]
+pub mod trace_context;
 #[cfg(feature = "webhook")]
 pub mod webhook;
 
