@@ -579,13 +579,55 @@ pub struct Verified {
     pub findings: Vec<crate::store::Finding>,
     /// Sagas whose log does not fold, with why.
     pub unfoldable: Vec<(SagaId, String)>,
+    /// Sagas whose stored summary (or drift index entry) says otherwise than their log
+    /// folds to: status, finish time, open drifts, park kind.
+    #[serde(default)]
+    pub disagreeing: Vec<(SagaId, String)>,
 }
 
 impl Verified {
     /// Whether nothing was found.
     pub fn is_sound(&self) -> bool {
-        self.findings.is_empty() && self.unfoldable.is_empty()
+        self.findings.is_empty() && self.unfoldable.is_empty() && self.disagreeing.is_empty()
     }
+}
+
+/// How a stored summary disagrees with the summary its log folds to, if it does. A
+/// summary written before a field existed (a park kind) is not held to that field.
+fn disagreement(stored: &SagaMeta, folded: &SagaMeta, indexed: bool) -> Option<String> {
+    let mut what = Vec::new();
+    if stored.status != folded.status {
+        what.push(format!(
+            "status {} (the log: {})",
+            stored.status, folded.status
+        ));
+    }
+    if stored.finished_at != folded.finished_at {
+        what.push(format!(
+            "finish time {:?} (the log: {:?})",
+            stored.finished_at, folded.finished_at
+        ));
+    }
+    if stored.open_drifts != folded.open_drifts {
+        what.push(format!(
+            "{} open drifts (the log: {})",
+            stored.open_drifts, folded.open_drifts
+        ));
+    }
+    if indexed != (folded.open_drifts > 0) {
+        what.push(format!(
+            "{} the drift index (the log: {} open drifts)",
+            if indexed { "in" } else { "not in" },
+            folded.open_drifts
+        ));
+    }
+    if stored.park_kind.is_some() && stored.park_kind != folded.park_kind {
+        what.push(format!(
+            "park kind {:?} (the log: {:?})",
+            stored.park_kind, folded.park_kind
+        ));
+    }
+    (!what.is_empty()).then(|| what.join("; "))
 }
 
 /// Checks a whole store: every index entry against the summaries and logs (the
@@ -607,9 +649,33 @@ pub fn verify(store: &dyn SagaLog, findings: Vec<crate::store::Finding>) -> Resu
     ids.sort();
     ids.dedup();
     out.sagas = ids.len();
+    let mut indexed = std::collections::BTreeSet::new();
+    let mut after = None;
+    loop {
+        let page = store.drifted(after, PAGE)?;
+        let Some(last) = page.last().map(|m| m.id) else {
+            break;
+        };
+        let full = page.len() >= PAGE;
+        indexed.extend(page.into_iter().map(|m| m.id));
+        if !full {
+            break;
+        }
+        after = Some(last);
+    }
     for id in ids {
         match state(store, id) {
-            Ok(_) => {}
+            Ok(folded) => {
+                let stored = store.meta(id)?;
+                let folded = SagaMeta::of(&folded);
+                let why = match &stored {
+                    Some(m) => disagreement(m, &folded, indexed.contains(&id)),
+                    None => Some("no summary".into()),
+                };
+                if let Some(why) = why {
+                    out.disagreeing.push((id, why));
+                }
+            }
             // A saga parked or resolved over a damaged log is known damage, already
             // reported by its park reason; it is still listed here, as it does not fold.
             Err(e) => out.unfoldable.push((id, e.to_string())),

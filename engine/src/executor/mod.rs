@@ -1590,6 +1590,8 @@ impl Engine {
     ///
     /// [`Error::Store`].
     pub async fn purge(&self, finished_before: Timestamp, dry_run: bool) -> Result<admin::Purged> {
+        // Takes turns with the writes made to finished sagas, as retention does.
+        let _one_at_a_time = self.inner.repair_lock.lock().await;
         let store = self.inner.store.clone();
         tokio::task::spawn_blocking(move || admin::purge(&*store, finished_before, dry_run))
             .await

@@ -16,7 +16,7 @@
 //! - Drift goes on a finished saga through the same path as an operator's repair: one
 //!   write at a time in this process, under the saga's lease in a shared store.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,10 +30,12 @@ use crate::definition::{Finished, SagaDefinition, Verdict};
 use crate::error::{Error, Result};
 use crate::executor::{ownership, Inner};
 use crate::ids::{IdempotencyKey, Lsn, Phase, SagaId};
-use crate::machine::{DriftKind, Event, Expected, LogRecord, Progress, SagaState, SagaStatus};
+use crate::machine::{
+    DriftKind, Event, Expected, LogRecord, Progress, Repair, SagaState, SagaStatus,
+};
 use crate::store::{SagaMeta, Write};
 
-/// The name the reconciler's place is stored under.
+/// The prefix of the names the reconciler's places are stored under.
 const POSITION: &str = "reconciler";
 
 /// Paces the lookups of one integration: the reconciler waits for [`Pace::admit`]
@@ -78,6 +80,8 @@ pub struct ReconcileOptions {
     pub unknown_attempts: u32,
     /// How long to wait between those. Default 1 second.
     pub unknown_backoff: Duration,
+    /// How long one lookup may take; then it counts as `unknown`. Default 30 seconds.
+    pub lookup_timeout: Duration,
     /// The limit of each integration, by name; an integration without one is not
     /// paced (only `concurrency` bounds it).
     pub limits: BTreeMap<String, Arc<dyn Pace>>,
@@ -93,6 +97,7 @@ impl fmt::Debug for ReconcileOptions {
             .field("concurrency", &self.concurrency)
             .field("unknown_attempts", &self.unknown_attempts)
             .field("unknown_backoff", &self.unknown_backoff)
+            .field("lookup_timeout", &self.lookup_timeout)
             .field("limits", &self.limits.keys().collect::<Vec<_>>())
             .finish()
     }
@@ -108,6 +113,7 @@ impl Default for ReconcileOptions {
             concurrency: 32,
             unknown_attempts: 3,
             unknown_backoff: Duration::from_secs(1),
+            lookup_timeout: Duration::from_secs(30),
             limits: BTreeMap::new(),
         }
     }
@@ -144,6 +150,12 @@ impl ReconcileOptions {
     pub fn unknown(mut self, attempts: u32, backoff: Duration) -> Self {
         self.unknown_attempts = attempts.max(1);
         self.unknown_backoff = backoff;
+        self
+    }
+
+    /// Sets [`ReconcileOptions::lookup_timeout`].
+    pub fn lookup_timeout(mut self, d: Duration) -> Self {
+        self.lookup_timeout = d;
         self
     }
 
@@ -184,9 +196,12 @@ pub struct ReconcileReport {
     pub lookups: u64,
     /// Steps whose system agreed.
     pub matched: u64,
-    /// Sagas not checked: resolved by hand, or their definition is not registered
-    /// here.
+    /// Sagas not checked: resolved by hand, a log that cannot be read, or steps that
+    /// changed under the same definition version.
     pub skipped: usize,
+    /// Sagas of definitions not registered in this process: left for the walk of a
+    /// process that has them (each definition has its own position).
+    pub elsewhere: usize,
     /// Every drift found.
     pub drifts: Vec<FoundDrift>,
     /// Where the walk stands: the last saga looked at, by finish time.
@@ -194,6 +209,7 @@ pub struct ReconcileReport {
 }
 
 /// One lookup: a step of a saga, what the log expects, and who to ask.
+#[derive(Clone)]
 struct Lookup {
     index: u32,
     finished: Finished,
@@ -225,8 +241,23 @@ pub(crate) fn expected(state: &SagaState, i: usize) -> Option<Expected> {
     }
 }
 
+/// The steps an operator skipped (going forward or compensating): done by hand, so the
+/// log knows nothing of what the system holds for them.
+fn skipped_steps(records: &[LogRecord]) -> BTreeSet<u32> {
+    records
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::OperatorAction {
+                action: Repair::SkipStep { step },
+                ..
+            } => Some(*step),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The lookups of one finished saga: a step with a hook and an expectation each.
-fn lookups_of(state: &SagaState, def: &SagaDefinition) -> Vec<Lookup> {
+fn lookups_of(state: &SagaState, def: &SagaDefinition, skipped: &BTreeSet<u32>) -> Vec<Lookup> {
     let outputs = Arc::new(state.outputs());
     let mut out = Vec::new();
     for (i, step) in def.steps().iter().enumerate() {
@@ -235,6 +266,9 @@ fn lookups_of(state: &SagaState, def: &SagaDefinition) -> Vec<Lookup> {
         else {
             continue;
         };
+        if skipped.contains(&index) {
+            continue;
+        }
         let s = &state.steps[i];
         out.push(Lookup {
             index,
@@ -258,17 +292,40 @@ fn lookups_of(state: &SagaState, def: &SagaDefinition) -> Vec<Lookup> {
     out
 }
 
-/// Asks one system, again while it cannot answer, paced by its integration's limit.
-/// Returns the verdict and how many lookups it took.
-async fn ask(inner: Arc<Inner>, opts: Arc<ReconcileOptions>, l: &Lookup) -> (Verdict, u64) {
+/// Asks one system, again while it cannot answer: each time first admitted by its
+/// integration's pace, then by the overall bound (so lookups waiting for a slow
+/// integration's turn never hold the others' places). The hook runs in a task of its
+/// own, bounded by `lookup_timeout`: a hook that panics or hangs answers `unknown` for
+/// that lookup and stops nothing else. Returns the verdict and how many lookups it took.
+async fn ask(
+    inner: Arc<Inner>,
+    opts: Arc<ReconcileOptions>,
+    permits: Arc<tokio::sync::Semaphore>,
+    l: Lookup,
+) -> (Verdict, u64) {
     let mut made = 0;
     loop {
-        let permit = match opts.limits.get(&*l.integration) {
+        let pace = match opts.limits.get(&*l.integration) {
             Some(p) => Some(p.admit().await),
             None => None,
         };
-        let verdict = l.hook.reconcile(&l.finished).await;
+        // The semaphore is never closed: a permit always comes.
+        let permit = permits.clone().acquire_owned().await.ok();
+        let (hook, finished) = (l.hook.clone(), l.finished.clone());
+        let mut call = tokio::spawn(async move { hook.reconcile(&finished).await });
+        let deadline = inner.clock.now().saturating_add(opts.lookup_timeout);
+        let verdict = tokio::select! {
+            done = &mut call => match done {
+                Ok(v) => v,
+                Err(e) => Verdict::unknown(format!("the reconcile hook failed: {e}")),
+            },
+            () = inner.clock.sleep_until(deadline) => {
+                call.abort();
+                Verdict::unknown(format!("no answer within {:?}", opts.lookup_timeout))
+            }
+        };
         drop(permit);
+        drop(pace);
         made += 1;
         inner.metrics.reconcile_lookup(&l.integration);
         if verdict.kind() != Some(DriftKind::Unknown) || made >= u64::from(opts.unknown_attempts) {
@@ -279,41 +336,66 @@ async fn ask(inner: Arc<Inner>, opts: Arc<ReconcileOptions>, l: &Lookup) -> (Ver
     }
 }
 
-/// One pass over at most a batch of finished sagas after the stored position. Returns
-/// its report and whether the batch was full (more may be waiting).
+/// The name a definition's position is stored under. One per definition and version:
+/// a process walks for the definitions it has, so a saga of a definition only another
+/// process knows (a rolling deploy) is left for that process's walk, not passed over.
+fn position_name(definition: &str, version: u32) -> String {
+    format!("{POSITION}/{definition}@{version}")
+}
+
+/// One pass over at most a batch of finished sagas after the stored positions of this
+/// process's definitions. Returns its report and whether the batch was full (more may
+/// be waiting).
 pub(crate) async fn pass(
     inner: &Arc<Inner>,
     opts: &Arc<ReconcileOptions>,
 ) -> Result<(ReconcileReport, bool)> {
+    let mut report = ReconcileReport::default();
     let now = inner.clock.now();
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let until = Timestamp::from_millis(now.as_millis().saturating_sub(ms(opts.min_age)));
     let from = Timestamp::from_millis(now.as_millis().saturating_sub(ms(opts.max_age)));
-    let stored = inner.io(|s| s.position(POSITION)).await??;
     // Everything finished at `from` or later: after the greatest id one millisecond
     // before it.
     let floor = (
         Timestamp::from_millis(from.as_millis().saturating_sub(1)),
         SagaId::from_bytes([0xff; 16]),
     );
-    let after = stored.filter(|p| *p > floor).unwrap_or(floor);
+    let defs: Vec<(String, u32)> = inner
+        .defs
+        .iter()
+        .flat_map(|(name, versions)| versions.keys().map(move |v| (name.clone(), *v)))
+        .collect();
+    let names: Vec<String> = defs.iter().map(|(n, v)| position_name(n, *v)).collect();
+    let stored = inner
+        .io(move |s| {
+            names
+                .iter()
+                .map(|n| s.position(n))
+                .collect::<crate::store::Result<Vec<_>>>()
+        })
+        .await??;
+    let starts: BTreeMap<(String, u32), (Timestamp, SagaId)> = defs
+        .iter()
+        .cloned()
+        .zip(stored)
+        .map(|(d, p)| (d, p.filter(|p| *p > floor).unwrap_or(floor)))
+        .collect();
+    let Some(&after) = starts.values().min() else {
+        return Ok((report, false));
+    };
     let batch = opts.batch.max(1);
     let found = inner
         .io(move |s| s.finished_before(until, Some(after), batch))
         .await??;
-    let mut report = ReconcileReport {
-        position: stored,
-        ..ReconcileReport::default()
-    };
     let Some(&last) = found.last() else {
+        report.position = Some(after);
         return Ok((report, false));
     };
     let full = found.len() >= batch;
+    let finished_at: BTreeMap<SagaId, Timestamp> = found.iter().map(|(t, id)| (*id, *t)).collect();
     let ids: Vec<SagaId> = found.iter().map(|(_, id)| *id).collect();
     let loaded = inner.io(move |s| s.load(&ids)).await??;
-    // Every lookup of the batch, run concurrently under the overall bound.
-    let permits = Arc::new(tokio::sync::Semaphore::new(opts.concurrency.max(1)));
-    let mut running: JoinSet<(SagaId, u32, Verdict, u64)> = JoinSet::new();
     let mut sagas: BTreeMap<SagaId, (SagaState, Vec<Lookup>)> = BTreeMap::new();
     for l in loaded {
         let records = match crate::store::codec::decode_log(l.saga, &l.log) {
@@ -324,45 +406,74 @@ pub(crate) async fn pass(
                 continue;
             }
         };
-        let Ok(state) = SagaState::fold(l.saga, &records) else {
-            tracing::warn!(saga_id = %l.saga, "reconciler: log does not fold, skipped");
-            report.skipped += 1;
+        let state = match SagaState::fold(l.saga, &records) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(saga_id = %l.saga, error = %e, "reconciler: log does not fold, skipped");
+                report.skipped += 1;
+                continue;
+            }
+        };
+        let key = (state.definition.clone(), state.version);
+        // Another process's definition: its walk, not this one.
+        let Some(start) = starts.get(&key) else {
+            report.elsewhere += 1;
             continue;
         };
-        let def = inner.definition(&state.definition, state.version);
-        let (true, Some(def)) = (state.status != SagaStatus::Resolved, def) else {
-            report.skipped += 1;
+        // Already looked at under this definition's position.
+        if finished_at
+            .get(&l.saga)
+            .is_none_or(|t| (*t, l.saga) <= *start)
+        {
+            continue;
+        }
+        let Some(def) = inner.definition(&state.definition, state.version) else {
             continue;
         };
+        if state.status == SagaStatus::Resolved {
+            report.skipped += 1;
+            continue;
+        }
+        // The hooks are the steps' by position: a definition whose steps changed under
+        // the same version would ask one step's system about another's key.
+        if let Some(why) = crate::machine::definition_mismatch(&def, &state) {
+            tracing::warn!(saga_id = %l.saga, reason = %why, "reconciler: definition changed, skipped");
+            report.skipped += 1;
+            continue;
+        }
         report.sagas += 1;
-        let lookups = lookups_of(&state, &def);
+        let lookups = lookups_of(&state, &def, &skipped_steps(&records));
         sagas.insert(l.saga, (state, lookups));
     }
+    // Every lookup of the batch at once: each waits for its integration's turn, then
+    // for one of the `concurrency` places.
+    let permits = Arc::new(tokio::sync::Semaphore::new(opts.concurrency.max(1)));
+    let mut running: JoinSet<(SagaId, usize, Verdict, u64)> = JoinSet::new();
     for (&id, (_, lookups)) in &sagas {
         for (n, l) in lookups.iter().enumerate() {
-            let permit = permits.clone().acquire_owned().await;
-            let (inner, opts) = (inner.clone(), opts.clone());
-            let lookup = Lookup {
-                index: l.index,
-                finished: l.finished.clone(),
-                integration: l.integration.clone(),
-                hook: l.hook.clone(),
-            };
-            let n = u32::try_from(n).unwrap_or(u32::MAX);
+            let (inner, opts, permits, l) =
+                (inner.clone(), opts.clone(), permits.clone(), l.clone());
             running.spawn(async move {
-                let _permit = permit;
-                let (verdict, made) = ask(inner, opts, &lookup).await;
+                let (verdict, made) = ask(inner, opts, permits, l).await;
                 (id, n, verdict, made)
             });
         }
     }
-    let mut verdicts: BTreeMap<SagaId, Vec<(u32, Verdict)>> = BTreeMap::new();
-    while let Some(done) = running.join_next().await {
-        let (id, n, verdict, made) = done.map_err(|e| {
-            Error::Store(Arc::new(crate::store::Error::Backend(format!(
-                "a reconcile hook panicked: {e}"
-            ))))
-        })?;
+    let mut stopping = inner.stopping.subscribe();
+    let mut verdicts: BTreeMap<SagaId, Vec<(usize, Verdict)>> = BTreeMap::new();
+    loop {
+        // A stop ends the lookups (dropping the set aborts them) before anything of
+        // this batch is written: its positions stay, and the batch is looked at again.
+        let done = tokio::select! {
+            biased;
+            _ = stopping.wait_for(|s| *s) => return Err(Error::ShuttingDown),
+            done = running.join_next() => done,
+        };
+        let Some(done) = done else { break };
+        // `ask` catches what a hook does; a join error here is the runtime's.
+        let Ok((id, n, verdict, made)) = done else {
+            continue;
+        };
         report.lookups += made;
         verdicts.entry(id).or_default().push((n, verdict));
     }
@@ -374,7 +485,7 @@ pub(crate) async fn pass(
         found.sort_by_key(|(n, _)| *n);
         let mut drifts = Vec::new();
         for (n, verdict) in found {
-            let Some(l) = lookups.get(n as usize) else {
+            let Some(l) = lookups.get(n) else {
                 continue;
             };
             match verdict {
@@ -394,9 +505,17 @@ pub(crate) async fn pass(
             Err(e) => return Err(e),
         }
     }
+    // Every definition of this process has been walked up to `last`.
+    let moved: Vec<String> = starts
+        .iter()
+        .filter(|(_, start)| **start < last)
+        .map(|((n, v), _)| position_name(n, *v))
+        .collect();
     inner
         .io(move |s| {
-            s.set_position(POSITION, last)?;
+            for n in &moved {
+                s.set_position(n, last)?;
+            }
             s.sync()
         })
         .await??;
@@ -521,6 +640,7 @@ pub(crate) async fn catch_up(
         total.lookups += r.lookups;
         total.matched += r.matched;
         total.skipped += r.skipped;
+        total.elsewhere += r.elsewhere;
         total.drifts.extend(r.drifts);
         total.position = r.position;
         if !full || *inner.stopping.borrow() {
@@ -529,7 +649,8 @@ pub(crate) async fn catch_up(
     }
 }
 
-/// The background task: catches up every `every`, until the engine stops.
+/// The background task: catches up every `every`, until the engine stops. A pass is not
+/// dropped part way: it sees the stop itself, between its lookups and its writes.
 pub(crate) async fn run(inner: Arc<Inner>, opts: Arc<ReconcileOptions>) {
     let mut stopping = inner.stopping.subscribe();
     loop {
@@ -543,16 +664,12 @@ pub(crate) async fn run(inner: Arc<Inner>, opts: Arc<ReconcileOptions>) {
             () = inner.clock.sleep_until(next) => {}
         }
         let _one_at_a_time = inner.reconciling.lock().await;
-        tokio::select! {
-            biased;
-            _ = stopping.changed() => return,
-            done = catch_up(&inner, &opts) => match done {
-                Ok(r) if !r.drifts.is_empty() => {
-                    tracing::info!(sagas = r.sagas, drifts = r.drifts.len(), "reconciler pass");
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "reconciler pass failed; tried again later"),
-            },
+        match catch_up(&inner, &opts).await {
+            Ok(r) if !r.drifts.is_empty() => {
+                tracing::info!(sagas = r.sagas, drifts = r.drifts.len(), "reconciler pass");
+            }
+            Ok(_) | Err(Error::ShuttingDown) => {}
+            Err(e) => tracing::warn!(error = %e, "reconciler pass failed; tried again later"),
         }
     }
 }

@@ -59,7 +59,8 @@ pub(crate) fn pass(
                 continue;
             }
         };
-        if !meta.status.is_final() {
+        // A saga with drift nobody has handled is kept until somebody has.
+        if !meta.status.is_final() || meta.open_drifts > 0 {
             continue;
         }
         if let Retention::For(d) = keep_for(&meta.definition, meta.version) {
@@ -104,6 +105,10 @@ pub(crate) async fn run(inner: Arc<Inner>, every: Duration, batch: usize) {
                 .saturating_sub(u64::try_from(shortest.as_millis()).unwrap_or(u64::MAX)),
         );
         let worker = inner.clone();
+        // Deletions and the writes made to finished sagas (drift, its handling) take
+        // turns: a write prepared from a saga's log must not land after the saga is
+        // deleted, or it would leave half a saga behind.
+        let one_at_a_time = inner.repair_lock.lock().await;
         // Through `io`: off the runtime on a remote store, inline on a local one (a
         // bounded batch), as the engine's other store calls: a blocking task would let
         // a simulation's virtual time run on while it works, and its runs differ.
@@ -114,6 +119,7 @@ pub(crate) async fn run(inner: Arc<Inner>, every: Duration, batch: usize) {
                 })
             })
             .await;
+        drop(one_at_a_time);
         match done {
             Ok(Ok(p)) => {
                 if p.deleted > 0 {

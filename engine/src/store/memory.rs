@@ -431,6 +431,9 @@ impl SagaLog for MemLog {
     fn set_position(&self, name: &str, at: (Timestamp, SagaId)) -> Result<()> {
         let op = Op::Put(codec::position_key(name), codec::encode_position(at)?);
         let mut inner = self.lock();
+        if kv::position(&inner, name)?.is_some_and(|p| p >= at) {
+            return Ok(());
+        }
         // A write of its own, durable at once, like a delivery: the pending writes of
         // the group commit stay pending.
         apply(&mut inner.visible, &op);

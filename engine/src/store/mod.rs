@@ -575,7 +575,9 @@ pub trait SagaLog: Send + Sync + fmt::Debug + 'static {
     /// An I/O or backend error, or [`Error::CorruptIndex`] if it does not decode.
     fn position(&self, name: &str) -> Result<Option<(Timestamp, SagaId)>>;
 
-    /// Stores `at` under `name`. Durable after the next [`SagaLog::sync`].
+    /// Stores `at` under `name`, unless a later position is stored there already (a
+    /// position only moves forward, whoever writes it). Durable after the next
+    /// [`SagaLog::sync`].
     ///
     /// # Errors
     ///

@@ -308,7 +308,8 @@ impl Sql {
             position: format!("SELECT at, saga FROM {s}.positions WHERE name = $1"),
             set_position: format!(
                 "INSERT INTO {s}.positions (name, at, saga) VALUES ($1, $2, $3) \
-                 ON CONFLICT (name) DO UPDATE SET at = excluded.at, saga = excluded.saga"
+                 ON CONFLICT (name) DO UPDATE SET at = excluded.at, saga = excluded.saga \
+                 WHERE ({s}.positions.at, {s}.positions.saga) < (excluded.at, excluded.saga)"
             ),
         }
     }

@@ -504,6 +504,9 @@ impl SagaLog for SledLog {
     }
 
     fn set_position(&self, name: &str, at: (Timestamp, SagaId)) -> Result<()> {
+        if kv::position(&self.db, name)?.is_some_and(|p| p >= at) {
+            return Ok(());
+        }
         self.apply(vec![Op::Put(
             codec::position_key(name),
             codec::encode_position(at)?,

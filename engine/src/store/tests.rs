@@ -304,6 +304,16 @@ fn drift_conformance(log: &dyn SagaLog, fenced: &dyn Fn(Vec<Write>) -> Vec<Write
     log.sync().unwrap();
     assert_eq!(log.position("reconciler").unwrap(), Some(at));
     assert_eq!(log.position("other").unwrap(), None);
+    // Only forward: an earlier position does not replace it, a later one does.
+    log.set_position("reconciler", (Timestamp::from_millis(76), id(43)))
+        .unwrap();
+    log.set_position("reconciler", (Timestamp::from_millis(77), id(41)))
+        .unwrap();
+    assert_eq!(log.position("reconciler").unwrap(), Some(at));
+    let later = (Timestamp::from_millis(77), id(44));
+    log.set_position("reconciler", later).unwrap();
+    log.sync().unwrap();
+    assert_eq!(log.position("reconciler").unwrap(), Some(later));
 }
 
 fn inbox_conformance(log: &dyn SagaLog, fenced: &dyn Fn(Vec<Write>) -> Vec<Write>) {
