@@ -1191,11 +1191,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 for (id, why) in &v.unfoldable {
                     println!("log      {id}: {why}");
                 }
+                for (id, why) in &v.disagreeing {
+                    println!("summary  {id}: {why}");
+                }
                 println!(
-                    "{} saga(s): {} index finding(s), {} log(s) that do not fold",
+                    "{} saga(s): {} index finding(s), {} log(s) that do not fold, {} summary(ies) \
+                     that disagree with their log",
                     v.sagas,
                     v.findings.len(),
-                    v.unfoldable.len()
+                    v.unfoldable.len(),
+                    v.disagreeing.len()
                 );
             }
             if !v.is_sound() {
