@@ -19,6 +19,7 @@
 //! | `GET /v1/deliveries?after_key=&after_id=&limit=` | read | the inbox's deliveries, taken (`taken_by`) or not, in the store's stable order after the cursor (both or neither); `limit` 1 to 1000, 100 if absent |
 //! | `GET /v1/drifts?after=&limit=` | read | `{ "drifts": [...], "next": "<saga id>" or null }`: the open drifts of up to `limit` sagas (1 to 1000, 100 if absent) in saga id order after the saga `after`, each `{ "saga", "definition", "version", "status", "drift": { "lsn", "at", "step", "step_name", "kind", "expected", "detail", "handled" } }`; `next` is the `after` of the next page, null on the last |
 //! | `POST /v1/reconcile` | admin | body none or `{}`: runs the reconciler until it has caught up, answers `{ "sagas", "lookups", "matched", "skipped", "drifts": [...], "position" }` (the drifts it found; `lsn` null for one recorded before) |
+//! | `POST /v1/bulk` | admin | body `{ "action": "resume", "status": "parked", "park_kind": "compensation_failed", "operator": "ana", "reason": "...", "dry_run": true }` (see [`BulkRequest`] for every filter field): one repair applied to every saga the filter matches, each recorded on its own saga; answers the [`sagaflow::BulkReport`]. `dry_run` defaults to `true`: a dry run counts the sagas matched and those the repair would be accepted for, and writes nothing. 400 with SAGA-0020 without who or why |
 //! | `GET /metrics` | read | Prometheus text format |
 //!
 //! Deliveries and approvals need the admin token: like a repair, they change what a
@@ -35,6 +36,10 @@
 //! body over axum's default 2 MB, or a payload over the engine's limits: SAGA-0006,
 //! SAGA-0013), 422 (a delivery or approval refused, SAGA-0019; a corrupt log,
 //! SAGA-0009), 503 (shutting down), 500 (store).
+//!
+//! The operator dashboard, the same queries and repairs as web pages for a browser
+//! (cookie login with the same two tokens), is in [`dashboard`], on a listener of its
+//! own.
 //!
 //! Serve the router on a listener of its own, bound to a loopback or internal address,
 //! never nested in a public application's routes. [`Auth::from_env`] reads the tokens
@@ -55,6 +60,8 @@
 //! ```
 
 #![warn(missing_docs)]
+
+pub mod dashboard;
 
 use std::fmt;
 use std::io::IsTerminal;
@@ -285,6 +292,7 @@ pub fn router(engine: Arc<Engine>, auth: Auth) -> Router {
         .route("/v1/sagas/{id}/approve", post(approve))
         .route("/v1/drifts", get(drifts))
         .route("/v1/reconcile", post(reconcile))
+        .route("/v1/bulk", post(bulk))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
@@ -322,18 +330,23 @@ async fn off_runtime<T: Send + 'static>(
         .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None))
 }
 
-fn engine_error(e: Error) -> Response {
-    let status = match &e {
+/// The HTTP status an engine error is answered with, in the API and the dashboard.
+fn error_status(e: &Error) -> StatusCode {
+    match e {
         Error::UnknownSaga(_) => StatusCode::NOT_FOUND,
         Error::RepairRefused { .. } | Error::CancelRefused { .. } => StatusCode::CONFLICT,
+        Error::BulkRefused(_) => StatusCode::BAD_REQUEST,
         Error::CorruptLog { .. } | Error::InvalidDelivery(_) => StatusCode::UNPROCESSABLE_ENTITY,
         Error::PayloadTooLarge { .. } | Error::PayloadTooDeep { .. } => {
             StatusCode::PAYLOAD_TOO_LARGE
         }
         Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    refuse(status, e.to_string(), Some(e.code()))
+    }
+}
+
+fn engine_error(e: Error) -> Response {
+    refuse(error_status(&e), e.to_string(), Some(e.code()))
 }
 
 async fn authenticate(
@@ -944,6 +957,116 @@ async fn reconcile(State(state): State<AppState>) -> Response {
     let engine = state.engine.clone();
     match tokio::spawn(async move { engine.reconcile_now().await }).await {
         Ok(Ok(r)) => Json(ReconcileSummary::from(r)).into_response(),
+        Ok(Err(e)) => engine_error(e),
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
+    }
+}
+
+/// The body of `POST /v1/bulk`: which sagas (every filter field is optional; none
+/// matches every saga), what to do to each, who and why.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct BulkRequest {
+    /// `retry`, `resume`, `compensate` or `resolve` ([`sagaflow::BulkAction`]).
+    pub action: String,
+    /// Only this status (`running`, `parked`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// Only this definition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition: Option<String>,
+    /// Only parked sagas of this kind (`compensation_failed`, `forward_failed`, ...,
+    /// as [`sagaflow::ParkKind`] is spelled in JSON); implies `status: parked`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub park_kind: Option<String>,
+    /// Only sagas started at least this many seconds ago.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub older_than_secs: Option<u64>,
+    /// Only sagas started at most this many seconds ago.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub newer_than_secs: Option<u64>,
+    /// Only sagas stuck for at least this many seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stuck_for_secs: Option<u64>,
+    /// Only the saga started with this start key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_key: Option<String>,
+    /// Only sagas whose reason contains this text, ignoring case.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// Count only, write nothing (default `true`).
+    #[serde(default = "yes")]
+    pub dry_run: bool,
+    /// Who (recorded on each saga).
+    pub operator: String,
+    /// Why (recorded on each saga).
+    pub reason: String,
+}
+
+impl BulkRequest {
+    /// The action and the engine filter this request asks for.
+    ///
+    /// # Errors
+    ///
+    /// A message for an unknown action, status or park kind.
+    pub fn to_bulk(&self) -> Result<(sagaflow::BulkAction, ListFilter), String> {
+        let action: sagaflow::BulkAction = self.action.parse()?;
+        let mut f = ListFilter::default();
+        if let Some(s) = &self.status {
+            f = f.status(SagaStatus::parse(s).ok_or_else(|| format!("unknown status `{s}`"))?);
+        }
+        if let Some(d) = &self.definition {
+            f = f.definition(d.clone());
+        }
+        if let Some(k) = &self.park_kind {
+            f = f.park_kind(parse_park_kind(k)?);
+        }
+        if let Some(s) = self.older_than_secs {
+            f = f.older_than(Duration::from_secs(s));
+        }
+        if let Some(s) = self.newer_than_secs {
+            f = f.newer_than(Duration::from_secs(s));
+        }
+        if let Some(s) = self.stuck_for_secs {
+            f = f.stuck_for(Duration::from_secs(s));
+        }
+        if let Some(k) = &self.start_key {
+            f = f.start_key(k.clone());
+        }
+        if let Some(t) = &self.text {
+            f = f.text(t.clone());
+        }
+        Ok((action, f))
+    }
+}
+
+/// A park kind as JSON spells it (`compensation_failed`).
+fn parse_park_kind(word: &str) -> Result<sagaflow::ParkKind, String> {
+    serde_json::from_value(serde_json::Value::String(word.to_string()))
+        .map_err(|_| format!("unknown park kind `{word}`"))
+}
+
+async fn bulk(
+    State(state): State<AppState>,
+    body: Result<Json<BulkRequest>, JsonRejection>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return rejected(&e),
+    };
+    let (action, filter) = match req.to_bulk() {
+        Ok(x) => x,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e, None),
+    };
+    // On a task of its own, like the reconciler: a client that hangs up must not stop a
+    // bulk repair half way through (each saga's repair is whole either way).
+    let engine = state.engine.clone();
+    let run = tokio::spawn(async move {
+        engine
+            .bulk(&filter, action, req.dry_run, &req.operator, &req.reason)
+            .await
+    });
+    match run.await {
+        Ok(Ok(report)) => Json(report).into_response(),
         Ok(Err(e)) => engine_error(e),
         Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
     }

@@ -301,3 +301,100 @@ async fn cancel_and_purge_need_the_admin_token_and_answer_typed() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_repair_by_filter_needs_the_admin_token_and_counts_before_it_writes() {
+    let (url, id, _ledger) = serve().await;
+    let c = reqwest::Client::new();
+    let bulk = format!("{url}/v1/bulk");
+    let body = json!({
+        "action": "resume",
+        "status": "parked",
+        "park_kind": "compensation_failed",
+        "operator": "ana",
+        "reason": "inventory fixed",
+    });
+    let r = c.post(&bulk).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = c
+        .post(&bulk)
+        .bearer_auth(READ)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+
+    // A dry run by default.
+    let r = c
+        .post(&bulk)
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let dry: sagaflow::BulkReport = r.json().await.unwrap();
+    assert!(dry.dry_run);
+    assert_eq!((dry.matched, dry.applied, dry.refused_count), (1, 1, 0));
+    let get = |path: String| c.get(format!("{url}{path}")).bearer_auth(READ).send();
+    let view: SagaView = get(format!("/v1/sagas/{id}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view.summary.status, SagaStatus::Parked, "nothing written");
+
+    // Who and why are required; a bad action or filter is a 400.
+    for (bad, code) in [
+        (
+            json!({"action": "resume", "operator": "ana", "reason": " "}),
+            Some("SAGA-0020"),
+        ),
+        (
+            json!({"action": "explode", "operator": "ana", "reason": "x"}),
+            None,
+        ),
+        (
+            json!({"action": "resume", "status": "asleep", "operator": "ana", "reason": "x"}),
+            None,
+        ),
+        (
+            json!({"action": "resume", "park_kind": "tired", "operator": "ana", "reason": "x"}),
+            None,
+        ),
+    ] {
+        let r = c
+            .post(&bulk)
+            .bearer_auth(ADMIN)
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{bad}");
+        let e: ApiError = r.json().await.unwrap();
+        assert_eq!(e.code.as_deref(), code, "{bad}");
+    }
+
+    let mut apply = body.clone();
+    apply["dry_run"] = json!(false);
+    let r = c
+        .post(&bulk)
+        .bearer_auth(ADMIN)
+        .json(&apply)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let done: sagaflow::BulkReport = r.json().await.unwrap();
+    assert!(!done.dry_run);
+    assert_eq!((done.matched, done.applied), (1, 1));
+    let view: SagaView = get(format!("/v1/sagas/{id}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_ne!(view.summary.status, SagaStatus::Parked, "resumed");
+}
