@@ -73,7 +73,8 @@ pub struct ReconcileOptions {
     /// At most this many sagas per batch: the position moves on once per batch, and a
     /// batch's lookups run concurrently. Default 1000.
     pub batch: usize,
-    /// At most this many lookups at once, over every integration. Default 32.
+    /// At most this many lookups of one integration at once (waiting for its turn or
+    /// running). Default 32.
     pub concurrency: usize,
     /// How many times a lookup answered [`Verdict::unknown`] is made before the drift
     /// is recorded as `unknown`. Default 3.
@@ -292,11 +293,11 @@ fn lookups_of(state: &SagaState, def: &SagaDefinition, skipped: &BTreeSet<u32>) 
     out
 }
 
-/// Asks one system, again while it cannot answer: each time first admitted by its
-/// integration's pace, then by the overall bound (so lookups waiting for a slow
-/// integration's turn never hold the others' places). The hook runs in a task of its
-/// own, bounded by `lookup_timeout`: a hook that panics or hangs answers `unknown` for
-/// that lookup and stops nothing else. Returns the verdict and how many lookups it took.
+/// Asks one system, again while it cannot answer: each time within its integration's
+/// bound (`permits`: one integration's lookups, waiting or running, never take another's
+/// places), then admitted by its pace. The hook runs in a task of its own, bounded by
+/// `lookup_timeout`: a hook that panics or hangs answers `unknown` for that lookup and
+/// stops nothing else. Returns the verdict and how many lookups it took.
 async fn ask(
     inner: Arc<Inner>,
     opts: Arc<ReconcileOptions>,
@@ -305,12 +306,12 @@ async fn ask(
 ) -> (Verdict, u64) {
     let mut made = 0;
     loop {
+        // The semaphore is never closed: a permit always comes.
+        let permit = permits.clone().acquire_owned().await.ok();
         let pace = match opts.limits.get(&*l.integration) {
             Some(p) => Some(p.admit().await),
             None => None,
         };
-        // The semaphore is never closed: a permit always comes.
-        let permit = permits.clone().acquire_owned().await.ok();
         let (hook, finished) = (l.hook.clone(), l.finished.clone());
         let mut call = tokio::spawn(async move { hook.reconcile(&finished).await });
         let deadline = inner.clock.now().saturating_add(opts.lookup_timeout);
@@ -445,14 +446,17 @@ pub(crate) async fn pass(
         let lookups = lookups_of(&state, &def, &skipped_steps(&records));
         sagas.insert(l.saga, (state, lookups));
     }
-    // Every lookup of the batch at once: each waits for its integration's turn, then
-    // for one of the `concurrency` places.
-    let permits = Arc::new(tokio::sync::Semaphore::new(opts.concurrency.max(1)));
+    // Every lookup of the batch at once, each within its integration's `concurrency`
+    // places.
+    let mut bounds: BTreeMap<Arc<str>, Arc<tokio::sync::Semaphore>> = BTreeMap::new();
     let mut running: JoinSet<(SagaId, usize, Verdict, u64)> = JoinSet::new();
     for (&id, (_, lookups)) in &sagas {
         for (n, l) in lookups.iter().enumerate() {
-            let (inner, opts, permits, l) =
-                (inner.clone(), opts.clone(), permits.clone(), l.clone());
+            let permits = bounds
+                .entry(l.integration.clone())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(opts.concurrency.max(1))))
+                .clone();
+            let (inner, opts, l) = (inner.clone(), opts.clone(), l.clone());
             running.spawn(async move {
                 let (verdict, made) = ask(inner, opts, permits, l).await;
                 (id, n, verdict, made)
