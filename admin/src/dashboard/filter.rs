@@ -181,7 +181,7 @@ impl Params {
             } else {
                 ""
             };
-            let _ = write!(out, "<option{sel}>{}</option>", s.as_str());
+            let _ = write!(out, "<option value=\"{0}\"{sel}>{0}</option>", s.as_str());
         }
         out.push_str("</select></label>");
         let _ = write!(
@@ -198,13 +198,13 @@ impl Params {
             } else {
                 ""
             };
-            let _ = write!(out, "<option{sel}>{}</option>", Esc(&name));
+            let _ = write!(out, "<option value=\"{0}\"{sel}>{0}</option>", Esc(&name));
         }
         out.push_str("</select></label>");
         let _ = write!(
             out,
-            "<label>Started over <input name=\"older_than\" value=\"{}\" size=\"5\" placeholder=\"2h\"> ago</label>\
-             <label>Started within <input name=\"newer_than\" value=\"{}\" size=\"5\" placeholder=\"15m\"></label>\
+            "<label>Older than <input name=\"older_than\" value=\"{}\" size=\"5\" placeholder=\"2h\"></label>\
+             <label>Newer than <input name=\"newer_than\" value=\"{}\" size=\"5\" placeholder=\"15m\"></label>\
              <label class=\"check\"><input type=\"checkbox\" name=\"stuck\" value=\"on\"{}> Stuck</label>\
              <label>Start key <input name=\"start_key\" value=\"{}\" size=\"14\"></label>\
              <label>Reason contains <input name=\"text\" value=\"{}\" size=\"16\"></label>",

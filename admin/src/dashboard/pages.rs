@@ -436,7 +436,7 @@ pub(super) async fn saga(
         Some(v) => body.push_str(&json_block(&v, words)),
         None => body.push_str("<p class=\"muted\">The started record could not be read.</p>"),
     }
-    body.push_str("<h2>Timeline</h2>");
+    body.push_str("<h2 id=\"timeline\">Timeline</h2>");
     body.push_str(&timeline(id, &log.records, &names, words));
     if !log.problems.is_empty() {
         body.push_str(
@@ -695,7 +695,7 @@ fn repairs(id: SagaId, offers: &[Offer], session: &Session) -> String {
             out,
             "<p><strong>{label}</strong> <span class=\"hint\">{hint}</span></p>\
              <div class=\"row\"><input name=\"reason\" required maxlength=\"2000\" \
-             placeholder=\"Why (recorded in the log with your name)\" aria-label=\"Reason\">\
+             placeholder=\"Why (required)\" aria-label=\"Reason\">\
              <button type=\"submit\"{class}>{label}</button></div></form>",
             label = Esc(&o.label),
             hint = Esc(o.hint),
@@ -739,7 +739,8 @@ fn progress(p: &Progress, now: Timestamp) -> String {
 
 fn steps_table(id: SagaId, st: &SagaState, words: &[String]) -> String {
     let now = now();
-    let grouped = !st.stages.is_empty();
+    // A stage column only when some steps share one (a parallel group).
+    let grouped = st.stages.windows(2).any(|w| w[0] == w[1]);
     let mut out = String::from("<table class=\"steps\"><tr><th>#</th><th>Step</th><th>Kind</th>");
     if grouped {
         out.push_str("<th>Stage</th>");
@@ -1186,7 +1187,7 @@ fn bulk_page(session: &Session, params: &Params, error: Option<&str>) -> String 
     );
     for a in ACTIONS {
         let sel = if chosen == a.name() { " selected" } else { "" };
-        let _ = write!(out, "<option{sel}>{}</option>", a.name());
+        let _ = write!(out, "<option value=\"{0}\"{sel}>{0}</option>", a.name());
     }
     let _ = write!(
         out,
@@ -1313,7 +1314,7 @@ fn bulk_report(
              <input type=\"hidden\" name=\"reason\" value=\"{}\">\
              <input type=\"hidden\" name=\"confirm\" value=\"yes\">\
              <p>The filter is evaluated again when you confirm: sagas that changed meanwhile are checked again, one by one.</p>\
-             <button type=\"submit\" class=\"danger\">Apply {} to {} sagas</button> \
+             <button type=\"submit\" class=\"danger\">Apply {} to {} {}</button> \
              <a href=\"/bulk?{}&amp;action={}&amp;reason={}\">Change it</a></form>",
             Esc(&session.csrf),
             params.hidden(),
@@ -1321,6 +1322,7 @@ fn bulk_report(
             Esc(reason),
             action.name(),
             r.applied,
+            if r.applied == 1 { "saga" } else { "sagas" },
             Esc(&q),
             action.name(),
             Esc(&render::url_encode(reason)),

@@ -114,11 +114,20 @@ pub(super) fn human(d: Duration) -> String {
     } else if s < 60 {
         format!("{:.1}s", d.as_secs_f64())
     } else if s < 3600 {
-        format!("{}m {:02}s", s / 60, s % 60)
+        match s % 60 {
+            0 => format!("{}m", s / 60),
+            rest => format!("{}m {rest:02}s", s / 60),
+        }
     } else if s < 86_400 {
-        format!("{}h {:02}m", s / 3600, (s / 60) % 60)
+        match (s / 60) % 60 {
+            0 => format!("{}h", s / 3600),
+            rest => format!("{}h {rest:02}m", s / 3600),
+        }
     } else {
-        format!("{}d {}h", s / 86_400, (s / 3600) % 24)
+        match (s / 3600) % 24 {
+            0 => format!("{}d", s / 86_400),
+            rest => format!("{}d {rest}h", s / 86_400),
+        }
     }
 }
 
@@ -366,5 +375,8 @@ mod tests {
         assert_eq!(human(Duration::from_secs(245)), "4m 05s");
         assert_eq!(human(Duration::from_secs(3 * 3600 + 20 * 60)), "3h 20m");
         assert_eq!(human(Duration::from_secs(2 * 86_400 + 4 * 3600)), "2d 4h");
+        assert_eq!(human(Duration::from_secs(30 * 60)), "30m");
+        assert_eq!(human(Duration::from_secs(8 * 3600)), "8h");
+        assert_eq!(human(Duration::from_secs(86_400)), "1d");
     }
 }
