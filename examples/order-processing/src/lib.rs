@@ -3,6 +3,9 @@
 
 pub mod chaos;
 pub mod providers;
+pub mod reconcile;
+#[cfg(test)]
+mod reconcile_tests;
 pub mod saga;
 #[cfg(test)]
 mod saga_tests;

@@ -1,7 +1,8 @@
 //! Order processing with Sagaflow.
 //!
 //! ```text
-//! # everything at once: providers, the service killed with SIGKILL every 2 s, a report
+//! # everything at once: providers, the service killed with SIGKILL every 2 s, and a
+//! # report reconciled by the engine's reconciler against the providers
 //! cargo run --release -p example-order-processing -- chaos --orders 2000 --concurrency 64 --fail-rate 0.2 --kill-every 2s
 //!
 //! # two replicas on one PostgreSQL database, the first killed again and again
@@ -174,6 +175,7 @@ enum Cmd {
 struct ServeArgs {
     data_dir: PathBuf,
     database_url: Option<String>,
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pg_schema: String,
     addresses: PathBuf,
     env_file: Option<PathBuf>,
@@ -421,6 +423,14 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "replays       {} returned the same order",
                 report.idempotent_replays
+            );
+            println!(
+                "reconciled    {} sagas by the engine's reconciler: {} lookups, {} steps matched, {} drifts; {} steps it could not judge checked here",
+                report.reconcile_sagas,
+                report.reconcile_lookups,
+                report.reconcile_matched,
+                report.drifts.len(),
+                report.reconcile_unchecked.len()
             );
             for p in &report.problems {
                 println!("MISMATCH      {p}");

@@ -2,7 +2,12 @@
 //!
 //! Each honours idempotency keys (the same key returns the first answer and applies
 //! nothing twice), keeps its ledger in a file so it survives restarts and can be
-//! reconciled, and can be given a failure rate, a latency and outage windows. Payments
+//! reconciled, and can be given a failure rate, a latency and outage windows. Each also
+//! answers lookups by idempotency key (`GET /charges?key=`, `/reservations?key=`,
+//! `/orders?key=&order_id=`, `/shipments?key=`), what the saga's reconcile hooks ask
+//! (see [`crate::reconcile`]); lookups see the same faults, and payments' need a token
+//! as its charges do. [`Ledger`] can also be given drift by hand (a refund lost, an
+//! order made outside any saga, an amount changed), for drills and tests. Payments
 //! also issues short-lived OAuth tokens and, for every charge it takes, sends one signed
 //! `charge.settled` webhook, asynchronously, retrying until it is answered 2xx, as a real
 //! payment provider does (its outbox, `settlements.jsonl`, survives a restart of the
@@ -20,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -51,39 +56,84 @@ pub struct Entry {
     pub kind: String,
     /// The idempotency key it was applied under.
     pub key: String,
+    /// What it is about, for a lookup by it: the charge key a refund undoes, the
+    /// reservation key a release undoes, the business order id (the order's saga id) of
+    /// an order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub about: Option<String>,
     /// What was answered.
     pub answer: Value,
+}
+
+/// A ledger's entries, indexed by key and by what they are about.
+#[derive(Debug, Default)]
+struct Book {
+    all: Vec<Entry>,
+    by_key: HashMap<String, Vec<usize>>,
+    by_about: HashMap<String, Vec<usize>>,
+}
+
+impl Book {
+    fn of(entries: Vec<Entry>) -> Self {
+        let mut b = Book::default();
+        for e in entries {
+            b.push(e);
+        }
+        b
+    }
+
+    fn push(&mut self, e: Entry) {
+        let i = self.all.len();
+        self.by_key.entry(e.key.clone()).or_default().push(i);
+        if let Some(a) = &e.about {
+            self.by_about.entry(a.clone()).or_default().push(i);
+        }
+        self.all.push(e);
+    }
+
+    fn first(&self, key: &str) -> Option<&Entry> {
+        self.by_key
+            .get(key)
+            .and_then(|i| i.first())
+            .map(|&i| &self.all[i])
+    }
+
+    fn pick(&self, index: Option<&Vec<usize>>) -> Vec<Entry> {
+        index
+            .map(|i| i.iter().map(|&i| self.all[i].clone()).collect())
+            .unwrap_or_default()
+    }
 }
 
 /// A ledger: what a provider applied, by idempotency key, persisted as JSON lines.
 #[derive(Debug)]
 pub struct Ledger {
     path: PathBuf,
-    entries: Mutex<(HashMap<String, Entry>, Vec<Entry>)>,
+    book: Mutex<Book>,
 }
 
 impl Ledger {
     /// Opens (or creates) the ledger file at `path`.
     pub fn open(path: &Path) -> anyhow::Result<Arc<Self>> {
-        let mut by_key = HashMap::new();
         let mut all = Vec::new();
         if let Ok(text) = std::fs::read_to_string(path) {
             for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                let e: Entry = serde_json::from_str(line)?;
-                by_key.insert(e.key.clone(), e.clone());
-                all.push(e);
+                all.push(serde_json::from_str::<Entry>(line)?);
             }
         }
         Ok(Arc::new(Ledger {
             path: path.to_path_buf(),
-            entries: Mutex::new((by_key, all)),
+            book: Mutex::new(Book::of(all)),
         }))
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The answer given before under `key`, if any.
     pub fn get(&self, key: &str) -> Option<Value> {
-        let g = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        g.0.get(key).map(|e| e.answer.clone())
+        self.book().first(key).map(|e| e.answer.clone())
     }
 
     /// Applies `kind` under `key` once; returns the first answer for the key.
@@ -99,32 +149,127 @@ impl Ledger {
         key: &str,
         answer: Value,
     ) -> anyhow::Result<(Value, bool)> {
-        let mut g = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = g.0.get(key) {
+        self.apply_about(kind, key, None, answer)
+    }
+
+    /// As [`Ledger::apply_once`], recording what the entry is about (see
+    /// [`Entry::about`]).
+    pub fn apply_about(
+        &self,
+        kind: &str,
+        key: &str,
+        about: Option<&str>,
+        answer: Value,
+    ) -> anyhow::Result<(Value, bool)> {
+        let mut g = self.book();
+        if let Some(e) = g.first(key) {
             return Ok((e.answer.clone(), false));
         }
         let e = Entry {
             kind: kind.to_string(),
             key: key.to_string(),
+            about: about.map(str::to_string),
             answer: answer.clone(),
         };
+        self.append(&mut g, e)?;
+        Ok((answer, true))
+    }
+
+    fn append(&self, g: &mut Book, e: Entry) -> anyhow::Result<()> {
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.path)?;
         writeln!(f, "{}", serde_json::to_string(&e)?)?;
-        g.0.insert(key.to_string(), e.clone());
-        g.1.push(e);
-        Ok((answer, true))
+        g.push(e);
+        Ok(())
     }
 
     /// Every entry, in order.
     pub fn entries(&self) -> Vec<Entry> {
-        self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .1
-            .clone()
+        self.book().all.clone()
+    }
+
+    /// Every entry under `key`, in order (one, unless the ledger was tampered with).
+    pub fn under(&self, key: &str) -> Vec<Entry> {
+        let g = self.book();
+        g.pick(g.by_key.get(key))
+    }
+
+    /// Every entry about `about` (see [`Entry::about`]), in order.
+    pub fn about(&self, about: &str) -> Vec<Entry> {
+        let g = self.book();
+        g.pick(g.by_about.get(about))
+    }
+
+    /// Every entry under `key` or about `about`, in order, each once.
+    pub fn under_or_about(&self, key: Option<&str>, about: Option<&str>) -> Vec<Entry> {
+        let g = self.book();
+        let mut at: Vec<usize> = key
+            .and_then(|k| g.by_key.get(k))
+            .into_iter()
+            .chain(about.and_then(|a| g.by_about.get(a)))
+            .flatten()
+            .copied()
+            .collect();
+        at.sort_unstable();
+        at.dedup();
+        at.into_iter().map(|i| g.all[i].clone()).collect()
+    }
+
+    /// Drift, for drills and tests: appends `e` as it is, even under a key already
+    /// used, as something done outside any saga (or applied twice) would be.
+    ///
+    /// # Errors
+    ///
+    /// If the file cannot be written.
+    pub fn record(&self, e: Entry) -> anyhow::Result<()> {
+        let mut g = self.book();
+        self.append(&mut g, e)
+    }
+
+    /// Drift, for drills and tests: forgets every entry under `key` (a refund lost, say)
+    /// and returns them.
+    ///
+    /// # Errors
+    ///
+    /// If the file cannot be rewritten.
+    pub fn remove(&self, key: &str) -> anyhow::Result<Vec<Entry>> {
+        let mut g = self.book();
+        let (gone, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut g.all)
+            .into_iter()
+            .partition(|e| e.key == key);
+        *g = Book::of(kept);
+        self.rewrite(&g)?;
+        Ok(gone)
+    }
+
+    /// Drift, for drills and tests: changes the answer of the first entry under `key`
+    /// (an amount changed, say). Returns whether there was one.
+    ///
+    /// # Errors
+    ///
+    /// If the file cannot be rewritten.
+    pub fn amend(&self, key: &str, change: impl FnOnce(&mut Value)) -> anyhow::Result<bool> {
+        let mut g = self.book();
+        let Some(&i) = g.by_key.get(key).and_then(|i| i.first()) else {
+            return Ok(false);
+        };
+        change(&mut g.all[i].answer);
+        self.rewrite(&g)?;
+        Ok(true)
+    }
+
+    fn rewrite(&self, g: &Book) -> anyhow::Result<()> {
+        let mut text = String::new();
+        for e in &g.all {
+            text.push_str(&serde_json::to_string(e)?);
+            text.push('\n');
+        }
+        let tmp = self.path.with_extension("jsonl.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &self.path)?;
+        Ok(())
     }
 }
 
@@ -187,11 +332,13 @@ fn error(status: StatusCode, msg: &str) -> Response {
     (status, Json(json!({ "error": msg }))).into_response()
 }
 
-/// Runs one idempotent operation with the provider's faults around it.
+/// Runs one idempotent operation with the provider's faults around it; the entry it
+/// makes is about `about` (see [`Entry::about`]).
 async fn operate(
     p: &Provider,
     headers: &HeaderMap,
     kind: &str,
+    about: Option<&str>,
     decide: impl FnOnce(&str) -> Result<Value, (StatusCode, String)>,
 ) -> Response {
     p.pause().await;
@@ -218,8 +365,8 @@ async fn operate(
         Ok(a) => a,
         Err((status, msg)) => return error(status, &msg),
     };
-    let answer = match p.ledger.apply(kind, &key, answer) {
-        Ok(a) => a,
+    let answer = match p.ledger.apply_about(kind, &key, about, answer) {
+        Ok((a, _)) => a,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     };
     if matches!(fault, Fault::After) {
@@ -422,7 +569,7 @@ async fn charge(
         return error(StatusCode::UNAUTHORIZED, "token expired or unknown");
     }
     let cents = body["amount_cents"].as_u64().unwrap_or(0);
-    let resp = operate(&s.p, &headers, "charge", |key| {
+    let resp = operate(&s.p, &headers, "charge", None, |key| {
         if cents % 100 == 13 {
             return Err((StatusCode::PAYMENT_REQUIRED, "card declined".into()));
         }
@@ -529,11 +676,11 @@ async fn refund(
     if !authorized(&s, &headers) {
         return error(StatusCode::UNAUTHORIZED, "token expired or unknown");
     }
-    let charged = body["charge_key"]
-        .as_str()
+    let charge_key = body["charge_key"].as_str();
+    let charged = charge_key
         .map(|k| s.p.ledger.get(k).is_some())
         .unwrap_or(false);
-    operate(&s.p, &headers, "refund", |_| {
+    operate(&s.p, &headers, "refund", charge_key, |_| {
         Ok(json!({ "refunded": charged }))
     })
     .await
@@ -550,25 +697,12 @@ async fn reserve(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    {
-        let sec = s.p.started.elapsed().as_secs();
-        let mut w = s.window.lock().unwrap_or_else(|p| p.into_inner());
-        if w.0 != sec {
-            *w = (sec, 0);
-        }
-        w.1 += 1;
-        if w.1 > s.per_second {
-            return (
-                StatusCode::TOO_MANY_REQUESTS,
-                [("retry-after", "1")],
-                "rate limited",
-            )
-                .into_response();
-        }
+    if let Some(limited) = over_rate(&s) {
+        return limited;
     }
     let sku = body["sku"].as_str().unwrap_or("").to_string();
     let qty = body["quantity"].as_u64().unwrap_or(0);
-    operate(&s.p, &headers, "reserve", |key| {
+    operate(&s.p, &headers, "reserve", None, |key| {
         if sku == "sold-out" {
             return Err((
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -580,16 +714,34 @@ async fn reserve(
     .await
 }
 
+/// A 429 with Retry-After past inventory's rate (every call counts, lookups too).
+fn over_rate(s: &InventoryState) -> Option<Response> {
+    let sec = s.p.started.elapsed().as_secs();
+    let mut w = s.window.lock().unwrap_or_else(|p| p.into_inner());
+    if w.0 != sec {
+        *w = (sec, 0);
+    }
+    w.1 += 1;
+    (w.1 > s.per_second).then(|| {
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", "1")],
+            "rate limited",
+        )
+            .into_response()
+    })
+}
+
 async fn release(
     State(s): State<Arc<InventoryState>>,
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    let reserved = body["reservation_key"]
-        .as_str()
+    let reservation_key = body["reservation_key"].as_str();
+    let reserved = reservation_key
         .map(|k| s.p.ledger.get(k).is_some())
         .unwrap_or(false);
-    operate(&s.p, &headers, "release", |_| {
+    operate(&s.p, &headers, "release", reservation_key, |_| {
         Ok(json!({ "released": reserved }))
     })
     .await
@@ -602,7 +754,10 @@ async fn create_order(
 ) -> Response {
     let charge = body["charge_id"].as_str().unwrap_or("").to_string();
     let customer = body["customer"].as_str().unwrap_or("").to_string();
-    operate(&p, &headers, "order", |key| {
+    // The business order id (the shop's order id: its saga's id), so that every order
+    // for it can be found, one made outside any saga included.
+    let order_id = body["order_id"].as_str().filter(|o| !o.is_empty());
+    operate(&p, &headers, "order", order_id, |key| {
         if charge.is_empty() {
             return Err((StatusCode::BAD_REQUEST, "charge_id required".into()));
         }
@@ -624,10 +779,182 @@ async fn book(
     headers: HeaderMap,
     Json(_body): Json<Value>,
 ) -> Response {
-    operate(&p, &headers, "shipment", |key| {
+    operate(&p, &headers, "shipment", None, |key| {
         Ok(json!({ "tracking": format!("tr_{}", short(key)) }))
     })
     .await
+}
+
+/// The query of a lookup: by idempotency key, and for orders also by business order id.
+#[derive(Debug, Deserialize)]
+struct Lookup {
+    key: Option<String>,
+    order_id: Option<String>,
+}
+
+impl Lookup {
+    fn key(&self) -> Option<&str> {
+        self.key.as_deref().filter(|k| !k.is_empty())
+    }
+
+    fn order_id(&self) -> Option<&str> {
+        self.order_id.as_deref().filter(|k| !k.is_empty())
+    }
+}
+
+/// The faults a lookup sees: the latency, the outages and the failure rate (a lookup
+/// applies nothing, so a failure is a 500 either way).
+async fn lookup_fault(p: &Provider, key: &str) -> Option<Response> {
+    p.pause().await;
+    match p.fault(key) {
+        Fault::None => None,
+        Fault::Outage(left) => Some(
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [("retry-after", left.max(1).to_string())],
+                "planned outage",
+            )
+                .into_response(),
+        ),
+        Fault::Before | Fault::After => {
+            Some(error(StatusCode::INTERNAL_SERVER_ERROR, "injected failure"))
+        }
+    }
+}
+
+/// An entry as a lookup shows it: its answer's fields, its key and what it is about,
+/// and `extra`.
+fn shown(e: &Entry, extra: &[(&str, Value)]) -> Value {
+    let mut v = match &e.answer {
+        Value::Object(o) => Value::Object(o.clone()),
+        other => json!({ "answer": other }),
+    };
+    if let Some(o) = v.as_object_mut() {
+        o.insert("key".into(), json!(e.key));
+        if let Some(a) = &e.about {
+            o.insert("about".into(), json!(a));
+        }
+        for (k, x) in extra {
+            o.insert((*k).to_string(), x.clone());
+        }
+    }
+    v
+}
+
+/// How many undos of `kind` about `key` in `ledger` undid something (`field` true: a
+/// refund or release of what never happened answers false).
+fn undone(ledger: &Ledger, key: &str, kind: &str, field: &str) -> usize {
+    ledger
+        .about(key)
+        .iter()
+        .filter(|e| e.kind == kind && e.answer[field] == Value::Bool(true))
+        .count()
+}
+
+/// `GET /charges?key=K` (OAuth, as the charges): every charge taken under idempotency
+/// key K (one, unless the ledger was tampered with) with `refunded` (whether a refund by
+/// that key refunded it) and `refunds` (how many did), as `{"charges": [...]}`.
+async fn find_charges(
+    State(s): State<Arc<PaymentsState>>,
+    headers: HeaderMap,
+    Query(q): Query<Lookup>,
+) -> Response {
+    if !authorized(&s, &headers) {
+        return error(StatusCode::UNAUTHORIZED, "token expired or unknown");
+    }
+    let Some(key) = q.key() else {
+        return error(StatusCode::BAD_REQUEST, "the `key` parameter is required");
+    };
+    if let Some(failed) = lookup_fault(&s.p, key).await {
+        return failed;
+    }
+    let refunds = undone(&s.p.ledger, key, "refund", "refunded");
+    let undo = [
+        ("refunded", json!(refunds > 0)),
+        ("refunds", json!(refunds)),
+    ];
+    let charges: Vec<Value> =
+        s.p.ledger
+            .under(key)
+            .iter()
+            .filter(|e| e.kind == "charge")
+            .map(|e| shown(e, &undo))
+            .collect();
+    Json(json!({ "charges": charges })).into_response()
+}
+
+/// `GET /reservations?key=K`: every reservation made under idempotency key K with
+/// `released` and `releases`, as `{"reservations": [...]}`. Counts against inventory's
+/// rate.
+async fn find_reservations(
+    State(s): State<Arc<InventoryState>>,
+    Query(q): Query<Lookup>,
+) -> Response {
+    if let Some(limited) = over_rate(&s) {
+        return limited;
+    }
+    let Some(key) = q.key() else {
+        return error(StatusCode::BAD_REQUEST, "the `key` parameter is required");
+    };
+    if let Some(failed) = lookup_fault(&s.p, key).await {
+        return failed;
+    }
+    let releases = undone(&s.p.ledger, key, "release", "released");
+    let undo = [
+        ("released", json!(releases > 0)),
+        ("releases", json!(releases)),
+    ];
+    let reservations: Vec<Value> =
+        s.p.ledger
+            .under(key)
+            .iter()
+            .filter(|e| e.kind == "reserve")
+            .map(|e| shown(e, &undo))
+            .collect();
+    Json(json!({ "reservations": reservations })).into_response()
+}
+
+/// `GET /orders?key=K&order_id=O` (either or both): every order made under idempotency
+/// key K or for business order id O (under any key: one made outside any saga too),
+/// each once, with its `key` and `about` (the order id), as `{"orders": [...]}`.
+async fn find_orders(State(p): State<Arc<Provider>>, Query(q): Query<Lookup>) -> Response {
+    let (key, order_id) = (q.key(), q.order_id());
+    let Some(first) = key.or(order_id) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the `key` or `order_id` parameter is required",
+        );
+    };
+    if let Some(failed) = lookup_fault(&p, first).await {
+        return failed;
+    }
+    let orders: Vec<Value> = p
+        .ledger
+        .under_or_about(key, order_id)
+        .iter()
+        .filter(|e| e.kind == "order")
+        .map(|e| shown(e, &[]))
+        .collect();
+    Json(json!({ "orders": orders })).into_response()
+}
+
+/// `GET /shipments?key=K`: every shipment booked under idempotency key K, as
+/// `{"shipments": [...]}`.
+async fn find_shipments(State(p): State<Arc<Provider>>, Query(q): Query<Lookup>) -> Response {
+    let Some(key) = q.key() else {
+        return error(StatusCode::BAD_REQUEST, "the `key` parameter is required");
+    };
+    if let Some(failed) = lookup_fault(&p, key).await {
+        return failed;
+    }
+    let shipments: Vec<Value> = p
+        .ledger
+        .under(key)
+        .iter()
+        .filter(|e| e.kind == "shipment")
+        .map(|e| shown(e, &[]))
+        .collect();
+    Json(json!({ "shipments": shipments })).into_response()
 }
 
 fn short(key: &str) -> String {
@@ -716,22 +1043,22 @@ pub async fn start(
     let payments_url = serve(
         Router::new()
             .route("/oauth/token", post(token))
-            .route("/charges", post(charge))
+            .route("/charges", post(charge).get(find_charges))
             .route("/refunds", post(refund))
             .with_state(payments),
     )
     .await?;
     let inventory_url = serve(
         Router::new()
-            .route("/reservations", post(reserve))
+            .route("/reservations", post(reserve).get(find_reservations))
             .route("/releases", post(release))
             .with_state(inventory),
     )
     .await?;
     let orders_url = serve(
         Router::new()
-            .route("/orders", post(create_order))
-            .route("/shipments", post(book))
+            .route("/orders", post(create_order).get(find_orders))
+            .route("/shipments", post(book).get(find_shipments))
             .with_state(orders),
     )
     .await?;

@@ -4,7 +4,9 @@
 //! webhook, delivered to the engine by the service's `POST /webhooks/payments`), then
 //! create the order (the pivot, which needs the answers), then book shipping. Every call goes through the
 //! steps toolkit: per-call timeouts, idempotency keys, inventory's rate limit, payments'
-//! breaker and OAuth tokens.
+//! breaker and OAuth tokens. Each step but `settle` has a reconcile hook
+//! ([`crate::reconcile`]): once the saga has finished, the engine's reconciler can ask
+//! the provider whether it holds what the log says.
 //!
 //! The reservation and the charge do not depend on each other (neither reads the other's
 //! answer), so the saga waits for the slower of the two instead of their sum. The price:
@@ -30,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::providers::Addresses;
+use crate::reconcile::{Charges, Lookups, Orders, Reservations, Shipments};
 
 /// An order as a client posts it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +77,11 @@ pub struct Integrations {
     pub inventory: Arc<Integration>,
     /// Orders and shipping.
     pub orders: Arc<Integration>,
+    /// The limiter inventory's calls wait on; the reconciler's inventory lookups are
+    /// paced by it too ([`crate::reconcile::reconcile_options`]).
+    pub inventory_limiter: Arc<RateLimiter>,
+    /// The clients the reconcile hooks ask the providers with.
+    pub lookups: Lookups,
 }
 
 impl Integrations {
@@ -105,15 +113,17 @@ impl Integrations {
             payments: Arc::new(
                 Integration::new("payments", &a.payments)
                     .with_timeout(timeout)
-                    .with_tokens(tokens)
+                    .with_tokens(tokens.clone())
                     .with_breaker(breaker),
             ),
             inventory: Arc::new(
                 Integration::new("inventory", &a.inventory)
                     .with_timeout(timeout)
-                    .with_limiter(limiter),
+                    .with_limiter(limiter.clone()),
             ),
             orders: Arc::new(Integration::new("orders", &a.orders).with_timeout(timeout)),
+            inventory_limiter: limiter,
+            lookups: Lookups::new(a, tokens),
         }
     }
 }
@@ -203,6 +213,8 @@ impl Step for CreateOrder {
                 ctx,
                 "/orders",
                 &json!({
+                    // The business order id: the shop's order id is its saga's id.
+                    "order_id": ctx.saga_id().to_string(),
                     "customer": o.customer,
                     "charge_id": charge["charge_id"],
                     "reservation_id": reservation["reservation_id"],
@@ -310,17 +322,22 @@ pub fn definition_with(
                 .retry(retry.clone())
                 .compensation_retry(undo.clone())
                 .max_interruptions(KILLS_TOLERATED)
+                .reconcile("inventory", Reservations(i.lookups.inventory.clone()))
                 .step("charge", Charge(i.payments.clone()))
                 .retry(retry.clone())
                 .compensation_retry(undo.clone())
                 .max_interruptions(KILLS_TOLERATED)
+                .reconcile("payments", Charges(i.lookups.payments.clone()))
         })
         .await_event("settle", settlement(settlement_within))
         .pivot("create_order", CreateOrder(i.orders.clone()))
         .retry(retry.clone())
         .max_interruptions(KILLS_TOLERATED)
+        .reconcile("orders", Orders(i.lookups.orders.clone()))
         .retriable("book_shipping", BookShipping(i.orders.clone()))
         .retry(retry.with_unlimited_attempts())
         .max_interruptions(KILLS_TOLERATED)
+        // The same provider as orders: one integration, one pace.
+        .reconcile("orders", Shipments(i.lookups.orders.clone()))
         .build()
 }

@@ -60,7 +60,7 @@ async fn deliver_settlements(p: &Providers, engine: &Engine) {
 }
 
 /// Waits for saga `id` to end, delivering settlements meanwhile.
-async fn settle_and_wait(p: &Providers, engine: &Engine, id: SagaId) -> SagaOutcome {
+pub(crate) async fn settle_and_wait(p: &Providers, engine: &Engine, id: SagaId) -> SagaOutcome {
     loop {
         deliver_settlements(p, engine).await;
         if let Ok(r) = tokio::time::timeout(Duration::from_millis(50), engine.wait(id)).await {

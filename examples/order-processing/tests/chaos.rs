@@ -1,6 +1,7 @@
 //! End to end at a small size: the real service binary, killed with SIGKILL while it
-//! works (orders placed, charges made, settlement webhooks in flight), reconciled
-//! against the providers' ledgers and, for every settlement, against the engine's store.
+//! works (orders placed, charges made, settlement webhooks in flight), reconciled by the
+//! engine's reconciler against the providers (the saga's reconcile hooks) and, for every
+//! settlement, against the engine's store.
 
 use std::time::Duration;
 
@@ -45,6 +46,7 @@ async fn a_hundred_orders_survive_three_kills_with_nothing_double_charged() {
     );
     assert_eq!(report.orders_created, report.completed as usize);
     settlements_reconcile(&report);
+    steps_reconcile(&report);
     assert_eq!(report.forged_webhooks_refused, 3);
     assert_eq!(report.idempotent_replays, 10);
     // Every compensation is counted under its reason, with no saga's id in it: the
@@ -117,6 +119,36 @@ async fn two_replicas_on_postgres_survive_kills_of_one() {
         report.completed as usize + report.releases
     );
     settlements_reconcile(&report);
+    steps_reconcile(&report);
+}
+
+/// What the engine's reconciler must show after every chaos run, on any store: every
+/// finished saga looked at, every step with a hook (four: all but `settle`) agreeing
+/// with its provider, or passed over because its log cannot say what to expect (and
+/// then checked by the report), no drift.
+fn steps_reconcile(report: &Report) {
+    assert!(report.drifts.is_empty(), "{report:?}");
+    assert_eq!(
+        report.reconcile_sagas,
+        (report.completed + report.compensated) as usize,
+        "{report:?}"
+    );
+    assert_eq!(
+        report.reconcile_matched + report.reconcile_unchecked.len() as u64,
+        4 * report.reconcile_sagas as u64,
+        "{report:?}"
+    );
+    assert!(
+        report
+            .reconcile_unchecked
+            .iter()
+            .all(|s| s.ends_with("/create_order")),
+        "{report:?}"
+    );
+    assert!(
+        report.reconcile_lookups >= report.reconcile_matched,
+        "{report:?}"
+    );
 }
 
 /// What every chaos run's settlements must show, on any store.
