@@ -10,6 +10,7 @@
 //! sagaflow --data-dir /var/lib/shop/sagas inbox
 //! sagaflow --url http://127.0.0.1:7070 drift
 //! sagaflow --url http://127.0.0.1:7070 drift handle <id> 7 --reason "refund booked by hand"
+//! sagaflow --url http://127.0.0.1:7070 bulk resume --status parked --dry-run --reason "stock fixed"
 //! ```
 //!
 //! Exit codes: 0 done, 1 error, 2 usage, 3 refused (a repair, cancellation, delivery or
@@ -23,10 +24,11 @@ use clap::{Args, Parser, Subcommand};
 use sagaflow::admin::{Admin, Purged, Stats};
 use sagaflow::machine::{Event, LogRecord, Repair};
 use sagaflow::store::{Delivered, Delivery, SagaLog, SledLog};
+use sagaflow::BulkReport;
 use sagaflow::{Error, IdempotencyKey, Lsn, Phase, SagaId, SagaMeta, Timestamp};
 use sagaflow_admin::{
-    ApiError, ApproveRequest, CancelRequest, DeliverRequest, DeliverResponse, DeliveriesQuery,
-    DriftPage, DriftsQuery, ListQuery, PurgeRequest, RepairRequest, SagaView,
+    ApiError, ApproveRequest, BulkRequest, CancelRequest, DeliverRequest, DeliverResponse,
+    DeliveriesQuery, DriftPage, DriftsQuery, ListQuery, PurgeRequest, RepairRequest, SagaView,
 };
 
 #[derive(Parser, Debug)]
@@ -172,6 +174,55 @@ enum Command {
         #[arg(long, default_value_t = sagaflow_admin::DEFAULT_DRIFTS_PAGE)]
         limit: usize,
     },
+    /// Apply one repair to every saga a filter matches (at most 10 000, oldest first),
+    /// each checked and recorded on its own saga; one refused is listed, not fatal.
+    /// Needs the running engine (--url). Try it with --dry-run first.
+    Bulk {
+        /// retry, resume, compensate or resolve.
+        action: sagaflow::BulkAction,
+        #[command(flatten)]
+        filter: BulkFilter,
+        /// Count only: how many sagas match and how many the repair would be accepted
+        /// for now. Nothing is written.
+        #[arg(long)]
+        dry_run: bool,
+        /// Why (recorded in each saga's log).
+        #[arg(long)]
+        reason: String,
+        /// Who (recorded in each saga's log).
+        #[arg(long, env = "USER", default_value = "operator")]
+        operator: String,
+    },
+}
+
+/// Which sagas a bulk repair acts on: every field is optional; none matches every saga.
+#[derive(Args, Debug)]
+struct BulkFilter {
+    /// running, compensating, completed, compensated, parked, resolved or cancelled.
+    #[arg(long)]
+    status: Option<String>,
+    /// Only this definition.
+    #[arg(long)]
+    definition: Option<String>,
+    /// Only parked sagas of this kind (compensation_failed, forward_failed,
+    /// outcome_unknown, crash_loop, deadline_passed, ...).
+    #[arg(long)]
+    park_kind: Option<String>,
+    /// Only sagas started at least this long ago (90s, 15m, 2h, 1d).
+    #[arg(long, value_parser = parse_duration)]
+    older_than: Option<Duration>,
+    /// Only sagas started at most this long ago.
+    #[arg(long, value_parser = parse_duration)]
+    newer_than: Option<Duration>,
+    /// Only sagas with no transition for at least this long.
+    #[arg(long, value_parser = parse_duration)]
+    stuck_for: Option<Duration>,
+    /// Only the saga started with this start key.
+    #[arg(long)]
+    start_key: Option<String>,
+    /// Only sagas whose reason contains this text (any case).
+    #[arg(long)]
+    text: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -253,14 +304,14 @@ impl Backend {
             (None, Some(_))
                 if matches!(
                     cli.command,
-                    Command::Deliver { .. } | Command::Approve { .. }
+                    Command::Deliver { .. } | Command::Approve { .. } | Command::Bulk { .. }
                 ) =>
             {
                 // With sled, only the engine that holds the store may write to it, and
                 // only it can wake the step waiting for the event.
                 Err(anyhow!(
-                    "a delivery or an approval needs the running engine: give --url, not \
-                     --data-dir (start the engine if it is stopped)"
+                    "a delivery, an approval or a bulk repair needs the running engine: give \
+                     --url, not --data-dir (start the engine if it is stopped)"
                 ))
             }
             (None, Some(dir)) => {
@@ -1029,6 +1080,34 @@ fn print_inbox(page: &[Delivery], limit: usize) {
     }
 }
 
+fn print_bulk(action: &str, operator: &str, r: &BulkReport) {
+    if r.dry_run {
+        println!(
+            "dry run: {action} would be accepted for {} of the {} sagas matched; {} refused; \
+             nothing was written",
+            r.applied, r.matched, r.refused_count
+        );
+    } else {
+        println!(
+            "{action} recorded on {} of the {} sagas matched (by {operator}); {} refused",
+            r.applied, r.matched, r.refused_count
+        );
+    }
+    if r.truncated {
+        println!(
+            "the filter matches more than {}: only those were looked at",
+            sagaflow::BULK_MAX
+        );
+    }
+    for (id, why) in &r.refused {
+        println!("  {id}  {}", one_line_text(why, 160));
+    }
+    let unlisted = r.refused_count.saturating_sub(r.refused.len() as u64);
+    if unlisted > 0 {
+        println!("  and {unlisted} more refused");
+    }
+}
+
 fn print_stats(s: &Stats) {
     let mut rows = vec![vec!["total".to_string(), s.total.to_string()]];
     for (status, n) in &s.by_status {
@@ -1283,6 +1362,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "saga {}: step {step} was approved before; nothing was written",
                     target.id
                 );
+            }
+            return Ok(());
+        }
+        Command::Bulk {
+            action,
+            filter,
+            dry_run,
+            reason,
+            operator,
+        } => {
+            let secs = |d: &Option<Duration>| d.map(|d| d.as_secs());
+            let req = BulkRequest {
+                action: action.name().to_string(),
+                status: filter.status.clone(),
+                definition: filter.definition.clone(),
+                park_kind: filter.park_kind.clone(),
+                older_than_secs: secs(&filter.older_than),
+                newer_than_secs: secs(&filter.newer_than),
+                stuck_for_secs: secs(&filter.stuck_for),
+                start_key: filter.start_key.clone(),
+                text: filter.text.clone(),
+                dry_run: *dry_run,
+                operator: operator.clone(),
+                reason: reason.clone(),
+            };
+            let report: BulkReport = backend.post("/v1/bulk", &req).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_bulk(action.name(), operator, &report);
             }
             return Ok(());
         }

@@ -1298,3 +1298,114 @@ async fn drift_and_drift_handle_through_a_running_engine() {
     assert_eq!(open.len(), 3);
     assert!(open.iter().all(|e| e.drift.lsn != payment || e.saga != s));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_repairs_through_a_running_engine_count_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (parked, _done, ledger) = directory(tmp.path()).await;
+    let d = tmp.path().to_str().unwrap().to_string();
+    let offline = sagaflow(
+        &[
+            "--data-dir",
+            &d,
+            "bulk",
+            "resume",
+            "--status",
+            "parked",
+            "--reason",
+            "x",
+        ],
+        &[],
+    );
+    assert_eq!(offline.status.code(), Some(1));
+    assert!(
+        text(&offline).contains("needs the running engine"),
+        "{}",
+        text(&offline)
+    );
+
+    let engine = builder()
+        .register(checkout(&ledger))
+        .open(tmp.path())
+        .await
+        .unwrap();
+    let auth = Auth::new(Token::new(ADMIN).unwrap()).with_read_token(Token::new(READ).unwrap());
+    let engine = Arc::new(engine);
+    let app = router(engine.clone(), auth);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let status = engine.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let bulk = |extra: &[&str], token: &str| {
+            let mut args = vec![
+                "--url",
+                &url,
+                "bulk",
+                "resume",
+                "--status",
+                "parked",
+                "--park-kind",
+                "compensation_failed",
+                "--reason",
+                "inventory fixed",
+                "--operator",
+                "bo",
+            ];
+            args.extend(extra);
+            sagaflow(&args, &[("SAGAFLOW_TOKEN", token)])
+        };
+        let read = bulk(&["--dry-run"], READ);
+        assert_eq!(read.status.code(), Some(1));
+        assert!(text(&read).contains("403"), "{}", text(&read));
+        let dry = bulk(&["--dry-run"], ADMIN);
+        assert!(dry.status.success(), "{}", text(&dry));
+        assert!(
+            text(&dry).contains(
+                "dry run: resume would be accepted for 1 of the 1 sagas matched; 0 refused"
+            ),
+            "{}",
+            text(&dry)
+        );
+        assert_eq!(
+            status.status(parked).unwrap().status,
+            sagaflow::SagaStatus::Parked
+        );
+        let json = sagaflow(
+            &[
+                "--url",
+                &url,
+                "--json",
+                "bulk",
+                "retry",
+                "--status",
+                "parked",
+                "--dry-run",
+                "--reason",
+                "x",
+            ],
+            &[("SAGAFLOW_TOKEN", ADMIN)],
+        );
+        let report: Value = serde_json::from_slice(&json.stdout).unwrap();
+        assert_eq!(report["matched"], 1);
+        assert_eq!(
+            report["applied"], 0,
+            "a parked saga is resumed, not retried"
+        );
+        assert_eq!(report["refused_count"], 1);
+        bulk(&[], ADMIN)
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("resume recorded on 1 of the 1 sagas matched (by bo); 0 refused"),
+        "{}",
+        text(&out)
+    );
+    assert!(matches!(
+        engine.wait(parked).await.unwrap(),
+        SagaOutcome::Compensated { .. }
+    ));
+}

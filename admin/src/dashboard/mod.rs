@@ -54,19 +54,30 @@
 //! `Cache-Control: no-store`.
 //!
 //! Serve it on a listener of its own, at the root (the pages link to absolute paths),
-//! bound to a loopback or internal address:
+//! bound to a loopback or internal address, next to the API's:
 //!
 //! ```no_run
 //! # async fn run(engine: sagaflow::Engine) -> std::io::Result<()> {
+//! use std::future::IntoFuture;
 //! use std::sync::Arc;
 //! use sagaflow_admin::dashboard::{self, DashboardOptions};
 //! use sagaflow_admin::Auth;
 //!
-//! let Some(auth) = Auth::from_env()? else { return Ok(()) }; // no admin token: no dashboard
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:7071").await?;
-//! dashboard::serve(listener, Arc::new(engine), auth, DashboardOptions::default()).await
+//! let Some(auth) = Auth::from_env()? else { return Ok(()) }; // no admin token: neither
+//! let engine = Arc::new(engine);
+//! let api = sagaflow_admin::router(engine.clone(), auth.clone());
+//! let pages = dashboard::router(engine, auth, DashboardOptions::default());
+//! let api_listener = tokio::net::TcpListener::bind("127.0.0.1:7070").await?;
+//! let pages_listener = tokio::net::TcpListener::bind("127.0.0.1:7071").await?;
+//! tokio::try_join!(
+//!     axum::serve(api_listener, api).into_future(),
+//!     axum::serve(pages_listener, pages).into_future(),
+//! )?;
+//! # Ok(())
 //! # }
 //! ```
+//!
+//! [`serve`] does the second half alone.
 
 mod assets;
 mod auth;
