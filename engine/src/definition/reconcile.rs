@@ -8,6 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::Value;
 
+use crate::definition::StepContext;
 use crate::ids::{IdempotencyKey, SagaId};
 use crate::machine::{DriftKind, Expected, SagaStatus};
 
@@ -81,6 +82,23 @@ impl Finished {
                 "a record in force for key {}, where the log says {expected}",
                 self.key
             )),
+        }
+    }
+
+    /// A context for calling the step's system the way the step did: same saga, step,
+    /// input, outputs and idempotency key (the action's), first attempt, no deadline.
+    /// For a hook that goes through the same client code as the step (the steps
+    /// toolkit's HTTP integrations take a [`StepContext`]).
+    pub fn step_context(&self) -> StepContext {
+        StepContext {
+            saga_id: self.saga,
+            step: Arc::from(self.step.as_str()),
+            phase: crate::Phase::Action,
+            attempt: crate::Attempt::FIRST,
+            key: self.key.clone(),
+            deadline: crate::Timestamp::from_millis(u64::MAX),
+            input: self.input.clone(),
+            outputs: Some(self.outputs.clone()),
         }
     }
 

@@ -203,6 +203,9 @@ pub struct ReconcileReport {
     /// Sagas of definitions not registered in this process: left for the walk of a
     /// process that has them (each definition has its own position).
     pub elsewhere: usize,
+    /// Steps with a hook that were not looked up: skipped by an operator, or whose log
+    /// leaves it open whether they took effect.
+    pub unchecked: u64,
     /// Every drift found.
     pub drifts: Vec<FoundDrift>,
     /// Where the walk stands: the last saga looked at, by finish time.
@@ -227,9 +230,19 @@ pub(crate) fn expected(state: &SagaState, i: usize) -> Option<Expected> {
     match state.status {
         SagaStatus::Completed => succeeded.then_some(Expected::Present),
         SagaStatus::Compensated | SagaStatus::Cancelled => {
+            // The last attempt was refused under the step's one key: a service that
+            // honours the key would have answered the first attempt's effect had there
+            // been one, so there is none (a pivot compensated around, say).
+            let refused_last = matches!(
+                s.action,
+                Progress::Failed {
+                    kind: crate::machine::FailureKind::Rejected,
+                    ..
+                }
+            );
             if undone {
                 Some(Expected::Undone)
-            } else if !s.may_have_taken_effect() {
+            } else if !s.may_have_taken_effect() || refused_last {
                 Some(Expected::Absent)
             } else if succeeded {
                 // Not compensatable (an await step without an undo): it stands.
@@ -258,18 +271,22 @@ fn skipped_steps(records: &[LogRecord]) -> BTreeSet<u32> {
 }
 
 /// The lookups of one finished saga: a step with a hook and an expectation each.
-fn lookups_of(state: &SagaState, def: &SagaDefinition, skipped: &BTreeSet<u32>) -> Vec<Lookup> {
+fn lookups_of(
+    state: &SagaState,
+    def: &SagaDefinition,
+    skipped: &BTreeSet<u32>,
+    unchecked: &mut u64,
+) -> Vec<Lookup> {
     let outputs = Arc::new(state.outputs());
     let mut out = Vec::new();
     for (i, step) in def.steps().iter().enumerate() {
-        let (Some(checker), Some(expected), Ok(index)) =
-            (&step.reconcile, expected(state, i), u32::try_from(i))
-        else {
+        let (Some(checker), Ok(index)) = (&step.reconcile, u32::try_from(i)) else {
             continue;
         };
-        if skipped.contains(&index) {
+        let Some(expected) = expected(state, i).filter(|_| !skipped.contains(&index)) else {
+            *unchecked += 1;
             continue;
-        }
+        };
         let s = &state.steps[i];
         out.push(Lookup {
             index,
@@ -443,7 +460,12 @@ pub(crate) async fn pass(
             continue;
         }
         report.sagas += 1;
-        let lookups = lookups_of(&state, &def, &skipped_steps(&records));
+        let lookups = lookups_of(
+            &state,
+            &def,
+            &skipped_steps(&records),
+            &mut report.unchecked,
+        );
         sagas.insert(l.saga, (state, lookups));
     }
     // Every lookup of the batch at once, each within its integration's `concurrency`
@@ -645,6 +667,7 @@ pub(crate) async fn catch_up(
         total.matched += r.matched;
         total.skipped += r.skipped;
         total.elsewhere += r.elsewhere;
+        total.unchecked += r.unchecked;
         total.drifts.extend(r.drifts);
         total.position = r.position;
         if !full || *inner.stopping.borrow() {
