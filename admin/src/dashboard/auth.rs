@@ -445,9 +445,9 @@ pub(super) async fn logout(State(d): State<Dash>) -> Response {
 /// A 303 to a local path, with a cookie to set.
 pub(super) fn see_other(location: &str, cookie: Option<String>) -> Response {
     let mut r = StatusCode::SEE_OTHER.into_response();
-    if let Ok(v) = HeaderValue::from_str(location) {
-        r.headers_mut().insert(header::LOCATION, v);
-    }
+    // A path that is no valid header value (not ASCII, say) goes to the overview.
+    let to = HeaderValue::from_str(location).unwrap_or(HeaderValue::from_static("/"));
+    r.headers_mut().insert(header::LOCATION, to);
     if let Some(c) = cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
         r.headers_mut().insert(header::SET_COOKIE, c);
     }

@@ -65,10 +65,6 @@ fn badge(status: SagaStatus) -> String {
     format!("<span class=\"badge {0}\">{0}</span>", Esc(status.as_str()))
 }
 
-fn short(id: SagaId) -> String {
-    id.to_string()
-}
-
 fn per_minute(n: u64, window: Duration) -> String {
     let minutes = window.as_secs_f64() / 60.0;
     if minutes <= 0.0 {
@@ -321,7 +317,7 @@ pub(super) async fn list(
                 body,
                 "<tr><td><a class=\"mono\" href=\"/sagas/{id}\">{id}</a>{key}</td><td>{def} v{v}</td>\
                  <td>{status}</td><td>{created}</td><td>{updated}</td><td>{waiting}</td><td>{reason}</td></tr>",
-                id = short(m.id),
+                id = m.id,
                 key = m.start_key.as_ref().map_or(String::new(), |k| format!(
                     "<br><span class=\"muted\">key {}</span>",
                     Esc(&cut(k.as_str(), 40))
@@ -997,7 +993,7 @@ fn timeline(id: SagaId, records: &[LogRecord], names: &[String], words: &[String
             Event::Parked { reason } => {
                 class = "ev-parked";
                 (
-                    format!("parked ({})", Esc(&park_kind_name(reason.kind))),
+                    format!("parked ({})", park_kind_name(reason.kind)),
                     Esc(&reason.message).to_string(),
                 )
             }
@@ -1099,26 +1095,23 @@ pub(super) async fn repair(
             "A reason is required: it is recorded in the saga's log.",
         );
     }
-    let request = (|| {
-        Ok::<_, String>(crate::RepairRequest {
+    let refused = |e: &str| problem(StatusCode::BAD_REQUEST, Some(&session), "Repair refused", e);
+    let request = match (
+        number("step", form.step.as_deref()),
+        number("drift", form.drift.as_deref()),
+    ) {
+        (Ok(step), Ok(drift)) => crate::RepairRequest {
             action: form.action.clone(),
-            step: number("step", form.step.as_deref())?,
-            drift: number("drift", form.drift.as_deref())?,
+            step,
+            drift,
             operator: session.operator.clone(),
             reason: reason.to_string(),
-        })
-    })()
-    .and_then(|r| r.to_repair().map(|repair| (r, repair)));
-    let (request, action) = match request {
-        Ok(x) => x,
-        Err(e) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                Some(&session),
-                "Repair refused",
-                &e,
-            )
-        }
+        },
+        (Err(e), _) | (_, Err(e)) => return refused(&e),
+    };
+    let action = match request.to_repair() {
+        Ok(a) => a,
+        Err(e) => return refused(&e),
     };
     tracing::info!(saga = %id, action = action.name(), operator = %session.operator, "dashboard: repair");
     match d
