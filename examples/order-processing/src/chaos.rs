@@ -141,9 +141,8 @@ pub struct Report {
     /// The drifts it found (each also a mismatch).
     pub drifts: Vec<Drift>,
     /// Steps with a hook it passed over (`<saga>/<step>`), because the log cannot say
-    /// what the provider should hold: a `create_order` refused after an attempt of
-    /// unknown outcome, in a saga then compensated. Checked by this report instead (no
-    /// order made for it).
+    /// what the provider should hold (none in this saga: see `unchecked_steps`).
+    /// Checked by this report instead (no order made for it).
     pub reconcile_unchecked: Vec<String>,
     /// Everything that does not add up; must be 0.
     pub mismatches: usize,
@@ -1029,11 +1028,11 @@ async fn reconcile_store(
 }
 
 /// The steps with a hook of the sagas that ended compensated (or cancelled) of which
-/// the log says neither that they took no effect nor that they were undone: the
-/// reconciler has no expectation for them and passes them over without a word. In this
-/// saga that is a pivot (`create_order`) refused after an attempt whose outcome was
-/// unknown: the engine counts the refusal as final and compensates, but the step stays
-/// "may have taken effect".
+/// the log says neither that they took no effect, nor that they were undone, nor that
+/// their last attempt was refused under their key: the reconciler has no expectation
+/// for them and counts them as unchecked. This saga leaves none: a pivot
+/// (`create_order`) refused after an attempt whose outcome was unknown is expected
+/// absent, and looked up, by the reconciler itself.
 fn unchecked_steps(engine: &sagaflow::Engine) -> anyhow::Result<Vec<(sagaflow::SagaId, String)>> {
     use sagaflow::machine::Progress;
     let mut out = Vec::new();
@@ -1045,10 +1044,18 @@ fn unchecked_steps(engine: &sagaflow::Engine) -> anyhow::Result<Vec<(sagaflow::S
             for s in engine.state(meta.id)?.steps {
                 let undone = matches!(s.compensation, Progress::Succeeded { .. });
                 let stands = matches!(s.action, Progress::Succeeded { .. });
+                let refused = matches!(
+                    s.action,
+                    Progress::Failed {
+                        kind: sagaflow::FailureKind::Rejected,
+                        ..
+                    }
+                );
                 if STEPS_WITH_HOOKS.contains(&s.name.as_str())
                     && s.may_have_taken_effect()
                     && !undone
                     && !stands
+                    && !refused
                 {
                     out.push((meta.id, s.name));
                 }

@@ -24,7 +24,7 @@ use clap::{Parser, Subcommand};
 use example_order_processing::providers::{self, Addresses, Faults, ProviderSecrets};
 use example_order_processing::server::{self, Limits};
 use example_order_processing::service::{Listeners, ServiceSecrets};
-use example_order_processing::{chaos, saga, service};
+use example_order_processing::{chaos, reconcile, saga, service};
 use sagaflow::Engine;
 
 #[derive(Parser, Debug)]
@@ -129,6 +129,10 @@ enum Cmd {
         /// listener, never the public one.
         #[arg(long, default_value = "127.0.0.1:7070")]
         admin_listen: String,
+        /// Where the operator dashboard listens (when SAGAFLOW_ADMIN_TOKEN is set; log
+        /// in with that token, or SAGAFLOW_READ_TOKEN to look only); `off`: no dashboard.
+        #[arg(long, default_value = "127.0.0.1:7071")]
+        dashboard_listen: String,
         /// Connections open at once, per listener; more wait until one closes.
         #[arg(long, default_value_t = Limits::default().max_connections)]
         max_connections: usize,
@@ -181,6 +185,7 @@ struct ServeArgs {
     env_file: Option<PathBuf>,
     listen: String,
     admin_listen: String,
+    dashboard_listen: String,
     limits: Limits,
 }
 
@@ -208,6 +213,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let public = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
+    let dashboard = match (&secrets.admin, args.dashboard_listen.as_str()) {
+        (Some(auth), listen) if listen != "off" => {
+            let l = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding the dashboard to {listen}"))?;
+            let addr = l.local_addr()?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "the dashboard listens on a non-loopback address");
+            }
+            tracing::info!(%addr, "dashboard listening");
+            Some((l, auth.clone()))
+        }
+        _ => None,
+    };
     let admin = match secrets.admin {
         Some(auth) => {
             let l = tokio::net::TcpListener::bind(&args.admin_listen)
@@ -227,7 +246,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&args.data_dir)?;
     let integrations = saga::Integrations::new(&a, &secrets.client_secret);
-    let builder = Engine::builder().register(saga::definition(&integrations)?);
+    // The reconciler checks, every minute, the orders that finished between 10 minutes
+    // and 7 days ago against the providers (the steps' hooks), at inventory's rate.
+    let builder = Engine::builder()
+        .register(saga::definition(&integrations)?)
+        .options(
+            sagaflow::EngineOptions::default()
+                .with_reconciler(reconcile::reconcile_options(&integrations)),
+        );
     let engine = Arc::new(match &args.database_url {
         None => builder.open(&args.data_dir).await?,
         #[cfg(feature = "postgres")]
@@ -245,6 +271,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
     });
     tracing::info!(recovered = ?engine.recovery(), "engine open");
+    let dashboard = dashboard.map(|(listener, auth)| {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let options = sagaflow_admin::dashboard::DashboardOptions::default();
+            if let Err(e) = sagaflow_admin::dashboard::serve(listener, engine, auth, options).await
+            {
+                tracing::error!(error = %e, "the dashboard stopped");
+            }
+        })
+    });
     let svc = service::Service::new(engine.clone(), secrets.webhook_secrets)?;
     tracing::info!(listen = %public.local_addr()?, limits = ?args.limits, "order service listening");
     service::run(
@@ -261,6 +297,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     )
     .await?;
+    // The dashboard holds a handle on the engine: let go of it before the shutdown.
+    if let Some(task) = dashboard {
+        task.abort();
+        let _ = task.await;
+    }
     match Arc::try_unwrap(engine) {
         Ok(e) => e.shutdown().await?,
         Err(_) => tracing::warn!("engine still in use at exit; its sagas resume at the next start"),
@@ -268,13 +309,46 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// With the `otel` feature and `OTEL_EXPORTER_OTLP_ENDPOINT` set: log lines as usual,
+/// and the spans exported over OTLP/HTTP to that endpoint. The guard flushes what is
+/// left when it is dropped, at exit.
+#[cfg(feature = "otel")]
+fn init_traces() -> anyhow::Result<Option<sagaflow_otel::Guard>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let Some(endpoint) = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty())
+    else {
+        return Ok(None);
+    };
+    let options = sagaflow_otel::Options::new("order-processing").with_endpoint(endpoint);
+    let (otel, guard) = sagaflow_otel::layer(&options)?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::registry()
+        .with(otel)
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .try_init()?;
+    Ok(Some(guard))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _ = sagaflow_admin::init_logging(if std::env::var("LOG_JSON").is_ok() {
-        sagaflow_admin::LogFormat::Json
-    } else {
-        sagaflow_admin::LogFormat::Text
-    });
+    #[cfg(feature = "otel")]
+    let _traces = init_traces()?;
+    #[cfg(feature = "otel")]
+    let exporting = _traces.is_some();
+    #[cfg(not(feature = "otel"))]
+    let exporting = false;
+    if !exporting {
+        let _ = sagaflow_admin::init_logging(if std::env::var("LOG_JSON").is_ok() {
+            sagaflow_admin::LogFormat::Json
+        } else {
+            sagaflow_admin::LogFormat::Text
+        });
+    }
     match Cli::parse().command {
         Cmd::Providers {
             dir,
@@ -327,6 +401,7 @@ async fn main() -> anyhow::Result<()> {
             env_file,
             listen,
             admin_listen,
+            dashboard_listen,
             max_connections,
             header_read_timeout,
             idle_timeout,
@@ -339,6 +414,7 @@ async fn main() -> anyhow::Result<()> {
                 env_file,
                 listen,
                 admin_listen,
+                dashboard_listen,
                 limits: Limits {
                     max_connections,
                     header_read_timeout,
