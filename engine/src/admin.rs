@@ -367,11 +367,15 @@ pub fn activity(
     let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
     let bucket_ms = window_ms.div_ceil(buckets as u64).max(1);
     let since = Timestamp::from_millis(now.as_millis().saturating_sub(window_ms));
+    // The window is `since..=now`: a saga of this very millisecond is in the last bucket.
     let slot = |t: Timestamp| -> Option<usize> {
+        if t > now {
+            return None;
+        }
         let off = t.as_millis().checked_sub(since.as_millis())?;
         usize::try_from(off / bucket_ms)
             .ok()
-            .filter(|&i| i < buckets)
+            .map(|i| i.min(buckets - 1))
     };
     let mut a = Activity {
         bucket_secs: bucket_ms / 1000,
