@@ -76,9 +76,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use sagaflow::admin::{DriftEntry, ListFilter, LogProblem, Stats};
-use sagaflow::machine::{DriftKind, Expected, LogRecord, Repair};
+use sagaflow::machine::{LogRecord, Repair};
 use sagaflow::store::{Delivered, Delivery};
-use sagaflow::{Engine, Error, Lsn, ReconcileReport, SagaId, SagaMeta, SagaStatus, Timestamp};
+use sagaflow::{
+    Engine, Error, FoundDrift, Lsn, ReconcileReport, SagaId, SagaMeta, SagaStatus, Timestamp,
+};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
@@ -877,26 +879,6 @@ async fn drifts(State(state): State<AppState>, Query(q): Query<DriftsQuery>) -> 
     }
 }
 
-/// One drift a reconciler run found, in the answer to `POST /v1/reconcile`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct FoundDriftView {
-    /// The saga.
-    pub saga: SagaId,
-    /// Its definition.
-    pub definition: String,
-    /// The step's name.
-    pub step: String,
-    /// How the system disagrees.
-    pub kind: DriftKind,
-    /// What the log says the system should hold.
-    pub expected: Expected,
-    /// What the reconcile hook found.
-    pub detail: String,
-    /// The lsn of the drift record (what `handle_drift` names); `None` if the same
-    /// drift (step and kind) was recorded on the saga before.
-    pub lsn: Option<Lsn>,
-}
-
 /// Where the reconciler's walk of finished sagas stands.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ReconcilePosition {
@@ -915,11 +897,15 @@ pub struct ReconcileSummary {
     pub lookups: u64,
     /// Steps whose system agreed with the log.
     pub matched: u64,
-    /// Sagas not checked (resolved by hand, an unreadable log, a definition this engine
-    /// does not have).
+    /// Sagas not checked (resolved by hand, an unreadable log, steps that changed under
+    /// the same definition version).
     pub skipped: usize,
+    /// Sagas of definitions this engine does not have: left to the processes that do.
+    pub elsewhere: usize,
+    /// Steps with a hook not looked up (skipped by hand, or an open outcome).
+    pub unchecked: u64,
     /// Every drift found.
-    pub drifts: Vec<FoundDriftView>,
+    pub drifts: Vec<FoundDrift>,
     /// Where the walk stands; `None` before any saga was looked at.
     pub position: Option<ReconcilePosition>,
 }
@@ -931,19 +917,9 @@ impl From<ReconcileReport> for ReconcileSummary {
             lookups: r.lookups,
             matched: r.matched,
             skipped: r.skipped,
-            drifts: r
-                .drifts
-                .into_iter()
-                .map(|d| FoundDriftView {
-                    saga: d.saga,
-                    definition: d.definition,
-                    step: d.step,
-                    kind: d.kind,
-                    expected: d.expected,
-                    detail: d.detail,
-                    lsn: d.lsn,
-                })
-                .collect(),
+            elsewhere: r.elsewhere,
+            unchecked: r.unchecked,
+            drifts: r.drifts,
             position: r
                 .position
                 .map(|(finished_at, saga)| ReconcilePosition { finished_at, saga }),

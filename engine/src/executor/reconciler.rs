@@ -168,7 +168,7 @@ impl ReconcileOptions {
 }
 
 /// One drift found (and recorded) by a reconciler pass.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct FoundDrift {
     /// The saga.

@@ -66,16 +66,7 @@ pub(crate) fn page(
     } else {
         kv.visit(&prefix, cursor.as_deref(), &mut take)?;
     }
-    let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        match meta(kv, id) {
-            Ok(Some(m)) => out.push(m),
-            Ok(None) => {}
-            // One bad summary does not hide the others.
-            Err(e) => tracing::warn!(saga_id = %id, error = %e, "summary does not decode"),
-        }
-    }
-    Ok(out)
+    Ok(metas(kv, ids))
 }
 
 /// The counters: how many sagas of each definition have each status.
@@ -177,6 +168,12 @@ pub(crate) fn drifted(kv: &impl Kv, after: Option<SagaId>, limit: usize) -> Resu
             Ok(ids.len() < limit)
         })?;
     }
+    Ok(metas(kv, ids))
+}
+
+/// The summaries of `ids`, in order: one that does not decode is skipped with a warning,
+/// so that one bad saga does not hide the others.
+fn metas(kv: &impl Kv, ids: Vec<SagaId>) -> Vec<SagaMeta> {
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
         match meta(kv, id) {
@@ -185,7 +182,7 @@ pub(crate) fn drifted(kv: &impl Kv, after: Option<SagaId>, limit: usize) -> Resu
             Err(e) => tracing::warn!(saga_id = %id, error = %e, "summary does not decode"),
         }
     }
-    Ok(out)
+    out
 }
 
 /// The position stored under `name`.

@@ -676,6 +676,20 @@ fn prepare(w: Write) -> Result<std::result::Result<Prepared, Refused>> {
     }))
 }
 
+/// The summaries in rows of (id, meta): one that does not decode is skipped with a
+/// warning, so that one bad saga does not hide the others.
+fn metas_of(rows: &[tokio_postgres::Row]) -> Result<Vec<SagaMeta>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let id = saga_of(r.get::<_, &[u8]>(0))?;
+        match codec::decode_meta(id, r.get::<_, &[u8]>(1)) {
+            Ok(m) => out.push(m),
+            Err(e) => tracing::warn!(saga_id = %id, error = %e, "summary does not decode"),
+        }
+    }
+    Ok(out)
+}
+
 impl SagaLog for PgLog {
     fn inbox(&self) -> &dyn Inbox {
         self
@@ -874,15 +888,7 @@ impl SagaLog for PgLog {
                 .query(&q, &[&status, &cursor, &limit])
                 .await
                 .map_err(backend)?;
-            let mut out = Vec::with_capacity(rows.len());
-            for r in rows {
-                let id = saga_of(r.get::<_, &[u8]>(0))?;
-                match codec::decode_meta(id, r.get::<_, &[u8]>(1)) {
-                    Ok(m) => out.push(m),
-                    Err(e) => tracing::warn!(saga_id = %id, error = %e, "summary does not decode"),
-                }
-            }
-            Ok(out)
+            metas_of(&rows)
         })
     }
 
@@ -1009,15 +1015,7 @@ impl SagaLog for PgLog {
                 .query(&q, &[&cursor, &limit])
                 .await
                 .map_err(backend)?;
-            let mut out = Vec::with_capacity(rows.len());
-            for r in rows {
-                let id = saga_of(r.get::<_, &[u8]>(0))?;
-                match codec::decode_meta(id, r.get::<_, &[u8]>(1)) {
-                    Ok(m) => out.push(m),
-                    Err(e) => tracing::warn!(saga_id = %id, error = %e, "summary does not decode"),
-                }
-            }
-            Ok(out)
+            metas_of(&rows)
         })
     }
 
