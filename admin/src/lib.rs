@@ -19,7 +19,7 @@
 //! | `GET /v1/deliveries?after_key=&after_id=&limit=` | read | the inbox's deliveries, taken (`taken_by`) or not, in the store's stable order after the cursor (both or neither); `limit` 1 to 1000, 100 if absent |
 //! | `GET /v1/drifts?after=&limit=` | read | `{ "drifts": [...], "next": "<saga id>" or null }`: the open drifts of up to `limit` sagas (1 to 1000, 100 if absent) in saga id order after the saga `after`, each `{ "saga", "definition", "version", "status", "drift": { "lsn", "at", "step", "step_name", "kind", "expected", "detail", "handled" } }`; `next` is the `after` of the next page, null on the last |
 //! | `POST /v1/reconcile` | admin | body none or `{}`: runs the reconciler until it has caught up, answers `{ "sagas", "lookups", "matched", "skipped", "drifts": [...], "position" }` (the drifts it found; `lsn` null for one recorded before) |
-//! | `POST /v1/bulk` | admin | body `{ "action": "resume", "status": "parked", "park_kind": "compensation_failed", "operator": "ana", "reason": "...", "dry_run": true }` (see [`BulkRequest`] for every filter field): one repair applied to every saga the filter matches, each recorded on its own saga; answers the [`sagaflow::BulkReport`]. `dry_run` defaults to `true`: a dry run counts the sagas matched and those the repair would be accepted for, and writes nothing. 400 with SAGA-0020 without who or why |
+//! | `POST /v1/bulk` | admin | body `{ "action": "resume", "status": "parked", "park_kind": "compensation_failed", "operator": "ana", "reason": "..." }` (see [`BulkRequest`] for every filter field): one repair applied to the sagas the filter matches, each recorded on its own saga; answers the [`sagaflow::BulkReport`]. Without `confirm`, a dry run: it counts the sagas matched and those the repair would be accepted for, writes nothing, and answers a `confirm` token; the same request with `"confirm": "<token>"` applies it to exactly those sagas, or is refused if the filter matches anything else by then. 400 with SAGA-0020 without who or why, or for a confirmation that no longer holds |
 //! | `GET /metrics` | read | Prometheus text format |
 //!
 //! Deliveries and approvals need the admin token: like a repair, they change what a
@@ -969,9 +969,12 @@ pub struct BulkRequest {
     /// Only sagas whose reason contains this text, ignoring case.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
-    /// Count only, write nothing (default `true`).
-    #[serde(default = "yes")]
-    pub dry_run: bool,
+    /// Absent: a dry run, which counts and writes nothing, and answers with `confirm`
+    /// (a [`sagaflow::BulkConfirm`] token). That token: the repair is applied to exactly
+    /// the sagas the dry run matched, or refused (400, SAGA-0020) if the filter matches
+    /// anything else by now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirm: Option<String>,
     /// Who (recorded on each saga).
     pub operator: String,
     /// Why (recorded on each saga).
@@ -983,9 +986,20 @@ impl BulkRequest {
     ///
     /// # Errors
     ///
-    /// A message for an unknown action, status or park kind.
-    pub fn to_bulk(&self) -> Result<(sagaflow::BulkAction, ListFilter), String> {
+    /// A message for an unknown action, status or park kind, a text longer than
+    /// [`MAX_FILTER_TEXT`] bytes, or a confirmation that does not parse.
+    pub fn to_bulk(
+        &self,
+    ) -> Result<
+        (
+            sagaflow::BulkAction,
+            ListFilter,
+            Option<sagaflow::BulkConfirm>,
+        ),
+        String,
+    > {
         let action: sagaflow::BulkAction = self.action.parse()?;
+        let confirm = self.confirm.as_deref().map(str::parse).transpose()?;
         let mut f = ListFilter::default();
         if let Some(s) = &self.status {
             f = f.status(SagaStatus::parse(s).ok_or_else(|| format!("unknown status `{s}`"))?);
@@ -1009,10 +1023,27 @@ impl BulkRequest {
             f = f.start_key(k.clone());
         }
         if let Some(t) = &self.text {
-            f = f.text(t.clone());
+            f = f.text(filter_text(t)?);
         }
-        Ok((action, f))
+        Ok((action, f, confirm))
     }
+}
+
+/// The longest text filter taken, in bytes: it is matched against every saga's reason.
+pub const MAX_FILTER_TEXT: usize = 256;
+
+/// A text filter, refused when longer than [`MAX_FILTER_TEXT`].
+///
+/// # Errors
+///
+/// A message saying so.
+pub fn filter_text(t: &str) -> Result<String, String> {
+    if t.len() > MAX_FILTER_TEXT {
+        return Err(format!(
+            "the text filter is limited to {MAX_FILTER_TEXT} bytes"
+        ));
+    }
+    Ok(t.to_string())
 }
 
 /// A park kind as JSON spells it (`compensation_failed`).
@@ -1029,7 +1060,7 @@ async fn bulk(
         Ok(b) => b,
         Err(e) => return rejected(&e),
     };
-    let (action, filter) = match req.to_bulk() {
+    let (action, filter, confirm) = match req.to_bulk() {
         Ok(x) => x,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, e, None),
     };
@@ -1038,7 +1069,7 @@ async fn bulk(
     let engine = state.engine.clone();
     let run = tokio::spawn(async move {
         engine
-            .bulk(&filter, action, req.dry_run, &req.operator, &req.reason)
+            .bulk(&filter, action, confirm, &req.operator, &req.reason)
             .await
     });
     match run.await {

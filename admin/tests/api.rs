@@ -377,8 +377,22 @@ async fn a_bulk_repair_by_filter_needs_the_admin_token_and_counts_before_it_writ
         assert_eq!(e.code.as_deref(), code, "{bad}");
     }
 
+    // A confirmation that does not parse, or that another set of sagas would have
+    // given, is refused.
+    for confirm in [json!("yes"), json!("1-0000000000000000-none")] {
+        let mut wrong = body.clone();
+        wrong["confirm"] = confirm.clone();
+        let r = c
+            .post(&bulk)
+            .bearer_auth(ADMIN)
+            .json(&wrong)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{confirm}");
+    }
     let mut apply = body.clone();
-    apply["dry_run"] = json!(false);
+    apply["confirm"] = json!(dry.confirm.expect("a dry run's confirmation").to_string());
     let r = c
         .post(&bulk)
         .bearer_auth(ADMIN)
@@ -397,4 +411,60 @@ async fn a_bulk_repair_by_filter_needs_the_admin_token_and_counts_before_it_writ
         .await
         .unwrap();
     assert_ne!(view.summary.status, SagaStatus::Parked, "resumed");
+}
+
+/// Every route of the API, and any other path or method, answers 401 without a valid
+/// bearer token (and writes nothing): the list below is the router's, route by route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_answers_401_without_a_valid_token() {
+    let (url, id, _ledger) = serve().await;
+    let c = reqwest::Client::new();
+    let routes: Vec<(reqwest::Method, String)> = [
+        ("GET", "/v1/sagas".to_string()),
+        ("GET", format!("/v1/sagas/{id}")),
+        ("GET", "/v1/stats".to_string()),
+        ("POST", format!("/v1/sagas/{id}/repair")),
+        ("POST", format!("/v1/sagas/{id}/cancel")),
+        ("POST", "/v1/purge".to_string()),
+        ("POST", "/v1/deliveries".to_string()),
+        ("GET", "/v1/deliveries".to_string()),
+        ("POST", format!("/v1/sagas/{id}/approve")),
+        ("GET", "/v1/drifts".to_string()),
+        ("POST", "/v1/reconcile".to_string()),
+        ("POST", "/v1/bulk".to_string()),
+        ("GET", "/metrics".to_string()),
+        ("DELETE", format!("/v1/sagas/{id}")),
+        ("GET", "/v1/no-such-route".to_string()),
+    ]
+    .into_iter()
+    .map(|(m, p)| (m.parse().unwrap(), p))
+    .collect();
+    let body = json!({"action": "resolve", "operator": "ana", "reason": "x"});
+    for (method, path) in &routes {
+        for token in [None, Some("admin-token-0123456788"), Some("")] {
+            let mut r = c
+                .request(method.clone(), format!("{url}{path}"))
+                .json(&body);
+            if let Some(t) = token {
+                r = r.bearer_auth(t);
+            }
+            let r = r.send().await.unwrap();
+            assert_eq!(
+                r.status(),
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} with {token:?}"
+            );
+        }
+    }
+    // Nothing was written: the saga is still parked.
+    let view: SagaView = c
+        .get(format!("{url}/v1/sagas/{id}"))
+        .bearer_auth(READ)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view.summary.status, SagaStatus::Parked);
 }

@@ -486,7 +486,7 @@ async fn a_bulk_repair_counts_first_and_applies_on_confirmation() {
             && dry.contains("<dd class=\"applied\">2</dd>")
     );
     assert!(
-        dry.contains("name=\"confirm\" value=\"yes\""),
+        dry.contains("name=\"confirm\" value=\"2-"),
         "a confirm form"
     );
     assert!(
@@ -496,8 +496,14 @@ async fn a_bulk_repair_counts_first_and_applies_on_confirmation() {
     for id in [shop.parked, shop.also_parked] {
         assert_eq!(shop.engine.status(id).unwrap().status, SagaStatus::Parked);
     }
+    let token = {
+        let open = "name=\"confirm\" value=\"";
+        let at = dry.find(open).expect("a confirm form") + open.len();
+        let end = dry[at..].find('"').expect("a closed attribute");
+        dry[at..at + end].to_string()
+    };
     let mut confirm = form.to_vec();
-    confirm.push(("confirm", "yes"));
+    confirm.push(("confirm", token.as_str()));
     let (status, _, applied) = post(&bulk, &admin, &confirm, &[]).await;
     assert_eq!(status, StatusCode::OK);
     assert!(applied.contains("Bulk repair: applied"));

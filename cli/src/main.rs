@@ -10,7 +10,8 @@
 //! sagaflow --data-dir /var/lib/shop/sagas inbox
 //! sagaflow --url http://127.0.0.1:7070 drift
 //! sagaflow --url http://127.0.0.1:7070 drift handle <id> 7 --reason "refund booked by hand"
-//! sagaflow --url http://127.0.0.1:7070 bulk resume --status parked --dry-run --reason "stock fixed"
+//! sagaflow --url http://127.0.0.1:7070 bulk resume --status parked --reason "stock fixed"   # a dry run
+//! sagaflow --url http://127.0.0.1:7070 bulk resume --status parked --reason "stock fixed" --confirm TOKEN
 //! ```
 //!
 //! Exit codes: 0 done, 1 error, 2 usage, 3 refused (a repair, cancellation, delivery or
@@ -176,16 +177,18 @@ enum Command {
     },
     /// Apply one repair to every saga a filter matches (at most 10 000, oldest first),
     /// each checked and recorded on its own saga; one refused is listed, not fatal.
-    /// Needs the running engine (--url). Try it with --dry-run first.
+    /// Needs the running engine (--url). Without --confirm, a dry run: it counts and
+    /// prints the token that applies it to exactly the sagas counted.
     Bulk {
         /// retry, resume, compensate or resolve.
         action: sagaflow::BulkAction,
         #[command(flatten)]
         filter: BulkFilter,
-        /// Count only: how many sagas match and how many the repair would be accepted
-        /// for now. Nothing is written.
+        /// The token a dry run printed: apply the repair to exactly the sagas it
+        /// counted (refused if the filter matches anything else by now). Without it,
+        /// a dry run: nothing is written.
         #[arg(long)]
-        dry_run: bool,
+        confirm: Option<String>,
         /// Why (recorded in each saga's log).
         #[arg(long)]
         reason: String,
@@ -1087,6 +1090,9 @@ fn print_bulk(action: &str, operator: &str, r: &BulkReport) {
              nothing was written",
             r.applied, r.matched, r.refused_count
         );
+        if let Some(c) = r.confirm.filter(|_| r.applied > 0) {
+            println!("to apply it to exactly these sagas, run the same command with --confirm {c}");
+        }
     } else {
         println!(
             "{action} recorded on {} of the {} sagas matched (by {operator}); {} refused",
@@ -1368,7 +1374,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bulk {
             action,
             filter,
-            dry_run,
+            confirm,
             reason,
             operator,
         } => {
@@ -1383,7 +1389,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 stuck_for_secs: secs(&filter.stuck_for),
                 start_key: filter.start_key.clone(),
                 text: filter.text.clone(),
-                dry_run: *dry_run,
+                confirm: confirm.clone(),
                 operator: operator.clone(),
                 reason: reason.clone(),
             };

@@ -1356,10 +1356,11 @@ async fn bulk_repairs_through_a_running_engine_count_first() {
             args.extend(extra);
             sagaflow(&args, &[("SAGAFLOW_TOKEN", token)])
         };
-        let read = bulk(&["--dry-run"], READ);
+        let read = bulk(&[], READ);
         assert_eq!(read.status.code(), Some(1));
         assert!(text(&read).contains("403"), "{}", text(&read));
-        let dry = bulk(&["--dry-run"], ADMIN);
+        // Without --confirm: a dry run, which prints the token that applies it.
+        let dry = bulk(&[], ADMIN);
         assert!(dry.status.success(), "{}", text(&dry));
         assert!(
             text(&dry).contains(
@@ -1368,22 +1369,19 @@ async fn bulk_repairs_through_a_running_engine_count_first() {
             "{}",
             text(&dry)
         );
+        let token = text(&dry)
+            .split("--confirm ")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no confirmation token: {}", text(&dry)));
         assert_eq!(
             status.status(parked).unwrap().status,
             sagaflow::SagaStatus::Parked
         );
         let json = sagaflow(
             &[
-                "--url",
-                &url,
-                "--json",
-                "bulk",
-                "retry",
-                "--status",
-                "parked",
-                "--dry-run",
-                "--reason",
-                "x",
+                "--url", &url, "--json", "bulk", "retry", "--status", "parked", "--reason", "x",
             ],
             &[("SAGAFLOW_TOKEN", ADMIN)],
         );
@@ -1394,7 +1392,10 @@ async fn bulk_repairs_through_a_running_engine_count_first() {
             "a parked saga is resumed, not retried"
         );
         assert_eq!(report["refused_count"], 1);
-        bulk(&[], ADMIN)
+        // A token of another set of sagas is refused.
+        let wrong = bulk(&["--confirm", "2-0000000000000000-none"], ADMIN);
+        assert_eq!(wrong.status.code(), Some(1), "{}", text(&wrong));
+        bulk(&["--confirm", &token], ADMIN)
     })
     .await
     .unwrap();

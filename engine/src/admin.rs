@@ -89,10 +89,11 @@ impl ListFilter {
         self
     }
 
-    /// Sets [`ListFilter::park_kind`] (and the status to parked).
+    /// Sets [`ListFilter::park_kind`] (and the status to parked, if none is set: a
+    /// filter on another status and a park kind matches nothing).
     pub fn park_kind(mut self, kind: ParkKind) -> Self {
         self.park_kind = Some(kind);
-        self.status = Some(SagaStatus::Parked);
+        self.status.get_or_insert(SagaStatus::Parked);
         self
     }
 
@@ -110,7 +111,16 @@ impl ListFilter {
 
     /// Whether `meta` passes every part of the filter but the cursor and the limit.
     pub fn matches(&self, meta: &SagaMeta, now: Timestamp) -> bool {
-        let text = self.text.as_ref().map(|t| t.to_lowercase());
+        self.matches_text(
+            meta,
+            now,
+            self.text.as_ref().map(|t| t.to_lowercase()).as_deref(),
+        )
+    }
+
+    /// As [`ListFilter::matches`], with the text already lowercased (once per walk, not
+    /// once per saga).
+    fn matches_text(&self, meta: &SagaMeta, now: Timestamp, text: Option<&str>) -> bool {
         self.status.is_none_or(|s| s == meta.status)
             && self
                 .definition
@@ -131,7 +141,7 @@ impl ListFilter {
             && text.is_none_or(|t| {
                 meta.reason
                     .as_ref()
-                    .is_some_and(|r| r.to_lowercase().contains(&t))
+                    .is_some_and(|r| r.to_lowercase().contains(t))
             })
     }
 
@@ -183,7 +193,8 @@ pub fn list(store: &dyn SagaLog, filter: &ListFilter, now: Timestamp) -> Result<
     if want == 0 {
         return Ok(out);
     }
-    let keep = |meta: &SagaMeta| filter.matches(meta, now);
+    let text = filter.text.as_ref().map(|t| t.to_lowercase());
+    let keep = |meta: &SagaMeta| filter.matches_text(meta, now, text.as_deref());
     if let Some(key) = &filter.start_key {
         // One saga at most: the start-key index says which.
         let Ok(key) = crate::ids::StartKey::new(key.clone()) else {

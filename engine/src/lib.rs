@@ -207,9 +207,9 @@ pub use definition::{
 pub use definition::{Finished, Reconcile, Verdict};
 pub use error::{Error, Result};
 pub use executor::{
-    BulkAction, BulkReport, CommitMode, CommitStats, Engine, EngineBuilder, EngineOptions,
-    FoundDrift, Pace, ReconcileOptions, ReconcileReport, SagaOutcome, StartOptions, Started,
-    BULK_MAX,
+    BulkAction, BulkConfirm, BulkReport, CommitMode, CommitStats, Engine, EngineBuilder,
+    EngineOptions, FoundDrift, Pace, ReconcileOptions, ReconcileReport, SagaOutcome, StartOptions,
+    Started, BULK_MAX,
 };
 pub use ids::{Attempt, IdempotencyKey, Lsn, Phase, SagaId, StartKey};
 pub use machine::{FailureKind, LogRecord, ParkKind, ParkReason, SagaStatus};

@@ -55,6 +55,11 @@ async fn filters_pick_sagas_and_a_bulk_repair_acts_on_exactly_those_after_a_dry_
         parked
     );
     assert!(ids(ListFilter::default().park_kind(ParkKind::CrashLoop)).is_empty());
+    // A park kind with another status matches nothing, not the parked sagas.
+    assert!(ids(ListFilter::default()
+        .status(SagaStatus::Completed)
+        .park_kind(ParkKind::CompensationFailed))
+    .is_empty());
     assert_eq!(
         ids(ListFilter::default().start_key("order-42")),
         vec![keyed]
@@ -81,7 +86,7 @@ async fn filters_pick_sagas_and_a_bulk_repair_acts_on_exactly_those_after_a_dry_
     // Who and why are required.
     let parked_filter = ListFilter::default().status(SagaStatus::Parked);
     let e = engine
-        .bulk(&parked_filter, BulkAction::Resume, false, "ops", " ")
+        .bulk(&parked_filter, BulkAction::Resume, None, "ops", " ")
         .await
         .unwrap_err();
     assert!(matches!(e, Error::BulkRefused(_)), "{e}");
@@ -92,7 +97,7 @@ async fn filters_pick_sagas_and_a_bulk_repair_acts_on_exactly_those_after_a_dry_
         .bulk(
             &parked_filter,
             BulkAction::Resume,
-            true,
+            None,
             "ops",
             "stock fixed",
         )
@@ -102,12 +107,38 @@ async fn filters_pick_sagas_and_a_bulk_repair_acts_on_exactly_those_after_a_dry_
     for id in &parked {
         assert_eq!(engine.status(*id).unwrap().status, SagaStatus::Parked);
     }
+    let confirm = dry.confirm.expect("a dry run answers its confirmation");
+    assert_eq!(confirm.upto, Some(parked[2]));
+    // A confirmation of another set of sagas is refused, and writes nothing.
+    let other = sagaflow::BulkConfirm {
+        matched: 2,
+        ..confirm
+    };
+    let e = engine
+        .bulk(
+            &parked_filter,
+            BulkAction::Resume,
+            Some(other),
+            "ops",
+            "stock fixed",
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::BulkRefused(_)), "{e}");
+    // A reason too long to record is refused before anything is counted.
+    let long = "x".repeat(sagaflow::MAX_MESSAGE_BYTES + 1);
+    assert!(matches!(
+        engine
+            .bulk(&parked_filter, BulkAction::Resume, None, "ops", &long)
+            .await,
+        Err(Error::BulkRefused(_))
+    ));
     // Applied: each saga gets its own operator action, and resumes.
     let done = engine
         .bulk(
             &parked_filter,
             BulkAction::Resume,
-            false,
+            Some(confirm),
             "ops",
             "stock fixed",
         )
@@ -137,12 +168,30 @@ async fn filters_pick_sagas_and_a_bulk_repair_acts_on_exactly_those_after_a_dry_
             vec![(Repair::Resume, "ops".to_string(), "stock fixed".to_string())]
         );
     }
+    // The same confirmation again: the sagas it counted are no longer parked.
+    let e = engine
+        .bulk(
+            &parked_filter,
+            BulkAction::Resume,
+            Some(confirm),
+            "ops",
+            "stock fixed",
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("changed since the dry run"), "{e}");
     // A repair that does not fit a saga is counted and listed, not fatal.
+    let completed = ListFilter::default().status(SagaStatus::Completed);
+    let dry = engine
+        .bulk(&completed, BulkAction::Compensate, None, "ops", "undo it")
+        .await
+        .unwrap();
+    assert_eq!((dry.matched, dry.applied), (1, 0));
     let refused = engine
         .bulk(
-            &ListFilter::default().status(SagaStatus::Completed),
+            &completed,
             BulkAction::Compensate,
-            false,
+            dry.confirm,
             "ops",
             "undo it",
         )

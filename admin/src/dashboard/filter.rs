@@ -133,7 +133,7 @@ impl Params {
             f = f.start_key(k);
         }
         if let Some(t) = self.value("text") {
-            f = f.text(t);
+            f = f.text(crate::filter_text(t)?);
         }
         Ok(f)
     }

@@ -403,7 +403,20 @@ pub(super) async fn saga(
         "<h1>Saga <span class=\"mono\">{id}</span> {}</h1>",
         badge(meta.status)
     );
-    if let Some(done) = flash.ok().and_then(|Query(f)| f.done) {
+    // Said only when the log's latest operator record is that action by this operator:
+    // a link cannot make the page claim a repair nobody made.
+    let latest = log.records.iter().rev().find_map(|r| match &r.event {
+        Event::OperatorAction {
+            action, operator, ..
+        } => Some((action.name(), operator.as_str())),
+        Event::CancelRequested { operator, .. } => Some(("cancel", operator.as_str())),
+        _ => None,
+    });
+    let done = flash
+        .ok()
+        .and_then(|Query(f)| f.done)
+        .filter(|d| latest == Some((d.as_str(), session.operator.as_str())));
+    if let Some(done) = done {
         let _ = write!(
             body,
             "<p class=\"flash\">Recorded: {} by {}. <a href=\"/sagas/{id}\">Reload</a> to follow the saga.</p>",
@@ -1232,14 +1245,20 @@ pub(super) async fn bulk(
     if reason.is_empty() {
         return refuse("A reason is required: it is recorded in each saga's log.");
     }
-    let dry_run = params.confirm.as_deref() != Some("yes");
+    // No confirmation: a dry run. With one: exactly the sagas that dry run matched.
+    let confirm: Option<sagaflow::BulkConfirm> = match params.confirm.as_deref().map(str::parse) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => return refuse(&e),
+    };
+    let dry_run = confirm.is_none();
     tracing::info!(action = action.name(), dry_run, operator = %session.operator, "dashboard: bulk repair");
     // On a task of its own: a browser that gives up waiting must not stop it half way.
     let engine = d.engine.clone();
     let operator = session.operator.clone();
     let why = reason.clone();
     let run =
-        tokio::spawn(async move { engine.bulk(&filter, action, dry_run, &operator, &why).await });
+        tokio::spawn(async move { engine.bulk(&filter, action, confirm, &operator, &why).await });
     let report = match run.await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return engine_problem(&session, &e),
@@ -1298,21 +1317,24 @@ fn bulk_report(
         );
     }
     out.push_str("</section>");
-    if r.dry_run && r.applied > 0 && session.is_admin() {
+    if let (true, true, true, Some(confirm)) =
+        (r.dry_run, r.applied > 0, session.is_admin(), r.confirm)
+    {
         let _ = write!(
             out,
             "<form method=\"post\" action=\"/bulk\" class=\"box\" id=\"confirm\">\
              <input type=\"hidden\" name=\"csrf\" value=\"{}\">{}\
              <input type=\"hidden\" name=\"action\" value=\"{}\">\
              <input type=\"hidden\" name=\"reason\" value=\"{}\">\
-             <input type=\"hidden\" name=\"confirm\" value=\"yes\">\
-             <p>The filter is evaluated again when you confirm: sagas that changed meanwhile are checked again, one by one.</p>\
+             <input type=\"hidden\" name=\"confirm\" value=\"{}\">\
+             <p>Confirmed, it applies to exactly the sagas counted here: if the filter matches any other by then, nothing is done and you see a new dry run.</p>\
              <button type=\"submit\" class=\"danger\">Apply {} to {} {}</button> \
              <a href=\"/bulk?{}&amp;action={}&amp;reason={}\">Change it</a></form>",
             Esc(&session.csrf),
             params.hidden(),
             action.name(),
             Esc(reason),
+            Esc(&confirm.to_string()),
             action.name(),
             r.applied,
             if r.applied == 1 { "saga" } else { "sagas" },

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-pub use bulk::{BulkAction, BulkReport, BULK_MAX};
+pub use bulk::{BulkAction, BulkConfirm, BulkReport, BULK_MAX};
 use commit::Committer;
 pub use commit::{CommitMode, CommitStats};
 pub(crate) use driver::Driver;
