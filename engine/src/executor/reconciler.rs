@@ -407,7 +407,8 @@ pub(crate) async fn pass(
         .io(move |s| s.finished_before(until, Some(after), batch))
         .await??;
     let Some(&last) = found.last() else {
-        report.position = Some(after);
+        // Where the walk stands: nowhere yet, if nothing was ever looked at.
+        report.position = Some(after).filter(|p| *p > floor);
         return Ok((report, false));
     };
     let full = found.len() >= batch;
