@@ -1,18 +1,21 @@
 //! Sagaflow's traces, exported over OpenTelemetry (OTLP/HTTP).
 //!
 //! The engine already runs every saga inside a `tracing` span named `saga` (fields
-//! `saga_id`, `definition`, `version`), and every attempt of a step or a compensation
-//! inside a child span named `attempt` (fields `step`, `phase`, `attempt`). This crate
+//! `saga_id`, `definition`, `version`), each half of a step (action or compensation)
+//! inside a child span named `step` (fields `step`, `phase`) that lasts from its first
+//! attempt until it settles, and every attempt inside a child of that named `attempt`
+//! (fields `step`, `phase`, `attempt`). This crate
 //! turns those spans into OpenTelemetry spans and sends them, in batches, to an OTLP/HTTP
 //! receiver (an OpenTelemetry Collector, Jaeger, Tempo...), as protobuf on
 //! `POST <endpoint>/v1/traces`:
 //!
-//! - the span's name is the `tracing` span's name (`saga`, `attempt`);
+//! - the span's name is the `tracing` span's name (`saga`, `step`, `attempt`);
 //! - every field becomes an attribute of the same name (`saga_id`, `definition`,
 //!   `version`, `step`, `phase`, `attempt`), and the `tracing` events inside a span
 //!   become its span events;
-//! - an `attempt` span is a child of its `saga` span: one saga run is one trace (or one
-//!   subtree of the trace the saga was started from, such as an API request's);
+//! - a `step` span is a child of its `saga` span, an `attempt` span of its `step` span:
+//!   one saga run is one trace (or one subtree of the trace the saga was started from,
+//!   such as an API request's);
 //! - every span under a `saga` span also gets the saga's `saga_id` attribute, so that a
 //!   back end that filters spans one by one (not whole traces) finds the attempts of a
 //!   saga by its id too;

@@ -251,16 +251,45 @@ fn saga_and_attempt_spans_arrive_with_the_saga_id_in_one_trace() {
             "{seen:?}"
         );
     }
+    // A `step` span per step (its retries under one), child of the saga span.
+    let steps: Vec<&Span> = spans
+        .iter()
+        .map(|(_, s)| s)
+        .filter(|s| s.name == "step")
+        .collect();
+    let mut step_names: Vec<String> = steps
+        .iter()
+        .map(|s| attr(&s.attributes, "step").unwrap_or_default())
+        .collect();
+    step_names.sort();
+    assert_eq!(step_names, ["charge", "reserve"], "one step span per step");
+    for step in &steps {
+        assert_eq!(
+            attr(&step.attributes, "saga_id").as_deref(),
+            Some(&*saga_id),
+            "a step span carries its saga's id"
+        );
+        let saga = sagas
+            .iter()
+            .find(|s| s.span_id == step.parent_span_id)
+            .unwrap_or_else(|| panic!("the parent of {step:?} is not a saga span"));
+        assert_eq!(step.trace_id, saga.trace_id, "one trace per saga run");
+    }
     for attempt in &attempts {
         assert_eq!(
             attr(&attempt.attributes, "saga_id").as_deref(),
             Some(&*saga_id),
             "an attempt span carries its saga's id"
         );
-        let parent = sagas
+        let parent = steps
             .iter()
             .find(|s| s.span_id == attempt.parent_span_id)
-            .unwrap_or_else(|| panic!("the parent of {attempt:?} is not a saga span"));
+            .unwrap_or_else(|| panic!("the parent of {attempt:?} is not a step span"));
+        assert_eq!(
+            attr(&parent.attributes, "step"),
+            attr(&attempt.attributes, "step"),
+            "an attempt under its own step"
+        );
         assert_eq!(attempt.trace_id, parent.trace_id, "one trace per saga run");
     }
 }

@@ -87,6 +87,8 @@ struct Launch {
     output: Option<Value>,
     deadline: Timestamp,
     timeout: Duration,
+    /// The `step` span of this half of the step: its attempts' span is a child of it.
+    step_span: tracing::Span,
 }
 
 /// How an attempt ended, before it is written down.
@@ -122,8 +124,9 @@ impl Launch {
             output,
             deadline,
             timeout,
+            step_span,
         } = self;
-        let span = tracing::info_span!("attempt", step = %name, %phase, attempt = attempt.0);
+        let span = tracing::info_span!(parent: &step_span, "attempt", step = %name, %phase, attempt = attempt.0);
         let fut: StepFuture<'_> = match phase {
             Phase::Action => code.execute(ctx),
             Phase::Compensation => {
@@ -257,6 +260,9 @@ pub(crate) struct Driver {
     /// In a shared store, the epoch of the lease this driver holds: every write carries
     /// it, and a write refused for it stops the driver.
     epoch: Option<u64>,
+    /// A `step` span per half of a step with attempts to come, under the saga's span:
+    /// it spans every attempt (retries included) and closes once that half settled.
+    step_spans: std::collections::HashMap<(u32, Phase), tracing::Span>,
 }
 
 impl Driver {
@@ -275,6 +281,7 @@ impl Driver {
             taken: Vec::new(),
             first_write: None,
             epoch: None,
+            step_spans: std::collections::HashMap::new(),
         }
     }
 
@@ -683,6 +690,11 @@ impl Driver {
             _ => now.saturating_add(timeout),
         };
         self.record(Event::attempt_started(phase, step, attempt, deadline))?;
+        let step_span = self
+            .step_spans
+            .entry((step, phase))
+            .or_insert_with(|| tracing::info_span!("step", step = %name, %phase))
+            .clone();
         let ctx = StepContext {
             saga_id: self.state.id,
             step: name.clone(),
@@ -723,6 +735,7 @@ impl Driver {
             output: self.state.steps.get(i).and_then(|s| s.output.clone()),
             deadline,
             timeout,
+            step_span,
         })
     }
 
@@ -787,11 +800,46 @@ impl Driver {
             // Left in flight in the log, as a crash leaves it.
             return Ok(());
         }
+        let written = self.write_result(step, phase, attempt, &name, took, result, delivery);
+        // The half of the step settled (succeeded, or failed with no attempt to come):
+        // its span ends.
+        let settled = self.state.steps.get(step as usize).is_none_or(|s| {
+            let p = match phase {
+                Phase::Action => &s.action,
+                Phase::Compensation => &s.compensation,
+            };
+            !matches!(
+                p,
+                Progress::InFlight { .. }
+                    | Progress::Failed {
+                        retry_at: Some(_),
+                        ..
+                    }
+            )
+        });
+        if settled {
+            self.step_spans.remove(&(step, phase));
+        }
+        written
+    }
+
+    /// Records how an attempt ended, and when the next one is due if it failed.
+    #[allow(clippy::too_many_arguments)]
+    fn write_result(
+        &mut self,
+        step: u32,
+        phase: Phase,
+        attempt: Attempt,
+        name: &str,
+        took: Duration,
+        result: std::result::Result<Value, Failure>,
+        delivery: Option<Taken>,
+    ) -> Result<()> {
         let result = result.and_then(|v| self.check_size(v));
         let now = self.inner.clock.now();
         self.inner.metrics.attempt(
             &self.state.definition,
-            &name,
+            name,
             phase,
             took.as_secs_f64(),
             result.as_ref().err().map(|f| f.kind),
