@@ -274,7 +274,8 @@ pub(super) async fn list(
             );
         }
     };
-    let size = d.options.page_size;
+    // The options' fields are public: held to the setter's bounds here too.
+    let size = d.options.page_size.clamp(1, 1000);
     let mut filter = filter.newest_first().limit(size + 1);
     if let Some(a) = after {
         filter = filter.after(a);
