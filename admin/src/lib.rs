@@ -975,9 +975,11 @@ pub struct BulkRequest {
     /// anything else by now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confirm: Option<String>,
-    /// Who (recorded on each saga).
+    /// Who (recorded on each saga); missing or empty: refused with SAGA-0020.
+    #[serde(default)]
     pub operator: String,
-    /// Why (recorded on each saga).
+    /// Why (recorded on each saga); missing or empty: refused with SAGA-0020.
+    #[serde(default)]
     pub reason: String,
 }
 

@@ -391,8 +391,31 @@ async fn a_bulk_repair_by_filter_needs_the_admin_token_and_counts_before_it_writ
             .unwrap();
         assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{confirm}");
     }
+    // A missing reason is refused like an empty one.
+    let r = c
+        .post(&bulk)
+        .bearer_auth(ADMIN)
+        .json(&json!({"action": "resume", "operator": "ana"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let e: ApiError = r.json().await.unwrap();
+    assert_eq!(e.code.as_deref(), Some("SAGA-0020"));
+    // The dry run's confirmation is a string in JSON, sent back as it came.
+    let raw: serde_json::Value = c
+        .post(&bulk)
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(raw["confirm"].is_string(), "{raw}");
     let mut apply = body.clone();
-    apply["confirm"] = json!(dry.confirm.expect("a dry run's confirmation").to_string());
+    apply["confirm"] = raw["confirm"].clone();
     let r = c
         .post(&bulk)
         .bearer_auth(ADMIN)

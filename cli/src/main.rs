@@ -441,11 +441,15 @@ impl Backend {
         let status = resp.status();
         if status == reqwest::StatusCode::CONFLICT
             || status == reqwest::StatusCode::UNPROCESSABLE_ENTITY
+            || status == reqwest::StatusCode::BAD_REQUEST
         {
             let body = resp.text().await.unwrap_or_default();
             return Err(match serde_json::from_str::<ApiError>(&body) {
                 Ok(e) if status == reqwest::StatusCode::CONFLICT => anyhow!(Refused(e.error)),
-                Ok(e) if e.code.as_deref() == Some("SAGA-0019") => anyhow!(Refused(e.error)),
+                // A delivery refused, a bulk repair refused (nothing written): exit 3.
+                Ok(e) if matches!(e.code.as_deref(), Some("SAGA-0019" | "SAGA-0020")) => {
+                    anyhow!(Refused(e.error))
+                }
                 Ok(e) => anyhow!("{status}: {}", e.error),
                 Err(_) => anyhow!("{status}: {body}"),
             });

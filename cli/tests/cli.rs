@@ -1393,8 +1393,9 @@ async fn bulk_repairs_through_a_running_engine_count_first() {
         );
         assert_eq!(report["refused_count"], 1);
         // A token of another set of sagas is refused.
+        // Refused, nothing written: exit 3, as a refused repair.
         let wrong = bulk(&["--confirm", "2-0000000000000000-none"], ADMIN);
-        assert_eq!(wrong.status.code(), Some(1), "{}", text(&wrong));
+        assert_eq!(wrong.status.code(), Some(3), "{}", text(&wrong));
         bulk(&["--confirm", &token], ADMIN)
     })
     .await

@@ -67,8 +67,8 @@ impl std::str::FromStr for BulkAction {
 /// one repaired by somebody else), the bulk repair is refused and the dry run must be
 /// looked at again.
 ///
-/// It reads and writes as one token, `matched-fingerprint-upto` (for a form field or a
-/// command line):
+/// It reads and writes as one token, `matched-fingerprint-upto` (for a form field, a
+/// command line or JSON):
 ///
 /// ```
 /// use sagaflow::BulkConfirm;
@@ -79,7 +79,7 @@ impl std::str::FromStr for BulkAction {
 /// assert!("2-zz-none".parse::<BulkConfirm>().is_err());
 /// # Ok::<(), String>(())
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BulkConfirm {
     /// How many sagas it matched.
     pub matched: u64,
@@ -115,6 +115,21 @@ impl std::str::FromStr for BulkConfirm {
                 id => Some(id.parse().map_err(|_| bad())?),
             },
         })
+    }
+}
+
+/// In JSON, the token string (a fingerprint as a JSON number would lose digits in
+/// JavaScript and jq).
+impl Serialize for BulkConfirm {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for BulkConfirm {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let token = String::deserialize(d)?;
+        token.parse().map_err(serde::de::Error::custom)
     }
 }
 

@@ -329,7 +329,15 @@ fn init_traces() -> anyhow::Result<Option<sagaflow_otel::Guard>> {
     tracing_subscriber::registry()
         .with(otel)
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                // Colours on a terminal only (and not with NO_COLOR), as without traces.
+                .with_ansi(
+                    std::io::IsTerminal::is_terminal(&std::io::stderr())
+                        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+                ),
+        )
         .try_init()?;
     Ok(Some(guard))
 }
