@@ -4,64 +4,11 @@
 
 mod support;
 
-use reqwest::header::{HeaderMap, LOCATION, SET_COOKIE};
-use reqwest::{redirect, Client, StatusCode};
+use reqwest::header::{LOCATION, SET_COOKIE};
+use reqwest::StatusCode;
 use sagaflow::{SagaOutcome, SagaStatus};
 use sagaflow_admin::dashboard::DashboardOptions;
 use support::*;
-
-fn client() -> Client {
-    Client::builder()
-        .redirect(redirect::Policy::none())
-        .build()
-        .unwrap()
-}
-
-/// Logs in; the `name=value` of the session cookie.
-async fn login(url: &str, token: &str, operator: &str) -> String {
-    let r = client()
-        .post(format!("{url}/login"))
-        .form(&[("token", token), ("operator", operator), ("next", "/")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::SEE_OTHER, "login with {token}");
-    let cookie = r.headers()[SET_COOKIE].to_str().unwrap().to_string();
-    cookie.split(';').next().unwrap().to_string()
-}
-
-async fn get(url: &str, cookie: &str) -> (StatusCode, HeaderMap, String) {
-    let r = client()
-        .get(url)
-        .header("cookie", cookie)
-        .send()
-        .await
-        .unwrap();
-    let (status, headers) = (r.status(), r.headers().clone());
-    (status, headers, r.text().await.unwrap())
-}
-
-/// The CSRF token the pages of this session carry.
-async fn csrf(url: &str, cookie: &str) -> String {
-    let (_, _, page) = get(&format!("{url}/"), cookie).await;
-    let at = page.find("name=\"csrf\" value=\"").expect("a CSRF field") + 19;
-    page[at..at + 64].to_string()
-}
-
-async fn post(
-    url: &str,
-    cookie: &str,
-    form: &[(&str, &str)],
-    headers: &[(&str, &str)],
-) -> (StatusCode, HeaderMap, String) {
-    let mut req = client().post(url).header("cookie", cookie).form(form);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let r = req.send().await.unwrap();
-    let (status, headers) = (r.status(), r.headers().clone());
-    (status, headers, r.text().await.unwrap())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_page_and_form_answers_401_without_a_valid_session() {
@@ -496,12 +443,7 @@ async fn a_bulk_repair_counts_first_and_applies_on_confirmation() {
     for id in [shop.parked, shop.also_parked] {
         assert_eq!(shop.engine.status(id).unwrap().status, SagaStatus::Parked);
     }
-    let token = {
-        let open = "name=\"confirm\" value=\"";
-        let at = dry.find(open).expect("a confirm form") + open.len();
-        let end = dry[at..].find('"').expect("a closed attribute");
-        dry[at..at + end].to_string()
-    };
+    let token = confirm_token(&dry);
     let mut confirm = form.to_vec();
     confirm.push(("confirm", token.as_str()));
     let (status, _, applied) = post(&bulk, &admin, &confirm, &[]).await;

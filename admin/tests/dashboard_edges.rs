@@ -5,59 +5,12 @@
 
 mod support;
 
-use reqwest::header::SET_COOKIE;
-use reqwest::{redirect, Client, StatusCode};
+use reqwest::StatusCode;
 use sagaflow::{Phase, SagaOutcome, SagaStatus};
 use sagaflow_admin::dashboard::DashboardOptions;
 use sagaflow_tests::Outcome;
 use serde_json::json;
 use support::*;
-
-fn client() -> Client {
-    Client::builder()
-        .redirect(redirect::Policy::none())
-        .build()
-        .unwrap()
-}
-
-async fn login(url: &str, token: &str, operator: &str) -> String {
-    let r = client()
-        .post(format!("{url}/login"))
-        .form(&[("token", token), ("operator", operator), ("next", "/")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::SEE_OTHER);
-    let cookie = r.headers()[SET_COOKIE].to_str().unwrap().to_string();
-    cookie.split(';').next().unwrap().to_string()
-}
-
-async fn get(url: &str, cookie: &str) -> (StatusCode, String) {
-    let r = client()
-        .get(url)
-        .header("cookie", cookie)
-        .send()
-        .await
-        .unwrap();
-    (r.status(), r.text().await.unwrap())
-}
-
-async fn csrf(url: &str, cookie: &str) -> String {
-    let (_, page) = get(&format!("{url}/"), cookie).await;
-    let at = page.find("name=\"csrf\" value=\"").expect("a CSRF field") + 19;
-    page[at..at + 64].to_string()
-}
-
-async fn post(url: &str, cookie: &str, form: &[(&str, &str)]) -> (StatusCode, String) {
-    let r = client()
-        .post(url)
-        .header("cookie", cookie)
-        .form(form)
-        .send()
-        .await
-        .unwrap();
-    (r.status(), r.text().await.unwrap())
-}
 
 /// The number in `<dd class="{class}">N</dd>` of a bulk report.
 fn dd(page: &str, class: &str) -> u64 {
@@ -68,17 +21,6 @@ fn dd(page: &str, class: &str) -> u64 {
         + open.len();
     let end = page[at..].find('<').unwrap();
     page[at..at + end].parse().unwrap()
-}
-
-/// The confirmation token of a dry run's confirm form.
-fn confirm_token(page: &str) -> String {
-    let open = "name=\"confirm\" value=\"";
-    let at = page
-        .find(open)
-        .unwrap_or_else(|| panic!("no confirm form: {page}"))
-        + open.len();
-    let end = page[at..].find('"').unwrap();
-    page[at..at + end].to_string()
 }
 
 /// The operator confirms "Apply resume to 2 sagas" after a dry run; a third saga that
@@ -99,7 +41,7 @@ async fn a_confirmed_bulk_repairs_no_saga_its_dry_run_did_not_count() {
         ("reason", "inventory service fixed"),
         ("csrf", token.as_str()),
     ];
-    let (status, dry) = post(&bulk, &admin, &form).await;
+    let (status, _, dry) = post(&bulk, &admin, &form, &[]).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(dd(&dry, "applied"), 2, "the dry run counts 2");
     assert!(dry.contains("Apply resume to 2 sagas"), "{dry}");
@@ -126,7 +68,7 @@ async fn a_confirmed_bulk_repairs_no_saga_its_dry_run_did_not_count() {
     let token_of_dry_run = confirm_token(&dry);
     let mut confirm = form.to_vec();
     confirm.push(("confirm", token_of_dry_run.as_str()));
-    let (status, applied) = post(&bulk, &admin, &confirm).await;
+    let (status, _, applied) = post(&bulk, &admin, &confirm, &[]).await;
     assert_eq!(status, StatusCode::OK, "{applied}");
     assert_eq!(dd(&applied, "applied"), 2, "{applied}");
     assert_eq!(
@@ -136,7 +78,7 @@ async fn a_confirmed_bulk_repairs_no_saga_its_dry_run_did_not_count() {
     );
     // The same confirmation again: the sagas it counted are no longer parked, so the
     // filter matches another set (the late saga alone), and nothing is done.
-    let (status, refused) = post(&bulk, &admin, &confirm).await;
+    let (status, _, refused) = post(&bulk, &admin, &confirm, &[]).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
     assert!(refused.contains("changed since the dry run"), "{refused}");
     assert_eq!(shop.engine.status(late).unwrap().status, SagaStatus::Parked);
@@ -159,7 +101,7 @@ async fn a_bulk_dry_run_counts_only_what_the_confirmation_applies() {
         ("reason", reason.as_str()),
         ("csrf", token.as_str()),
     ];
-    let (status, dry) = post(&bulk, &admin, &form).await;
+    let (status, _, dry) = post(&bulk, &admin, &form, &[]).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{dry}");
     assert!(!dry.contains("Would apply"), "{dry}");
     assert_eq!(
@@ -176,7 +118,7 @@ async fn a_saga_page_does_not_claim_a_repair_nobody_made() {
     let shop = shop(DashboardOptions::default()).await;
     let url = &shop.url;
     let admin = login(url, ADMIN, "ana").await;
-    let (status, page) = get(
+    let (status, _, page) = get(
         &format!(
             "{url}/sagas/{}?done=mark_resolved+(refund+sent+to+the+customer)",
             shop.parked
@@ -203,7 +145,7 @@ async fn a_contradictory_filter_matches_nothing_rather_than_another_status() {
     let shop = shop(DashboardOptions::default()).await;
     let url = &shop.url;
     let admin = login(url, ADMIN, "ana").await;
-    let (status, page) = get(
+    let (status, _, page) = get(
         &format!("{url}/sagas?status=completed&park_kind=compensation_failed"),
         &admin,
     )

@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+use reqwest::header::{HeaderMap, SET_COOKIE};
+use reqwest::{redirect, Client, StatusCode};
 use sagaflow::machine::Repair;
 use sagaflow::store::MemLog;
 use sagaflow::{Engine, Phase, SagaId, SagaOutcome};
@@ -131,4 +133,69 @@ pub async fn shop_with_auth_of(admin: &str) -> String {
         DashboardOptions::default(),
     ))
     .await
+}
+
+/// A client that does not follow redirects (a login answers 303).
+pub fn client() -> Client {
+    Client::builder()
+        .redirect(redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Logs in; the `name=value` of the session cookie.
+pub async fn login(url: &str, token: &str, operator: &str) -> String {
+    let r = client()
+        .post(format!("{url}/login"))
+        .form(&[("token", token), ("operator", operator), ("next", "/")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER, "login with {token}");
+    let cookie = r.headers()[SET_COOKIE].to_str().unwrap().to_string();
+    cookie.split(';').next().unwrap().to_string()
+}
+
+pub async fn get(url: &str, cookie: &str) -> (StatusCode, HeaderMap, String) {
+    let r = client()
+        .get(url)
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    let (status, headers) = (r.status(), r.headers().clone());
+    (status, headers, r.text().await.unwrap())
+}
+
+/// The CSRF token the pages of this session carry.
+pub async fn csrf(url: &str, cookie: &str) -> String {
+    let (_, _, page) = get(&format!("{url}/"), cookie).await;
+    let at = page.find("name=\"csrf\" value=\"").expect("a CSRF field") + 19;
+    page[at..at + 64].to_string()
+}
+
+pub async fn post(
+    url: &str,
+    cookie: &str,
+    form: &[(&str, &str)],
+    headers: &[(&str, &str)],
+) -> (StatusCode, HeaderMap, String) {
+    let mut req = client().post(url).header("cookie", cookie).form(form);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req.send().await.unwrap();
+    let (status, headers) = (r.status(), r.headers().clone());
+    (status, headers, r.text().await.unwrap())
+}
+
+/// The confirmation token of a dry run's confirm form.
+pub fn confirm_token(page: &str) -> String {
+    let open = "name=\"confirm\" value=\"";
+    let at = page
+        .find(open)
+        .unwrap_or_else(|| panic!("no confirm form: {page}"))
+        + open.len();
+    let end = page[at..].find('"').unwrap();
+    page[at..at + end].to_string()
 }
