@@ -388,7 +388,14 @@ pub(super) async fn saga(
     let read = blocking(&d, &session, move |e| {
         let meta = e.status(id)?;
         let log = e.readable_log(id)?;
-        let state = e.state(id).ok();
+        // Folded from the records just read, rather than read again: a log with a
+        // problem (a value that does not decode, a record that does not fit) has no
+        // state, as `Engine::state` would refuse it.
+        let state = log
+            .problems
+            .is_empty()
+            .then(|| SagaState::fold(id, &log.records).ok())
+            .flatten();
         Ok((meta, log, state))
     })
     .await;
