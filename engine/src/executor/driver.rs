@@ -365,13 +365,14 @@ impl Driver {
 
     /// Runs the saga until it ends, parks, or the engine stops: an event loop over the
     /// attempts in flight, the timer `decide` asked for, repairs and stop.
-    pub(crate) async fn run(mut self) -> Result<SagaOutcome> {
+    ///
+    /// `wake` is this saga's own: a repair queued for it notifies it (see
+    /// `Inner::ask_driver`).
+    pub(crate) async fn run(mut self, wake: Arc<tokio::sync::Notify>) -> Result<SagaOutcome> {
         let mut stopping = self.inner.stopping.subscribe();
-        let mut repairs = self.inner.repair_epoch.subscribe();
-        // A new receiver counts what was sent before as seen: a repair queued for this
-        // saga before its driver started (a saga adopted to apply it) is looked for at
-        // once.
-        repairs.mark_changed();
+        // A repair queued for this saga before its driver started (a saga adopted to
+        // apply it) is looked for at once.
+        let mut look_for_repair = true;
         // The attempts in flight, each in its own task: the branches of a group run
         // side by side, and none waits for the driver to write another's result.
         // Dropping the driver (a crash, a dropped engine) aborts them.
@@ -394,8 +395,7 @@ impl Driver {
                 }
                 continue;
             }
-            if repairs.has_changed().unwrap_or(false) {
-                repairs.borrow_and_update();
+            if std::mem::take(&mut look_for_repair) {
                 let pending = lock(&self.inner.repairs).remove(&self.state.id);
                 if let Some(p) = pending {
                     // Boxed: repairs are rare, and their future would otherwise widen
@@ -552,10 +552,9 @@ impl Driver {
                 }
                 () = timer => {}
                 _ = stopping.changed() => {}
-                _ = repairs.changed() => {
-                    // Seen again at the top of the loop.
-                    repairs.mark_changed();
-                }
+                // `notify_one` keeps a permit when nobody waits: a repair queued
+                // while this driver was busy is not missed.
+                () = wake.notified() => look_for_repair = true,
             }
         }
     }

@@ -318,6 +318,17 @@ impl EngineOptions {
     }
 }
 
+/// A saga driven in this process.
+struct Driven {
+    /// Where its outcome is published, once somebody waits for it.
+    cell: Option<Arc<OutcomeCell>>,
+    /// Wakes its driver when a repair is queued for it. One per saga rather than one
+    /// broadcast to every driver: a repair wakes only the driver it is for, and in a
+    /// deterministic order (a `watch` channel wakes its receivers in a random order,
+    /// which made two simulated runs of one seed differ).
+    wake: Arc<tokio::sync::Notify>,
+}
+
 /// Where a saga's outcome is published. Created only when somebody waits: a saga that
 /// nobody awaits costs one map entry, not a channel.
 #[derive(Default)]
@@ -354,13 +365,11 @@ pub(crate) struct Inner {
     pub(crate) options: EngineOptions,
     defs: HashMap<String, BTreeMap<u32, Arc<SagaDefinition>>>,
     pub(crate) stopping: watch::Sender<bool>,
-    running: Mutex<HashMap<SagaId, Option<Arc<OutcomeCell>>>>,
+    running: Mutex<HashMap<SagaId, Driven>>,
     tasks: Mutex<JoinSet<()>>,
     start_locks: Mutex<HashMap<StartKey, Arc<tokio::sync::Mutex<()>>>>,
     /// Repairs for running sagas, picked up by their drivers.
     pub(crate) repairs: Mutex<HashMap<SagaId, PendingRepair>>,
-    /// Bumped when a repair is queued: waiting drivers wake and look.
-    pub(crate) repair_epoch: watch::Sender<u64>,
     /// One repair at a time, engine-wide: repairs are rare and must not race.
     pub(crate) repair_lock: tokio::sync::Mutex<()>,
     pub(crate) metrics: Metrics,
@@ -473,8 +482,8 @@ impl Inner {
             // Checked and queued under the `running` lock: the driver's exit takes the
             // same lock to collect what is queued, so nothing waits forever.
             let running = lock(&self.running);
-            let driven = running.contains_key(&id);
-            if driven {
+            let driven = running.get(&id).map(|d| d.wake.clone());
+            if driven.is_some() {
                 lock(&self.repairs).insert(
                     id,
                     PendingRepair {
@@ -487,10 +496,8 @@ impl Inner {
             }
             driven
         };
-        if !queued {
-            return None;
-        }
-        self.repair_epoch.send_modify(|n| *n += 1);
+        let wake = queued?;
+        wake.notify_one();
         match rx.await {
             Ok(Ok(meta)) => Some(Ok(meta)),
             Ok(Err(RepairError::Final(e))) => Some(Err(e)),
@@ -533,6 +540,7 @@ impl Inner {
     /// `false` if a driver for the saga runs already (this one is dropped).
     pub(crate) fn spawn(self: &Arc<Self>, driver: Driver) -> bool {
         let id = driver.state().id;
+        let wake = Arc::new(tokio::sync::Notify::new());
         let span = tracing::info_span!(
             "saga",
             saga_id = %id,
@@ -547,12 +555,18 @@ impl Inner {
                 tracing::error!(saga_id = %id, "a driver for this saga is already running");
                 return false;
             }
-            running.insert(id, None);
+            running.insert(
+                id,
+                Driven {
+                    cell: None,
+                    wake: wake.clone(),
+                },
+            );
         }
         let inner = self.clone();
         lock(&self.tasks).spawn(
             async move {
-                let outcome = driver.run().await;
+                let outcome = driver.run(wake).await;
                 match &outcome {
                     Ok(_) | Err(Error::ShuttingDown) => {}
                     // Another process holds the saga now, or it was handed back to the
@@ -571,7 +585,7 @@ impl Inner {
                 // queued only while the saga is in `running`, so none is left behind.
                 let (cell, pending) = {
                     let mut running = lock(&inner.running);
-                    let cell = running.remove(&id).flatten();
+                    let cell = running.remove(&id).and_then(|d| d.cell);
                     (cell, lock(&inner.repairs).remove(&id))
                 };
                 if let Some(cell) = cell {
@@ -775,7 +789,6 @@ impl EngineBuilder {
             tasks: Mutex::new(JoinSet::new()),
             start_locks: Mutex::new(HashMap::new()),
             repairs: Mutex::new(HashMap::new()),
-            repair_epoch: watch::channel(0).0,
             repair_lock: tokio::sync::Mutex::new(()),
             metrics: Metrics::new(),
             owner: self.owner.unwrap_or_else(OwnerId::generate),
@@ -1271,7 +1284,7 @@ impl Engine {
         loop {
             let cell = lock(&inner.running)
                 .get_mut(&id)
-                .map(|slot| slot.get_or_insert_with(Default::default).clone());
+                .map(|d| d.cell.get_or_insert_with(Default::default).clone());
             if let Some(cell) = cell {
                 match cell.get().await {
                     // Another process drives it now, it waits in the store for its
