@@ -27,16 +27,19 @@ fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
     let work = tempfile::tempdir().expect("temp dir");
     let dir = work.path().join("data");
     let ledger = work.path().join("ledger.txt");
+    // Each run's stderr goes to a file, so a run that fails on its own says why.
+    let errors = work.path().join("stderr.txt");
     let child = || {
         Command::new(exe)
             .arg(&dir)
             .arg(&ledger)
             .arg(sagas.to_string())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&errors).expect("stderr file"))
             .spawn()
             .expect("spawn the child")
     };
+    let stderr = || std::fs::read_to_string(&errors).unwrap_or_default();
 
     // Kill it again and again. The schedule is wall-clock by nature (a real process is
     // killed while it runs); nothing here asserts on time.
@@ -50,8 +53,13 @@ fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
         );
         let mut c = child();
         std::thread::sleep(Duration::from_millis(40 + splitmix(&mut rng) % 260));
-        if c.try_wait().expect("child status").is_some() {
+        if let Some(status) = c.try_wait().expect("child status") {
             // It finished before the kill; the remaining kills would hit nothing.
+            assert!(
+                status.success(),
+                "run {runs} failed before its kill: {status:?}\n{}",
+                stderr()
+            );
             break;
         }
         c.kill().expect("SIGKILL");
@@ -78,7 +86,11 @@ fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
         .expect("stdout")
         .read_to_string(&mut out)
         .expect("read stdout");
-    assert!(status.success(), "final run failed: {status:?} {out}");
+    assert!(
+        status.success(),
+        "final run failed: {status:?} {out}\n{}",
+        stderr()
+    );
     assert!(out.starts_with("DONE "), "{out}");
     eprintln!(
         "sigkill test: {kills} kills in {runs} runs, final run: {}",

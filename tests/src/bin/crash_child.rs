@@ -235,6 +235,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(_) => return Err("built without the postgres feature".into()),
         Err(_) => builder.open(dir).await?,
     });
+    // What recovery could not do goes to stderr: the kill test shows it when a run fails.
+    for (id, why) in &engine.recovery().failed {
+        eprintln!("recovery failed for saga {id}: {why}");
+    }
     // At most 16 new sagas at a time, so a run lasts long enough to be killed often.
     let permits = Arc::new(tokio::sync::Semaphore::new(16));
     let mut waits = Vec::new();
