@@ -751,3 +751,38 @@ async fn offline_tools_list_a_damaged_saga_whose_summary_and_log_are_both_unread
     assert_eq!(meta.status, SagaStatus::Resolved);
     engine.shutdown().await.unwrap();
 }
+
+/// sled 0.34 takes a snapshot that a killed process left unfinished
+/// (`snap.<lsn>.generating`, empty or torn) for its newest snapshot and refuses to open
+/// the directory ("Read corrupted data"); the kill test met it after a few hundred kills.
+/// The store removes such files before sled opens: it opens, and every saga is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_left_unfinished_by_a_kill_does_not_stop_the_store_opening() {
+    let ledger = Ledger::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ids = thirteen_sagas(dir.path(), &ledger).await;
+    // The dropped engine's tasks let go of the directory.
+    drop(SledLog::open_waiting(dir.path(), Duration::from_secs(30)).unwrap());
+    for torn in [&b""[..], &b"a snapshot cut short by a kill"[..]] {
+        let unfinished = dir.path().join("snap.FFFFFFFFFFFFFFF0.generating");
+        std::fs::write(&unfinished, torn).unwrap();
+        // sled alone refuses the directory: the case is real.
+        assert!(
+            sled::Config::new().path(dir.path()).open().is_err(),
+            "sled opened a directory with an unfinished snapshot"
+        );
+        let store = SledLog::open(dir.path()).expect("the store opens");
+        assert!(!unfinished.exists(), "the unfinished snapshot is removed");
+        for id in &ids {
+            assert!(store.meta(*id).unwrap().is_some(), "saga {id} is there");
+        }
+        drop(store);
+    }
+    // And the engine resumes on it as after any crash.
+    let engine = builder()
+        .register(checkout(&ledger))
+        .open(dir.path())
+        .await
+        .unwrap();
+    assert_eq!(listed(&engine).len(), ids.len());
+}

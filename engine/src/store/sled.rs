@@ -15,6 +15,10 @@
 //! number synced in a witness file beside sled's (see `witness.rs`): at open, a store
 //! holding fewer commits than its witness has lost committed writes, and is refused.
 //!
+//! A snapshot that a killed process left unfinished (`snap.<lsn>.generating`) is removed
+//! before sled opens: sled 0.34 would take it for the newest snapshot and refuse to open
+//! (see `remove_unfinished_snapshots`).
+//!
 //! Opening a sled directory writes to it (sled's recovery rewrites a torn tail), so read-
 //! only tools use [`SledLog::open_read_only`], which opens a private copy.
 
@@ -97,6 +101,59 @@ fn commit_number(db: &sled::Db, path: &Path) -> Result<Option<u64>> {
     }
 }
 
+/// Removes the snapshots a process killed while writing one left behind.
+///
+/// sled 0.34 writes a snapshot to `snap.<lsn>.generating`, fsyncs it, then renames it to
+/// `snap.<lsn>`; the rename is what makes it a snapshot, and everything sled does after
+/// a snapshot (removing older ones, zeroing torn segments at recovery) comes after the
+/// rename. But its open takes every `snap.*` file as a candidate, the unfinished ones
+/// included, and `snap.<lsn>.generating` sorts after `snap.<lsn>`: a process killed
+/// between creating that file and renaming it (sled writes a snapshot at every open)
+/// leaves a store that no longer opens, "Read corrupted data at file offset None". The
+/// kill test found it after a few hundred kills. Such a file never held a snapshot
+/// sled relied on, so removing it gives sled back the store as it was before that
+/// snapshot began: the previous snapshot and the log.
+///
+/// Done under the data file's lock (sled takes the same exclusive lock when it opens):
+/// a live engine's snapshot in progress is never touched, and a store in use is
+/// [`Error::Locked`], as sled would say.
+fn remove_unfinished_snapshots(dir: &Path) -> Result<()> {
+    let data = match File::open(dir.join("db")) {
+        Ok(f) => f,
+        // A new store (or not a store yet): sled creates its data file before it writes
+        // any snapshot, so there is nothing unfinished.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if data.try_lock().is_err() {
+        return Err(Error::Locked {
+            path: dir.display().to_string(),
+        });
+    }
+    let mut removed = false;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(
+                path = %dir.display(),
+                file = %name,
+                "removing a snapshot that a killed process left unfinished"
+            );
+            std::fs::remove_file(entry.path())?;
+            removed = true;
+        }
+    }
+    if removed {
+        // The removal is durable before sled recovers (and writes a snapshot of its own).
+        File::open(dir)?.sync_all()?;
+    }
+    // The lock goes with `data`, before sled takes it.
+    drop(data);
+    Ok(())
+}
+
 fn backend(e: sled::Error) -> Error {
     match e {
         sled::Error::Io(io) => Error::Io(io),
@@ -112,6 +169,7 @@ impl SledLog {
     /// [`Error::Locked`] if another engine has it open, or an I/O or backend error.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
+        remove_unfinished_snapshots(&path)?;
         let db = sled::Config::new()
             .path(&path)
             .open()

@@ -197,6 +197,14 @@ fn definitions(
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Errors (a driver that stopped, a saga recovery could not resume) go to stderr,
+    // which the kill test shows when a run fails. Attempts fail all the time here, by
+    // design: their warnings would bury them.
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::ERROR)
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
     let args: Vec<String> = std::env::args().collect();
     let (dir, ledger, sagas, abort) = match args.as_slice() {
         [_, dir, ledger, sagas] => (dir, ledger, sagas, false),
@@ -235,10 +243,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(_) => return Err("built without the postgres feature".into()),
         Err(_) => builder.open(dir).await?,
     });
-    // What recovery could not do goes to stderr: the kill test shows it when a run fails.
-    for (id, why) in &engine.recovery().failed {
-        eprintln!("recovery failed for saga {id}: {why}");
-    }
     // At most 16 new sagas at a time, so a run lasts long enough to be killed often.
     let permits = Arc::new(tokio::sync::Semaphore::new(16));
     let mut waits = Vec::new();
