@@ -754,7 +754,7 @@ async fn offline_tools_list_a_damaged_saga_whose_summary_and_log_are_both_unread
 
 /// sled 0.34 takes a snapshot that a killed process left unfinished
 /// (`snap.<lsn>.generating`, empty or torn) for its newest snapshot and refuses to open
-/// the directory ("Read corrupted data"); the kill test met it after a few hundred kills.
+/// the directory ("Read corrupted data"); the kill test met it once in a few thousand kills.
 /// The store removes such files before sled opens: it opens, and every saga is there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_left_unfinished_by_a_kill_does_not_stop_the_store_opening() {

@@ -110,7 +110,7 @@ fn commit_number(db: &sled::Db, path: &Path) -> Result<Option<u64>> {
 /// included, and `snap.<lsn>.generating` sorts after `snap.<lsn>`: a process killed
 /// between creating that file and renaming it (sled writes a snapshot at every open)
 /// leaves a store that no longer opens, "Read corrupted data at file offset None". The
-/// kill test found it after a few hundred kills. Such a file never held a snapshot
+/// kill test met it about once in a few thousand kills. Such a file never held a snapshot
 /// sled relied on, so removing it gives sled back the store as it was before that
 /// snapshot began: the previous snapshot and the log.
 ///
