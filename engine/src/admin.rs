@@ -432,9 +432,17 @@ pub fn activity(
     a.truncated |= finished.len() > ACTIVITY_CAP;
     let mut by_bucket: Vec<Vec<u64>> = vec![Vec::new(); buckets];
     let mut all = Vec::new();
-    for (at, id) in finished.into_iter().take(ACTIVITY_CAP) {
+    // The summaries in batches: one round trip per thousand sagas on a remote store,
+    // not one per saga.
+    let finished: Vec<(Timestamp, SagaId)> = finished.into_iter().take(ACTIVITY_CAP).collect();
+    let mut summaries = BTreeMap::new();
+    for chunk in finished.chunks(1000) {
+        let ids: Vec<SagaId> = chunk.iter().map(|(_, id)| *id).collect();
+        summaries.extend(store.metas(&ids)?.into_iter().map(|m| (m.id, m)));
+    }
+    for (at, id) in finished {
         let Some(i) = slot(at) else { continue };
-        let Ok(Some(m)) = store.meta(id) else {
+        let Some(m) = summaries.get(&id) else {
             continue;
         };
         match m.status {

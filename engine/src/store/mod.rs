@@ -521,6 +521,30 @@ pub trait SagaLog: Send + Sync + fmt::Debug + 'static {
             .collect()
     }
 
+    /// The summaries of several sagas at once, in no particular order, in as few round
+    /// trips as the store can (one on PostgreSQL): what the dashboard's activity reads
+    /// for the sagas that finished in its window. An unknown saga is left out, and so is
+    /// a summary that does not decode (with a warning), so that one bad saga does not
+    /// hide the others.
+    ///
+    /// # Errors
+    ///
+    /// An I/O or backend error.
+    fn metas(&self, sagas: &[SagaId]) -> Result<Vec<SagaMeta>> {
+        let mut out = Vec::with_capacity(sagas.len());
+        for &saga in sagas {
+            match self.meta(saga) {
+                Ok(Some(m)) => out.push(m),
+                Ok(None) => {}
+                Err(Error::Corrupt { .. }) => {
+                    tracing::warn!(saga_id = %saga, "summary does not decode");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
     /// How many sagas there are, by status and by definition.
     ///
     /// The default reads every summary; every store of this crate keeps counters.

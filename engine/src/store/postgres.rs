@@ -892,6 +892,20 @@ impl SagaLog for PgLog {
         })
     }
 
+    fn metas(&self, sagas: &[SagaId]) -> Result<Vec<SagaMeta>> {
+        let pool = self.pool.clone();
+        let ids: Vec<Vec<u8>> = sagas.iter().map(|s| s.as_bytes().to_vec()).collect();
+        let q = format!(
+            "SELECT id, meta FROM {}.sagas WHERE id = ANY($1)",
+            self.schema
+        );
+        self.run(async move {
+            let client = pool.get().await.map_err(backend)?;
+            let rows = client.query(&q, &[&ids]).await.map_err(backend)?;
+            metas_of(&rows)
+        })
+    }
+
     fn load(&self, sagas: &[SagaId]) -> Result<Vec<crate::store::Loaded>> {
         let pool = self.pool.clone();
         let ids: Vec<Vec<u8>> = sagas.iter().map(|s| s.as_bytes().to_vec()).collect();

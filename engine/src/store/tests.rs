@@ -128,6 +128,11 @@ fn conformance(log: &dyn SagaLog) {
     );
     assert_eq!(values[0], rec(0));
     assert_eq!(log.meta(a).unwrap(), Some(a1.clone()));
+    // Several summaries at once: the unknown one is left out, the order is free.
+    let mut both = log.metas(&[b, id(77), a]).unwrap();
+    both.sort_by_key(|m| m.id);
+    assert_eq!(both, vec![a1.clone(), b1.clone()]);
+    assert!(log.metas(&[]).unwrap().is_empty());
     assert_eq!(log.with_status(SagaStatus::Parked).unwrap(), vec![b]);
     assert_eq!(log.with_status(SagaStatus::Running).unwrap(), vec![a]);
     assert_eq!(log.incomplete().unwrap(), vec![a]);
