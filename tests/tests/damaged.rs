@@ -778,11 +778,23 @@ async fn a_snapshot_left_unfinished_by_a_kill_does_not_stop_the_store_opening() 
         }
         drop(store);
     }
-    // And the engine resumes on it as after any crash.
+    // A store in use is not touched: the file of a live engine's snapshot stays.
+    let live = SledLog::open(dir.path()).unwrap();
+    let in_progress = dir.path().join("snap.FFFFFFFFFFFFFFF1.generating");
+    std::fs::write(&in_progress, b"").unwrap();
+    assert!(matches!(
+        SledLog::open(dir.path()),
+        Err(sagaflow::store::Error::Locked { .. })
+    ));
+    assert!(in_progress.exists(), "a live engine's snapshot was removed");
+    drop(live);
+    // Once let go of, the engine's open removes it and resumes as after any crash.
     let engine = builder()
         .register(checkout(&ledger))
         .open(dir.path())
         .await
         .unwrap();
+    assert!(!in_progress.exists());
     assert_eq!(listed(&engine).len(), ids.len());
+    engine.shutdown().await.unwrap();
 }

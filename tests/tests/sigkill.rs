@@ -76,7 +76,7 @@ fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
         }
         if start.elapsed() > Duration::from_secs(300) {
             c.kill().ok();
-            panic!("the final run did not finish in 300 s");
+            panic!("the final run did not finish in 300 s\n{}", stderr());
         }
         std::thread::sleep(Duration::from_millis(20));
     };

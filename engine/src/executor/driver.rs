@@ -370,9 +370,6 @@ impl Driver {
     /// `Inner::ask_driver`).
     pub(crate) async fn run(mut self, wake: Arc<tokio::sync::Notify>) -> Result<SagaOutcome> {
         let mut stopping = self.inner.stopping.subscribe();
-        // A repair queued for this saga before its driver started (a saga adopted to
-        // apply it) is looked for at once.
-        let mut look_for_repair = true;
         // The attempts in flight, each in its own task: the branches of a group run
         // side by side, and none waits for the driver to write another's result.
         // Dropping the driver (a crash, a dropped engine) aborts them.
@@ -395,7 +392,11 @@ impl Driver {
                 }
                 continue;
             }
-            if std::mem::take(&mut look_for_repair) {
+            // Looked for on every pass, not only when `wake` fired: a repair (or a
+            // cancellation) queued while an attempt's result was being written is
+            // applied before anything else is decided; and one queued before this
+            // driver started (a saga adopted to apply it) is found at once.
+            {
                 let pending = lock(&self.inner.repairs).remove(&self.state.id);
                 if let Some(p) = pending {
                     // Boxed: repairs are rare, and their future would otherwise widen
@@ -552,9 +553,9 @@ impl Driver {
                 }
                 () = timer => {}
                 _ = stopping.changed() => {}
-                // `notify_one` keeps a permit when nobody waits: a repair queued
-                // while this driver was busy is not missed.
-                () = wake.notified() => look_for_repair = true,
+                // `notify_one` keeps a permit when nobody waits: a driver that was
+                // busy when its repair was queued still wakes (the loop looks then).
+                () = wake.notified() => {}
             }
         }
     }

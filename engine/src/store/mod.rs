@@ -536,8 +536,8 @@ pub trait SagaLog: Send + Sync + fmt::Debug + 'static {
             match self.meta(saga) {
                 Ok(Some(m)) => out.push(m),
                 Ok(None) => {}
-                Err(Error::Corrupt { .. }) => {
-                    tracing::warn!(saga_id = %saga, "summary does not decode");
+                Err(e @ (Error::Corrupt { .. } | Error::NewerFormat { .. })) => {
+                    tracing::warn!(saga_id = %saga, error = %e, "summary does not decode");
                 }
                 Err(e) => return Err(e),
             }

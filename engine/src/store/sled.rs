@@ -103,32 +103,43 @@ fn commit_number(db: &sled::Db, path: &Path) -> Result<Option<u64>> {
 
 /// Removes the snapshots a process killed while writing one left behind.
 ///
-/// sled 0.34 writes a snapshot to `snap.<lsn>.generating`, fsyncs it, then renames it to
-/// `snap.<lsn>`; the rename is what makes it a snapshot, and everything sled does after
-/// a snapshot (removing older ones, zeroing torn segments at recovery) comes after the
-/// rename. But its open takes every `snap.*` file as a candidate, the unfinished ones
-/// included, and `snap.<lsn>.generating` sorts after `snap.<lsn>`: a process killed
-/// between creating that file and renaming it (sled writes a snapshot at every open)
-/// leaves a store that no longer opens, "Read corrupted data at file offset None". The
-/// kill test met it about once in a few thousand kills. Such a file never held a snapshot
-/// sled relied on, so removing it gives sled back the store as it was before that
-/// snapshot began: the previous snapshot and the log.
+/// sled 0.34.7 writes a snapshot only while it opens a directory (when its log has moved
+/// on since the last one): to `snap.<lsn>.generating`, fsynced, then renamed to
+/// `snap.<lsn>`, and only then are older snapshots removed. But its open takes every
+/// `snap.*` file as a candidate, the unfinished ones included, and
+/// `snap.<lsn>.generating` sorts after `snap.<lsn>`: a process killed between creating
+/// that file and renaming it leaves a store that no longer opens, "Read corrupted data at
+/// file offset None". The kill test met it about once in a few thousand kills. Such a
+/// file was never a snapshot sled relied on; the one thing sled did before it is zero the
+/// bytes past the tip of the log it recovered, which a recovery from the previous
+/// snapshot and the log reaches again. So removing it gives sled back the store as it
+/// was.
 ///
 /// Done under the data file's lock (sled takes the same exclusive lock when it opens):
 /// a live engine's snapshot in progress is never touched, and a store in use is
 /// [`Error::Locked`], as sled would say.
 fn remove_unfinished_snapshots(dir: &Path) -> Result<()> {
-    let data = match File::open(dir.join("db")) {
+    // Read and write, as sled opens it: where flock is emulated with fcntl (NFS), an
+    // exclusive lock needs a writable descriptor.
+    let data = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("db"))
+    {
         Ok(f) => f,
         // A new store (or not a store yet): sled creates its data file before it writes
         // any snapshot, so there is nothing unfinished.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e.into()),
     };
-    if data.try_lock().is_err() {
-        return Err(Error::Locked {
-            path: dir.display().to_string(),
-        });
+    match data.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(Error::Locked {
+                path: dir.display().to_string(),
+            })
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
     }
     let mut removed = false;
     for entry in std::fs::read_dir(dir)? {
@@ -225,10 +236,14 @@ impl SledLog {
         let db = File::open(path.join("db"))?;
         // sled holds an exclusive lock on its data file while open: a running engine's
         // directory is changing under us, and a copy of it would be torn.
-        if db.try_lock().is_err() {
-            return Err(Error::Locked {
-                path: path.display().to_string(),
-            });
+        match db.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::Locked {
+                    path: path.display().to_string(),
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
         }
         let scratch = Scratch(scratch_dir()?);
         copy_dir(path, &scratch.0)?;
