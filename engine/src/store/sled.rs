@@ -132,15 +132,7 @@ fn remove_unfinished_snapshots(dir: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e.into()),
     };
-    match data.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            return Err(Error::Locked {
-                path: dir.display().to_string(),
-            })
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
-    }
+    try_lock(&data, dir)?;
     let mut removed = false;
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -163,6 +155,18 @@ fn remove_unfinished_snapshots(dir: &Path) -> Result<()> {
     // The lock goes with `data`, before sled takes it.
     drop(data);
     Ok(())
+}
+
+/// Takes the exclusive lock sled takes on its data file `data` in directory `dir`:
+/// [`Error::Locked`] if another holds it, an I/O error if the lock could not be asked.
+fn try_lock(data: &File, dir: &Path) -> Result<()> {
+    match data.try_lock() {
+        Ok(()) => Ok(()),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked {
+            path: dir.display().to_string(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+    }
 }
 
 fn backend(e: sled::Error) -> Error {
@@ -236,15 +240,7 @@ impl SledLog {
         let db = File::open(path.join("db"))?;
         // sled holds an exclusive lock on its data file while open: a running engine's
         // directory is changing under us, and a copy of it would be torn.
-        match db.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(Error::Locked {
-                    path: path.display().to_string(),
-                })
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
-        }
+        try_lock(&db, path)?;
         let scratch = Scratch(scratch_dir()?);
         copy_dir(path, &scratch.0)?;
         drop(db);
