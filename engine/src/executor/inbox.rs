@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
+use crate::executor::signal::{Signal, Watcher};
 use crate::executor::{lock, Engine, Inner};
 use crate::ids::SagaId;
 use crate::machine::SagaState;
@@ -24,14 +25,14 @@ use crate::store::{Delivered, Delivery};
 /// The await steps of this process waiting on each correlation key.
 #[derive(Default)]
 pub(crate) struct Waiters {
-    keys: Mutex<HashMap<String, (watch::Sender<u64>, usize)>>,
+    keys: Mutex<HashMap<String, (Arc<Signal>, usize)>>,
 }
 
 /// One await step's registration; unregisters when dropped.
 pub(crate) struct Waiting<'a> {
     waiters: &'a Waiters,
     key: String,
-    pub(crate) woken: watch::Receiver<u64>,
+    pub(crate) woken: Watcher,
 }
 
 impl Drop for Waiting<'_> {
@@ -50,21 +51,23 @@ impl Waiters {
     /// Registers a wait on `key`.
     pub(crate) fn watch(&self, key: &str) -> Waiting<'_> {
         let mut keys = lock(&self.keys);
-        let (tx, n) = keys
+        let (signal, n) = keys
             .entry(key.to_string())
-            .or_insert_with(|| (watch::channel(0).0, 0));
+            .or_insert_with(|| (Arc::new(Signal::default()), 0));
         *n += 1;
         Waiting {
             waiters: self,
             key: key.to_string(),
-            woken: tx.subscribe(),
+            woken: signal.watch(),
         }
     }
 
     /// Wakes the waits on `key`.
     pub(crate) fn wake(&self, key: &str) {
-        if let Some((tx, _)) = lock(&self.keys).get(key) {
-            tx.send_modify(|n| *n = n.wrapping_add(1));
+        // Several sagas of this process may wait on one key: they wake in the order
+        // they began waiting, not by chance (see `signal.rs`).
+        if let Some((signal, _)) = lock(&self.keys).get(key) {
+            signal.raise();
         }
     }
 }

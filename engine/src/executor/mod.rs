@@ -10,6 +10,7 @@ mod inbox;
 mod ownership;
 mod reconciler;
 mod retention;
+mod signal;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
