@@ -152,6 +152,52 @@ async fn an_event_after_the_deadline_is_not_taken_after_a_restart_private_store(
     );
 }
 
+/// A wait a crash interrupted, whose deadline passed while the process was down, then
+/// closed because the saga's own deadline passed too: it had timed out first, so it ends
+/// as its definition says a timeout ends. With `OnTimeout::Unknown` that is a timeout,
+/// and the step is compensated (the payment may have settled); it used to be closed as
+/// rejected, and not compensated. Found by the simulation (seed 10019184).
+#[tokio::test(start_paused = true)]
+async fn an_interrupted_wait_past_its_deadline_closed_by_a_cancel_times_out_as_defined() {
+    let clock = clock();
+    let store = Arc::new(MemLog::new());
+    let ledger = Ledger::new();
+    let open = |store: Arc<MemLog>| {
+        paused_builder(clock.clone())
+            .register(paid(&ledger, OnTimeout::Unknown))
+            .open_with(store)
+    };
+    let a = open(store.clone()).await.unwrap();
+    // The wait lasts an hour; the saga must be done in ninety minutes.
+    let deadline = clock.now().saturating_add(Duration::from_secs(90 * 60));
+    let id = a
+        .start_with(
+            "paid",
+            json!({"order": "o5"}),
+            sagaflow::StartOptions::default().deadline(deadline),
+        )
+        .await
+        .unwrap()
+        .id();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(a.status(id).unwrap().awaiting.is_some(), "waiting");
+    drop(a);
+    store.crash();
+    // Down for two hours: past the wait's deadline, then past the saga's.
+    tokio::time::sleep(Duration::from_secs(7200)).await;
+    let b = open(store.clone()).await.unwrap();
+    let out = b.wait(id).await.unwrap();
+    assert!(matches!(out, SagaOutcome::Cancelled { .. }), "{out:?}");
+    assert_eq!(step_failures(&b, id), vec![FailureKind::Timeout]);
+    assert!(
+        ledger
+            .effects_of(id)
+            .contains(&("settle".to_string(), sagaflow::Phase::Compensation)),
+        "the wait of unknown outcome was not compensated: {:?}",
+        ledger.effects_of(id)
+    );
+}
+
 /// An operator's ForceCompensate while an await step waits: the wait is not withdrawn
 /// (decide_backward holds the stage while an action runs, and withdraws nothing), so
 /// compensation waits for the whole wait (an hour here, days in practice).

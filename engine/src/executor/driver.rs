@@ -430,25 +430,54 @@ impl Driver {
                         if waited && self.take_waiting(step, attempt).await? {
                             continue;
                         }
-                        let (kind, error) = if waited {
-                            (
-                                FailureKind::Rejected,
-                                format!(
-                                    "the wait of attempt {attempt} was interrupted by a crash \
+                        // A wait whose deadline passed while the process was down had
+                        // timed out before anything gave it up: it ends as its
+                        // definition says a timeout ends (an `Unknown` one is
+                        // compensated), as it would have had no crash come.
+                        let timed_out = self
+                            .state
+                            .steps
+                            .get(step as usize)
+                            .and_then(|s| s.deadline)
+                            .filter(|d| self.inner.clock.now() >= *d)
+                            .zip(
+                                self.def
+                                    .step(step as usize)
+                                    .and_then(|sd| sd.awaits.as_ref())
+                                    .map(|a| a.on_timeout),
+                            );
+                        let (kind, error) =
+                            if let (true, Some((deadline, on_timeout))) = (waited, timed_out) {
+                                (
+                                    match on_timeout {
+                                        OnTimeout::Unknown => FailureKind::Timeout,
+                                        _ => FailureKind::Rejected,
+                                    },
+                                    format!(
+                                        "the wait of attempt {attempt} was interrupted by a crash \
+                                     and its deadline {deadline} passed before it was resumed; \
+                                     it took no event"
+                                    ),
+                                )
+                            } else if waited {
+                                (
+                                    FailureKind::Rejected,
+                                    format!(
+                                        "the wait of attempt {attempt} was interrupted by a crash \
                                      and is not resumed (the saga is cancelled or its stage \
                                      failed); it took no event"
-                                ),
-                            )
-                        } else {
-                            (
-                                FailureKind::Interrupted,
-                                format!(
+                                    ),
+                                )
+                            } else {
+                                (
+                                    FailureKind::Interrupted,
+                                    format!(
                                     "attempt {attempt} was interrupted by a crash and will not \
                                      run again (the step is not idempotent, or the saga is \
                                      cancelled or compensating), so it may have taken effect"
                                 ),
-                            )
-                        };
+                                )
+                            };
                         self.record(Event::StepFailed {
                             step,
                             attempt,

@@ -116,6 +116,12 @@ pub(crate) async fn await_event(
             Err(()) => true,
         };
         if given_up {
+            // Given up at or after its deadline: it had timed out by then, and ends as
+            // its definition says a timeout ends (an `Unknown` wait is compensated; a
+            // wait given up in time is not).
+            if inner.clock.now() >= deadline {
+                return Awaited::TimedOut;
+            }
             return Awaited::Withdrawn;
         }
         // Past the deadline already (a wait resumed after a restart): what came in time
