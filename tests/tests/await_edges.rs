@@ -198,6 +198,67 @@ async fn an_interrupted_wait_past_its_deadline_closed_by_a_cancel_times_out_as_d
     );
 }
 
+/// A wait beside a branch that crash-loops: the stage runs nothing new and settles
+/// before it parks, but the wait's deadline still fires in the meantime (G7): the wait
+/// times out at its deadline, the stage fails, and the saga compensates. It used to sit
+/// until the park, past its deadline. Found by the simulation (seed 20043675).
+#[tokio::test(start_paused = true)]
+async fn a_wait_beside_a_crash_looping_branch_still_times_out_at_its_deadline() {
+    let clock = clock();
+    let store = Arc::new(MemLog::new());
+    let ledger = Ledger::new();
+    ledger.script("boom", sagaflow::Phase::Action, [Outcome::Hang; 4]);
+    let definition = || {
+        sagaflow::SagaDefinition::builder("looped", 1)
+            .parallel(|g| {
+                g.step("boom", fake("boom", &ledger))
+                    .options(opts())
+                    // Its attempt outlasts the wait: the stage settles after the wait's
+                    // deadline.
+                    .timeout(Duration::from_secs(120))
+                    .max_interruptions(1)
+                    .await_event(
+                        "settle",
+                        sagaflow::Await::new(Duration::from_secs(60), |_| {
+                            Ok("settlement/looped".to_string())
+                        })
+                        .compensate_with(fake("settle", &ledger)),
+                    )
+            })
+            .step("ship", fake("ship", &ledger))
+            .build()
+            .unwrap()
+    };
+    let open = |store: Arc<MemLog>| {
+        paused_builder(clock.clone())
+            .register(definition())
+            .open_with(store)
+    };
+    let a = open(store.clone()).await.unwrap();
+    let id = a.start("looped", json!({}), None).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let wait_deadline = a.status(id).unwrap().awaiting.expect("waiting").until;
+    drop(a);
+    store.crash();
+    // Back at once: `boom` was interrupted once, which is its limit.
+    let b = open(store.clone()).await.unwrap();
+    let out = b.wait(id).await.unwrap();
+    let wait_failed_at = b
+        .history(id)
+        .unwrap()
+        .into_iter()
+        .find_map(|r| match r.event {
+            Event::StepFailed { step: 1, .. } => Some(r.at),
+            _ => None,
+        });
+    assert_eq!(
+        wait_failed_at,
+        Some(wait_deadline),
+        "the wait did not end at its deadline; the saga ended {out:?}"
+    );
+    assert!(matches!(out, SagaOutcome::Compensated { .. }), "{out:?}");
+}
+
 /// An operator's ForceCompensate while an await step waits: the wait is not withdrawn
 /// (decide_backward holds the stage while an action runs, and withdraws nothing), so
 /// compensation waits for the whole wait (an hour here, days in practice).

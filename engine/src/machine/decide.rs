@@ -391,19 +391,46 @@ fn decide_forward(
     if let Some((i, times)) = crash_looped {
         // No new attempt of the stage; parked once nothing in flight and no interrupted
         // attempt can still land.
-        let closes: Vec<Decision> = plan
+        let mut closes: Vec<Decision> = plan
             .due
             .into_iter()
             .filter(|d| matches!(d, Decision::CloseInterrupted { .. }))
             .collect();
+        // An interrupted wait is not run again either. While the stage settles before
+        // the park, its deadline still fires (G7): it is closed then, timed out as its
+        // definition says. One still running when the stage has settled stays as it is
+        // in the parked saga: the park is not held back for it (a wait may last days),
+        // and a resume goes on with it, with the same deadline.
+        let mut next_wait_end: Option<Timestamp> = None;
+        for j in stage.clone() {
+            let s = &state.steps[j];
+            let Progress::InFlight { attempt } = s.action else {
+                continue;
+            };
+            let closed = closes
+                .iter()
+                .any(|d| matches!(d, Decision::CloseInterrupted { step, .. } if *step == j as u32));
+            if !s.waiting() || live.contains(&(j as u32)) || closed {
+                continue;
+            }
+            match s.deadline {
+                Some(d) if now >= d => closes.push(Decision::CloseInterrupted {
+                    step: j as u32,
+                    attempt,
+                }),
+                Some(d) => next_wait_end = Some(next_wait_end.map_or(d, |n| n.min(d))),
+                None => {}
+            }
+        }
         if !closes.is_empty() || !live.is_empty() {
             return closes;
         }
-        if let Some(until) = stage
+        if let Some(settled) = stage
             .filter_map(|j| state.steps[j].undo_not_before())
             .max()
             .filter(|t| now < *t)
         {
+            let until = next_wait_end.map_or(settled, |w| w.min(settled));
             return vec![Decision::Wait { until }];
         }
         return vec![Decision::Park {

@@ -215,7 +215,7 @@ impl StepState {
 
     /// Whether the attempt in flight is an await step's wait that took no event: it
     /// sent nothing and took nothing, so it had no effect, interrupted or not.
-    fn waiting(&self) -> bool {
+    pub(crate) fn waiting(&self) -> bool {
         self.awaits.is_some() && self.delivery.is_none()
     }
 
