@@ -243,18 +243,19 @@ async fn a_wait_beside_a_crash_looping_branch_still_times_out_at_its_deadline() 
     // Back at once: `boom` was interrupted once, which is its limit.
     let b = open(store.clone()).await.unwrap();
     let out = b.wait(id).await.unwrap();
-    let wait_failed_at = b
+    let wait_failed = b
         .history(id)
         .unwrap()
         .into_iter()
         .find_map(|r| match r.event {
-            Event::StepFailed { step: 1, .. } => Some(r.at),
+            Event::StepFailed { step: 1, kind, .. } => Some((r.at, kind)),
             _ => None,
         });
+    // At its deadline, as its definition's timeout (`Rejected`, the default).
     assert_eq!(
-        wait_failed_at,
-        Some(wait_deadline),
-        "the wait did not end at its deadline; the saga ended {out:?}"
+        wait_failed,
+        Some((wait_deadline, FailureKind::Rejected)),
+        "the wait did not time out at its deadline; the saga ended {out:?}"
     );
     assert!(matches!(out, SagaOutcome::Compensated { .. }), "{out:?}");
 }

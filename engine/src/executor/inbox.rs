@@ -110,6 +110,8 @@ pub(crate) async fn await_event(
         // Read before anything ends the wait: an event that came before the wait was
         // given up is taken, whatever woke the wait first.
         let given_up = withdrawn.as_mut().is_some_and(|w| *w.borrow_and_update());
+        // When it was given up, read with it: the inbox read below takes time.
+        let given_up_late = given_up && inner.clock.now() >= deadline;
         let failed = match first_in_time(inner, key, deadline).await {
             Ok(Some(d)) => return Awaited::Event(d),
             Ok(None) => false,
@@ -119,7 +121,7 @@ pub(crate) async fn await_event(
             // Given up at or after its deadline: it had timed out by then, and ends as
             // its definition says a timeout ends (an `Unknown` wait is compensated; a
             // wait given up in time is not).
-            if inner.clock.now() >= deadline {
+            if given_up_late {
                 return Awaited::TimedOut;
             }
             return Awaited::Withdrawn;

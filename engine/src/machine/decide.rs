@@ -423,6 +423,7 @@ fn decide_forward(
             }
         }
         if !closes.is_empty() || !live.is_empty() {
+            closes.extend(next_wait_end.map(|until| Decision::Wait { until }));
             return closes;
         }
         if let Some(settled) = stage
