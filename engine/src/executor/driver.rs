@@ -216,10 +216,7 @@ impl Launch {
                     ),
                     inbox::Awaited::TimedOut => (
                         Err(Failure {
-                            kind: match on_timeout {
-                                OnTimeout::Unknown => FailureKind::Timeout,
-                                _ => FailureKind::Rejected,
-                            },
+                            kind: timeout_kind(on_timeout),
                             message: crate::payload::bound_message(format!(
                                 "no event for `{key}` by {}",
                                 self.deadline
@@ -263,6 +260,15 @@ pub(crate) struct Driver {
     /// A `step` span per half of a step with attempts to come, under the saga's span:
     /// it spans every attempt (retries included) and closes once that half settled.
     step_spans: std::collections::HashMap<(u32, Phase), tracing::Span>,
+}
+
+/// How a wait that timed out fails, as its definition says: `Unknown` is a timeout (its
+/// outcome unknown, so it is compensated); anything else a rejection.
+fn timeout_kind(on_timeout: OnTimeout) -> FailureKind {
+    match on_timeout {
+        OnTimeout::Unknown => FailureKind::Timeout,
+        _ => FailureKind::Rejected,
+    }
 }
 
 impl Driver {
@@ -430,10 +436,9 @@ impl Driver {
                         if waited && self.take_waiting(step, attempt).await? {
                             continue;
                         }
-                        // A wait whose deadline passed while the process was down had
-                        // timed out before anything gave it up: it ends as its
-                        // definition says a timeout ends (an `Unknown` one is
-                        // compensated), as it would have had no crash come.
+                        // A wait closed at or after its deadline (it passed while the
+                        // process was down) ends as its definition says a timeout ends:
+                        // an `Unknown` one is compensated (docs/durability.md).
                         let timed_out = self
                             .state
                             .steps
@@ -449,10 +454,7 @@ impl Driver {
                         let (kind, error) =
                             if let (true, Some((deadline, on_timeout))) = (waited, timed_out) {
                                 (
-                                    match on_timeout {
-                                        OnTimeout::Unknown => FailureKind::Timeout,
-                                        _ => FailureKind::Rejected,
-                                    },
+                                    timeout_kind(on_timeout),
                                     format!(
                                         "the wait of attempt {attempt} was interrupted by a crash \
                                      and its deadline {deadline} passed before it was resumed; \

@@ -407,10 +407,9 @@ fn decide_forward(
             let Progress::InFlight { attempt } = s.action else {
                 continue;
             };
-            let closed = closes
-                .iter()
-                .any(|d| matches!(d, Decision::CloseInterrupted { step, .. } if *step == j as u32));
-            if !s.waiting() || live.contains(&(j as u32)) || closed {
+            // Not closed already: a crash-looped stage has not failed, so no interrupted
+            // branch of it was closed above.
+            if !s.waiting() || live.contains(&(j as u32)) {
                 continue;
             }
             match s.deadline {

@@ -180,6 +180,8 @@ struct Sql {
     why_refused: String,
     read: String,
     meta: String,
+    /// The summaries of several sagas: `$1` is an array of ids.
+    metas: String,
     with_status: String,
     find_key: String,
     due: String,
@@ -235,6 +237,7 @@ impl Sql {
             ),
             read: format!("SELECT lsn, value FROM {s}.log WHERE saga = $1 ORDER BY lsn"),
             meta: format!("SELECT meta FROM {s}.sagas WHERE id = $1"),
+            metas: format!("SELECT id, meta FROM {s}.sagas WHERE id = ANY($1)"),
             with_status: format!("SELECT id FROM {s}.sagas WHERE status = $1 ORDER BY id"),
             find_key: format!("SELECT id FROM {s}.sagas WHERE start_key = $1"),
             due: format!(
@@ -895,10 +898,7 @@ impl SagaLog for PgLog {
     fn metas(&self, sagas: &[SagaId]) -> Result<Vec<SagaMeta>> {
         let pool = self.pool.clone();
         let ids: Vec<Vec<u8>> = sagas.iter().map(|s| s.as_bytes().to_vec()).collect();
-        let q = format!(
-            "SELECT id, meta FROM {}.sagas WHERE id = ANY($1)",
-            self.schema
-        );
+        let q = self.sql.metas.clone();
         self.run(async move {
             let client = pool.get().await.map_err(backend)?;
             let rows = client.query(&q, &[&ids]).await.map_err(backend)?;
@@ -915,10 +915,7 @@ impl SagaLog for PgLog {
                 "SELECT saga, lsn, value FROM {}.log WHERE saga = ANY($1) ORDER BY saga, lsn",
                 self.schema
             ),
-            format!(
-                "SELECT id, meta FROM {}.sagas WHERE id = ANY($1)",
-                self.schema
-            ),
+            self.sql.metas.clone(),
         );
         self.run(async move {
             let client = pool.get().await.map_err(backend)?;
