@@ -316,23 +316,13 @@ async fn a_bulk_repair_by_filter_needs_the_admin_token_and_counts_before_it_writ
     });
     let r = c.post(&bulk).json(&body).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    let r = c
-        .post(&bulk)
-        .bearer_auth(READ)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let post =
+        |token: &str, body: &serde_json::Value| c.post(&bulk).bearer_auth(token).json(body).send();
+    let r = post(READ, &body).await.unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
 
     // A dry run by default.
-    let r = c
-        .post(&bulk)
-        .bearer_auth(ADMIN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post(ADMIN, &body).await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let dry: sagaflow::BulkReport = r.json().await.unwrap();
     assert!(dry.dry_run);
@@ -365,13 +355,7 @@ async fn a_bulk_repair_by_filter_needs_the_admin_token_and_counts_before_it_writ
             None,
         ),
     ] {
-        let r = c
-            .post(&bulk)
-            .bearer_auth(ADMIN)
-            .json(&bad)
-            .send()
-            .await
-            .unwrap();
+        let r = post(ADMIN, &bad).await.unwrap();
         assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{bad}");
         let e: ApiError = r.json().await.unwrap();
         assert_eq!(e.code.as_deref(), code, "{bad}");
@@ -382,47 +366,22 @@ async fn a_bulk_repair_by_filter_needs_the_admin_token_and_counts_before_it_writ
     for confirm in [json!("yes"), json!("1-0000000000000000-none")] {
         let mut wrong = body.clone();
         wrong["confirm"] = confirm.clone();
-        let r = c
-            .post(&bulk)
-            .bearer_auth(ADMIN)
-            .json(&wrong)
-            .send()
-            .await
-            .unwrap();
+        let r = post(ADMIN, &wrong).await.unwrap();
         assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{confirm}");
     }
     // A missing reason is refused like an empty one.
-    let r = c
-        .post(&bulk)
-        .bearer_auth(ADMIN)
-        .json(&json!({"action": "resume", "operator": "ana"}))
-        .send()
+    let r = post(ADMIN, &json!({"action": "resume", "operator": "ana"}))
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let e: ApiError = r.json().await.unwrap();
     assert_eq!(e.code.as_deref(), Some("SAGA-0020"));
     // The dry run's confirmation is a string in JSON, sent back as it came.
-    let raw: serde_json::Value = c
-        .post(&bulk)
-        .bearer_auth(ADMIN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let raw: serde_json::Value = post(ADMIN, &body).await.unwrap().json().await.unwrap();
     assert!(raw["confirm"].is_string(), "{raw}");
     let mut apply = body.clone();
     apply["confirm"] = raw["confirm"].clone();
-    let r = c
-        .post(&bulk)
-        .bearer_auth(ADMIN)
-        .json(&apply)
-        .send()
-        .await
-        .unwrap();
+    let r = post(ADMIN, &apply).await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let done: sagaflow::BulkReport = r.json().await.unwrap();
     assert!(!done.dry_run);
